@@ -1,0 +1,1 @@
+"""Everything that touches PyTorch: weight import and tensor exchange with PyTorch peers."""

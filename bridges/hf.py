@@ -1,0 +1,169 @@
+"""Hugging Face Llama-family weights -> jax-sp parameters, as data: a key table plus transposes.
+
+Supported: LlamaForCausalLM (Llama 2/3, SmolLM), MistralForCausalLM, Qwen2ForCausalLM. The
+result is the *unpadded* parameter set keyed by jax-sp parameter path ("layers/attn/w_q_dnh");
+per-layer tensors are stacked on a leading L axis. Head/vocab padding for tp is applied later,
+by logical axis name, so every weight source shares it (see sharding/padding.py).
+
+HF Linear weights are [out, in]; jax-sp stores [in, out] with heads split out:
+  q_proj [N*H, D] -> w_q_dnh [D, N, H]      o_proj    [D, N*H] -> w_o_nhd [N, H, D]
+  k_proj [K*H, D] -> w_k_dkh [D, K, H]      gate/up   [F, D]   -> [D, F]
+  lm_head [V, D]  -> head_dv [D, V]         down_proj [D, F]   -> [F, D]
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from models.config import ModelConfig, RopeScaling
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM"}
+
+# (HF key with {i} for the layer, jax-sp path, transpose, target shape in dimension letters)
+KEY_TABLE = [
+    ("model.embed_tokens.weight", "embed_vd", False, "VD"),
+    ("model.norm.weight", "final_norm/scale", False, "D"),
+    ("lm_head.weight", "head_dv", True, "DV"),
+    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False, "D"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False, "D"),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/w_q_dnh", True, "DNH"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/w_k_dkh", True, "DKH"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/w_v_dkh", True, "DKH"),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/w_o_nhd", True, "NHD"),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/b_q_nh", False, "NH"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/b_k_kh", False, "KH"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/b_v_kh", False, "KH"),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate_df", True, "DF"),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_up_df", True, "DF"),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down_fd", True, "FD"),
+]
+
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def config_from_hf(hf_config) -> ModelConfig:
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {model_type!r} "
+            f"({getattr(hf_config, 'architectures', None)}); supported: "
+            f"{', '.join(ARCHITECTURES.values())}")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    legacy = getattr(hf_config, "rope_scaling", None) or {}
+    rope = {**legacy, **rope}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScaling(float(rope["factor"]), float(rope["low_freq_factor"]),
+                              float(rope["high_freq_factor"]),
+                              int(rope["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: 'default', 'llama3'")
+    window = getattr(hf_config, "sliding_window", None)
+    if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+        window = None
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=hf_config.num_attention_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None)
+        or hf_config.num_attention_heads,
+        head_dim=getattr(hf_config, "head_dim", None) or 0,
+        rms_norm_eps=hf_config.rms_norm_eps,
+        rope_theta=float(rope_theta),
+        rope_scaling=scaling,
+        qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        max_position_embeddings=getattr(hf_config, "max_position_embeddings", 4096),
+        sliding_window=window or 0,
+    )
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:  # numpy has no bf16: widen losslessly
+        t = t.float()
+    return t.contiguous().numpy()
+
+
+def _groups(shape, target) -> bool:
+    """Whether each dim of `shape` is the product of consecutive dims of `target`
+    (so a reshape only splits dims, e.g. [D, N*H] -> [D, N, H])."""
+    dims = list(target)
+    for size in shape:
+        prod = 1
+        while dims and prod < size:
+            prod *= dims.pop(0)
+        if prod != size:
+            return False
+    return not dims
+
+
+def _expected_keys(cfg: ModelConfig):
+    """Yield (hf_key, path, layer or None, transpose, dims) for every tensor cfg needs."""
+    for hf_key, path, transpose, dims in KEY_TABLE:
+        if "bias" in hf_key and not cfg.qkv_bias:
+            continue
+        if hf_key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if "{i}" in hf_key:
+            for i in range(cfg.num_layers):
+                yield hf_key.format(i=i), path, i, transpose, dims
+        else:
+            yield hf_key, path, None, transpose, dims
+
+
+def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Map an HF state dict (name -> tensor or array) to stacked jax-sp parameters."""
+    sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
+             "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
+    expected = list(_expected_keys(cfg))
+    present = set(state_dict)
+    missing = [(k, p) for k, p, *_ in expected if k not in present]
+    if missing:
+        shown = ", ".join(f"{k} (for {p})" for k, p in missing[:5])
+        raise ValueError(f"{len(missing)} checkpoint tensor(s) missing: {shown}"
+                         + (" ..." if len(missing) > 5 else ""))
+    known = {k for k, *_ in expected}
+    if cfg.tie_word_embeddings:
+        known.add("lm_head.weight")  # some tied checkpoints still store the alias
+    unexpected = sorted(k for k in present - known if not _IGNORED.match(k))
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} unexpected checkpoint tensor(s), not in the key "
+                         f"table: {', '.join(unexpected[:5])}")
+
+    layers: dict[str, list] = {}
+    params: dict[str, np.ndarray] = {}
+    for hf_key, path, layer, transpose, dims in expected:
+        value = state_dict[hf_key]
+        x = _to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+        if transpose:
+            x = x.T
+        target = tuple(sizes[d] for d in dims)
+        if not _groups(x.shape, target):
+            raise ValueError(f"checkpoint tensor {hf_key} has shape {tuple(value.shape)}, which "
+                             f"does not fit {path} [{dims}] = {target}")
+        x = x.reshape(target)
+        if layer is None:
+            params[path] = x
+        else:
+            layers.setdefault(path, []).append(x)
+    params.update({path: np.stack(xs) for path, xs in layers.items()})
+    return params
+
+
+def load_module(module: torch.nn.Module) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+    """An HF causal-LM module -> (ModelConfig, unpadded parameters)."""
+    name = type(module).__name__
+    if name not in ARCHITECTURES.values():
+        raise ValueError(f"unsupported module {name}; supported: "
+                         f"{', '.join(ARCHITECTURES.values())}")
+    cfg = config_from_hf(module.config)
+    return cfg, params_from_state_dict(module.state_dict(), cfg)

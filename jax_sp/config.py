@@ -1,0 +1,94 @@
+"""Frozen, validated configs: ModelConfig (from models/), ParallelConfig, SamplingParams.
+
+Each config checks itself in `__post_init__`; `check_parallel` checks a ParallelConfig against a
+model and the devices present. Errors name the value and say what would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from models.config import ModelConfig, RopeScaling
+
+__all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_parallel"]
+
+SP_MODES = ("off", "on", "auto")
+COMM_MODES = ("xla", "ring")
+
+# sp="auto" uses SP for forwards of at least this many (padded) tokens. See README, "Choosing
+# sp_min_tokens", for the measurement behind it.
+DEFAULT_SP_MIN_TOKENS = 256
+
+
+def _positive_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
+    TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
+    tokens, TP otherwise); comm: "xla" (sharding annotations, XLA's collectives) or "ring"
+    (explicit shard_map collective matmul)."""
+
+    tp: int = 1
+    pp: int = 1
+    sp: str = "auto"
+    comm: str = "xla"
+    sp_min_tokens: int = DEFAULT_SP_MIN_TOKENS
+
+    def __post_init__(self):
+        _positive_int("ParallelConfig", "tp", self.tp)
+        _positive_int("ParallelConfig", "pp", self.pp)
+        _positive_int("ParallelConfig", "sp_min_tokens", self.sp_min_tokens)
+        if self.sp not in SP_MODES:
+            raise ValueError(f"ParallelConfig.sp must be one of {SP_MODES}, got {self.sp!r}")
+        if self.comm not in COMM_MODES:
+            raise ValueError(f"ParallelConfig.comm must be one of {COMM_MODES}, got {self.comm!r}")
+
+    def use_sp(self, padded_tokens: int) -> bool:
+        """Whether a forward of this many padded tokens runs with SP."""
+        if self.sp == "auto":
+            return self.tp > 1 and padded_tokens >= self.sp_min_tokens
+        return self.sp == "on"
+
+    def describe(self) -> str:
+        return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}"
+
+
+def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
+    if parallel.tp * parallel.pp > num_devices:
+        raise ValueError(
+            f"tp*pp = {parallel.tp}*{parallel.pp} = {parallel.tp * parallel.pp} devices are needed "
+            f"but {num_devices} are present; choose tp*pp <= {num_devices}")
+    if parallel.pp > model.num_layers:
+        raise ValueError(
+            f"pp={parallel.pp} stages cannot split {model.num_layers} layers; use "
+            f"pp <= {model.num_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters. stop_token_ids None
+    means the tokenizer's EOS (when there is a tokenizer)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        _positive_int("SamplingParams", "max_new_tokens", self.max_new_tokens)
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got "
+                             f"{self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got "
+                             f"{self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))

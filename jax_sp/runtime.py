@@ -1,0 +1,124 @@
+"""Runtime: one model on one mesh — padding plan, parameter placement, compiled forwards.
+
+Holds no weights of its own: `place` turns host parameters into sharded device arrays, and the
+compiled functions take the parameter state as an argument (graphdef + state, as NNX enters jit),
+so `jax-sp inspect` can lower them with abstract parameters and never allocate a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_sp.config import ModelConfig, ParallelConfig, check_parallel
+from models import CACHE_AXES, KVCache, Llama
+from sharding.layout import ShardedLayout
+from sharding.mesh import make_mesh
+from sharding.padding import pad_param, plan_padding
+from sharding.rules import RULES, named
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def path_str(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+class Runtime:
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None):
+        check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
+        self.cfg, self.parallel, self.dtype = cfg, parallel, resolve_dtype(dtype)
+        self.mesh = make_mesh(parallel.tp, parallel.pp) if mesh is None else mesh
+        self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
+                                 cfg.intermediate_size, parallel.tp)
+        self.padded_cfg = dataclasses.replace(
+            cfg, num_heads=self.plan.padded_heads, num_kv_heads=self.plan.padded_kv_heads,
+            vocab_size=self.plan.padded_vocab, intermediate_size=self.plan.padded_mlp,
+            head_dim=cfg.head_dim)
+        abstract = nnx.eval_shape(lambda: Llama(self.padded_cfg, self.dtype, rngs=nnx.Rngs(0)))
+        self.graphdef, self._abstract_state = nnx.split(abstract)
+        # Parameters are laid out by the TP table; SP changes activations only.
+        self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
+                            for p, v in nnx.to_flat_state(self._abstract_state)}
+
+    # -- layouts and parameters ---------------------------------------------------------------
+
+    def layout(self, sp: bool) -> ShardedLayout:
+        return ShardedLayout(self.mesh, sp, self.parallel.comm)
+
+    def sharding_of(self, names, sp: bool = False):
+        return named(self.mesh, names, RULES["on" if sp else "off"])
+
+    def abstract_state(self):
+        """Parameters as ShapeDtypeStructs carrying their target shardings."""
+        return self._map_state(lambda path, var: jax.ShapeDtypeStruct(
+            var.get_value().shape, var.get_value().dtype,
+            sharding=self.sharding_of(self.param_names[path])))
+
+    def place(self, host_params: dict[str, np.ndarray]):
+        """Pad (plan), cast and put each host parameter straight onto its target sharding."""
+        expected = set(self.param_names)
+        missing, unexpected = expected - set(host_params), set(host_params) - expected
+        if missing or unexpected:
+            raise ValueError(f"parameters do not match the model: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
+
+        def put(path, var):
+            names = self.param_names[path]
+            x = pad_param(np.asarray(host_params[path]), names, self.plan)
+            want = var.get_value().shape
+            if x.shape != want:
+                raise ValueError(f"parameter {path} has shape {x.shape} after padding; the model "
+                                 f"needs {want}")
+            return jax.device_put(x.astype(self.dtype), self.sharding_of(names))
+
+        return self._map_state(put)
+
+    def _map_state(self, fn):
+        flat = [(p, v.replace(fn(path_str(p), v)))
+                for p, v in nnx.to_flat_state(self._abstract_state)]
+        return nnx.from_flat_state(flat)
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def cache_sharding(self):
+        return self.sharding_of(CACHE_AXES)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.padded_cfg
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
+        return KVCache(zeros(), zeros())
+
+    # -- compiled forwards ---------------------------------------------------------------------
+
+    @functools.cache
+    def prefill_logits(self, sp: bool, collect_residuals: bool = False):
+        """jit: (state, tokens_bt, positions_bt, kv_len_b) -> (logits [B*T, V] f32, residuals)."""
+        layout = self.layout(sp)
+        vocab = self.cfg.vocab_size
+
+        def run(state, tokens_bt, positions_bt, kv_len_b):
+            model = nnx.merge(self.graphdef, state)
+            logits, _, residuals = model(positions_bt, kv_len_b, tokens_bt=tokens_bt,
+                                         layout=layout, collect_residuals=collect_residuals)
+            return logits[:, :vocab].astype(jnp.float32), residuals
+
+        return jax.jit(run)

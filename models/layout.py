@@ -1,0 +1,48 @@
+"""The three places where a parallel layout may change what the model math does.
+
+Megatron's TP/SP has exactly three layout boundaries in a decoder, and the model names them here
+instead of inserting collectives itself:
+
+- `residual(x_td)`: the residual stream (embedding output, each block's output, the final norm's
+  input). Replicated under plain TP; token-sharded under SP.
+- `column(x_td, *projections)`: entry to a column-parallel group (q/k/v, gate/up, LM head). The
+  input arrives in residual layout; under SP it must be all-gathered over tokens first. Several
+  projections of one input share that gather.
+- `row(spec, h, w)`: exit of a row-parallel projection (o_proj, down_proj). Its partial sums are
+  all-reduced under TP, reduce-scattered over tokens under SP.
+
+`Dense` is the single-device meaning of the three. `sharding.layout.ShardedLayout` implements the
+same methods with sharding constraints (comm="xla") or explicit collective-matmul kernels
+(comm="ring"); the model code is the same either way.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+
+class Layout(Protocol):
+    def residual(self, x_td: jax.Array) -> jax.Array: ...
+
+    def column(self, x_td: jax.Array, *projections: tuple[str, jax.Array]) -> list[jax.Array]: ...
+
+    def row(self, spec: str, h: jax.Array, w: jax.Array) -> jax.Array: ...
+
+
+class Dense:
+    """No parallelism: plain einsums, no constraints."""
+
+    def residual(self, x_td):
+        return x_td
+
+    def column(self, x_td, *projections):
+        return [jnp.einsum(spec, x_td, w) for spec, w in projections]
+
+    def row(self, spec, h, w):
+        return jnp.einsum(spec, h, w)
+
+
+DENSE = Dense()

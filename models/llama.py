@@ -1,0 +1,203 @@
+"""Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), SmolLM.
+
+Model math only. Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `vocab`, `layers`); the three layout boundaries of Megatron TP/SP go through a `Layout`
+(see `models/layout.py`). There is no mesh, no collective and no parallel-mode branch here.
+
+The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows. Attention reshapes
+to [B, T_seq, ...] because each sequence attends to its own keys. Layers are stacked on a leading
+L axis (nnx.vmap at creation) and run with `jax.lax.scan`, so compile time does not grow with L.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.cache import KVCache
+from models.config import ModelConfig
+from models.layout import DENSE, Layout
+
+_MASKED = -1e30  # finite, so a row whose keys are all masked gives a uniform softmax, not NaN
+
+
+def _param(rngs, shape, names, dtype, scale=0.02):
+    value = (scale * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+def _const(value, names):
+    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        self.eps = cfg.rms_norm_eps
+        self.scale = _const(jnp.ones((cfg.hidden_size,), dtype), ("norm",))
+
+    def __call__(self, x_td):
+        x32 = x_td.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * y.astype(x_td.dtype)  # HF order: cast, then scale
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies [H/2], with llama3 scaling when configured (HF `rope_type="llama3"`)."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    low_wavelen = rs.original_max_position / rs.low_freq_factor
+    high_wavelen = rs.original_max_position / rs.high_freq_factor
+    wavelen = 2 * jnp.pi / inv
+    scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+    smooth = (rs.original_max_position / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(cfg: ModelConfig, positions_bt, dtype):
+    freqs = positions_bt[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # rotate-half convention: [B, T, H]
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_btnh, cos_bth, sin_bth):
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos_bth[:, :, None] + rotated * sin_bth[:, :, None]
+
+
+def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):
+    """Grouped-query causal attention; key s is visible to a query at position p iff
+    kpos[s] <= p and kpos[s] < kv_len (the padding mask), and p - kpos[s] < window when a sliding
+    window is set. Softmax in fp32."""
+    b, t, n, h = q_btnh.shape
+    k = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_bskh,
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    visible = (kpos_bs[:, None, :] <= qpos_bt[:, :, None]) & (
+        kpos_bs < kv_len_b[:, None])[:, None, :]  # [B, T, S]
+    if window:
+        visible &= kpos_bs[:, None, :] > qpos_bt[:, :, None] - window
+    scores = jnp.where(visible[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.w_q_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
+        self.w_k_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.w_v_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        self.w_o_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
+        self.qkv_bias = cfg.qkv_bias
+        self.window = cfg.sliding_window
+        if cfg.qkv_bias:
+            self.b_q_nh = _const(jnp.zeros((n, h), dtype), ("heads", "head_dim"))
+            self.b_k_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
+            self.b_v_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
+
+    def __call__(self, x_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+        b, t = positions_bt.shape
+        q_tnh, k_tkh, v_tkh = layout.column(
+            x_td, ("TD,DNH->TNH", self.w_q_dnh[...]), ("TD,DKH->TKH", self.w_k_dkh[...]),
+            ("TD,DKH->TKH", self.w_v_dkh[...]))
+        if self.qkv_bias:
+            q_tnh, k_tkh, v_tkh = (q_tnh + self.b_q_nh[...], k_tkh + self.b_k_kh[...],
+                                   v_tkh + self.b_v_kh[...])
+        q = apply_rope(q_tnh.reshape(b, t, *q_tnh.shape[1:]), *rope)  # [B, T, N, H]
+        k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *rope)  # [B, T, K, H]
+        v = v_tkh.reshape(b, t, *v_tkh.shape[1:])
+        if kv is None:  # no cache: attend to this forward's keys
+            out = attend(q, k, v, positions_bt, positions_bt, kv_len_b, self.window)
+        else:
+            kv = kv.write(k, v, positions_bt[:, 0])
+            kpos_bs = jnp.broadcast_to(jnp.arange(kv.k.shape[1]), (b, kv.k.shape[1]))
+            out = attend(q, kv.k, kv.v, positions_bt, kpos_bs, kv_len_b, self.window)
+        out_td = layout.row("TNH,NHD->TD", out.reshape(b * t, *out.shape[2:]), self.w_o_nhd[...])
+        return out_td, kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x_td, layout: Layout):
+        gate_tf, up_tf = layout.column(x_td, ("TD,DF->TF", self.w_gate_df[...]),
+                                       ("TD,DF->TF", self.w_up_df[...]))
+        return layout.row("TF,FD->TD", jax.nn.silu(gate_tf) * up_tf, self.w_down_fd[...])
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg, dtype)
+        self.attn = Attention(cfg, dtype, rngs)
+        self.mlp_norm = RMSNorm(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, rngs)
+
+    def __call__(self, x_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+        attn_td, kv = self.attn(self.attn_norm(x_td), rope, positions_bt, kv_len_b, kv, layout)
+        h_td = x_td + attn_td
+        return h_td + self.mlp(self.mlp_norm(h_td), layout), kv
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        v, d = cfg.vocab_size, cfg.hidden_size
+        self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), dtype)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def stacked(r):
+            return Block(cfg, dtype, r)
+
+        self.layers = stacked(rngs)
+        self.final_norm = RMSNorm(cfg, dtype)
+        if not cfg.tie_word_embeddings:
+            self.head_dv = _param(rngs, (d, v), ("embed", "vocab"), dtype)
+
+    def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None,
+                 cache: KVCache | None = None, rows_r=None, layout: Layout = DENSE,
+                 collect_residuals: bool = False):
+        """One forward over B sequences of T tokens each (padded; see `attend` for the mask).
+
+        positions_bt: absolute position of each token; kv_len_b: valid keys per sequence after this
+        forward. Give token ids or embeddings [B*T, D]. rows_r selects the flattened rows whose
+        logits are wanted (all rows when None). Returns (logits [R, V], cache, residuals), where
+        residuals is the stream after each layer [L, B*T, D] when collect_residuals is set.
+        """
+        b, t = positions_bt.shape
+        if embeds_td is None:
+            embeds_td = self.embed_vd[...][tokens_bt.reshape(b * t)]  # vocab-parallel lookup
+        x_td = layout.residual(embeds_td.astype(self.embed_vd.dtype))
+        rope = rope_tables(self.cfg, positions_bt, x_td.dtype)
+
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def body(x_td, xs):
+            state, kv = xs
+            x_td, kv = nnx.merge(graphdef, state)(x_td, rope, positions_bt, kv_len_b, kv, layout)
+            return x_td, (kv, x_td if collect_residuals else None)
+
+        x_td, (kv, residuals) = jax.lax.scan(body, x_td, (layer_state, cache))
+
+        x_td = self.final_norm(x_td)  # on local tokens under SP
+        if rows_r is not None:
+            x_td = x_td[rows_r]
+        if self.cfg.tie_word_embeddings:
+            (logits,) = layout.column(x_td, ("TD,VD->TV", self.embed_vd[...]))
+        else:
+            (logits,) = layout.column(x_td, ("TD,DV->TV", self.head_dv[...]))
+        return logits, kv, residuals

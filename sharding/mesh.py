@@ -1,0 +1,30 @@
+"""The ("pp", "tp") device mesh, and the per-stage sub-meshes of a pipeline.
+
+Axes are Auto (GSPMD propagation), because jax-sp states layouts as sharding constraints that
+XLA completes; `jax.make_mesh` would default to Explicit axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+AXES = ("pp", "tp")
+
+
+def make_mesh(tp: int, pp: int = 1, devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if tp * pp > len(devices):
+        raise ValueError(
+            f"tp*pp = {tp}*{pp} = {tp * pp} devices are needed but only {len(devices)} "
+            f"{devices[0].platform.upper()} device(s) are present; use tp*pp <= {len(devices)}"
+            + (" or set XLA_FLAGS=--xla_force_host_platform_device_count=N before importing jax"
+               if devices[0].platform == "cpu" else ""))
+    grid = np.array(devices[: tp * pp], dtype=object).reshape(pp, tp)
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def stage_mesh(mesh: Mesh, stage: int) -> Mesh:
+    """The one-row sub-mesh that runs pipeline stage `stage` (shape (1, tp))."""
+    return Mesh(mesh.devices[stage: stage + 1], AXES, axis_types=(AxisType.Auto, AxisType.Auto))

@@ -1,0 +1,48 @@
+"""Logical axis name -> mesh axis: one table per SP mode. The only place a layout is chosen.
+
+Logical names used by `models/`:
+  parameters   layers, vocab, embed, heads, kv_heads, head_dim, mlp, norm
+  activations  act_tokens (residual-stream rows), act_gathered (input rows of a column-parallel
+               matmul), act_embed (the D of activations)
+  KV cache     cache_batch, cache_seq (and kv_heads, head_dim)
+
+Under plain TP (Megatron) q/k/v and gate/up are column-parallel (heads, kv_heads, mlp split),
+o_proj and down_proj row-parallel, embedding and LM head vocab-parallel, the residual replicated.
+SP differs in one entry: the residual stream's tokens are split over "tp".
+"""
+
+from __future__ import annotations
+
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+TP_RULES: dict[str, str | None] = {
+    "layers": None,
+    "vocab": "tp",
+    "embed": None,
+    "heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "norm": None,
+    "act_tokens": None,
+    "act_gathered": None,
+    "act_embed": None,
+    "cache_batch": None,
+    "cache_seq": None,
+}
+
+SP_RULES: dict[str, str | None] = {**TP_RULES, "act_tokens": "tp"}
+
+RULES = {"off": TP_RULES, "on": SP_RULES}
+
+
+def spec(names, rules: dict[str, str | None]) -> P:
+    """PartitionSpec of mesh axes for a tuple of logical names (None stays None)."""
+    unknown = [n for n in names if n is not None and n not in rules]
+    if unknown:
+        raise KeyError(f"logical axis names {unknown} have no rule; known: {sorted(rules)}")
+    return P(*(None if n is None else rules[n] for n in names))
+
+
+def named(mesh, names, rules) -> NamedSharding:
+    return NamedSharding(mesh, spec(names, rules))
