@@ -44,6 +44,8 @@ def path_str(path) -> str:
 class Runtime:
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None):
         check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
+        if parallel.pp > 1 or parallel.comm != "xla":
+            raise ValueError(f"{parallel.describe()}: this build runs pp=1 with comm='xla' only")
         self.cfg, self.parallel, self.dtype = cfg, parallel, resolve_dtype(dtype)
         self.mesh = make_mesh(parallel.tp, parallel.pp) if mesh is None else mesh
         self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
@@ -110,15 +112,26 @@ class Runtime:
     # -- compiled forwards ---------------------------------------------------------------------
 
     @functools.cache
-    def prefill_logits(self, sp: bool, collect_residuals: bool = False):
-        """jit: (state, tokens_bt, positions_bt, kv_len_b) -> (logits [B*T, V] f32, residuals)."""
+    def prefill_logits(self, sp: bool, collect_residuals: bool = False, last_only: bool = False):
+        """jit: (state, tokens_bt, positions_bt, kv_len_b) -> (logits f32, residuals).
+        Logits of every row [B*T, V], or with last_only of each sequence's last token [B, V]."""
         layout = self.layout(sp)
         vocab = self.cfg.vocab_size
 
         def run(state, tokens_bt, positions_bt, kv_len_b):
             model = nnx.merge(self.graphdef, state)
-            logits, _, residuals = model(positions_bt, kv_len_b, tokens_bt=tokens_bt,
+            b, t = tokens_bt.shape
+            rows = jnp.arange(b) * t + kv_len_b - 1 if last_only else None
+            logits, _, residuals = model(positions_bt, kv_len_b, tokens_bt=tokens_bt, rows_r=rows,
                                          layout=layout, collect_residuals=collect_residuals)
             return logits[:, :vocab].astype(jnp.float32), residuals
 
         return jax.jit(run)
+
+    def compile_prefill(self, sp: bool, batch: int, tokens: int, last_only: bool = True):
+        """Compile `prefill_logits` for [batch, tokens] without any weights (abstract state);
+        by default the generation form, which needs logits of each sequence's last token only."""
+        ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+        lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+        return self.prefill_logits(sp, False, last_only).lower(
+            self.abstract_state(), ids, ids, lengths).compile()

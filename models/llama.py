@@ -24,11 +24,11 @@ _MASKED = -1e30  # finite, so a row whose keys are all masked gives a uniform so
 
 def _param(rngs, shape, names, dtype, scale=0.02):
     value = (scale * jax.random.normal(rngs.params(), shape)).astype(dtype)
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 def _const(value, names):
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):

@@ -1,0 +1,67 @@
+"""Test setup: 8 simulated CPU devices (set before jax is imported) and tiny HF models with
+deliberately awkward sizes: 9 query / 3 KV heads, vocabularies and MLP widths no tp divides."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+
+def _build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":  # 9 query / 3 KV heads (SmolLM2's ratio), V and F divisible by no tp
+        cfg = transformers.LlamaConfig(
+            vocab_size=101, hidden_size=45, intermediate_size=50, num_hidden_layers=3,
+            num_attention_heads=9, num_key_value_heads=3, head_dim=6, rms_norm_eps=1e-5,
+            max_position_embeddings=256, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 32})
+        model = transformers.LlamaForCausalLM(cfg)
+    elif kind == "qwen2":  # q/k/v bias, 2 KV heads (< tp 4, 8: replicated), tied embeddings
+        cfg = transformers.Qwen2Config(
+            vocab_size=97, hidden_size=44, intermediate_size=76, num_hidden_layers=2,
+            num_attention_heads=8, num_key_value_heads=2, head_dim=6, rms_norm_eps=1e-6,
+            max_position_embeddings=256, tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    elif kind == "mistral":  # sliding window shorter than the prompts
+        cfg = transformers.MistralConfig(
+            vocab_size=89, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, sliding_window=16,
+            max_position_embeddings=256)
+        model = transformers.MistralForCausalLM(cfg)
+    else:
+        raise KeyError(kind)
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: perturb them so they matter
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval().float()
+
+
+@pytest.fixture(scope="session")
+def hf_models():
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = _build(kind)
+        return cache[kind]
+
+    return get
+
+
+def hf_logits(model, prompts):
+    with torch.no_grad():
+        return [model(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
+
+
+def random_prompts(vocab, lengths, seed=0):
+    rng = np.random.RandomState(seed)
+    return [rng.randint(0, vocab, n).tolist() for n in lengths]

@@ -1,0 +1,70 @@
+"""Bad input gets a ValueError that names the value and says what would work."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bridges.hf import params_from_state_dict, config_from_hf
+from jax_sp import LLM, ParallelConfig, SamplingParams
+
+
+def test_too_many_devices(hf_models):
+    with pytest.raises(ValueError, match=r"tp\*pp = 16\*1 = 16 devices.*8 are present"):
+        LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=16))
+
+
+def test_pp_greater_than_layers(hf_models):
+    with pytest.raises(ValueError, match=r"pp=4 stages cannot split 3 layers"):
+        LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=1, pp=4))
+
+
+@pytest.mark.parametrize("field,value", [("sp", "sometimes"), ("comm", "nccl"), ("tp", 0),
+                                         ("pp", -1), ("tp", 2.0)])
+def test_bad_parallel_values(field, value):
+    with pytest.raises(ValueError, match=f"ParallelConfig.{field}.*{value!r}"):
+        ParallelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.5),
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
+def test_bad_sampling_values(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_unsupported_architecture():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported module GPT2LMHeadModel.*LlamaForCausalLM"):
+        LLM.from_torch(gpt2)
+
+
+def test_missing_and_misshaped_tensors_name_both_sides(hf_models):
+    model = hf_models("llama")
+    cfg = config_from_hf(model.config)
+    sd = dict(model.state_dict())
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight \(for layers/mlp/w_up_df\)"):
+        params_from_state_dict(sd, cfg)
+    sd = dict(model.state_dict())
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 45)
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(7, 45\).*layers/attn/w_k_dkh"):
+        params_from_state_dict(sd, cfg)
+    sd = dict(model.state_dict())
+    sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="unexpected.*self_attn.extra.weight"):
+        params_from_state_dict(sd, cfg)
+
+
+@pytest.mark.parametrize("prompts,match", [
+    ([[]], "prompt 0 is empty"),
+    ([[1, 2], [5, 101]], r"prompt 1 has token id\(s\) \[101\] outside \[0, 101\)"),
+    ([[-1]], r"outside \[0, 101\)"),
+    ("hello", "list of token-id lists"),
+])
+def test_bad_prompts_and_engine_keeps_serving(hf_models, prompts, match):
+    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=2))
+    with pytest.raises(ValueError, match=match):
+        llm.logits(prompts)
+    assert np.isfinite(llm.logits([[1, 2, 3]])[0]).all()

@@ -1,0 +1,62 @@
+"""SP really changes the layout: the residual stream's sharding, the collectives XLA emits, and
+per-device memory — read from the arrays and the compiled programs, not from flags."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import random_prompts
+from jax_sp import LLM, ParallelConfig
+from jax_sp.inspect import inspect_modes
+from jax_sp.presets import preset
+from jax_sp.runtime import Runtime
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_residual_stream_is_token_sharded_with_sp_and_replicated_without(hf_models, tp):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp))
+    prompts = random_prompts(model.config.vocab_size, (37, 5))
+    on, off = llm.residual_stream(prompts, sp=True), llm.residual_stream(prompts, sp=False)
+    layers, rows, width = on.shape  # [L, B*T, D]
+    assert on.sharding.spec in (P(None, "tp"), P(None, "tp", None))
+    assert {s.data.shape for s in on.addressable_shards} == {(layers, rows // tp, width)}
+    assert off.sharding.is_fully_replicated
+    np.testing.assert_allclose(np.asarray(on), np.asarray(off), atol=1e-5)
+
+
+def _layer_ops(report, cfg):
+    """(kind, dims) of each collective in one layer of the scan."""
+    return sorted((c.kind, c.dims) for c in report.collectives if c.scope == "layer"
+                  for _ in range(c.count // cfg.num_layers))
+
+
+@pytest.mark.parametrize("tp,tokens", [(2, 64), (4, 96), (8, 64)])
+def test_census_sp_swaps_each_all_reduce_for_reduce_scatter_and_all_gather(tp, tokens):
+    cfg = dataclasses.replace(preset("smollm2"), num_layers=3, vocab_size=1000)
+    off, on = inspect_modes(cfg, tp, tokens)
+    td = (tokens, cfg.hidden_size)
+    assert _layer_ops(off, cfg) == [("all-reduce", td)] * 2
+    assert _layer_ops(on, cfg) == [("all-gather", td)] * 2 + [("reduce-scatter", td)] * 2
+    # On CPU the reduce-scatters are all-reduce + dynamic-slice, and the census says so.
+    assert all(c.via == "all-reduce+dynamic-slice" for c in on.collectives
+               if c.kind == "reduce-scatter")
+    wire = [sum(v["wire_bytes"] for v in r.summary(cfg.num_layers)["layer"].values())
+            for r in (off, on)]
+    assert wire[0] == pytest.approx(wire[1])  # same bytes on the wire per layer
+
+
+def test_sp_needs_less_memory_per_device_at_4096_tokens():
+    cfg = dataclasses.replace(preset("smollm2"), num_layers=2)
+    off, on = inspect_modes(cfg, tp=4, tokens=4096)
+    assert on.memory["temp_size"] < off.memory["temp_size"]
+
+
+def test_padding_plan_is_logged_and_applied(caplog):
+    cfg = dataclasses.replace(preset("smollm2"), num_layers=1)
+    with caplog.at_level("WARNING", logger="jax_sp"):
+        rt = Runtime(cfg, ParallelConfig(tp=8))
+    assert (rt.padded_cfg.num_heads, rt.padded_cfg.num_kv_heads) == (24, 8)
+    assert "9->24" in caplog.text and "2.67x" in caplog.text
