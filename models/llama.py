@@ -72,10 +72,26 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
     return x_btnh * cos_bth[:, :, None] + rotated * sin_bth[:, :, None]
 
 
+Q_CHUNK = 512  # queries per attention step in long forwards: bounds the [T, S] score buffer
+
+
 def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):
     """Grouped-query causal attention; key s is visible to a query at position p iff
     kpos[s] <= p and kpos[s] < kv_len (the padding mask), and p - kpos[s] < window when a sliding
-    window is set. Softmax in fp32."""
+    window is set. Softmax in fp32. Long forwards run Q_CHUNK queries at a time, so scores take
+    [B, N, Q_CHUNK, S] rather than [B, N, T, S]."""
+    b, t, n, h = q_btnh.shape
+    if t > Q_CHUNK and t % Q_CHUNK == 0:
+        chunks = t // Q_CHUNK
+        q_cbqnh = q_btnh.reshape(b, chunks, Q_CHUNK, n, h).swapaxes(0, 1)
+        qpos_cbq = qpos_bt.reshape(b, chunks, Q_CHUNK).swapaxes(0, 1)
+        out = jax.lax.map(lambda qp: _attend(qp[0], k_bskh, v_bskh, qp[1], kpos_bs, kv_len_b,
+                                             window), (q_cbqnh, qpos_cbq))
+        return out.swapaxes(0, 1).reshape(b, t, n, h)
+    return _attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window)
+
+
+def _attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window):
     b, t, n, h = q_btnh.shape
     k = k_bskh.shape[2]
     q = q_btnh.reshape(b, t, k, n // k, h)  # [B, T, K, G, H]

@@ -19,7 +19,7 @@ def _build(kind: str, seed: int = 0):
         cfg = transformers.LlamaConfig(
             vocab_size=101, hidden_size=45, intermediate_size=50, num_hidden_layers=3,
             num_attention_heads=9, num_key_value_heads=3, head_dim=6, rms_norm_eps=1e-5,
-            max_position_embeddings=256, tie_word_embeddings=False,
+            max_position_embeddings=4096, tie_word_embeddings=False,
             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                              "original_max_position_embeddings": 32})

@@ -43,3 +43,10 @@ def test_bfloat16_close_to_fp32(hf_models):
     got = llm.logits(prompts)
     assert 0 < _max_diff(got, want) <= 0.1  # bf16 really ran (not fp32), and stayed close
     assert llm.state["embed_vd"][...].dtype.name == "bfloat16"
+
+
+def test_long_prefill_runs_attention_in_query_chunks_and_matches_hf(hf_models):
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (1030, 3))  # bucket 2048 > Q_CHUNK
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"))
+    assert _max_diff(llm.logits(prompts), hf_logits(model, prompts)) <= 1e-4
