@@ -1,28 +1,66 @@
-"""LLM: the public engine. Loads weights onto a mesh and runs forwards and generation.
+"""LLM: the public engine. Loads weights onto a mesh, runs forwards and generation.
 
-The engine knows token ids, batches and padding; tokenization is the tokenizer's business and the
-parallel layout is the rules table's. A forward's tokens are padded per sequence up to a compile
-bucket that is a multiple of tp (so SP can split B*T rows evenly); pad tokens sit after the real
-ones, are masked as keys, and their outputs are dropped.
+The engine knows token ids, batches and padding; the tokenizer (optional) turns text into ids
+and back, and the parallel layout is the rules table's. A forward's tokens are right-padded per
+sequence to a compile bucket that is a multiple of tp (so SP splits B*T rows evenly); pad tokens
+sit after the real ones, are masked as keys, and their outputs are dropped. Batches are padded to
+a power of two (and to a multiple of tp when decode runs with SP) with inactive rows.
+
+SP gating: a prefill of B*T padded tokens runs with SP when `parallel.use_sp(B*T)`; decode steps
+(B tokens) run plain TP unless sp="on" forces SP everywhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jax_sp.config import ModelConfig, ParallelConfig
+from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
+from jax_sp.generate import Programs, Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, round_up
+from sharding.tokens import place_token_rows, tp_rank_rows
 
 MIN_BUCKET = 16
+EMBED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def pow2_at_least(n: int, floor: int = 1) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return size
 
 
 def bucket(num_tokens: int, tp: int) -> int:
     """Compile bucket for a per-sequence length: the next power of two (>= MIN_BUCKET), rounded up
     to a multiple of tp, so nearby lengths share one compiled function."""
-    size = MIN_BUCKET
-    while size < num_tokens:
-        size *= 2
-    return round_up(size, tp)
+    return round_up(pow2_at_least(num_tokens, MIN_BUCKET), tp)
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+    compile_s: float  # spent compiling during this call (0 once warm)
+    prefill_sp: bool
+    decode_sp: bool
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.new_tokens / self.decode_s if self.decode_s else float("nan")
 
 
 class LLM:
@@ -34,6 +72,10 @@ class LLM:
         self.tokenizer = tokenizer
         self.runtime = Runtime(cfg, self.parallel, dtype)
         self.state = self.runtime.place(host_params)
+        self.programs = Programs(self.runtime)
+        self.last_stats: GenerationStats | None = None
+        self._embed = jax.jit(lambda table, ids: table[ids])
+        self._replicated = self.runtime.sharding_of(())
 
     @classmethod
     def from_torch(cls, module, tokenizer=None, *, parallel: ParallelConfig | None = None,
@@ -45,14 +87,37 @@ class LLM:
         return cls(cfg, params, parallel=parallel, dtype=dtype, max_seq_len=max_seq_len,
                    tokenizer=tokenizer)
 
-    # -- input checks --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "smollm2", *,
+                        parallel: ParallelConfig | None = None, dtype="float32",
+                        max_seq_len: int = 2048):
+        """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file or an HF folder."""
+        from bridges.pretrained import load_pretrained
 
-    def _check_ids(self, prompts) -> list[list[int]]:
+        cfg, params, tokenizer = load_pretrained(name_or_path)
+        return cls(cfg, params, parallel=parallel, dtype=dtype, max_seq_len=max_seq_len,
+                   tokenizer=tokenizer)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def encode(self, prompt, chat: bool = True) -> list[int]:
+        """Text -> ids through the tokenizer (its chat template when chat and it has one)."""
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer; pass token ids instead, e.g. [[1, 2]]")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        return list(self.tokenizer.encode(prompt))
+
+    def _check_ids(self, prompts, chat: bool = True) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not len(prompts):
-            raise ValueError("expected a non-empty list of token-id lists, e.g. [[1, 2, 3]]")
+            raise ValueError("expected a non-empty list of prompts: strings (with a tokenizer) "
+                             "or token-id lists, e.g. [[1, 2, 3]]")
         out = []
-        for i, ids in enumerate(prompts):
-            ids = [int(t) for t in np.asarray(ids).reshape(-1)]
+        for i, p in enumerate(prompts):
+            ids = self.encode(p, chat) if isinstance(p, str) else [
+                int(t) for t in np.asarray(p).reshape(-1)]
             if not ids:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
             bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
@@ -65,6 +130,24 @@ class LLM:
             out.append(ids)
         return out
 
+    def _check_embeds(self, prompt_embeds) -> list[np.ndarray]:
+        if isinstance(prompt_embeds, np.ndarray) or not len(prompt_embeds):
+            raise ValueError("prompt_embeds must be a non-empty list of arrays [T_i, D]")
+        out = []
+        for i, x in enumerate(prompt_embeds):
+            x = np.asarray(x)
+            if x.dtype.name not in EMBED_DTYPES:
+                raise ValueError(f"prompt_embeds[{i}] has dtype {x.dtype}; use one of "
+                                 f"{EMBED_DTYPES}")
+            if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] != self.cfg.hidden_size:
+                raise ValueError(f"prompt_embeds[{i}] has shape {x.shape}; expected [T, "
+                                 f"{self.cfg.hidden_size}] with T >= 1 (what LLM.embed returns)")
+            if len(x) > self.max_seq_len:
+                raise ValueError(f"prompt_embeds[{i}] has {len(x)} rows, more than max_seq_len="
+                                 f"{self.max_seq_len}")
+            out.append(x)
+        return out
+
     def _pack(self, prompts: list[list[int]]):
         """Right-pad to a shared bucket: tokens [B, T], positions [B, T], lengths [B]."""
         t = bucket(max(len(p) for p in prompts), self.parallel.tp)
@@ -75,19 +158,182 @@ class LLM:
         lengths = np.array([len(p) for p in prompts], np.int32)
         return tokens, positions, lengths
 
+    def _put(self, x):
+        return jax.device_put(x, self._replicated)
+
     # -- forwards ------------------------------------------------------------------------------
 
     def logits(self, prompts) -> list[np.ndarray]:
         """Full prefill logits of each prompt: a list of float32 arrays [T_i, V]."""
-        prompts = self._check_ids(prompts)
+        prompts = self._check_ids(prompts, chat=False)
         tokens, positions, lengths = self._pack(prompts)
         sp = self.parallel.use_sp(tokens.size)
         logits, _ = self.runtime.prefill_logits(sp)(self.state, tokens, positions, lengths)
         logits = np.asarray(logits).reshape(*tokens.shape, -1)
         return [logits[b, :n] for b, n in enumerate(lengths)]
 
+    def embed(self, prompts) -> list[np.ndarray]:
+        """Input embeddings of token-id prompts: a list of [T_i, D] arrays, in the form that
+        `generate(prompt_embeds=...)` takes."""
+        prompts = self._check_ids(prompts, chat=False)
+        table = self.state["embed_vd"][...]
+        return [np.asarray(self._embed(table, self._put(np.array(p, np.int32))))
+                for p in prompts]
+
     def residual_stream(self, prompts, sp: bool):
         """The residual stream after each layer, [L, B*T, D], as sharded device arrays (for
         inspecting layouts)."""
-        tokens, positions, lengths = self._pack(self._check_ids(prompts))
+        tokens, positions, lengths = self._pack(self._check_ids(prompts, chat=False))
         return self.runtime.prefill_logits(sp, True)(self.state, tokens, positions, lengths)[1]
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool,
+                 rows_for_rank=tp_rank_rows):
+        """Validate and pad a batch; returns what prefill and decode need."""
+        if (prompts is None) == (prompt_embeds is None):
+            raise ValueError("give exactly one of prompts and prompt_embeds"
+                             + (", not both" if prompts is not None else ""))
+        if prompts is not None:
+            rows = self._check_ids(prompts, chat)
+            lengths = [len(r) for r in rows]
+        else:
+            rows = self._check_embeds(prompt_embeds)
+            lengths = [len(r) for r in rows]
+        for i, n in enumerate(lengths):
+            if n + sampling.max_new_tokens > self.max_seq_len:
+                raise ValueError(
+                    f"prompt {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
+                    f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or lower "
+                    f"max_new_tokens to {self.max_seq_len - n}")
+        tp = self.parallel.tp
+        decode_sp = self.parallel.sp == "on" and tp > 1
+        batch = pow2_at_least(len(rows))
+        if decode_sp:
+            batch = round_up(batch, tp)  # decode's B rows are split over tp
+        t = bucket(max(lengths), tp)
+        prefill_sp = self.parallel.use_sp(batch * t)
+        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
+        kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
+        kv_len[: len(rows)] = lengths
+        if prompts is not None:
+            inputs = np.zeros((batch, t), np.int32)
+            for b, ids in enumerate(rows):
+                inputs[b, : len(ids)] = ids
+            inputs = self._put(inputs)
+        else:
+            embeds = np.zeros((batch, t, self.cfg.hidden_size), self.runtime.dtype)
+            for b, x in enumerate(rows):
+                embeds[b, : len(x)] = x
+            inputs = place_token_rows(embeds.reshape(batch * t, -1), self.runtime.mesh,
+                                      prefill_sp, rows_for_rank)
+        cache_len = max(t, pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
+        return dict(rows=len(rows), lengths=lengths, batch=batch, inputs=inputs,
+                    positions=positions, kv_len=kv_len, cache_len=cache_len,
+                    prefill_sp=prefill_sp, decode_sp=decode_sp, embeds=prompts is None)
+
+    def _stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
+        if sampling.stop_token_ids is not None:
+            return sampling.stop_token_ids
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return () if eos is None else (int(eos),)
+
+    def _prefill(self, job, sampling: SamplingParams):
+        greedy = sampling.temperature == 0
+        static = Static(job["prefill_sp"], greedy, sampling.top_k)
+        cache = self.runtime.new_cache(job["batch"], job["cache_len"])
+        key = jax.random.PRNGKey(sampling.seed)
+        args = (self.state, cache, job["inputs"], self._put(job["positions"]),
+                self._put(job["kv_len"]), self._put(key),
+                self._put(np.float32(max(sampling.temperature, 1e-6))),
+                self._put(np.float32(sampling.top_p)))
+        token, cache = self.programs.run("prefill", lambda: prefill_fn(
+            self.runtime, static, job["embeds"]), static, args)
+        return token, cache, key
+
+    def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
+                 prompt_embeds=None, chat: bool = True, _rows_for_rank=tp_rank_rows):
+        """Generate for a batch of prompts (strings, token-id lists) or of prompt_embeds
+        ([T_i, D] arrays). Strings go through the tokenizer's chat template unless chat=False.
+        Returns one Completion per prompt."""
+        sampling = sampling or SamplingParams()
+        job = self._prepare(prompts, prompt_embeds, sampling, chat, _rows_for_rank)
+        compile_before = sum(self.programs.compile_seconds.values())
+        stop = self._stop_ids(sampling)
+
+        t0 = time.perf_counter()
+        token, cache, key = self._prefill(job, sampling)
+        token.block_until_ready()
+        t1 = time.perf_counter()
+        steps = pow2_at_least(sampling.max_new_tokens - 1) if sampling.max_new_tokens > 1 else 0
+        out = np.zeros((job["batch"], 0), np.int32)
+        if steps:
+            static = Static(job["decode_sp"], sampling.temperature == 0, sampling.top_k)
+            active = np.arange(job["batch"]) < job["rows"]
+            done = self._put(~active) | jnp.isin(token, jnp.array(stop or (-1,), jnp.int32))
+            args = (self.state, cache, token, self._put(job["kv_len"]), done,
+                    self._put(np.int32(sampling.max_new_tokens - 1)),
+                    self._put(np.array(stop or (-1,), np.int32)), self._put(key),
+                    self._put(np.float32(max(sampling.temperature, 1e-6))),
+                    self._put(np.float32(sampling.top_p)))
+            out, cache = self.programs.run("decode", lambda: decode_loop_fn(
+                self.runtime, static, steps), static, args, variant=steps)
+            out = np.asarray(out)
+        first = np.asarray(token)
+        t2 = time.perf_counter()
+        compile_s = sum(self.programs.compile_seconds.values()) - compile_before
+
+        completions = []
+        for b in range(job["rows"]):
+            ids = [int(first[b])] + [int(t) for t in out[b] if t >= 0]
+            ids = ids[: sampling.max_new_tokens]
+            cut = next((i for i, t in enumerate(ids) if t in stop), None)
+            reason = "length"
+            if cut is not None:
+                ids, reason = ids[: cut + 1], "stop"
+            completions.append(Completion(ids, self._detok(ids, stop), reason))
+        new = sum(len(c.token_ids) for c in completions)
+        self.last_stats = GenerationStats(sum(job["lengths"]), new, t1 - t0, t2 - t1, compile_s,
+                                          job["prefill_sp"], job["decode_sp"])
+        return completions
+
+    def _detok(self, ids, stop=()):
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([t for t in ids if t not in stop], skip_special_tokens=True)
+
+    def stream(self, prompt, sampling: SamplingParams | None = None, *, chat: bool = True):
+        """Yield the text of one prompt piece by piece as tokens are decoded (needs a
+        tokenizer). One compiled call per token; the token comes to the host to be printed."""
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer; use generate() for token ids")
+        sampling = sampling or SamplingParams()
+        job = self._prepare([prompt], None, sampling, chat)
+        stop = self._stop_ids(sampling)
+        compile_before = sum(self.programs.compile_seconds.values())
+        t0 = time.perf_counter()
+        token, cache, key = self._prefill(job, sampling)
+        static = Static(job["decode_sp"], sampling.temperature == 0, sampling.top_k)
+        ids, shown, pos = [], "", self._put(job["kv_len"])
+        t1 = None
+        for step in range(sampling.max_new_tokens):
+            if step:
+                args = (self.state, cache, token, pos, self._put(key), self._put(np.int32(step)),
+                        self._put(np.float32(max(sampling.temperature, 1e-6))),
+                        self._put(np.float32(sampling.top_p)))
+                token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
+                    self.runtime, static), static, args)
+                pos = pos + 1
+            ids.append(int(np.asarray(token)[0]))
+            t1 = t1 or time.perf_counter()
+            text = self._detok(ids, stop)
+            if len(text) > len(shown) and not text.endswith("\ufffd"):
+                yield text[len(shown):]
+                shown = text
+            if ids[-1] in stop:
+                break
+        t2 = time.perf_counter()
+        self.last_stats = GenerationStats(
+            job["lengths"][0], len(ids), t1 - t0, t2 - t1,
+            sum(self.programs.compile_seconds.values()) - compile_before, job["prefill_sp"],
+            job["decode_sp"])

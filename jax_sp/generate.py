@@ -1,0 +1,116 @@
+"""Compiled generation programs: prefill, one decode step, and the on-device decode loop.
+
+Each program is a pure function of (parameter state, KV cache, inputs) built for one Runtime and
+compiled ahead of time per static setting and input shape, so compile time is measured apart
+from run time and the executables that ran can be inspected (`Programs.compiled`). The cache is
+donated to every call and comes back updated.
+
+Decode in `generate` is one call for all new tokens: a `lax.while_loop` that stops when every
+row has hit a stop token or the budget. `stream` calls the one-step program once per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_sp.runtime import Runtime
+from jax_sp.sampling import sample
+
+# XLA:CPU cannot reuse donated buffers and says so on every call; donation still matters on GPU.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What a compiled program is specialised on besides shapes."""
+
+    sp: bool
+    greedy: bool
+    top_k: int
+
+
+def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None, **inputs):
+    model = nnx.merge(rt.graphdef, state)
+    logits, cache, _ = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r,
+                             layout=rt.layout(st.sp), **inputs)
+    return logits[:, : rt.cfg.vocab_size].astype(jnp.float32), cache
+
+
+def prefill_fn(rt: Runtime, st: Static, embeds: bool):
+    """(state, cache, tokens_bt | embeds_td, positions_bt, kv_len_b, key, temperature, top_p)
+    -> (first new token [B], cache)."""
+    def run(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p):
+        b, t = positions_bt.shape
+        rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
+        feed = {"embeds_td": inputs} if embeds else {"tokens_bt": inputs}
+        logits, cache = _forward(rt, st, state, cache, positions_bt, kv_len_b, rows, **feed)
+        return sample(logits, key, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+    return run
+
+
+def _step(rt, st, state, cache, token_b, pos_b, key, step, temperature, top_p):
+    logits, cache = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1,
+                             tokens_bt=token_b[:, None])
+    return sample(logits, key, step, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+
+
+def decode_step_fn(rt: Runtime, st: Static):
+    """(state, cache, token_b, pos_b, key, step, temperature, top_p) -> (next token, cache):
+    feeds token_b at positions pos_b."""
+    return lambda *args: _step(rt, st, *args)
+
+
+def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
+    """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p)
+    -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done."""
+    def run(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p):
+        out = jnp.full((token_b.shape[0], max_steps), -1, jnp.int32)
+
+        def cond(carry):
+            i, _, _, _, done, _ = carry
+            return (i < n_steps) & ~jnp.all(done)
+
+        def body(carry):
+            i, out, token, pos, done, cache = carry
+            token, cache = _step(rt, st, state, cache, token, pos, key, i + 1, temperature, top_p)
+            out = out.at[:, i].set(jnp.where(done, -1, token))
+            done = done | jnp.isin(token, stop_ids)
+            return i + 1, out, token, pos + 1, done, cache
+
+        carry = (jnp.int32(0), out, token_b, pos_b, done_b, cache)
+        _, out, _, _, _, cache = jax.lax.while_loop(cond, body, carry)
+        return out, cache
+    return run
+
+
+class Programs:
+    """AOT-compiled programs of one Runtime, keyed by (name, static, input shapes)."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.compiled: dict[tuple, jax.stages.Compiled] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+        self.last: dict[str, tuple] = {}  # program name -> key of the executable last run
+
+    def run(self, name: str, make, static: Static, args, donate=(1,), variant=None):
+        """Run program `name` (built by `make()` unless already compiled for this static
+        setting, variant and these input shapes) on args; the cache (args[1]) is donated."""
+        shapes = tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", type(a).__name__)))
+                       for a in jax.tree.leaves(args[1:]))
+        key = (name, static, variant, shapes)
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
+            self.compile_seconds[key] = time.perf_counter() - t0
+        self.last[name] = key
+        return self.compiled[key](*args)
+
+    def hlo(self, name: str) -> str:
+        """Optimized HLO of the executable that last ran under `name`."""
+        return self.compiled[self.last[name]].as_text()
