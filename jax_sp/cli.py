@@ -1,4 +1,4 @@
-"""The `jax-sp` command line: inspect (and, as they land, generate and bench).
+"""The `jax-sp` command line: generate, inspect.
 
 On a CPU-only machine, simulated devices must be requested before jax is imported, so this
 module parses arguments first and imports jax (through jax_sp) only afterwards.
@@ -34,6 +34,29 @@ def _inspect(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    ensure_devices(args.tp * args.pp)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from jax_sp import LLM, ParallelConfig, SamplingParams
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
+    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
+                              max_seq_len=args.max_seq_len)
+    for piece in llm.stream(args.prompt, sampling, chat=not args.no_chat):
+        print(piece, end="", flush=True)
+    s = llm.last_stats
+    print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
+          f"{s.prompt_tokens} tokens {s.prefill_s * 1e3:.0f} ms (sp={'on' if s.prefill_sp else 'off'})"
+          f" | decode {s.decode_s * 1e3:.0f} ms (sp={'on' if s.decode_sp else 'off'}) | compile "
+          f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.runtime.mesh.size} "
+          f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s)]", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-sp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -48,6 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--layers", type=int, default=0, help="override the layer count")
     ins.add_argument("--comm", default="xla", choices=("xla", "ring"))
     ins.set_defaults(run=_inspect)
+
+    gen = sub.add_parser("generate", help="stream a completion of one prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file or an "
+                     "HF folder")
+    gen.add_argument("--tp", type=int, default=1)
+    gen.add_argument("--pp", type=int, default=1)
+    gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"))
+    gen.add_argument("--comm", default="xla", choices=("xla", "ring"))
+    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--max-seq-len", type=int, default=2048)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(run=_generate)
     return p
 
 
@@ -55,7 +96,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"jax-sp: error: {e}", file=sys.stderr)
         return 2
 

@@ -52,15 +52,15 @@ class Completion:
 class GenerationStats:
     prompt_tokens: int
     new_tokens: int
-    prefill_s: float
-    decode_s: float
+    prefill_s: float  # run time, compile excluded
+    decode_s: float  # run time of the new tokens after the first, compile excluded
     compile_s: float  # spent compiling during this call (0 once warm)
     prefill_sp: bool
     decode_sp: bool
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s else float("nan")
+        return (self.new_tokens - 1) / self.decode_s if self.decode_s > 0 else float("nan")
 
 
 class LLM:
@@ -258,13 +258,12 @@ class LLM:
         Returns one Completion per prompt."""
         sampling = sampling or SamplingParams()
         job = self._prepare(prompts, prompt_embeds, sampling, chat, _rows_for_rank)
-        compile_before = sum(self.programs.compile_seconds.values())
         stop = self._stop_ids(sampling)
-
+        c0 = self.programs.total_compile_s()
         t0 = time.perf_counter()
         token, cache, key = self._prefill(job, sampling)
         token.block_until_ready()
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), self.programs.total_compile_s()
         steps = pow2_at_least(sampling.max_new_tokens - 1) if sampling.max_new_tokens > 1 else 0
         out = np.zeros((job["batch"], 0), np.int32)
         if steps:
@@ -280,8 +279,7 @@ class LLM:
                 self.runtime, static, steps), static, args, variant=steps)
             out = np.asarray(out)
         first = np.asarray(token)
-        t2 = time.perf_counter()
-        compile_s = sum(self.programs.compile_seconds.values()) - compile_before
+        t2, c2 = time.perf_counter(), self.programs.total_compile_s()
 
         completions = []
         for b in range(job["rows"]):
@@ -293,8 +291,9 @@ class LLM:
                 ids, reason = ids[: cut + 1], "stop"
             completions.append(Completion(ids, self._detok(ids, stop), reason))
         new = sum(len(c.token_ids) for c in completions)
-        self.last_stats = GenerationStats(sum(job["lengths"]), new, t1 - t0, t2 - t1, compile_s,
-                                          job["prefill_sp"], job["decode_sp"])
+        self.last_stats = GenerationStats(sum(job["lengths"]), new, t1 - t0 - (c1 - c0),
+                                          t2 - t1 - (c2 - c1), c2 - c0, job["prefill_sp"],
+                                          job["decode_sp"])
         return completions
 
     def _detok(self, ids, stop=()):
@@ -310,7 +309,7 @@ class LLM:
         sampling = sampling or SamplingParams()
         job = self._prepare([prompt], None, sampling, chat)
         stop = self._stop_ids(sampling)
-        compile_before = sum(self.programs.compile_seconds.values())
+        c0 = self.programs.total_compile_s()
         t0 = time.perf_counter()
         token, cache, key = self._prefill(job, sampling)
         static = Static(job["decode_sp"], sampling.temperature == 0, sampling.top_k)
@@ -325,15 +324,15 @@ class LLM:
                     self.runtime, static), static, args)
                 pos = pos + 1
             ids.append(int(np.asarray(token)[0]))
-            t1 = t1 or time.perf_counter()
+            if t1 is None:
+                t1, c1 = time.perf_counter(), self.programs.total_compile_s()
             text = self._detok(ids, stop)
             if len(text) > len(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
                 shown = text
             if ids[-1] in stop:
                 break
-        t2 = time.perf_counter()
-        self.last_stats = GenerationStats(
-            job["lengths"][0], len(ids), t1 - t0, t2 - t1,
-            sum(self.programs.compile_seconds.values()) - compile_before, job["prefill_sp"],
-            job["decode_sp"])
+        t2, c2 = time.perf_counter(), self.programs.total_compile_s()
+        self.last_stats = GenerationStats(job["lengths"][0], len(ids), t1 - t0 - (c1 - c0),
+                                          t2 - t1 - (c2 - c1), c2 - c0, job["prefill_sp"],
+                                          job["decode_sp"])

@@ -11,6 +11,7 @@ row has hit a stop token or the budget. `stream` calls the one-step program once
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 import warnings
@@ -97,6 +98,7 @@ class Programs:
         self.compiled: dict[tuple, jax.stages.Compiled] = {}
         self.compile_seconds: dict[tuple, float] = {}
         self.last: dict[str, tuple] = {}  # program name -> key of the executable last run
+        self.calls: collections.Counter = collections.Counter()  # executions per program name
 
     def run(self, name: str, make, static: Static, args, donate=(1,), variant=None):
         """Run program `name` (built by `make()` unless already compiled for this static
@@ -109,7 +111,11 @@ class Programs:
             self.compiled[key] = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
             self.compile_seconds[key] = time.perf_counter() - t0
         self.last[name] = key
+        self.calls[name] += 1
         return self.compiled[key](*args)
+
+    def total_compile_s(self) -> float:
+        return sum(self.compile_seconds.values())
 
     def hlo(self, name: str) -> str:
         """Optimized HLO of the executable that last ran under `name`."""

@@ -37,7 +37,7 @@ def inspect_modes(cfg: ModelConfig, tp: int, tokens: int, batch: int = 1, comm: 
         rt = Runtime(cfg, ParallelConfig(tp=tp, sp=mode, comm=comm))
         compiled = rt.compile_prefill(mode == "on", batch, tokens)
         text = compiled.as_text()
-        reports.append(ModeReport(mode, census(text), memory_of(compiled),
+        reports.append(ModeReport(mode, census(text, cfg.num_layers), memory_of(compiled),
                                   windowed_einsum_loops(text)))
     return reports
 

@@ -2,8 +2,9 @@
 
 Reads the optimized HLO text (`compiled.as_text()`) and lists every all-reduce, reduce-scatter,
 all-gather, collective-permute and all-to-all with its shape, group size and bytes. Collectives
-inside a while loop's body (a `jax.lax.scan` over layers) count once per trip; the census reports
-them per layer ("layer") apart from the rest ("outside").
+inside a while loop's body count once per trip (when XLA knows the trip count). Scope: "layer"
+for the body of the scan over layers (a loop of `layers` trips), "loop" for other loop bodies
+(a decode loop, whose trip count is dynamic: counted once per iteration), else "outside".
 
 Bytes: `tensor_bytes` is the full tensor a collective operates on (the all-reduced tensor, the
 reduce-scatter input, the all-gather output, the permuted buffer). `wire_bytes` is what each
@@ -170,7 +171,9 @@ def _sliced_locally(comps, comp, ar: Instr, n: int) -> bool:
     return True
 
 
-def census(hlo_text: str) -> list[Collective]:
+def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
+    """All collectives of a program. `layers`: the trip count that marks the scan over layers
+    (when None, every loop body counts as "layer")."""
     comps, entry = parse(hlo_text)
     # Execution count and scope of each computation, walking calls from the entry.
     runs = {entry: (1, "outside")}
@@ -188,7 +191,9 @@ def census(hlo_text: str) -> list[Collective]:
                 if callee not in comps or callee in runs:
                     continue
                 if instr.opcode == "while":
-                    runs[callee] = (count * int(trips.group(1)) if trips else count, "layer")
+                    n = int(trips.group(1)) if trips else None
+                    is_layers = layers is None or n == layers
+                    runs[callee] = (count * (n or 1), "layer" if is_layers else "loop")
                 else:
                     runs[callee] = (count, scope)
                 stack.append(callee)

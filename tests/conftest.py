@@ -42,6 +42,7 @@ def _build(kind: str, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+    model.config.eos_token_id = model.generation_config.eos_token_id = None  # no stop token
     return model.eval().float()
 
 
@@ -65,3 +66,36 @@ def hf_logits(model, prompts):
 def random_prompts(vocab, lengths, seed=0):
     rng = np.random.RandomState(seed)
     return [rng.randint(0, vocab, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(ModelConfig, parameters, tokenizer, HF module) of the embedded SmolLM2-135M-Instruct."""
+    import transformers as tf
+
+    from bridges.hf import load_module
+    from bridges.pretrained import embedded_gguf
+
+    path = embedded_gguf("smollm2")
+    folder, name = os.path.split(path)
+    module = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                     dtype=torch.float32).eval()
+    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    cfg, params = load_module(module)
+    return cfg, params, tokenizer, module
+
+
+def hf_greedy(model, prompts, max_new_tokens, eos_token_id=None):
+    """HF transformers' greedy continuation of each prompt (EOS included when it stops)."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = eos_token_id  # None: no stop token at all
+    config.max_new_tokens, config.do_sample, config.pad_token_id = max_new_tokens, False, 0
+    out = []
+    for p in prompts:
+        with torch.no_grad():
+            ids = model.generate(torch.tensor([p]), generation_config=config,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        out.append(ids[0, len(p):].tolist())
+    return out

