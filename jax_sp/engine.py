@@ -49,6 +49,22 @@ class Completion:
 
 
 @dataclasses.dataclass
+class Batch:
+    """A validated, padded generation batch: `rows` real sequences padded to `batch`."""
+
+    rows: int
+    lengths: list[int]
+    batch: int
+    inputs: jax.Array  # token ids [B, T] or embeddings [B*T, D] in residual layout
+    positions: np.ndarray  # [B, T]
+    kv_len: np.ndarray  # [B]: real tokens per row (1 for padding rows)
+    cache_len: int  # S
+    prefill_sp: bool
+    decode_sp: bool
+    embeds: bool
+
+
+@dataclasses.dataclass
 class GenerationStats:
     prompt_tokens: int
     new_tokens: int
@@ -189,8 +205,8 @@ class LLM:
     # -- generation ----------------------------------------------------------------------------
 
     def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool,
-                 rows_for_rank=tp_rank_rows):
-        """Validate and pad a batch; returns what prefill and decode need."""
+                 rows_for_rank=tp_rank_rows) -> Batch:
+        """Validate and pad a batch for prefill and decode."""
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompts and prompt_embeds"
                              + (", not both" if prompts is not None else ""))
@@ -228,9 +244,8 @@ class LLM:
             inputs = place_token_rows(embeds.reshape(batch * t, -1), self.runtime.mesh,
                                       prefill_sp, rows_for_rank)
         cache_len = max(t, pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
-        return dict(rows=len(rows), lengths=lengths, batch=batch, inputs=inputs,
-                    positions=positions, kv_len=kv_len, cache_len=cache_len,
-                    prefill_sp=prefill_sp, decode_sp=decode_sp, embeds=prompts is None)
+        return Batch(len(rows), lengths, batch, inputs, positions, kv_len, cache_len, prefill_sp,
+                     decode_sp, prompts is None)
 
     def _stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
         if sampling.stop_token_ids is not None:
@@ -238,17 +253,17 @@ class LLM:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
 
-    def _prefill(self, job, sampling: SamplingParams):
+    def _prefill(self, job: Batch, sampling: SamplingParams):
         greedy = sampling.temperature == 0
-        static = Static(job["prefill_sp"], greedy, sampling.top_k)
-        cache = self.runtime.new_cache(job["batch"], job["cache_len"])
+        static = Static(job.prefill_sp, greedy, sampling.top_k)
+        cache = self.runtime.new_cache(job.batch, job.cache_len)
         key = jax.random.PRNGKey(sampling.seed)
-        args = (self.state, cache, job["inputs"], self._put(job["positions"]),
-                self._put(job["kv_len"]), self._put(key),
+        args = (self.state, cache, job.inputs, self._put(job.positions),
+                self._put(job.kv_len), self._put(key),
                 self._put(np.float32(max(sampling.temperature, 1e-6))),
                 self._put(np.float32(sampling.top_p)))
         token, cache = self.programs.run("prefill", lambda: prefill_fn(
-            self.runtime, static, job["embeds"]), static, args)
+            self.runtime, static, job.embeds), static, args)
         return token, cache, key
 
     def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
@@ -265,12 +280,12 @@ class LLM:
         token.block_until_ready()
         t1, c1 = time.perf_counter(), self.programs.total_compile_s()
         steps = pow2_at_least(sampling.max_new_tokens - 1) if sampling.max_new_tokens > 1 else 0
-        out = np.zeros((job["batch"], 0), np.int32)
+        out = np.zeros((job.batch, 0), np.int32)
         if steps:
-            static = Static(job["decode_sp"], sampling.temperature == 0, sampling.top_k)
-            active = np.arange(job["batch"]) < job["rows"]
+            static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+            active = np.arange(job.batch) < job.rows
             done = self._put(~active) | jnp.isin(token, jnp.array(stop or (-1,), jnp.int32))
-            args = (self.state, cache, token, self._put(job["kv_len"]), done,
+            args = (self.state, cache, token, self._put(job.kv_len), done,
                     self._put(np.int32(sampling.max_new_tokens - 1)),
                     self._put(np.array(stop or (-1,), np.int32)), self._put(key),
                     self._put(np.float32(max(sampling.temperature, 1e-6))),
@@ -282,7 +297,7 @@ class LLM:
         t2, c2 = time.perf_counter(), self.programs.total_compile_s()
 
         completions = []
-        for b in range(job["rows"]):
+        for b in range(job.rows):
             ids = [int(first[b])] + [int(t) for t in out[b] if t >= 0]
             ids = ids[: sampling.max_new_tokens]
             cut = next((i for i, t in enumerate(ids) if t in stop), None)
@@ -291,9 +306,9 @@ class LLM:
                 ids, reason = ids[: cut + 1], "stop"
             completions.append(Completion(ids, self._detok(ids, stop), reason))
         new = sum(len(c.token_ids) for c in completions)
-        self.last_stats = GenerationStats(sum(job["lengths"]), new, t1 - t0 - (c1 - c0),
-                                          t2 - t1 - (c2 - c1), c2 - c0, job["prefill_sp"],
-                                          job["decode_sp"])
+        self.last_stats = GenerationStats(sum(job.lengths), new, t1 - t0 - (c1 - c0),
+                                          t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,
+                                          job.decode_sp)
         return completions
 
     def _detok(self, ids, stop=()):
@@ -312,8 +327,8 @@ class LLM:
         c0 = self.programs.total_compile_s()
         t0 = time.perf_counter()
         token, cache, key = self._prefill(job, sampling)
-        static = Static(job["decode_sp"], sampling.temperature == 0, sampling.top_k)
-        ids, shown, pos = [], "", self._put(job["kv_len"])
+        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+        ids, shown, pos = [], "", self._put(job.kv_len)
         t1 = None
         for step in range(sampling.max_new_tokens):
             if step:
@@ -333,6 +348,6 @@ class LLM:
             if ids[-1] in stop:
                 break
         t2, c2 = time.perf_counter(), self.programs.total_compile_s()
-        self.last_stats = GenerationStats(job["lengths"][0], len(ids), t1 - t0 - (c1 - c0),
-                                          t2 - t1 - (c2 - c1), c2 - c0, job["prefill_sp"],
-                                          job["decode_sp"])
+        self.last_stats = GenerationStats(job.lengths[0], len(ids), t1 - t0 - (c1 - c0),
+                                          t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,
+                                          job.decode_sp)

@@ -135,3 +135,20 @@ class Runtime:
         lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
         return self.prefill_logits(sp, False, last_only).lower(
             self.abstract_state(), ids, ids, lengths).compile()
+
+
+def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Unpadded float32 host parameters for benchmarks and inspection: normal(0, 0.02) weights,
+    unit norm scales, zero biases (the model's initialisers, drawn with numpy for speed)."""
+    rng = np.random.default_rng(seed)
+    abstract = nnx.eval_shape(lambda: Llama(cfg, jnp.float32, rngs=nnx.Rngs(0)))
+    params = {}
+    for p, v in nnx.to_flat_state(nnx.state(abstract)):
+        shape, name = v.get_value().shape, str(p[-1])
+        if name == "scale":
+            params[path_str(p)] = np.ones(shape, np.float32)
+        elif name.startswith("b_"):
+            params[path_str(p)] = np.zeros(shape, np.float32)
+        else:
+            params[path_str(p)] = (0.02 * rng.standard_normal(shape, np.float32))
+    return params
