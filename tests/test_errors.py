@@ -61,7 +61,7 @@ def test_missing_and_misshaped_tensors_name_both_sides(hf_models):
     ([[]], "prompt 0 is empty"),
     ([[1, 2], [5, 101]], r"prompt 1 has token id\(s\) \[101\] outside \[0, 101\)"),
     ([[-1]], r"outside \[0, 101\)"),
-    ("hello", "list of token-id lists"),
+    ("hello", "non-empty list of prompts"),
 ])
 def test_bad_prompts_and_engine_keeps_serving(hf_models, prompts, match):
     llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=2))
