@@ -104,10 +104,14 @@ class Runtime:
         return self.sharding_of(CACHE_AXES)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
+        zeros = self._cache_zeros(batch, max_len)
+        return KVCache(zeros(), zeros())
+
+    @functools.cache
+    def _cache_zeros(self, batch: int, max_len: int):
         c = self.padded_cfg
         shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
-        return KVCache(zeros(), zeros())
+        return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
 
     # -- compiled forwards ---------------------------------------------------------------------
 
