@@ -14,6 +14,7 @@ __all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "ch
 
 SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring")
+BOUNDARIES = ("scattered", "gather")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens. See README, "Choosing
 # sp_min_tokens", for the measurement behind it.
@@ -30,13 +31,20 @@ class ParallelConfig:
     """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
     TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
     tokens, TP otherwise); comm: "xla" (sharding annotations, XLA's collectives) or "ring"
-    (explicit shard_map collective matmul)."""
+    (explicit shard_map collective matmul). Pipeline: pp_layers (layer count of each stage;
+    default vLLM's even split with the remainder on the stages before the last), pp_boundary
+    ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
+    gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
+    i+1 runs while stage k+1 of micro-batch i does)."""
 
     tp: int = 1
     pp: int = 1
     sp: str = "auto"
     comm: str = "xla"
     sp_min_tokens: int = DEFAULT_SP_MIN_TOKENS
+    pp_layers: tuple[int, ...] | None = None
+    pp_boundary: str = "scattered"
+    microbatches: int = 1
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
@@ -46,6 +54,17 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.sp must be one of {SP_MODES}, got {self.sp!r}")
         if self.comm not in COMM_MODES:
             raise ValueError(f"ParallelConfig.comm must be one of {COMM_MODES}, got {self.comm!r}")
+        if self.pp_boundary not in BOUNDARIES:
+            raise ValueError(f"ParallelConfig.pp_boundary must be one of {BOUNDARIES}, got "
+                             f"{self.pp_boundary!r}")
+        _positive_int("ParallelConfig", "microbatches", self.microbatches)
+        if self.pp_layers is not None:
+            object.__setattr__(self, "pp_layers", tuple(self.pp_layers))
+            if len(self.pp_layers) != self.pp or any(
+                    isinstance(n, bool) or not isinstance(n, int) or n < 1
+                    for n in self.pp_layers):
+                raise ValueError(f"ParallelConfig.pp_layers must list {self.pp} positive layer "
+                                 f"counts (one per stage), got {self.pp_layers!r}")
 
     def use_sp(self, padded_tokens: int) -> bool:
         """Whether a forward of this many padded tokens runs with SP."""
@@ -54,7 +73,8 @@ class ParallelConfig:
         return self.sp == "on"
 
     def describe(self) -> str:
-        return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}"
+        pp = f" boundary={self.pp_boundary} microbatches={self.microbatches}" if self.pp > 1 else ""
+        return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}{pp}"
 
 
 def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
@@ -66,6 +86,10 @@ def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: in
         raise ValueError(
             f"pp={parallel.pp} stages cannot split {model.num_layers} layers; use "
             f"pp <= {model.num_layers}")
+    if parallel.pp_layers is not None and sum(parallel.pp_layers) != model.num_layers:
+        raise ValueError(
+            f"pp_layers={parallel.pp_layers} adds up to {sum(parallel.pp_layers)} layers but the "
+            f"model has {model.num_layers}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
-from jax_sp.generate import Programs, Static, decode_loop_fn, decode_step_fn, prefill_fn
-from jax_sp.runtime import Runtime, round_up
+from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
+from jax_sp.pipeline import Pipeline
+from jax_sp.runtime import round_up
 from sharding.tokens import place_token_rows, tp_rank_rows
 
 MIN_BUCKET = 16
@@ -55,7 +56,7 @@ class Batch:
     rows: int
     lengths: list[int]
     batch: int
-    inputs: jax.Array  # token ids [B, T] or embeddings [B*T, D] in residual layout
+    inputs: np.ndarray  # token ids [B, T] or embeddings [B, T, D]
     positions: np.ndarray  # [B, T]
     kv_len: np.ndarray  # [B]: real tokens per row (1 for padding rows)
     cache_len: int  # S
@@ -86,9 +87,9 @@ class LLM:
         self.parallel = parallel or ParallelConfig()
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
-        self.runtime = Runtime(cfg, self.parallel, dtype)
-        self.state = self.runtime.place(host_params)
-        self.programs = Programs(self.runtime)
+        self.pipeline = Pipeline(cfg, self.parallel, dtype, host_params)
+        first = self.pipeline.stages[0]  # the whole model when pp=1
+        self.runtime, self.state, self.programs = first.runtime, first.state, first.programs
         self.last_stats: GenerationStats | None = None
         self._embed = jax.jit(lambda table, ids: table[ids])
         self._replicated = self.runtime.sharding_of(())
@@ -184,8 +185,7 @@ class LLM:
         prompts = self._check_ids(prompts, chat=False)
         tokens, positions, lengths = self._pack(prompts)
         sp = self.parallel.use_sp(tokens.size)
-        logits, _ = self.runtime.prefill_logits(sp)(self.state, tokens, positions, lengths)
-        logits = np.asarray(logits).reshape(*tokens.shape, -1)
+        logits = np.asarray(self.pipeline.logits(tokens, positions, lengths, sp)).reshape(*tokens.shape, -1)
         return [logits[b, :n] for b, n in enumerate(lengths)]
 
     def embed(self, prompts) -> list[np.ndarray]:
@@ -198,14 +198,15 @@ class LLM:
 
     def residual_stream(self, prompts, sp: bool):
         """The residual stream after each layer, [L, B*T, D], as sharded device arrays (for
-        inspecting layouts)."""
+        inspecting layouts; pp=1)."""
+        if self.parallel.pp > 1:
+            raise ValueError("residual_stream inspects a single-stage model (pp=1)")
         tokens, positions, lengths = self._pack(self._check_ids(prompts, chat=False))
         return self.runtime.prefill_logits(sp, True)(self.state, tokens, positions, lengths)[1]
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool,
-                 rows_for_rank=tp_rank_rows) -> Batch:
+    def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool) -> Batch:
         """Validate and pad a batch for prefill and decode."""
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompts and prompt_embeds"
@@ -222,11 +223,12 @@ class LLM:
                     f"prompt {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
                     f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or lower "
                     f"max_new_tokens to {self.max_seq_len - n}")
-        tp = self.parallel.tp
+        tp, pp, m = self.parallel.tp, self.parallel.pp, self.parallel.microbatches
         decode_sp = self.parallel.sp == "on" and tp > 1
-        batch = pow2_at_least(len(rows))
-        if decode_sp:
-            batch = round_up(batch, tp)  # decode's B rows are split over tp
+        # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
+        # gets the same share
+        unit = tp if (decode_sp or pp > 1) else 1
+        batch = round_up(pow2_at_least(len(rows)), unit * m)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch * t)
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
@@ -234,15 +236,10 @@ class LLM:
         kv_len[: len(rows)] = lengths
         if prompts is not None:
             inputs = np.zeros((batch, t), np.int32)
-            for b, ids in enumerate(rows):
-                inputs[b, : len(ids)] = ids
-            inputs = self._put(inputs)
         else:
-            embeds = np.zeros((batch, t, self.cfg.hidden_size), self.runtime.dtype)
-            for b, x in enumerate(rows):
-                embeds[b, : len(x)] = x
-            inputs = place_token_rows(embeds.reshape(batch * t, -1), self.runtime.mesh,
-                                      prefill_sp, rows_for_rank)
+            inputs = np.zeros((batch, t, self.cfg.hidden_size), self.runtime.dtype)
+        for b, x in enumerate(rows):
+            inputs[b, : len(x)] = x
         cache_len = max(t, pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
         return Batch(len(rows), lengths, batch, inputs, positions, kv_len, cache_len, prefill_sp,
                      decode_sp, prompts is None)
@@ -253,18 +250,43 @@ class LLM:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
 
-    def _prefill(self, job: Batch, sampling: SamplingParams):
+    def _prefill(self, job: Batch, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
+        """Single-stage prefill: -> (first tokens [B] on device, cache, key)."""
+        if job.embeds:  # each device keeps its own rows of the padded embeddings
+            t = job.inputs.shape[1]
+            inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
+                                      job.prefill_sp, rows_for_rank)
+        else:
+            inputs = self._put(job.inputs)
         greedy = sampling.temperature == 0
         static = Static(job.prefill_sp, greedy, sampling.top_k)
         cache = self.runtime.new_cache(job.batch, job.cache_len)
         key = jax.random.PRNGKey(sampling.seed)
-        args = (self.state, cache, job.inputs, self._put(job.positions),
+        args = (self.state, cache, inputs, self._put(job.positions),
                 self._put(job.kv_len), self._put(key),
                 self._put(np.float32(max(sampling.temperature, 1e-6))),
                 self._put(np.float32(sampling.top_p)))
         token, cache = self.programs.run("prefill", lambda: prefill_fn(
-            self.runtime, static, job.embeds), static, args)
+            self.runtime, static, "embeds" if job.embeds else "tokens"), static, args)
         return token, cache, key
+
+    def _compile_s(self) -> float:
+        return sum(st.programs.total_compile_s() for st in self.pipeline.stages)
+
+    def _decode_loop(self, job: Batch, sampling: SamplingParams, token, cache, key, stop):
+        """Single stage: every new token after the first in one on-device loop -> [B, n]."""
+        steps = pow2_at_least(sampling.max_new_tokens - 1)
+        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+        active = np.arange(job.batch) < job.rows
+        stop_ids = self._put(np.array(stop or (-1,), np.int32))
+        done = self._put(~active) | jnp.isin(token, stop_ids)
+        args = (self.state, cache, token, self._put(job.kv_len), done,
+                self._put(np.int32(sampling.max_new_tokens - 1)), stop_ids, self._put(key),
+                self._put(np.float32(max(sampling.temperature, 1e-6))),
+                self._put(np.float32(sampling.top_p)))
+        out, _ = self.programs.run("decode", lambda: decode_loop_fn(
+            self.runtime, static, steps), static, args, variant=steps)
+        return np.asarray(out)
 
     def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
                  prompt_embeds=None, chat: bool = True, _rows_for_rank=tp_rank_rows):
@@ -272,29 +294,25 @@ class LLM:
         ([T_i, D] arrays). Strings go through the tokenizer's chat template unless chat=False.
         Returns one Completion per prompt."""
         sampling = sampling or SamplingParams()
-        job = self._prepare(prompts, prompt_embeds, sampling, chat, _rows_for_rank)
+        job = self._prepare(prompts, prompt_embeds, sampling, chat)
         stop = self._stop_ids(sampling)
-        c0 = self.programs.total_compile_s()
-        t0 = time.perf_counter()
-        token, cache, key = self._prefill(job, sampling)
-        token.block_until_ready()
-        t1, c1 = time.perf_counter(), self.programs.total_compile_s()
-        steps = pow2_at_least(sampling.max_new_tokens - 1) if sampling.max_new_tokens > 1 else 0
-        out = np.zeros((job.batch, 0), np.int32)
-        if steps:
-            static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
-            active = np.arange(job.batch) < job.rows
-            done = self._put(~active) | jnp.isin(token, jnp.array(stop or (-1,), jnp.int32))
-            args = (self.state, cache, token, self._put(job.kv_len), done,
-                    self._put(np.int32(sampling.max_new_tokens - 1)),
-                    self._put(np.array(stop or (-1,), np.int32)), self._put(key),
-                    self._put(np.float32(max(sampling.temperature, 1e-6))),
-                    self._put(np.float32(sampling.top_p)))
-            out, cache = self.programs.run("decode", lambda: decode_loop_fn(
-                self.runtime, static, steps), static, args, variant=steps)
-            out = np.asarray(out)
-        first = np.asarray(token)
-        t2, c2 = time.perf_counter(), self.programs.total_compile_s()
+        c0, t0 = self._compile_s(), time.perf_counter()
+        if self.parallel.pp == 1:
+            token, cache, key = self._prefill(job, sampling, _rows_for_rank)
+            token.block_until_ready()
+            t1, c1 = time.perf_counter(), self._compile_s()
+            out = np.zeros((job.batch, 0), np.int32)
+            if sampling.max_new_tokens > 1:
+                out = self._decode_loop(job, sampling, token, cache, key, stop)
+            first = np.asarray(token)
+        else:
+            steps = self.pipeline.steps(job, sampling, _rows_for_rank)
+            firsts = jax.block_until_ready(next(steps))
+            t1, c1 = time.perf_counter(), self._compile_s()
+            rest = [np.concatenate([np.asarray(t) for t in step]) for step in steps]
+            first = np.concatenate([np.asarray(t) for t in firsts])
+            out = np.array(rest, np.int32).T.reshape(job.batch, len(rest))
+        t2, c2 = time.perf_counter(), self._compile_s()
 
         completions = []
         for b in range(job.rows):
@@ -318,36 +336,45 @@ class LLM:
 
     def stream(self, prompt, sampling: SamplingParams | None = None, *, chat: bool = True):
         """Yield the text of one prompt piece by piece as tokens are decoded (needs a
-        tokenizer). One compiled call per token; the token comes to the host to be printed."""
+        tokenizer). One compiled call per token and stage; each token comes to the host to be
+        printed."""
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer; use generate() for token ids")
         sampling = sampling or SamplingParams()
         job = self._prepare([prompt], None, sampling, chat)
         stop = self._stop_ids(sampling)
-        c0 = self.programs.total_compile_s()
-        t0 = time.perf_counter()
-        token, cache, key = self._prefill(job, sampling)
-        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
-        ids, shown, pos = [], "", self._put(job.kv_len)
-        t1 = None
-        for step in range(sampling.max_new_tokens):
-            if step:
-                args = (self.state, cache, token, pos, self._put(key), self._put(np.int32(step)),
-                        self._put(np.float32(max(sampling.temperature, 1e-6))),
-                        self._put(np.float32(sampling.top_p)))
-                token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
-                    self.runtime, static), static, args)
-                pos = pos + 1
-            ids.append(int(np.asarray(token)[0]))
+        c0, t0, t1, c1 = self._compile_s(), time.perf_counter(), None, None
+        ids, shown = [], ""
+        for token in self._token_stream(job, sampling):
+            ids.append(token)
             if t1 is None:
-                t1, c1 = time.perf_counter(), self.programs.total_compile_s()
+                t1, c1 = time.perf_counter(), self._compile_s()
             text = self._detok(ids, stop)
             if len(text) > len(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
                 shown = text
-            if ids[-1] in stop:
+            if token in stop:
                 break
-        t2, c2 = time.perf_counter(), self.programs.total_compile_s()
+        t2, c2 = time.perf_counter(), self._compile_s()
         self.last_stats = GenerationStats(job.lengths[0], len(ids), t1 - t0 - (c1 - c0),
                                           t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,
                                           job.decode_sp)
+
+    def _token_stream(self, job: Batch, sampling: SamplingParams):
+        """Row 0's tokens one at a time, as host ints."""
+        if self.parallel.pp > 1:
+            for step in self.pipeline.steps(job, sampling):
+                yield int(np.asarray(step[0])[0])
+            return
+        token, cache, key = self._prefill(job, sampling)
+        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+        pos = self._put(job.kv_len)
+        yield int(np.asarray(token)[0])
+        for step in range(1, sampling.max_new_tokens):
+            args = (self.state, cache, token, pos, self._put(key), self._put(np.int32(step)),
+                    self._put(np.float32(max(sampling.temperature, 1e-6))),
+                    self._put(np.float32(sampling.top_p)))
+            token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
+                self.runtime, static), static, args)
+            pos = pos + 1
+            yield int(np.asarray(token)[0])

@@ -38,38 +38,50 @@ class Static:
 
 def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None, **inputs):
     model = nnx.merge(rt.graphdef, state)
-    logits, cache, _ = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r,
-                             layout=rt.layout(st.sp), **inputs)
-    return logits[:, : rt.cfg.vocab_size].astype(jnp.float32), cache
+    out = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r, layout=rt.layout(st.sp),
+                **inputs)
+    if out.carry is not None:
+        return rt.constrain_carry(out.carry), out.cache
+    return out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32), out.cache
 
 
-def prefill_fn(rt: Runtime, st: Static, embeds: bool):
-    """(state, cache, tokens_bt | embeds_td, positions_bt, kv_len_b, key, temperature, top_p)
-    -> (first new token [B], cache)."""
+FEEDS = {"tokens": "tokens_bt", "embeds": "embeds_td", "carry": "carry"}
+
+
+def prefill_fn(rt: Runtime, st: Static, feed: str):
+    """(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p) -> (out, cache).
+    inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed); out: the
+    first new token [B] on the last stage, else this stage's carry."""
     def run(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p):
         b, t = positions_bt.shape
         rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
-        feed = {"embeds_td": inputs} if embeds else {"tokens_bt": inputs}
-        logits, cache = _forward(rt, st, state, cache, positions_bt, kv_len_b, rows, **feed)
-        return sample(logits, key, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+        out, cache = _forward(rt, st, state, cache, positions_bt, kv_len_b,
+                              rows if rt.stage.last else None, **{FEEDS[feed]: inputs})
+        if not rt.stage.last:
+            return out, cache
+        return sample(out, key, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
     return run
 
 
-def _step(rt, st, state, cache, token_b, pos_b, key, step, temperature, top_p):
-    logits, cache = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1,
-                             tokens_bt=token_b[:, None])
-    return sample(logits, key, step, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
+    feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
+    out, cache = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
+    if not rt.stage.last:
+        return out, cache
+    return sample(out, key, step, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
 
 
 def decode_step_fn(rt: Runtime, st: Static):
-    """(state, cache, token_b, pos_b, key, step, temperature, top_p) -> (next token, cache):
-    feeds token_b at positions pos_b."""
+    """(state, cache, inputs, pos_b, key, step, temperature, top_p) -> (out, cache): one decode
+    step of this stage at positions pos_b; inputs are the tokens [B] (first stage) or the
+    previous stage's carry; out is the next token (last stage) or this stage's carry."""
     return lambda *args: _step(rt, st, *args)
 
 
 def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
     """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p)
-    -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done."""
+    -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done.
+    For a single-stage model (pp=1): the whole decode is one call."""
     def run(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p):
         out = jnp.full((token_b.shape[0], max_steps), -1, jnp.int32)
 

@@ -41,20 +41,48 @@ def path_str(path) -> str:
     return "/".join(str(p) for p in path)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """Pipeline stage `index` of `count`: layers [start, end)."""
+
+    index: int
+    count: int
+    start: int
+    end: int
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
 class Runtime:
-    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None):
-        check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
-        if parallel.pp > 1 or parallel.comm != "xla":
-            raise ValueError(f"{parallel.describe()}: this build runs pp=1 with comm='xla' only")
-        self.cfg, self.parallel, self.dtype = cfg, parallel, resolve_dtype(dtype)
-        self.mesh = make_mesh(parallel.tp, parallel.pp) if mesh is None else mesh
+    """One pipeline stage (by default the whole model, pp=1) on its (1, tp) mesh."""
+
+    def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None,
+                 stage: Stage | None = None):
+        if stage is None:
+            check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
+            if parallel.pp > 1:
+                raise ValueError("pp > 1 runs through jax_sp.pipeline.Pipeline, one Runtime a "
+                                 "stage")
+            stage = Stage(0, 1, 0, cfg.num_layers)
+        if parallel.comm != "xla":
+            raise ValueError(f"{parallel.describe()}: this build runs comm='xla' only")
+        self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
+        self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
         self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
                                  cfg.intermediate_size, parallel.tp)
         self.padded_cfg = dataclasses.replace(
             cfg, num_heads=self.plan.padded_heads, num_kv_heads=self.plan.padded_kv_heads,
             vocab_size=self.plan.padded_vocab, intermediate_size=self.plan.padded_mlp,
             head_dim=cfg.head_dim)
-        abstract = nnx.eval_shape(lambda: Llama(self.padded_cfg, self.dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: Llama(
+            self.padded_cfg, self.dtype, rngs=nnx.Rngs(0), num_layers=stage.end - stage.start,
+            first=stage.first, last=stage.last))
         self.graphdef, self._abstract_state = nnx.split(abstract)
         # Parameters are laid out by the TP table; SP changes activations only.
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
@@ -100,6 +128,11 @@ class Runtime:
 
     # -- caches --------------------------------------------------------------------------------
 
+    def carry_sharding(self):
+        """Where a stage leaves (hidden, residual): token-sharded in both modes, so each device
+        sends 1/tp of the rows to the next stage."""
+        return self.sharding_of(("act_tokens", "act_embed"), sp=True)
+
     def cache_sharding(self):
         return self.sharding_of(CACHE_AXES)
 
@@ -110,35 +143,51 @@ class Runtime:
     @functools.cache
     def _cache_zeros(self, batch: int, max_len: int):
         c = self.padded_cfg
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        shape = (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
         return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
 
     # -- compiled forwards ---------------------------------------------------------------------
 
     @functools.cache
-    def prefill_logits(self, sp: bool, collect_residuals: bool = False, last_only: bool = False):
-        """jit: (state, tokens_bt, positions_bt, kv_len_b) -> (logits f32, residuals).
-        Logits of every row [B*T, V], or with last_only of each sequence's last token [B, V]."""
+    def prefill_logits(self, sp: bool, collect_residuals: bool = False, last_only: bool = False,
+                       feed: str = "tokens"):
+        """jit: (state, inputs, positions_bt, kv_len_b) -> (out, residuals); inputs are token ids
+        [B, T] (feed="tokens") or the previous stage's carry (feed="carry"); out is the carry
+        on a stage that is not the last, else f32 logits of every row [B*T, V] or, with
+        last_only, of each sequence's last token [B, V]."""
         layout = self.layout(sp)
         vocab = self.cfg.vocab_size
 
-        def run(state, tokens_bt, positions_bt, kv_len_b):
+        def run(state, inputs, positions_bt, kv_len_b):
             model = nnx.merge(self.graphdef, state)
-            b, t = tokens_bt.shape
+            b, t = positions_bt.shape
             rows = jnp.arange(b) * t + kv_len_b - 1 if last_only else None
-            logits, _, residuals = model(positions_bt, kv_len_b, tokens_bt=tokens_bt, rows_r=rows,
-                                         layout=layout, collect_residuals=collect_residuals)
-            return logits[:, :vocab].astype(jnp.float32), residuals
+            out = model(positions_bt, kv_len_b, rows_r=rows, layout=layout,
+                        collect_residuals=collect_residuals,
+                        **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
+            if out.carry is not None:
+                return self.constrain_carry(out.carry), out.residuals
+            return out.logits[:, :vocab].astype(jnp.float32), out.residuals
 
         return jax.jit(run)
+
+    def constrain_carry(self, carry):
+        return tuple(jax.lax.with_sharding_constraint(c, self.carry_sharding()) for c in carry)
 
     def compile_prefill(self, sp: bool, batch: int, tokens: int, last_only: bool = True):
         """Compile `prefill_logits` for [batch, tokens] without any weights (abstract state);
         by default the generation form, which needs logits of each sequence's last token only."""
         ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
         lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
-        return self.prefill_logits(sp, False, last_only).lower(
-            self.abstract_state(), ids, ids, lengths).compile()
+        if self.stage.first:
+            inputs = ids
+        else:
+            row = jax.ShapeDtypeStruct((batch * tokens, self.cfg.hidden_size), self.dtype,
+                                       sharding=self.carry_sharding())
+            inputs = (row, row)
+        return self.prefill_logits(sp, False, last_only,
+                                   "tokens" if self.stage.first else "carry").lower(
+            self.abstract_state(), inputs, ids, lengths).compile()
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -11,6 +11,8 @@ L axis (nnx.vmap at creation) and run with `jax.lax.scan`, so compile time does 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -156,64 +158,92 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
+    """A decoder layer in vLLM's form: it takes and returns the residual stream as a pair
+    (hidden, residual) whose sum is the stream, so a pipeline stage can hand both on exactly as
+    vLLM's IntermediateTensors does. Layer 0 gets (embeddings, 0)."""
+
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg, dtype)
         self.attn = Attention(cfg, dtype, rngs)
         self.mlp_norm = RMSNorm(cfg, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, x_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+    def __call__(self, hidden_td, residual_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+        x_td = hidden_td + residual_td
         attn_td, kv = self.attn(self.attn_norm(x_td), rope, positions_bt, kv_len_b, kv, layout)
         h_td = x_td + attn_td
-        return h_td + self.mlp(self.mlp_norm(h_td), layout), kv
+        return self.mlp(self.mlp_norm(h_td), layout), h_td, kv
+
+
+class Output(NamedTuple):
+    logits: jax.Array | None  # [R, V] on the last stage
+    cache: KVCache | None
+    carry: tuple | None  # (hidden [T, D], residual [T, D]) leaving a stage that is not the last
+    residuals: jax.Array | None  # the stream after each layer [L, T, D], when collected
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        v, d = cfg.vocab_size, cfg.hidden_size
-        self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), dtype)
+    """The decoder, or one pipeline stage of it: `num_layers` consecutive layers (default: all),
+    with the embedding when `first` and the final norm and LM head when `last`. A last stage of
+    a tied model that is not also first holds its own copy of the embedding, for the head."""
 
-        @nnx.split_rngs(splits=cfg.num_layers)
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs,
+                 num_layers: int | None = None, first: bool = True, last: bool = True):
+        self.cfg, self.first, self.last = cfg, first, last
+        v, d = cfg.vocab_size, cfg.hidden_size
+        if first or (last and cfg.tie_word_embeddings):
+            self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), dtype)
+
+        @nnx.split_rngs(splits=num_layers or cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked(r):
             return Block(cfg, dtype, r)
 
         self.layers = stacked(rngs)
-        self.final_norm = RMSNorm(cfg, dtype)
-        if not cfg.tie_word_embeddings:
-            self.head_dv = _param(rngs, (d, v), ("embed", "vocab"), dtype)
+        if last:
+            self.final_norm = RMSNorm(cfg, dtype)
+            if not cfg.tie_word_embeddings:
+                self.head_dv = _param(rngs, (d, v), ("embed", "vocab"), dtype)
 
-    def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None,
+    def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None, carry=None,
                  cache: KVCache | None = None, rows_r=None, layout: Layout = DENSE,
-                 collect_residuals: bool = False):
+                 collect_residuals: bool = False) -> Output:
         """One forward over B sequences of T tokens each (padded; see `attend` for the mask).
 
-        positions_bt: absolute position of each token; kv_len_b: valid keys per sequence after this
-        forward. Give token ids or embeddings [B*T, D]. rows_r selects the flattened rows whose
-        logits are wanted (all rows when None). Returns (logits [R, V], cache, residuals), where
-        residuals is the stream after each layer [L, B*T, D] when collect_residuals is set.
+        positions_bt: absolute position of each token; kv_len_b: valid keys per sequence after
+        this forward. Input: token ids [B, T] or embeddings [B*T, D] (first stage), or the carry
+        (hidden, residual) of the previous stage. rows_r selects the flattened rows whose logits
+        are wanted (all rows when None).
         """
         b, t = positions_bt.shape
-        if embeds_td is None:
-            embeds_td = self.embed_vd[...][tokens_bt.reshape(b * t)]  # vocab-parallel lookup
-        x_td = layout.residual(embeds_td.astype(self.embed_vd.dtype))
-        rope = rope_tables(self.cfg, positions_bt, x_td.dtype)
+        dtype = self.layers.mlp.w_down_fd.dtype
+        if carry is None:
+            if embeds_td is None:
+                embeds_td = self.embed_vd[...][tokens_bt.reshape(b * t)]  # vocab-parallel lookup
+            hidden_td = layout.residual(embeds_td.astype(dtype))
+            residual_td = layout.residual(jnp.zeros_like(hidden_td))
+        else:
+            hidden_td, residual_td = (layout.residual(c.astype(dtype)) for c in carry)
+        rope = rope_tables(self.cfg, positions_bt, dtype)
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(x_td, xs):
+        def body(pair, xs):
             state, kv = xs
-            x_td, kv = nnx.merge(graphdef, state)(x_td, rope, positions_bt, kv_len_b, kv, layout)
-            return x_td, (kv, x_td if collect_residuals else None)
+            hidden, residual, kv = nnx.merge(graphdef, state)(*pair, rope, positions_bt,
+                                                              kv_len_b, kv, layout)
+            return (hidden, residual), (kv, hidden + residual if collect_residuals else None)
 
-        x_td, (kv, residuals) = jax.lax.scan(body, x_td, (layer_state, cache))
+        (hidden_td, residual_td), (kv, residuals) = jax.lax.scan(
+            body, (hidden_td, residual_td), (layer_state, cache))
+        if not self.last:
+            return Output(None, kv, (hidden_td, residual_td), residuals)
 
-        x_td = self.final_norm(x_td)  # on local tokens under SP
+        x_td = self.final_norm(hidden_td + residual_td)  # on local tokens under SP
         if rows_r is not None:
             x_td = x_td[rows_r]
         if self.cfg.tie_word_embeddings:
             (logits,) = layout.column(x_td, ("TD,VD->TV", self.embed_vd[...]))
         else:
             (logits,) = layout.column(x_td, ("TD,DV->TV", self.head_dv[...]))
-        return logits, kv, residuals
+        return Output(logits, kv, None, residuals)
