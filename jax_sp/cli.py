@@ -31,6 +31,12 @@ def _inspect(args) -> int:
     reports = inspect_modes(cfg, args.tp, args.tokens, args.batch, args.comm)
     print(f"model {args.model}: " + format_reports(cfg, args.tp, args.tokens, args.batch,
                                                    reports))
+    if args.pp > 1:
+        from jax_sp.inspect import boundary_report, format_boundary_report
+
+        print(f"\npipeline, pp={args.pp}:")
+        print(format_boundary_report(boundary_report(cfg, args.tp, args.pp, args.tokens,
+                                                     args.batch)))
     return 0
 
 

@@ -53,3 +53,53 @@ def format_reports(cfg: ModelConfig, tp: int, tokens: int, batch: int,
         out.append(f"  per-layer wire bytes/device: {wire / 2**20:.3f} MiB; temp memory/device: "
                    f"{r.memory['temp_size'] / 2**20:.1f} MiB")
     return "\n".join(out)
+
+
+def boundary_report(cfg: ModelConfig, tp: int, pp: int, tokens: int, batch: int = 1,
+                    dtype="float32") -> dict:
+    """Per-stage layer ranges and, per boundary, what each policy moves: the rows each device
+    sends to the next stage and the receive-side collectives (from the compiled receive)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_sp.pipeline import split_layers
+    from jax_sp.runtime import resolve_dtype
+    from sharding.boundary import vllm_receive_fn
+    from sharding.mesh import make_mesh, stage_mesh
+
+    ranges = split_layers(cfg.num_layers, pp)
+    mesh = stage_mesh(make_mesh(tp, pp), 1)
+    rows, width = batch * tokens, cfg.hidden_size
+    itemsize = jnp.dtype(resolve_dtype(dtype)).itemsize
+    tensor = rows * width * itemsize
+    arg = jax.ShapeDtypeStruct((rows, width), resolve_dtype(dtype),
+                               sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("tp", None)))
+    report = {"stages": [{"stage": s, "layers": [a, b]} for s, (a, b) in enumerate(ranges)],
+              "boundaries": pp - 1, "tensor_bytes": tensor, "policies": {}}
+    for sp in (False, True):
+        gather = census(vllm_receive_fn(mesh, sp).lower(arg, arg).compile().as_text())
+        send = 2 * tensor // tp  # hidden + residual, each device its rows
+        report["policies"][f"sp={'on' if sp else 'off'}"] = {
+            "scattered": {"send_bytes_per_device": send, "receive_collectives": [] if sp else [
+                ("all-gather", (rows, width), (tp - 1) / tp * tensor)] * 2,
+                "note": "" if sp else "inside the stage: its TP layout wants them whole"},
+            "gather": {"send_bytes_per_device": send,
+                       "receive_collectives": [(c.kind, c.dims, c.wire_bytes) for c in gather]}}
+        # scattered + SP: the tensors arrive in the layout the stage's first norm wants
+    return report
+
+
+def format_boundary_report(r: dict) -> str:
+    out = ["stages: " + ", ".join(f"{s['stage']}: layers [{s['layers'][0]}, {s['layers'][1]})"
+                                  for s in r["stages"])]
+    out.append(f"per boundary ({r['boundaries']} in all), hidden and residual of "
+               f"{r['tensor_bytes'] / 2**20:.3f} MiB each:")
+    for mode, policies in r["policies"].items():
+        for name, p in policies.items():
+            recv = p["receive_collectives"]
+            wire = sum(w for *_, w in recv)
+            what = ", ".join(f"{k} {list(d)}" for k, d, _ in recv) or "none"
+            what += f"; {p['note']}" if p.get("note") else ""
+            out.append(f"  {mode:7} {name:9} send {p['send_bytes_per_device'] / 2**20:8.3f} "
+                       f"MiB/device; receive {wire / 2**20:8.3f} MiB/device ({what})")
+    return "\n".join(out)

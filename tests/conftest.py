@@ -14,10 +14,12 @@ import transformers  # noqa: E402
 
 
 def _build(kind: str, seed: int = 0):
+    """"llama" (3 layers), "llamaN" (N layers, for pipeline splits), "qwen2", "mistral"."""
     torch.manual_seed(seed)
-    if kind == "llama":  # 9 query / 3 KV heads (SmolLM2's ratio), V and F divisible by no tp
+    if kind.startswith("llama"):  # 9 query / 3 KV heads (SmolLM2's), V and F divisible by no tp
         cfg = transformers.LlamaConfig(
-            vocab_size=101, hidden_size=45, intermediate_size=50, num_hidden_layers=3,
+            vocab_size=101, hidden_size=45, intermediate_size=50,
+            num_hidden_layers=int(kind[5:] or 3),
             num_attention_heads=9, num_key_value_heads=3, head_dim=6, rms_norm_eps=1e-5,
             max_position_embeddings=4096, tie_word_embeddings=False,
             rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
