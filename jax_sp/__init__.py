@@ -4,6 +4,8 @@
 """
 
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
-from jax_sp.engine import LLM
+from jax_sp.engine import LLM, Completion
+from models.llama import IntermediateTensors
 
-__all__ = ["LLM", "ModelConfig", "ParallelConfig", "SamplingParams"]
+__all__ = ["LLM", "Completion", "IntermediateTensors", "ModelConfig", "ParallelConfig",
+           "SamplingParams"]

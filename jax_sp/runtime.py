@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from jax_sp.config import ModelConfig, ParallelConfig, check_parallel
-from models import CACHE_AXES, KVCache, Llama
+from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh
 from sharding.padding import pad_param, plan_padding
@@ -171,8 +171,9 @@ class Runtime:
 
         return jax.jit(run)
 
-    def constrain_carry(self, carry):
-        return tuple(jax.lax.with_sharding_constraint(c, self.carry_sharding()) for c in carry)
+    def constrain_carry(self, carry) -> IntermediateTensors:
+        return IntermediateTensors(*(jax.lax.with_sharding_constraint(c, self.carry_sharding())
+                                     for c in carry))
 
     def compile_prefill(self, sp: bool, batch: int, tokens: int, last_only: bool = True):
         """Compile `prefill_logits` for [batch, tokens] without any weights (abstract state);

@@ -3,7 +3,7 @@
 from models.cache import CACHE_AXES, KVCache
 from models.config import ModelConfig, RopeScaling
 from models.layout import DENSE, Dense, Layout
-from models.llama import Llama
+from models.llama import IntermediateTensors, Llama
 
-__all__ = ["CACHE_AXES", "DENSE", "Dense", "KVCache", "Layout", "Llama", "ModelConfig",
+__all__ = ["CACHE_AXES", "DENSE", "Dense", "KVCache", "IntermediateTensors", "Layout", "Llama", "ModelConfig",
            "RopeScaling"]

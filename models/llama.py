@@ -175,10 +175,17 @@ class Block(nnx.Module):
         return self.mlp(self.mlp_norm(h_td), layout), h_td, kv
 
 
+class IntermediateTensors(NamedTuple):
+    """What leaves a pipeline stage (vLLM's name): the stream is hidden_states + residual."""
+
+    hidden_states: jax.Array  # [T, D]
+    residual: jax.Array  # [T, D]
+
+
 class Output(NamedTuple):
     logits: jax.Array | None  # [R, V] on the last stage
     cache: KVCache | None
-    carry: tuple | None  # (hidden [T, D], residual [T, D]) leaving a stage that is not the last
+    carry: IntermediateTensors | None  # leaving a stage that is not the last
     residuals: jax.Array | None  # the stream after each layer [L, T, D], when collected
 
 
@@ -237,7 +244,7 @@ class Llama(nnx.Module):
         (hidden_td, residual_td), (kv, residuals) = jax.lax.scan(
             body, (hidden_td, residual_td), (layer_state, cache))
         if not self.last:
-            return Output(None, kv, (hidden_td, residual_td), residuals)
+            return Output(None, kv, IntermediateTensors(hidden_td, residual_td), residuals)
 
         x_td = self.final_norm(hidden_td + residual_td)  # on local tokens under SP
         if rows_r is not None:

@@ -29,8 +29,9 @@ POLICIES = ("scattered", "gather")
 
 
 def send(carry, sharding):
-    """Move each token-sharded tensor of `carry` onto the next stage's devices."""
-    return tuple(jax.device_put(c, sharding) for c in carry)
+    """Move each token-sharded tensor of `carry` (hidden, residual) onto the next stage's
+    devices; the result has the same type as carry."""
+    return type(carry)(*(jax.device_put(c, sharding) for c in carry))
 
 
 @functools.cache
@@ -62,4 +63,4 @@ def receive(carry, mesh: Mesh, sp: bool, policy: str, rows_for_rank=tp_rank_rows
             gather_residual=True):
     if policy == "scattered":
         return carry
-    return vllm_receive_fn(mesh, sp, rows_for_rank, gather_residual)(*carry)
+    return type(carry)(*vllm_receive_fn(mesh, sp, rows_for_rank, gather_residual)(*carry))
