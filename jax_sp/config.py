@@ -45,6 +45,7 @@ class ParallelConfig:
     pp_layers: tuple[int, ...] | None = None
     pp_boundary: str = "scattered"
     microbatches: int = 1
+    xla_options: tuple | None = None  # per-compile XLA options; None: jax-sp's defaults
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
@@ -58,6 +59,8 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.pp_boundary must be one of {BOUNDARIES}, got "
                              f"{self.pp_boundary!r}")
         _positive_int("ParallelConfig", "microbatches", self.microbatches)
+        if self.xla_options is not None:
+            object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
         if self.pp_layers is not None:
             object.__setattr__(self, "pp_layers", tuple(self.pp_layers))
             if len(self.pp_layers) != self.pp or any(

@@ -120,7 +120,7 @@ class Programs:
         key = (name, static, variant, shapes)
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = jax.jit(make(), donate_argnums=donate).lower(*args).compile()
+            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
             self.compile_seconds[key] = time.perf_counter() - t0
         self.last[name] = key
         self.calls[name] += 1

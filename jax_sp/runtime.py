@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh
 from sharding.padding import pad_param, plan_padding
 from sharding.rules import RULES, named
+from sharding.xla_options import collective_matmul_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -31,6 +33,9 @@ def resolve_dtype(dtype):
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         return DTYPES[dtype]
     return jnp.dtype(dtype).type
+
+
+log = logging.getLogger("jax_sp")
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -70,8 +75,6 @@ class Runtime:
                 raise ValueError("pp > 1 runs through jax_sp.pipeline.Pipeline, one Runtime a "
                                  "stage")
             stage = Stage(0, 1, 0, cfg.num_layers)
-        if parallel.comm != "xla":
-            raise ValueError(f"{parallel.describe()}: this build runs comm='xla' only")
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
         self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
         self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
@@ -126,6 +129,32 @@ class Runtime:
                 for p, v in nnx.to_flat_state(self._abstract_state)]
         return nnx.from_flat_state(flat)
 
+    # -- compilation ---------------------------------------------------------------------------
+
+    def xla_options(self, sp: bool) -> dict:
+        return collective_matmul_options(self.mesh.devices.flat[0].platform, self.parallel.comm,
+                                         sp, self.parallel.xla_options)
+
+    def compile(self, fn, args, sp: bool, donate=()):
+        """AOT-compile fn for args with this program's XLA options; if XLA fails with them,
+        warn and compile without them."""
+        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+        options = self.xla_options(sp)
+        if not options:
+            return lowered.compile()
+        try:
+            return lowered.compile(options)
+        except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
+            log.warning("XLA could not compile this SP program with %s (%s); compiling without "
+                        "them: plain all-gather / reduce-scatter, no windowed einsum. "
+                        "comm='ring' gives collective matmul without XLA's pass.", options,
+                        str(e).splitlines()[0][:300])
+            return lowered.compile()
+
+    def jit(self, fn, sp: bool):
+        """Like jax.jit, compiled through `compile` once per input shapes."""
+        return _Jitted(self, fn, sp)
+
     # -- caches --------------------------------------------------------------------------------
 
     def carry_sharding(self):
@@ -169,7 +198,7 @@ class Runtime:
                 return self.constrain_carry(out.carry), out.residuals
             return out.logits[:, :vocab].astype(jnp.float32), out.residuals
 
-        return jax.jit(run)
+        return self.jit(run, sp)
 
     def constrain_carry(self, carry) -> IntermediateTensors:
         return IntermediateTensors(*(jax.lax.with_sharding_constraint(c, self.carry_sharding())
@@ -186,9 +215,23 @@ class Runtime:
             row = jax.ShapeDtypeStruct((batch * tokens, self.cfg.hidden_size), self.dtype,
                                        sharding=self.carry_sharding())
             inputs = (row, row)
-        return self.prefill_logits(sp, False, last_only,
-                                   "tokens" if self.stage.first else "carry").lower(
-            self.abstract_state(), inputs, ids, lengths).compile()
+        fn = self.prefill_logits(sp, False, last_only, "tokens" if self.stage.first else "carry")
+        return fn.compile(self.abstract_state(), inputs, ids, lengths)
+
+
+class _Jitted:
+    def __init__(self, rt: Runtime, fn, sp: bool):
+        self.rt, self.fn, self.sp, self.compiled = rt, fn, sp, {}
+
+    def compile(self, *args):
+        key = tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", ""))) for a in
+                    jax.tree.leaves(args[1:]))
+        if key not in self.compiled:
+            self.compiled[key] = self.rt.compile(self.fn, args, self.sp)
+        return self.compiled[key]
+
+    def __call__(self, *args):
+        return self.compile(*args)(*args)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -16,6 +16,9 @@ Backend forms: XLA:CPU lowers an auto-partitioned reduce-scatter as all-reduce f
 dynamic-slice of the local shard (GPU and TPU rewrite the pair into reduce-scatter). The census
 counts such a pair as a reduce-scatter and marks it `via="all-reduce+dynamic-slice"`. Async pairs
 (`*-start`/`*-done`, `async-start` wrappers) are counted once, at the collective itself.
+XLA:CPU also runs every bf16/f16 collective in f32: it converts the (already rounded) payload up
+just before the collective. The census reports such a collective in its payload dtype, with its
+bytes in that dtype (what GPU and TPU move), and marks it `wire_dtype="f32"`.
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ class Collective:
     scope: str  # "layer" inside a while body, else "outside"
     via: str = ""
     name: str = ""
+    wire_dtype: str = ""  # set when the backend moves the payload in a wider type (XLA:CPU)
 
     @property
     def wire_bytes(self) -> float:
@@ -169,6 +173,22 @@ def _sliced_locally(comps, comp, ar: Instr, n: int) -> bool:
         if not sliced:
             return False
     return True
+
+
+def _payload_dtype(comps, comp, instr: Instr) -> str | None:
+    """The narrow dtype a widened collective operand was rounded to just before it, if any:
+    operand = convert(f32 <- x) with x of a 16-bit float type, directly or as a fusion root."""
+    by_name = {i.name: i for i in comp.instrs}
+    src, scope = by_name.get(instr.operands[0]) if instr.operands else None, by_name
+    if src is not None and src.opcode == "fusion":
+        fused = comps.get(_CALLS.search(src.rest).group(1))
+        scope = {i.name: i for i in fused.instrs}
+        src = fused.instrs[-1] if fused.instrs else None  # the ROOT comes last
+    if src is None or src.opcode != "convert" or not src.operands:
+        return None
+    inner = scope.get(src.operands[0])
+    narrow = _ARRAY.findall(inner.shape)[-1][0] if inner is not None else None
+    return narrow if narrow in ("bf16", "f16") else None
 
 
 def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
@@ -206,13 +226,17 @@ def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
                 continue
             n = group_size(instr.rest)
             dtype = _ARRAY.findall(instr.shape)[-1][0]
-            dims, size, via = array_dims(instr.shape), array_bytes(instr.shape), ""
+            dims, size, via, wire = array_dims(instr.shape), array_bytes(instr.shape), "", ""
+            narrow = _payload_dtype(comps, comp, instr) if dtype == "f32" else None
+            if narrow:
+                dtype, wire, size = narrow, "f32", size // 2
             if kind == "reduce-scatter":  # the full tensor is the input
                 dims = tuple(d * n if i == _scatter_dim(instr) else d for i, d in enumerate(dims))
                 size *= n
             if kind == "all-reduce" and n > 1 and _sliced_locally(comps, comp, instr, n):
                 kind, via = "reduce-scatter", "all-reduce+dynamic-slice"
-            found.append(Collective(kind, dtype, dims, n, size, count, scope, via, instr.name))
+            found.append(Collective(kind, dtype, dims, n, size, count, scope, via, instr.name,
+                                    wire))
     return found
 
 
@@ -250,7 +274,9 @@ def format_census(collectives: list[Collective], layers: int | None = None,
         per = layers if (c.scope == "layer" and layers) else 1
         scope = "layer" if c.scope == "layer" and layers else c.scope
         tensor = f"{c.dtype}[{','.join(map(str, c.dims))}]"
-        note = "CPU form: all-reduce + dynamic-slice" if c.via else ""
+        note = "; ".join(x for x in ("CPU form: all-reduce + dynamic-slice" if c.via else "",
+                                     f"XLA:CPU sends it as {c.wire_dtype}" if c.wire_dtype
+                                     else "") if x)
         lines.append(f"  {scope:8} {c.kind:20} {c.group:3d} {c.count // per:6d} {tensor:>22} "
                      f"{c.wire_bytes * c.count / per / 2**20:9.3f}  {note}")
     return "\n".join(lines)

@@ -9,6 +9,11 @@ inserts the collectives. Per block and mode (tokens T, width D, tp devices):
   residual(x)       replicated                        token-sharded
 
 so an SP block runs reduce-scatter -> RMSNorm on T/tp rows -> all-gather where TP all-reduces.
+
+comm="ring": under SP, column and row run as explicit collective matmuls
+(`sharding/collective_matmul.py`: ppermute rings, the gather or scatter hidden under the
+matmuls). Without SP there is nothing to gather, and rows whose count tp does not divide (the
+LM head on the few sampled rows) take the XLA path.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from sharding.collective_matmul import ring_column, ring_row
 from sharding.rules import RULES, named
 
 
@@ -38,9 +44,21 @@ class ShardedLayout:
     def residual(self, x_td):
         return self._constrain(x_td, ("act_tokens", "act_embed"))
 
+    def _ring(self, rows: int) -> bool:
+        return self.comm == "ring" and self.sp and rows % self.mesh.shape["tp"] == 0
+
     def column(self, x_td, *projections):
+        if self._ring(x_td.shape[0]):
+            (spec, w), *more = projections
+            return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
+        if self.sp:
+            # Gather exactly what the caller computed: without the barrier XLA:CPU moved the
+            # gather above the norm's scale-and-cast, redoing that work on all T rows.
+            x_td = jax.lax.optimization_barrier(x_td)
         x_td = self._constrain(x_td, ("act_gathered", "act_embed"))
         return [jnp.einsum(spec, x_td, w) for spec, w in projections]
 
     def row(self, spec, h, w):
+        if self._ring(h.shape[0]):
+            return ring_row(self.mesh, spec, h, w)
         return self.residual(jnp.einsum(spec, h, w))

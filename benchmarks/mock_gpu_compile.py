@@ -1,0 +1,62 @@
+"""Compile-only check of the SP layer for an 8-GPU mesh on a one-GPU machine.
+
+For Llama-3-8B and 70B layer shapes (one layer), tp 8, SP on, bf16, compiles a prefill with
+comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" for a mocked
+1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
+loops, and the collective census. One JSON line per case.
+
+    python benchmarks/mock_gpu_compile.py [--tokens 4096] [--out benchmarks/results/...jsonl]
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import jax
+
+jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jax_sp.config import ParallelConfig  # noqa: E402
+from jax_sp.presets import preset  # noqa: E402
+from jax_sp.runtime import Runtime  # noqa: E402
+from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
+from sharding.xla_options import WINDOWED_EINSUM  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    rows = []
+    for model in ("llama3-8b", "llama3-70b"):
+        cfg = dataclasses.replace(preset(model), num_layers=1)
+        for comm, options in (("xla", WINDOWED_EINSUM), ("xla", {}), ("ring", {})):
+            rt = Runtime(cfg, ParallelConfig(tp=8, sp="on", comm=comm, xla_options=options),
+                         dtype="bfloat16")
+            row = {"model": model, "layers": 1, "tp": 8, "tokens": args.tokens, "comm": comm,
+                   "options": options, "devices": f"{len(jax.devices())}x "
+                   f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
+            fn = rt.prefill_logits(True, False, True)
+            ids = jax.ShapeDtypeStruct((1, args.tokens), "int32")
+            lengths = jax.ShapeDtypeStruct((1,), "int32")
+            try:
+                lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
+                hlo = lowered.compile(options).as_text()
+                layer = summarize(census(hlo, 1), 1).get("layer", {})
+                row.update(compiled=True, windowed_einsum=windowed_einsum_loops(hlo),
+                           layer_collectives={k: v["count"] for k, v in layer.items()})
+            except Exception as e:  # noqa: BLE001
+                row.update(compiled=False, error=str(e).splitlines()[0][:1000])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()

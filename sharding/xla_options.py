@@ -1,0 +1,34 @@
+"""Per-compilation XLA options that let XLA:GPU fuse SP's collectives into its matmuls.
+
+XLA decomposes an all-gather feeding a dot (and a dot feeding a reduce-scatter) into a
+"windowed einsum" loop of collective-permutes and partial dots when the operands are at least
+`xla_gpu_threshold_for_windowed_einsum_mib` MiB; `xla_gpu_multi_streamed_windowed_einsum`
+runs the permutes and dots on separate streams so they overlap. jax-sp passes these per
+compilation (`jax.jit(..., compiler_options=...)`) for comm="xla" programs that use SP on GPU:
+XLA_FLAGS is never touched, and a flag the user already set in XLA_FLAGS wins over ours.
+`ParallelConfig(xla_options={...})` replaces the defaults ({} turns them off).
+
+If XLA fails to compile with them (it has failed the HLO verifier after
+`windowed-einsum-handler`, see benchmarks/xla_windowed_einsum_repro.py), the runtime warns and
+compiles again without them.
+"""
+
+from __future__ import annotations
+
+import os
+
+WINDOWED_EINSUM = {
+    "xla_gpu_threshold_for_windowed_einsum_mib": 0,
+    "xla_gpu_multi_streamed_windowed_einsum": True,
+}
+
+
+def collective_matmul_options(platform: str, comm: str, sp: bool, user=None) -> dict:
+    """Compiler options for one program: the user's when given, else ours for SP with
+    comm="xla" on GPU, minus any flag already in the user's XLA_FLAGS."""
+    if user is not None:
+        return dict(user)
+    if platform != "gpu" or comm != "xla" or not sp:
+        return {}
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in WINDOWED_EINSUM.items() if k not in flags}
