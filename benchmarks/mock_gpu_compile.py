@@ -5,6 +5,9 @@ comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" f
 1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
 loops, and the collective census. One JSON line per case.
 
+XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with jax 0.11.2 on an
+H100: no result after 100 s); every compile here passes `xla_gpu_autotune_level=0`.
+
     python benchmarks/mock_gpu_compile.py [--tokens 4096] [--out benchmarks/results/...jsonl]
 """
 
@@ -45,7 +48,7 @@ def main():
             lengths = jax.ShapeDtypeStruct((1,), "int32")
             try:
                 lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
-                hlo = lowered.compile(options).as_text()
+                hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
                 layer = summarize(census(hlo, 1), 1).get("layer", {})
                 row.update(compiled=True, windowed_einsum=windowed_einsum_loops(hlo),
                            layer_collectives={k: v["count"] for k, v in layer.items()})

@@ -5,6 +5,7 @@ whether the optimized HLO contains windowed-einsum loops.
     python benchmarks/xla_windowed_einsum_repro.py [--threshold-mib 0] [--tokens 4096]
 
 Needs a GPU build of jax (one GPU is enough: the 8-GPU topology is mocked; nothing runs).
+Autotuning is off (`xla_gpu_autotune_level=0`): under a mocked topology it hangs.
 """
 
 import argparse
@@ -39,7 +40,8 @@ def mlp(x, w_up, w_down):
     return jax.lax.with_sharding_constraint(h @ w_down, rows)  # reduce-scatter tokens
 
 
-options = {"xla_gpu_threshold_for_windowed_einsum_mib": args.threshold_mib}
+options = {"xla_gpu_threshold_for_windowed_einsum_mib": args.threshold_mib,
+           "xla_gpu_autotune_level": 0}
 if args.multi_streamed:
     options["xla_gpu_multi_streamed_windowed_einsum"] = True
 result = {"jax": jax.__version__, "options": options, "tokens": args.tokens, "d": args.d,
