@@ -1,6 +1,6 @@
 """Compile-only check of the SP layer for an 8-GPU mesh on a one-GPU machine.
 
-For Llama-3-8B and 70B layer shapes (one layer), tp 8, SP on, bf16, compiles a prefill with
+For Llama-3-8B and 70B layer shapes (two layers, so the scan over layers stays a loop), tp 8, SP on, bf16, compiles a prefill with
 comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" for a mocked
 1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
 loops, and the collective census. One JSON line per case.
@@ -36,11 +36,11 @@ def main():
     args = ap.parse_args()
     rows = []
     for model in ("llama3-8b", "llama3-70b"):
-        cfg = dataclasses.replace(preset(model), num_layers=1)
+        cfg = dataclasses.replace(preset(model), num_layers=2)  # 2: keep the layer loop
         for comm, options in (("xla", WINDOWED_EINSUM), ("xla", {}), ("ring", {})):
             rt = Runtime(cfg, ParallelConfig(tp=8, sp="on", comm=comm, xla_options=options),
                          dtype="bfloat16")
-            row = {"model": model, "layers": 1, "tp": 8, "tokens": args.tokens, "comm": comm,
+            row = {"model": model, "layers": 2, "tp": 8, "tokens": args.tokens, "comm": comm,
                    "options": options, "devices": f"{len(jax.devices())}x "
                    f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
             fn = rt.prefill_logits(True, False, True)
@@ -49,7 +49,7 @@ def main():
             try:
                 lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
                 hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
-                layer = summarize(census(hlo, 1), 1).get("layer", {})
+                layer = summarize(census(hlo, 2), 2).get("layer", {})
                 row.update(compiled=True, windowed_einsum=windowed_einsum_loops(hlo),
                            layer_collectives={k: v["count"] for k, v in layer.items()})
             except Exception as e:  # noqa: BLE001

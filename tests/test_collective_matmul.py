@@ -114,3 +114,14 @@ def test_bf16_activations_are_gathered_as_bf16(comm):
     # xla: 2 all-gathers a layer; ring: 2 gathers + 2 scatters, each (tp-1)/tp of [T, D]
     want = 2 * per_gather if comm == "xla" else 4 * per_gather * (tp - 1) / tp
     assert sum(c.tensor_bytes * c.count for c in moved) / cfg.num_layers == pytest.approx(want)
+
+
+def test_xla_options_that_fail_to_compile_fall_back_with_a_warning(hf_models, caplog):
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (7, 20))
+    bad = ParallelConfig(tp=2, sp="on", xla_options={"xla_no_such_option_for_jax_sp": 1})
+    llm = LLM.from_torch(model, parallel=bad)
+    with caplog.at_level("WARNING", logger="jax_sp"):
+        got = llm.logits(prompts)
+    assert "could not compile this SP program" in caplog.text
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, hf_logits(model, prompts))) <= 1e-4
