@@ -1,0 +1,227 @@
+"""Prefill throughput across N devices: plain TP, SP + XLA collectives, SP + ring collective
+matmul (jax-sp), and the PyTorch tensor-parallel peers at the same tp. Llama-3-8B / 70B layer
+shapes, T from 256 to 16384 tokens. One JSON line per result.
+
+jax-sp side (this process, all local devices):
+  per_layer  — embedding + `--layers` decoder layers (a first pipeline stage: no LM head),
+               divided by the layer count;
+  end_to_end — a whole `--layers`-layer model's prefill with last-token logits.
+PyTorch side (`--torch`, one process per device, torch.distributed): DTensor tensor parallel
+(`parallelize_module` with Colwise/Rowwise plans), the same with `SequenceParallel` norms, and
+async TP (`torch._inductor.config._micro_pipeline_tp`, fused all-gather-matmul /
+matmul-reduce-scatter; CUDA only) on one decoder layer.
+
+    python benchmarks/multi_gpu.py --tp 8 --torch                 # on an 8-GPU host
+    python benchmarks/multi_gpu.py --cpu-devices 8 --tiny         # plumbing on CPU
+Keep NVLink multicast off on shared machines: NCCL_NVLS_ENABLE=0
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 (set here for the child processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+               ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_k, _v)
+
+MODES = {"tp": ("off", "xla"), "sp-xla": ("on", "xla"), "sp-ring": ("on", "ring")}
+
+
+def jax_rows(args):
+    import jax
+    import numpy as np
+
+    from jax_sp.config import ParallelConfig
+    from jax_sp.presets import preset
+    from jax_sp.runtime import Runtime, Stage, random_params
+
+    machine = f"{len(jax.devices())}x {jax.devices()[0].device_kind}"
+    for shape in args.shapes.split(","):
+        cfg = dataclasses.replace(preset(shape), num_layers=args.layers)
+        if args.tiny:
+            cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_heads=8,
+                                      num_kv_heads=8, head_dim=32, vocab_size=1024)
+        host = random_params(cfg)
+        for mode, (sp, comm) in MODES.items():
+            parallel = ParallelConfig(tp=args.tp, sp=sp, comm=comm)
+            whole = Runtime(cfg, parallel, args.dtype)
+            body = Runtime(cfg, parallel, args.dtype, mesh=whole.mesh,
+                           stage=Stage(0, 2, 0, cfg.num_layers))  # first stage: no LM head
+            states = {"end_to_end": whole.place(host),
+                      "per_layer": body.place({k: v for k, v in host.items()
+                                               if k in body.param_names})}
+            for t in (int(x) for x in args.tokens.split(",")):
+                t = -(-t // args.tp) * args.tp
+                ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)).astype("int32")
+                pos = np.arange(t, dtype="int32")[None]
+                lengths = np.array([t], "int32")
+                for what, rt in (("per_layer", body), ("end_to_end", whole)):
+                    fn = rt.prefill_logits(sp == "on", False, True)
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(fn(states[what], ids, pos, lengths))
+                    compile_s = time.perf_counter() - t0
+                    times = []
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        jax.block_until_ready(fn(states[what], ids, pos, lengths))
+                        times.append(time.perf_counter() - t0)
+                    med = statistics.median(times) / (cfg.num_layers if what == "per_layer"
+                                                      else 1)
+                    yield {"bench": "multi_gpu", "side": "jax-sp", "what": what, "mode": mode,
+                           "shape": shape, "layers": cfg.num_layers, "tp": args.tp, "tokens": t,
+                           "median_ms": med * 1e3, "tokens_per_s": t / med,
+                           "first_call_s": compile_s, "machine": machine}
+
+
+def torch_worker(rank, world, args, queue):
+    """One rank of the PyTorch peers: a single decoder layer under each TP plan."""
+    import torch
+    import torch.distributed as dist
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            init_method=f"tcp://127.0.0.1:{args.port}")
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (world,))
+    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    dtype = getattr(torch, args.dtype) if cuda else torch.float32
+    from jax_sp.presets import preset
+
+    for shape in args.shapes.split(","):
+        cfg = preset(shape)
+        d, f, n, k, h = (256, 512, 8, 8, 32) if args.tiny else (
+            cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        hc = transformers.LlamaConfig(hidden_size=d, intermediate_size=f, num_attention_heads=n,
+                                      num_key_value_heads=k, head_dim=h, num_hidden_layers=1,
+                                      vocab_size=1024, attn_implementation="sdpa")
+        plans = ["dtensor-tp", "dtensor-tp-sp"] + (["async-tp"] if cuda else [])
+        for plan in plans:
+            torch.manual_seed(0)
+            layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(hc, 0)
+            layer = layer.to(device=device, dtype=dtype)
+            rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hc).to(device)
+            tp_plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+                       "self_attn.v_proj": ColwiseParallel(),
+                       "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel()}
+            if plan == "dtensor-tp":
+                tp_plan.update({"self_attn.o_proj": RowwiseParallel(),
+                                "mlp.down_proj": RowwiseParallel()})
+            else:  # SP: norms on token shards, all-gather before and reduce-scatter after
+                tp_plan.update({
+                    "input_layernorm": SequenceParallel(),
+                    "post_attention_layernorm": SequenceParallel(),
+                    "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+                    "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+                    "self_attn.q_proj": ColwiseParallel(input_layouts=Shard(1)),
+                    "self_attn.k_proj": ColwiseParallel(input_layouts=Shard(1)),
+                    "self_attn.v_proj": ColwiseParallel(input_layouts=Shard(1)),
+                    "mlp.gate_proj": ColwiseParallel(input_layouts=Shard(1)),
+                    "mlp.up_proj": ColwiseParallel(input_layouts=Shard(1))})
+            parallelize_module(layer, mesh, tp_plan)
+            run = layer
+            if plan == "async-tp":
+                import torch._inductor.config as inductor
+
+                inductor._micro_pipeline_tp = True
+                from torch.distributed._symmetric_memory import enable_symm_mem_for_group
+
+                enable_symm_mem_for_group(dist.group.WORLD.group_name)
+                run = torch.compile(layer)
+            for t in (int(x) for x in args.tokens.split(",")):
+                t = -(-t // world) * world
+                rows = t // world if plan != "dtensor-tp" else t
+                x = torch.randn(1, rows, d, device=device, dtype=dtype)
+                cos, sin = rotary(x, torch.arange(t, device=device)[None])
+                try:
+                    with torch.no_grad():
+                        run(x, position_embeddings=(cos, sin), attention_mask=None)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        times = []
+                        for _ in range(args.repeats):
+                            dist.barrier()
+                            t0 = time.perf_counter()
+                            run(x, position_embeddings=(cos, sin), attention_mask=None)
+                            if cuda:
+                                torch.cuda.synchronize()
+                            times.append(time.perf_counter() - t0)
+                    med = statistics.median(times)
+                    row = {"median_ms": med * 1e3, "tokens_per_s": t / med}
+                except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
+                    row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+                if rank == 0:
+                    queue.put({"bench": "multi_gpu", "side": "torch", "what": "per_layer",
+                               "mode": plan, "shape": shape, "tp": world, "tokens": t,
+                               "torch": torch.__version__, **row})
+    dist.destroy_process_group()
+
+
+def torch_rows(args):
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=torch_worker, args=(r, args.tp, args, queue))
+             for r in range(args.tp)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=args.timeout)
+    while not queue.empty():
+        yield queue.get()
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            yield {"bench": "multi_gpu", "side": "torch", "error": "timed out"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tp", type=int, default=8)
+    ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
+    ap.add_argument("--tokens", default="256,1024,4096,16384")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--cpu-devices", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="small widths, for CPU plumbing")
+    ap.add_argument("--torch", action="store_true", help="also run the PyTorch peers")
+    ap.add_argument("--port", type=int, default=29533)
+    ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    if args.cpu_devices:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    rows = []
+    for row in jax_rows(args):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.torch:
+        for row in torch_rows(args):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"multi_gpu_tp{args.tp}" + ("_tiny" if args.tiny else "")
+                        + ".jsonl")
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
