@@ -34,11 +34,12 @@ def main():
     ap.add_argument("--cpu-devices", type=int, default=0, help="simulate N CPU devices")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
-        os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jax_sp.cli import ensure_devices  # before the backend starts
+
+    if args.cpu_devices:
+        ensure_devices(args.cpu_devices)
+        os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -205,8 +205,9 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     if args.cpu_devices:
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.cpu_devices}")
+        from jax_sp.cli import ensure_devices  # before the backend starts
+
+        ensure_devices(args.cpu_devices)
         os.environ["JAX_PLATFORMS"] = "cpu"
     rows = []
     for row in jax_rows(args):

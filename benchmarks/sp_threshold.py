@@ -37,10 +37,10 @@ def main():
         plot(rows, args.replot.replace(".jsonl", ".png"),
              f"{r['model']} ({r['layers']} layers), tp={r['tp']}, {r['machine']}")
         return
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + f" --xla_force_host_platform_device_count={args.tp}")
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from jax_sp.cli import ensure_devices
+
+    ensure_devices(args.tp)
     import dataclasses
 
     import jax

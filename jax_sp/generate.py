@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_sp.runtime import Runtime
+from jax_sp.runtime import Runtime, input_key
 from jax_sp.sampling import sample
 
 # XLA:CPU cannot reuse donated buffers and says so on every call; donation still matters on GPU.
@@ -115,9 +115,7 @@ class Programs:
     def run(self, name: str, make, static: Static, args, donate=(1,), variant=None):
         """Run program `name` (built by `make()` unless already compiled for this static
         setting, variant and these input shapes) on args; the cache (args[1]) is donated."""
-        shapes = tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", type(a).__name__)))
-                       for a in jax.tree.leaves(args[1:]))
-        key = (name, static, variant, shapes)
+        key = (name, static, variant, input_key(args[1:]))
         if key not in self.compiled:
             t0 = time.perf_counter()
             self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)

@@ -219,13 +219,18 @@ class Runtime:
         return fn.compile(self.abstract_state(), inputs, ids, lengths)
 
 
+def input_key(args) -> tuple:
+    """Shapes and dtypes of a call's array arguments: what a compiled program is specific to."""
+    return tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", type(a).__name__)))
+                 for a in jax.tree.leaves(args))
+
+
 class _Jitted:
     def __init__(self, rt: Runtime, fn, sp: bool):
         self.rt, self.fn, self.sp, self.compiled = rt, fn, sp, {}
 
     def compile(self, *args):
-        key = tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", ""))) for a in
-                    jax.tree.leaves(args[1:]))
+        key = input_key(args[1:])
         if key not in self.compiled:
             self.compiled[key] = self.rt.compile(self.fn, args, self.sp)
         return self.compiled[key]
