@@ -2,13 +2,19 @@
 
 Models: random weights in the shape of Llama-3.2-1B and of SmolLM2-135M (the embedded model's
 shape; its GGUF file is too large to carry to every machine), built once as an HF module and
-handed to both sides. Cases: prefill of 1x2048 and 8x2048 tokens; greedy decode at batch 1, 8,
-32 after a 128-token prompt, 256 new tokens. Limits measured in the same run: device-to-device
-copy bandwidth and an 8192^3 matmul. Each result: median and spread over repeats, compile time
-apart, tokens/s, ms/token, prefill TFLOP/s (2 * params * tokens), and the ratio to the limits.
+handed to every implementation. Cases: prefill of 1x2048 and 8x2048 tokens (time to the first
+token: logits of each sequence's last token only, for every implementation); greedy decode at
+batch 1, 8, 32 after a 128-token prompt, 256 new tokens. Limits measured in the same run:
+device-to-device copy bandwidth and an 8192^3 matmul.
+
+Each result: median and spread over repeats, compile (first-call) time apart, tokens/s,
+ms/token, prefill TFLOP/s (2 * params * tokens) and the ratios to the limits. Decode ms/token is
+(time of the whole generation - time of its prefill) / (new tokens - 1) for every
+implementation; tokens_per_s_e2e is batch * new tokens / whole time.
 
     python benchmarks/generation.py [--models llama3.2-1b,smollm2] [--dtype bfloat16]
     python benchmarks/generation.py --tiny      # CPU plumbing: a 2-layer model, short runs
+    python benchmarks/generation.py --plot benchmarks/results/generation_h100.jsonl
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+PEERS = ("hf-eager", "hf-static-compiled", "gpt-fast-eager", "gpt-fast-compiled")
 
 
 def hf_module(cfg, dtype, device):
@@ -43,6 +52,7 @@ def hf_module(cfg, dtype, device):
 
 
 def timed(fn, repeats, sync):
+    """(median, min, max) seconds of fn() over repeats, each synchronised by sync(result)."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -51,122 +61,296 @@ def timed(fn, repeats, sync):
     return statistics.median(times), min(times), max(times)
 
 
+def first_call(fn, sync):
+    t0 = time.perf_counter()
+    out = fn()
+    sync(out)
+    return time.perf_counter() - t0, out
+
+
+class Bench:
+    def __init__(self, args):
+        import jax
+        import torch
+
+        self.args = args
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.sync_t = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        name = (torch.cuda.get_device_name() if self.device == "cuda"
+                else jax.devices()[0].device_kind)
+        self.machine = (f"{name} / jax {jax.__version__} ({jax.devices()[0].platform}) / torch "
+                        f"{torch.__version__}")
+        os.makedirs(args.out, exist_ok=True)
+        tag = args.tag or jax.devices()[0].platform + ("_tiny" if args.tiny else "")
+        self.path = os.path.join(args.out, f"generation_{tag}.jsonl")
+        self.rows = []
+        open(self.path, "w").close()
+
+    def emit(self, row):
+        row["machine"] = self.machine
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def limits(self):
+        import jax
+        import jax.numpy as jnp
+
+        n = 8192 if not self.args.tiny else 512
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+        mm = jax.jit(lambda x: x @ x)
+        mm(a).block_until_ready()
+        med, _, _ = timed(lambda: mm(a), 10, lambda y: y.block_until_ready())
+        self.peak_tflops = 2 * n ** 3 / med / 1e12
+        size = 1 << 30 if not self.args.tiny else 1 << 22  # bytes; well past any cache
+        buf = jax.random.normal(jax.random.key(1), (size // 2,), jnp.bfloat16)
+        copy = jax.jit(lambda x: x * 2)
+        copy(buf).block_until_ready()
+        med, _, _ = timed(lambda: copy(buf), 10, lambda y: y.block_until_ready())
+        self.bandwidth = 2 * buf.nbytes / med  # bytes read + written per second
+        self.emit({"bench": "limits", "matmul_tflops": self.peak_tflops,
+                   "copy_gb_s": self.bandwidth / 1e9, "matmul_n": n,
+                   "copy_bytes": buf.nbytes})
+
+
+def run_model(b: Bench, name: str):
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    import jax_sp.generate as gen
+    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp.presets import preset
+    from peers_torch import FastLlama, fast_generate, hf_eager_generate, hf_static_generate
+
+    args = b.args
+    cfg = preset(name)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, num_layers=2, vocab_size=1024)
+    prefill_cases = [tuple(int(v) for v in c.split("x")) for c in args.prefill.split(",") if c]
+    if args.tiny:
+        prefill_cases = [(1, 64), (2, 64)]
+    decode_batches = [int(x) for x in args.decode_batches.split(",")] if not args.tiny else [1, 2]
+    prompt_len, new_tokens = (128, 256) if not args.tiny else (16, 8)
+    peers = [p for p in args.peers.split(",") if p]
+    if b.device != "cuda":
+        peers = [p for p in peers if "compiled" not in p]  # CUDA graphs: GPU only
+
+    module = hf_module(cfg, args.dtype, b.device)
+    params = cfg.num_params()
+    weight_bytes = params * torch.finfo(getattr(torch, args.dtype)).bits // 8
+    max_len = max(2048, prompt_len + new_tokens) + 64
+    llms = {"jax-sp": LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
+                                     max_seq_len=max_len)}
+    if llms["jax-sp"].runtime.attention != "xla" and args.compare_attention:  # the same model with XLA's attention
+        llms["jax-sp/xla-attention"] = LLM.from_torch(
+            module, parallel=ParallelConfig(tp=1, attention="xla"), dtype=args.dtype,
+            max_seq_len=max_len)
+    rng = np.random.default_rng(0)
+    common = {"model": name, "dtype": args.dtype, "params": params}
+
+    # -- prefill: time to the first token ------------------------------------------------------
+    for batch, t in prefill_cases:
+        ids = rng.integers(0, cfg.vocab_size, (batch, t))
+        flops = 2 * params * batch * t
+        one = SamplingParams(max_new_tokens=1)
+
+        def report(impl, med, lo, hi, first_s, **extra):
+            tflops = flops / med / 1e12
+            b.emit({"bench": "prefill", **common, "impl": impl, "batch": batch, "tokens": t,
+                    "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
+                    "first_call_s": first_s, "tflops": tflops,
+                    "of_matmul_peak": tflops / b.peak_tflops, **extra})
+
+        firsts = {}
+        for impl, llm in llms.items():
+            try:
+                first_s, out = first_call(lambda: llm.generate(ids.tolist(), one),
+                                          lambda _: None)
+            except Exception as e:  # noqa: BLE001 - recorded, and the other rows still run
+                b.emit({"bench": "prefill", **common, "impl": impl, "batch": batch,
+                        "tokens": t, "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                traceback.print_exc()
+                continue
+            firsts[impl] = [c.token_ids[0] for c in out]
+            report(impl, *timed(lambda: llm.generate(ids.tolist(), one), args.repeats,
+                                lambda _: None), first_s, attention=llm.runtime.attention)
+        x = torch.tensor(ids, device=b.device)
+        with torch.no_grad():
+            forward = lambda: module(x, logits_to_keep=1).logits  # noqa: E731
+            first_s, logits = first_call(forward, lambda _: b.sync_t())
+            ref = logits[:, -1].argmax(-1).tolist()
+            report("hf-eager", *timed(forward, args.repeats, lambda _: b.sync_t()), first_s)
+            if b.device == "cuda" and "hf-static-compiled" in peers:
+                compiled = torch.compile(module)
+                forward = lambda: compiled(x, logits_to_keep=1).logits  # noqa: E731
+                first_s, _ = first_call(forward, lambda _: b.sync_t())
+                report("hf-compiled", *timed(forward, args.repeats, lambda _: b.sync_t()),
+                       first_s, mode="default")
+        if batch == 1:  # last-token logits next to transformers' (bf16 both: ~1e-2 apart)
+            want = logits[0, -1].float().cpu().numpy()
+            rel = {impl: float(np.linalg.norm(llm.logits(ids[:1].tolist())[0][-1] - want)
+                               / np.linalg.norm(want)) for impl, llm in llms.items()}
+            b.emit({"bench": "prefill-parity", **common, "tokens": t,
+                    "last_logits_rel_l2_vs_hf": rel,
+                    "first_token_equal_to_hf": {k: v == ref for k, v in firsts.items()}})
+
+    # -- decode ----------------------------------------------------------------------------------
+    limit = b.bandwidth / weight_bytes  # steps/s if a step did nothing but read the weights once
+    unrolls = [1] if args.tiny else [int(u) for u in args.unroll.split(",")]
+    llm = llms["jax-sp"]
+    for batch in decode_batches:
+        ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
+        sp = SamplingParams(max_new_tokens=new_tokens)
+        tokens = {}
+
+        def report(impl, total, prefill, spread, first_s, **extra):
+            per = (total - prefill) / (new_tokens - 1)
+            b.emit({"bench": "decode", **common, "impl": impl, "batch": batch,
+                    "prompt": prompt_len, "new_tokens": new_tokens, "ms_per_token": per * 1e3,
+                    "tokens_per_s": batch / per, "tokens_per_s_e2e": batch * new_tokens / total,
+                    "total_ms": total * 1e3, "prefill_ms": prefill * 1e3,
+                    "spread_ms_per_token": [s * 1e3 for s in spread],
+                    "of_bandwidth_limit": (1 / per) / limit, "first_call_s": first_s, **extra})
+
+        for unroll in unrolls:
+            gen.DECODE_UNROLL = unroll
+            first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
+            tokens[f"jax-sp/unroll={unroll}"] = [c.token_ids for c in out]
+            totals, prefills, decodes = [], [], []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                llm.generate(ids.tolist(), sp)
+                totals.append(time.perf_counter() - t0)
+                prefills.append(llm.last_stats.prefill_s)
+                decodes.append(llm.last_stats.decode_s / (new_tokens - 1))
+            report("jax-sp", statistics.median(totals), statistics.median(prefills),
+                   (min(decodes), max(decodes)), first_s, unroll=unroll,
+                   xla_options=llm.runtime.xla_options(False, decode=True),
+                   decode_loop_ms_per_token=statistics.median(decodes) * 1e3)
+            if args.dump_hlo and batch in (decode_batches[0], decode_batches[-1]):
+                with open(os.path.join(args.dump_hlo, f"decode_{name}_b{batch}_u{unroll}.hlo"),
+                          "w") as f:
+                    f.write(llm.programs.hlo("decode"))
+        gen.DECODE_UNROLL = 1
+
+        x = torch.tensor(ids, device=b.device)
+        fast = None
+        runs = {
+            "hf-eager": lambda n: hf_eager_generate(module, x, n),
+            "hf-static-compiled": lambda n: hf_static_generate(module, x, n),
+            "gpt-fast-eager": lambda n: fast_generate(fast, x, n),
+            "gpt-fast-compiled": lambda n: fast_generate(fast, x, n, compile=True),
+        }
+        for impl in peers:
+            if impl.startswith("gpt-fast") and fast is None:
+                fast = FastLlama(module, batch, prompt_len + new_tokens + 8)
+            try:
+                first_s, out = first_call(lambda: runs[impl](new_tokens), lambda _: b.sync_t())
+                tokens[impl] = out.tolist()
+                reps = max(2, args.repeats // 2)
+                runs[impl](1)  # warm the prefill-only path (transformers' compile skips it)
+                prefill, _, _ = timed(lambda: runs[impl](1), reps, lambda _: b.sync_t())
+                total, lo, hi = timed(lambda: runs[impl](new_tokens), reps, lambda _: b.sync_t())
+                spread = ((lo - prefill) / (new_tokens - 1), (hi - prefill) / (new_tokens - 1))
+                report(impl, total, prefill, spread, first_s)
+            except Exception as e:  # noqa: BLE001 - a peer that fails is a result too
+                b.emit({"bench": "decode", **common, "impl": impl, "batch": batch,
+                        "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                traceback.print_exc()
+        if "hf-eager" in tokens:
+            ref = tokens["hf-eager"]
+            agree = {}
+            for impl, got in tokens.items():
+                # greedy on random weights meets near-ties: count the shared prefix per row
+                shared = [next((i for i, (p, q) in enumerate(zip(g, r)) if p != q), len(r))
+                          for g, r in zip(got, ref)]
+                agree[impl] = statistics.median(shared)
+            b.emit({"bench": "decode-agreement", **common, "batch": batch,
+                    "median_prefix_equal_to_hf_eager": agree})
+
+
+def plot(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(path)]
+    limits = next(r for r in rows if r["bench"] == "limits")
+    models = sorted({r["model"] for r in rows if "model" in r})
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.2 * len(models)), squeeze=False)
+    for m, ax in zip(models, axes):
+        dec = [r for r in rows if r["bench"] == "decode" and r.get("model") == m
+               and "error" not in r]
+        best = {}
+        for r in dec:  # jax-sp: the default unroll; one bar per implementation
+            impl = r["impl"]
+            if impl == "jax-sp" and r.get("unroll", 1) != 1:
+                impl = f"jax-sp (unroll={r['unroll']})"
+            best[(impl, r["batch"])] = r["tokens_per_s"]
+        impls = sorted({i for i, _ in best}, key=lambda i: (not i.startswith("jax"), i))
+        batches = sorted({bb for _, bb in best})
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            xs = [i + k * width for i in range(len(batches))]
+            ax[0].bar(xs, [best.get((impl, bb), 0) for bb in batches], width, label=impl)
+        ax[0].set_xticks([i + 0.4 - width / 2 for i in range(len(batches))],
+                         [f"batch {bb}" for bb in batches])
+        ax[0].set_yscale("log")
+        ax[0].set_ylabel("decode tokens/s (log)")
+        ax[0].set_title(f"{m}: greedy decode, prompt 128, 256 new")
+        ax[0].legend(fontsize=7)
+        pre = [r for r in rows if r["bench"] == "prefill" and r.get("model") == m]
+        pre = [r for r in pre if "error" not in r]
+        impls = sorted({r["impl"] for r in pre}, key=lambda i: (not i.startswith("jax"), i))
+        cases = sorted({(r["batch"], r["tokens"]) for r in pre})
+        if not pre:
+            ax[1].set_visible(False)
+            continue
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            vals = {(r["batch"], r["tokens"]): r["tflops"] for r in pre if r["impl"] == impl}
+            ax[1].bar([i + k * width for i in range(len(cases))],
+                      [vals.get(c, 0) for c in cases], width, label=impl)
+        ax[1].axhline(limits["matmul_tflops"], color="k", ls="--", lw=1,
+                      label=f"8192³ matmul {limits['matmul_tflops']:.0f} TFLOP/s")
+        ax[1].set_xticks([i + 0.4 - width / 2 for i in range(len(cases))],
+                         [f"{bb}x{t}" for bb, t in cases])
+        ax[1].set_ylabel("prefill TFLOP/s (2·params·tokens)")
+        ax[1].set_title(f"{m}: prefill, time to first token")
+        ax[1].legend(fontsize=7)
+    fig.suptitle(limits["machine"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path.replace(".jsonl", ".png"), dpi=110)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="llama3.2-1b,smollm2")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--decode-batches", default="1,8,32")
+    ap.add_argument("--peers", default=",".join(PEERS))
+    ap.add_argument("--unroll", default="1", help="decode layer-loop unroll factors to compare")
+    ap.add_argument("--prefill", default="1x2048,8x2048", help="BxT cases; empty: none")
+    ap.add_argument("--compare-attention", type=int, default=1,
+                    help="also run prefill with XLA attention where cuDNN's is the default")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--skip-compiled-peer", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--tag", default=None, help="file name: generation_<tag>.jsonl")
+    ap.add_argument("--dump-hlo", default=None, help="folder for the decode programs' HLO")
+    ap.add_argument("--plot", default=None, help="only plot this jsonl file")
     args = ap.parse_args()
-
-    import dataclasses
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import torch
-
-    from jax_sp import LLM, ParallelConfig, SamplingParams
-    from jax_sp.presets import preset
-    from peers_torch import FastLlama, fast_generate, hf_eager_generate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync_t = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    machine = f"{jax.devices()[0].device_kind} / torch {torch.__version__} on {device}"
-    prefill_cases = [(1, 2048), (8, 2048)] if not args.tiny else [(1, 64), (2, 64)]
-    decode_cases = [1, 8, 32] if not args.tiny else [1, 2]
-    prompt_len, new_tokens = (128, 256) if not args.tiny else (16, 8)
-    rows = []
-
-    def emit(row):
-        row["machine"] = machine
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-
-    # limits measured in this run
-    n = 8192 if not args.tiny else 512
-    a = jnp.ones((n, n), jnp.bfloat16)
-    mm = jax.jit(lambda x: x @ x)
-    mm(a).block_until_ready()
-    med, _, _ = timed(lambda: mm(a), args.repeats, lambda y: y.block_until_ready())
-    peak_tflops = 2 * n ** 3 / med / 1e12
-    buf = jnp.ones((256 * 2 ** 20 // 2 if not args.tiny else 2 ** 20,), jnp.bfloat16)
-    copy = jax.jit(lambda x: x + 1)
-    copy(buf).block_until_ready()
-    med, _, _ = timed(lambda: copy(buf), args.repeats, lambda y: y.block_until_ready())
-    bandwidth = 2 * buf.nbytes / med  # read + write
-    emit({"bench": "limits", "matmul_tflops": peak_tflops, "copy_gb_s": bandwidth / 1e9})
-
+    if args.plot:
+        return plot(args.plot)
+    b = Bench(args)
+    b.limits()
     for name in args.models.split(","):
-        cfg = preset(name)
-        if args.tiny:
-            cfg = dataclasses.replace(cfg, num_layers=2, vocab_size=1024)
-        module = hf_module(cfg, args.dtype, device)
-        params = cfg.num_params()
-        weight_bytes = params * torch.finfo(getattr(torch, args.dtype)).bits // 8
-        llm = LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
-                             max_seq_len=max(2048, prompt_len + new_tokens) + 64)
-        rng = np.random.default_rng(0)
-
-        for batch, t in prefill_cases:
-            ids = rng.integers(0, cfg.vocab_size, (batch, t))
-            flops = 2 * params * batch * t
-            sp = SamplingParams(max_new_tokens=1)
-            t0 = time.perf_counter()
-            llm.generate(ids.tolist(), sp)
-            compile_s = time.perf_counter() - t0
-            med, lo, hi = timed(lambda: llm.generate(ids.tolist(), sp), args.repeats, lambda _: None)
-            emit({"bench": "prefill", "model": name, "impl": "jax-sp", "batch": batch,
-                  "tokens": t, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
-                  "first_call_s": compile_s, "tflops": flops / med / 1e12,
-                  "of_matmul_peak": flops / med / 1e12 / peak_tflops})
-            x = torch.tensor(ids, device=device)
-            with torch.no_grad():
-                module(x)
-                sync_t()
-                med, lo, hi = timed(lambda: module(x), args.repeats, lambda _: sync_t())
-            emit({"bench": "prefill", "model": name, "impl": "hf-eager", "batch": batch,
-                  "tokens": t, "median_ms": med * 1e3, "min_ms": lo * 1e3, "max_ms": hi * 1e3,
-                  "tflops": flops / med / 1e12, "of_matmul_peak": flops / med / 1e12 / peak_tflops})
-
-        for batch in decode_cases:
-            ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
-            sp = SamplingParams(max_new_tokens=new_tokens)
-            llm.generate(ids.tolist(), sp)  # compile
-            decode = []
-            for _ in range(args.repeats):
-                llm.generate(ids.tolist(), sp)
-                decode.append(llm.last_stats.decode_s)
-            per_token = statistics.median(decode) / (new_tokens - 1)
-            limit = bandwidth / weight_bytes  # tokens/s if each step reads the weights once
-            emit({"bench": "decode", "model": name, "impl": "jax-sp", "batch": batch,
-                  "ms_per_token": per_token * 1e3, "tokens_per_s": batch / per_token,
-                  "spread_ms": [1e3 * min(decode) / (new_tokens - 1),
-                                1e3 * max(decode) / (new_tokens - 1)],
-                  "of_bandwidth_limit": (1 / per_token) / limit})
-            x = torch.tensor(ids, device=device)
-            peers = [("hf-eager", lambda: hf_eager_generate(module, x, new_tokens))]
-            fast = FastLlama(module, batch, prompt_len + new_tokens + 8)
-            peers.append(("gpt-fast-eager", lambda: fast_generate(fast, x, new_tokens)))
-            if device == "cuda" and not args.skip_compiled_peer:
-                peers.append(("gpt-fast-compiled",
-                              lambda: fast_generate(fast, x, new_tokens, compile=True)))
-            for impl, run in peers:
-                run()
-                sync_t()
-                med, lo, hi = timed(run, max(2, args.repeats // 2), lambda _: sync_t())
-                per = med / new_tokens  # prefill included: an upper bound on ms/token
-                emit({"bench": "decode", "model": name, "impl": impl, "batch": batch,
-                      "ms_per_token": per * 1e3, "tokens_per_s": batch / per,
-                      "of_bandwidth_limit": (1 / per) / limit, "includes_prefill": True})
-
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"generation_{jax.devices()[0].platform}"
-                        + ("_tiny" if args.tiny else ""))
-    with open(stem + ".jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+        run_model(b, name)
+    plot(b.path)
 
 
 if __name__ == "__main__":

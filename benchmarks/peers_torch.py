@@ -1,6 +1,10 @@
 """PyTorch peers of jax-sp's generation, for benchmarks on the same weights and prompts.
 
 - `hf_eager`: transformers' own `generate` (dynamic cache, eager).
+- `hf_static_generate`: transformers' `generate` with `cache_implementation="static"` and a
+  `CompileConfig`, the documented way to compile its decode step (generate compiles the
+  one-token forward itself; wrapping `model.forward` in torch.compile by hand is what fails with
+  "accessing tensor output of CUDAGraphs that has been overwritten").
 - `FastLlama`: a compact decode loop in the style of gpt-fast — the HF weights in a small
   Llama module with a static KV cache [B, K, S, H], prefill and a one-token step; with
   `compile=True` the step is `torch.compile(mode="reduce-overhead", fullgraph=True)` (CUDA
@@ -24,6 +28,20 @@ def hf_eager_generate(model, input_ids: torch.Tensor, max_new_tokens: int) -> to
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=0)
+    return out[:, input_ids.shape[1]:]
+
+
+def hf_static_generate(model, input_ids: torch.Tensor, max_new_tokens: int,
+                       mode: str = "reduce-overhead") -> torch.Tensor:
+    """Greedy continuation by transformers' generate with a static cache whose decode step
+    generate compiles with torch.compile(mode=mode): [B, max_new_tokens]."""
+    from transformers import CompileConfig
+
+    with torch.no_grad():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=0, cache_implementation="static",
+                             compile_config=CompileConfig(mode=mode))
     return out[:, input_ids.shape[1]:]
 
 

@@ -15,6 +15,7 @@ __all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "ch
 SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring")
 BOUNDARIES = ("scattered", "gather")
+ATTENTION_MODES = ("auto", "xla", "cudnn")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens. See README, "Choosing
 # sp_min_tokens", for the measurement behind it.
@@ -35,7 +36,9 @@ class ParallelConfig:
     default vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
-    i+1 runs while stage k+1 of micro-batch i does)."""
+    i+1 runs while stage k+1 of micro-batch i does). attention: how prefill attends, "xla"
+    (einsums and a softmax, Q_CHUNK queries at a time), "cudnn" (cuDNN flash attention; GPU,
+    bfloat16/float16) or "auto" (cudnn where it applies, else xla); decode always uses xla."""
 
     tp: int = 1
     pp: int = 1
@@ -46,6 +49,7 @@ class ParallelConfig:
     pp_boundary: str = "scattered"
     microbatches: int = 1
     xla_options: tuple | None = None  # per-compile XLA options; None: jax-sp's defaults
+    attention: str = "auto"
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
@@ -59,6 +63,9 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.pp_boundary must be one of {BOUNDARIES}, got "
                              f"{self.pp_boundary!r}")
         _positive_int("ParallelConfig", "microbatches", self.microbatches)
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"ParallelConfig.attention must be one of {ATTENTION_MODES}, got "
+                             f"{self.attention!r}")
         if self.xla_options is not None:
             object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
         if self.pp_layers is not None:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
+from jax_sp import generate as generate_programs
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.pipeline import Pipeline
 from jax_sp.runtime import round_up
@@ -276,7 +277,8 @@ class LLM:
     def _decode_loop(self, job: Batch, sampling: SamplingParams, token, cache, key, stop):
         """Single stage: every new token after the first in one on-device loop -> [B, n]."""
         steps = pow2_at_least(sampling.max_new_tokens - 1)
-        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
+                        generate_programs.DECODE_UNROLL)
         active = np.arange(job.batch) < job.rows
         stop_ids = self._put(np.array(stop or (-1,), np.int32))
         done = self._put(~active) | jnp.isin(token, stop_ids)
@@ -367,7 +369,8 @@ class LLM:
                 yield int(np.asarray(step[0])[0])
             return
         token, cache, key = self._prefill(job, sampling)
-        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k)
+        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
+                        generate_programs.DECODE_UNROLL)
         pos = self._put(job.kv_len)
         yield int(np.asarray(token)[0])
         for step in range(1, sampling.max_new_tokens):

@@ -27,6 +27,11 @@ from jax_sp.sampling import sample
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
+# Unroll factor of the layer loop in decode programs (an int; >= the layer count unrolls it
+# fully). See README "Generation speed" for what was measured.
+DECODE_UNROLL: int = 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Static:
     """What a compiled program is specialised on besides shapes."""
@@ -34,12 +39,14 @@ class Static:
     sp: bool
     greedy: bool
     top_k: int
+    unroll: int = 1  # the layer loop's unroll factor (an int: 1 == True would alias keys)
 
 
-def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None, **inputs):
+def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None,
+             fresh=False, **inputs):
     model = nnx.merge(rt.graphdef, state)
     out = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r, layout=rt.layout(st.sp),
-                **inputs)
+                fresh=fresh, attention=rt.attention, unroll=st.unroll, **inputs)
     if out.carry is not None:
         return rt.constrain_carry(out.carry), out.cache
     return out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32), out.cache
@@ -56,7 +63,8 @@ def prefill_fn(rt: Runtime, st: Static, feed: str):
         b, t = positions_bt.shape
         rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
         out, cache = _forward(rt, st, state, cache, positions_bt, kv_len_b,
-                              rows if rt.stage.last else None, **{FEEDS[feed]: inputs})
+                              rows if rt.stage.last else None, fresh=True,
+                              **{FEEDS[feed]: inputs})
         if not rt.stage.last:
             return out, cache
         return sample(out, key, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
@@ -118,7 +126,8 @@ class Programs:
         key = (name, static, variant, input_key(args[1:]))
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
+            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate,
+                                                 decode=name.startswith("decode"))
             self.compile_seconds[key] = time.perf_counter() - t0
         self.last[name] = key
         self.calls[name] += 1

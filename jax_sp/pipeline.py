@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
+from jax_sp import generate as generate_programs
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, Stage
 from sharding.boundary import receive, send
@@ -132,7 +133,7 @@ class Pipeline:
             tokens.append(x)
         yield list(tokens)
 
-        dec = Static(job.decode_sp, greedy, sampling.top_k)
+        dec = Static(job.decode_sp, greedy, sampling.top_k, generate_programs.DECODE_UNROLL)
         pos = [[self._put(s, job.kv_len[r]) for r in rows] for s in range(len(self.stages))]
         for step in range(1, sampling.max_new_tokens):
             for i in range(m):

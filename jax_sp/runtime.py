@@ -90,6 +90,19 @@ class Runtime:
         # Parameters are laid out by the TP table; SP changes activations only.
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
                             for p, v in nnx.to_flat_state(self._abstract_state)}
+        self.attention = self._attention(parallel.attention)
+
+    def _attention(self, mode: str) -> str:
+        """The prefill attention implementation for this mesh and dtype."""
+        platform = self.mesh.devices.flat[0].platform
+        fits = platform == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16) and (
+            self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 128)
+        if mode == "cudnn" and not fits:
+            raise ValueError(f"attention='cudnn' needs a GPU, dtype bfloat16 or float16 and "
+                             f"head_dim a multiple of 8 up to 128 (have {platform}, "
+                             f"{jnp.dtype(self.dtype).name}, head_dim {self.cfg.head_dim}); "
+                             f"use attention='auto' or 'xla'")
+        return "cudnn" if mode == "cudnn" or (mode == "auto" and fits) else "xla"
 
     # -- layouts and parameters ---------------------------------------------------------------
 
@@ -131,23 +144,23 @@ class Runtime:
 
     # -- compilation ---------------------------------------------------------------------------
 
-    def xla_options(self, sp: bool) -> dict:
+    def xla_options(self, sp: bool, decode: bool = False) -> dict:
         return collective_matmul_options(self.mesh.devices.flat[0].platform, self.parallel.comm,
-                                         sp, self.parallel.xla_options)
+                                         sp, self.parallel.xla_options, decode)
 
-    def compile(self, fn, args, sp: bool, donate=()):
+    def compile(self, fn, args, sp: bool, donate=(), decode: bool = False):
         """AOT-compile fn for args with this program's XLA options; if XLA fails with them,
         warn and compile without them."""
         lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-        options = self.xla_options(sp)
+        options = self.xla_options(sp, decode)
         if not options:
             return lowered.compile()
         try:
             return lowered.compile(options)
         except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
-            log.warning("XLA could not compile this SP program with %s (%s); compiling without "
-                        "them: plain all-gather / reduce-scatter, no windowed einsum. "
-                        "comm='ring' gives collective matmul without XLA's pass.", options,
+            log.warning("XLA could not compile this program with %s (%s); compiling without "
+                        "them (for SP: plain all-gather / reduce-scatter, no windowed einsum; "
+                        "comm='ring' gives collective matmul without XLA's pass).", options,
                         str(e).splitlines()[0][:300])
             return lowered.compile()
 
@@ -192,7 +205,8 @@ class Runtime:
             b, t = positions_bt.shape
             rows = jnp.arange(b) * t + kv_len_b - 1 if last_only else None
             out = model(positions_bt, kv_len_b, rows_r=rows, layout=layout,
-                        collect_residuals=collect_residuals,
+                        collect_residuals=collect_residuals, fresh=True,
+                        attention=self.attention,
                         **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
             if out.carry is not None:
                 return self.constrain_carry(out.carry), out.residuals

@@ -1,8 +1,10 @@
 """KVCache: a preallocated key/value cache as a pytree, updated functionally.
 
-Shapes: k, v are [L, B, S, K, H] for the whole model; `jax.lax.scan` over layers hands each block
-its [B, S, K, H] slice. Logical axes (for the rules table): `CACHE_AXES`. Writes use
-`dynamic_update_slice` and return a new cache; nothing is mutated in place (donate the old one).
+Shapes: k, v are [L, B, S, K, H] for the whole model. The layer loop carries the whole cache and
+each layer writes its new keys at [layer, b, start_b:] and reads its own [B, S, K, H] slice, so a
+donated cache is updated in place: a decode step writes B * K * H values per layer and copies
+nothing. Logical axes (for the rules table): `CACHE_AXES`. Nothing is mutated; writes return a
+new cache (donate the old one).
 """
 
 from __future__ import annotations
@@ -26,13 +28,20 @@ class KVCache:
         shape = (num_layers, batch, seq, kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def write(self, k_btkh, v_btkh, start_b) -> "KVCache":
-        """Store T new keys/values of each sequence b at positions [start_b, start_b + T).
-        The caller guarantees start_b + T <= S (dynamic_update_slice would clamp otherwise)."""
-        def one(cache_skh, new_tkh, start):
-            return jax.lax.dynamic_update_slice(cache_skh, new_tkh.astype(cache_skh.dtype),
-                                                (start, 0, 0))
-        return KVCache(jax.vmap(one)(self.k, k_btkh, start_b), jax.vmap(one)(self.v, v_btkh, start_b))
+    def write(self, layer, k_btkh, v_btkh, start_b) -> "KVCache":
+        """Store layer `layer`'s T new keys/values of each sequence b at positions
+        [start_b, start_b + T). The caller guarantees start_b + T <= S (dynamic_update_slice
+        would clamp otherwise)."""
+        def one(cache_lskh, new_tkh, start):
+            return jax.lax.dynamic_update_slice(
+                cache_lskh, new_tkh[None].astype(cache_lskh.dtype), (layer, start, 0, 0))
+        write = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)
+        return KVCache(write(self.k, k_btkh, start_b), write(self.v, v_btkh, start_b))
+
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        """Layer `layer`'s keys and values, [B, S, K, H] each."""
+        return (jax.lax.dynamic_index_in_dim(self.k, layer, 0, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.v, layer, 0, keepdims=False))
 
     @property
     def max_len(self) -> int:

@@ -75,6 +75,18 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
 
 
 Q_CHUNK = 512  # queries per attention step in long forwards: bounds the [T, S] score buffer
+ATTENTION = ("xla", "cudnn")
+
+
+def attend_fresh(q_btnh, k_btkh, v_btkh, positions_bt, kv_len_b, window=0, impl="xla"):
+    """Causal attention of a forward that starts every sequence at position 0 over its own keys.
+    impl="cudnn" is cuDNN's fused flash attention (GPU, 16-bit dtypes): no [T, S] score buffer."""
+    if impl == "cudnn":
+        return jax.nn.dot_product_attention(
+            q_btnh, k_btkh, v_btkh, is_causal=True, key_value_seq_lengths=kv_len_b,
+            local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
+    return attend(q_btnh, k_btkh, v_btkh, positions_bt, positions_bt, kv_len_b, window)
+
 
 
 def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):
@@ -123,7 +135,8 @@ class Attention(nnx.Module):
             self.b_k_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
             self.b_v_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
 
-    def __call__(self, x_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+    def __call__(self, x_td, rope, positions_bt, kv_len_b, cache, layer, layout: Layout,
+                 fresh: bool, impl: str):
         b, t = positions_bt.shape
         q_tnh, k_tkh, v_tkh = layout.column(
             x_td, ("TD,DNH->TNH", self.w_q_dnh[...]), ("TD,DKH->TKH", self.w_k_dkh[...]),
@@ -134,14 +147,20 @@ class Attention(nnx.Module):
         q = apply_rope(q_tnh.reshape(b, t, *q_tnh.shape[1:]), *rope)  # [B, T, N, H]
         k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *rope)  # [B, T, K, H]
         v = v_tkh.reshape(b, t, *v_tkh.shape[1:])
-        if kv is None:  # no cache: attend to this forward's keys
-            out = attend(q, k, v, positions_bt, positions_bt, kv_len_b, self.window)
+        if cache is not None:
+            cache = cache.write(layer, k, v, positions_bt[:, 0])
+        if fresh or cache is None:  # this forward's keys are all the keys
+            out = attend_fresh(q, k, v, positions_bt, kv_len_b, self.window, impl)
         else:
-            kv = kv.write(k, v, positions_bt[:, 0])
-            kpos_bs = jnp.broadcast_to(jnp.arange(kv.k.shape[1]), (b, kv.k.shape[1]))
-            out = attend(q, kv.k, kv.v, positions_bt, kpos_bs, kv_len_b, self.window)
-        out_td = layout.row("TNH,NHD->TD", out.reshape(b * t, *out.shape[2:]), self.w_o_nhd[...])
-        return out_td, kv
+            k_bskh, v_bskh = cache.layer(layer)
+            kpos_bs = jnp.broadcast_to(jnp.arange(k_bskh.shape[1]), (b, k_bskh.shape[1]))
+            out = attend(q, k_bskh, v_bskh, positions_bt, kpos_bs, kv_len_b, self.window)
+        # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
+        # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
+        n, h = out.shape[2:]
+        w_o = self.w_o_nhd[...]
+        out_td = layout.row("TF,FD->TD", out.reshape(b * t, n * h), w_o.reshape(n * h, -1))
+        return out_td, cache
 
 
 class MLP(nnx.Module):
@@ -168,11 +187,13 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg, dtype)
         self.mlp = MLP(cfg, dtype, rngs)
 
-    def __call__(self, hidden_td, residual_td, rope, positions_bt, kv_len_b, kv, layout: Layout):
+    def __call__(self, hidden_td, residual_td, rope, positions_bt, kv_len_b, cache, layer,
+                 layout: Layout, fresh: bool, impl: str):
         x_td = hidden_td + residual_td
-        attn_td, kv = self.attn(self.attn_norm(x_td), rope, positions_bt, kv_len_b, kv, layout)
+        attn_td, cache = self.attn(self.attn_norm(x_td), rope, positions_bt, kv_len_b, cache,
+                                   layer, layout, fresh, impl)
         h_td = x_td + attn_td
-        return self.mlp(self.mlp_norm(h_td), layout), h_td, kv
+        return self.mlp(self.mlp_norm(h_td), layout), h_td, cache
 
 
 class IntermediateTensors(NamedTuple):
@@ -214,13 +235,18 @@ class Llama(nnx.Module):
 
     def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None, carry=None,
                  cache: KVCache | None = None, rows_r=None, layout: Layout = DENSE,
-                 collect_residuals: bool = False) -> Output:
+                 collect_residuals: bool = False, fresh: bool = False, attention: str = "xla",
+                 unroll: int = 1) -> Output:
         """One forward over B sequences of T tokens each (padded; see `attend` for the mask).
 
         positions_bt: absolute position of each token; kv_len_b: valid keys per sequence after
         this forward. Input: token ids [B, T] or embeddings [B*T, D] (first stage), or the carry
         (hidden, residual) of the previous stage. rows_r selects the flattened rows whose logits
         are wanted (all rows when None).
+
+        fresh: every sequence starts at position 0 (a prefill), so attention reads this
+        forward's keys rather than the cache; attention: "xla" or "cudnn" (flash attention, for
+        fresh forwards on GPU); unroll: the layer loop's unroll factor (>= its length: unrolled).
         """
         b, t = positions_bt.shape
         dtype = self.layers.mlp.w_down_fd.dtype
@@ -235,14 +261,17 @@ class Llama(nnx.Module):
 
         graphdef, layer_state = nnx.split(self.layers)
 
-        def body(pair, xs):
-            state, kv = xs
-            hidden, residual, kv = nnx.merge(graphdef, state)(*pair, rope, positions_bt,
-                                                              kv_len_b, kv, layout)
-            return (hidden, residual), (kv, hidden + residual if collect_residuals else None)
+        def body(carry, xs):
+            hidden, residual, kv = carry
+            state, layer = xs
+            hidden, residual, kv = nnx.merge(graphdef, state)(
+                hidden, residual, rope, positions_bt, kv_len_b, kv, layer, layout, fresh,
+                attention)
+            return (hidden, residual, kv), hidden + residual if collect_residuals else None
 
-        (hidden_td, residual_td), (kv, residuals) = jax.lax.scan(
-            body, (hidden_td, residual_td), (layer_state, cache))
+        layers = jnp.arange(jax.tree.leaves(layer_state)[0].shape[0])
+        (hidden_td, residual_td, kv), residuals = jax.lax.scan(
+            body, (hidden_td, residual_td, cache), (layer_state, layers), unroll=unroll)
         if not self.last:
             return Output(None, kv, IntermediateTensors(hidden_td, residual_td), residuals)
 

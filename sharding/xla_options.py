@@ -23,12 +23,30 @@ WINDOWED_EINSUM = {
 }
 
 
-def collective_matmul_options(platform: str, comm: str, sp: bool, user=None) -> dict:
-    """Compiler options for one program: the user's when given, else ours for SP with
-    comm="xla" on GPU, minus any flag already in the user's XLA_FLAGS."""
+# Decode programs on GPU (one token per row; the layer loop slices each layer's weights out of
+# the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape, batch 1
+# (benchmarks/profile_decode.py): XLA's Triton gemms cannot read a slice in place, so each step
+# copied the MLP weights (~1 ms/token of memcpy); cuBLAS with dynamic-slice fusion reads them
+# where they lie, and without dot merging gate and up are not concatenated (another copy) per
+# step.
+DECODE = {
+    "xla_gpu_enable_dynamic_slice_fusion": True,
+    "xla_gpu_enable_triton_gemm": False,
+    "xla_disable_hlo_passes": "dot_merger",
+}
+
+
+def collective_matmul_options(platform: str, comm: str, sp: bool, user=None,
+                              decode: bool = False) -> dict:
+    """Compiler options for one program: the user's when given, else ours (DECODE for decode
+    programs on GPU; WINDOWED_EINSUM for SP with comm="xla" on GPU), minus any flag already in
+    the user's XLA_FLAGS."""
     if user is not None:
         return dict(user)
-    if platform != "gpu" or comm != "xla" or not sp:
+    if platform != "gpu":
         return {}
+    ours = dict(DECODE) if decode else {}
+    if comm == "xla" and sp:
+        ours.update(WINDOWED_EINSUM)
     flags = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in WINDOWED_EINSUM.items() if k not in flags}
+    return {k: v for k, v in ours.items() if k not in flags}

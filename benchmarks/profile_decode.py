@@ -1,0 +1,120 @@
+"""Where a decode step's time goes: a jax.profiler trace of greedy generation, summed by kernel.
+
+Runs `LLM.generate` on random weights (no PyTorch), traces one warm call per case, and reads the
+trace with `jax.profiler.ProfileData`: device busy time per new token next to wall time per
+token (busy << wall: launch- or host-bound; busy ~ wall: kernel-bound) and the kernels that
+take the time. JSON lines on stdout and in --out.
+
+    python benchmarks/profile_decode.py --model llama3.2-1b --batches 1,32 --unroll 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def kernel_times(trace_dir: str):
+    """{kernel name: (total ns, count)} over the device planes of the trace in trace_dir."""
+    from jax.profiler import ProfileData
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = ProfileData.from_file(path)
+    totals = collections.defaultdict(lambda: [0, 0])
+    kernel_times.layout = [(p.name, [ln.name for ln in p.lines][:8]) for p in data.planes]
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if "stream" not in line.name.lower():  # kernels and copies sit on stream lines
+                continue
+            for ev in line.events:
+                totals[ev.name][0] += ev.duration_ns
+                totals[ev.name][1] += 1
+    return totals
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3.2-1b")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--unroll", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
+    ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--xla-option", action="append", default=[],
+                    help="KEY=VALUE compiler option for every program (repeatable)")
+    args = ap.parse_args()
+
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    import jax_sp.generate as gen
+    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp.presets import preset
+    from jax_sp.runtime import random_params
+
+    cfg = preset(args.model)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    options = {}
+    for kv in args.xla_option:
+        k, v = kv.split("=", 1)
+        options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+    parallel = ParallelConfig(tp=1, xla_options=options or None)
+    llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
+              max_seq_len=args.prompt + args.new_tokens + 64)
+    gen.DECODE_UNROLL = args.unroll
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
+        sp = SamplingParams(max_new_tokens=args.new_tokens)
+        llm.generate(ids, sp)
+        llm.generate(ids, sp)
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                t0 = time.perf_counter()
+                llm.generate(ids, sp)
+                wall = time.perf_counter() - t0
+            stats = llm.last_stats
+            totals = kernel_times(d)
+        steps = args.new_tokens - 1
+        busy = sum(t for t, _ in totals.values())
+        top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
+        row = {"bench": "profile-decode", "model": args.model, "batch": batch,
+               "unroll": args.unroll, "wall_ms": wall * 1e3,
+               "decode_ms_per_token": stats.decode_s / steps * 1e3,
+               "device_busy_ms_per_token_incl_prefill": busy / 1e6 / steps,
+               "kernels_per_token": sum(c for _, c in totals.values()) / steps,
+               "top": [{"name": n[:90], "us_per_token": t / 1e3 / steps, "calls_per_token":
+                        c / steps} for n, (t, c) in top],
+               "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+               "xla_options": options}
+        if not totals:  # say what the trace held instead
+            row["trace_planes"] = kernel_times.layout
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
+        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}{tag}.jsonl"),
+                  "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
