@@ -20,6 +20,7 @@ TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 (set here for the chil
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -113,6 +114,7 @@ def torch_worker(rank, world, args, queue):
             torch.manual_seed(0)
             layer = transformers.models.llama.modeling_llama.LlamaDecoderLayer(hc, 0)
             layer = layer.to(device=device, dtype=dtype)
+            reference = copy.deepcopy(layer)  # the same weights on one device
             rotary = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hc).to(device)
             tp_plan = {"self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
                        "self_attn.v_proj": ColwiseParallel(),
@@ -144,11 +146,20 @@ def torch_worker(rank, world, args, queue):
             for t in (int(x) for x in args.tokens.split(",")):
                 t = -(-t // world) * world
                 rows = t // world if plan != "dtensor-tp" else t
-                x = torch.randn(1, rows, d, device=device, dtype=dtype)
-                cos, sin = rotary(x, torch.arange(t, device=device)[None])
+                torch.manual_seed(1)  # every rank draws the same full input
+                x_full = torch.randn(1, t, d, device=device, dtype=dtype)
+                x = x_full[:, rank * rows:(rank + 1) * rows] if rows < t else x_full
+                cos, sin = rotary(x_full, torch.arange(t, device=device)[None])
                 try:
                     with torch.no_grad():
-                        run(x, position_embeddings=(cos, sin), attention_mask=None)
+                        out = run(x, position_embeddings=(cos, sin), attention_mask=None)
+                        out = out[0] if isinstance(out, tuple) else out
+                        out = out.full_tensor() if hasattr(out, "full_tensor") else out
+                        want = reference(x_full, position_embeddings=(cos, sin),
+                                         attention_mask=None)
+                        want = (want[0] if isinstance(want, tuple) else want)
+                        want = want[:, rank * rows:(rank + 1) * rows] if rows < t else want
+                        rel = float((out.float() - want.float()).norm() / want.float().norm())
                         if cuda:
                             torch.cuda.synchronize()
                         times = []
@@ -160,7 +171,8 @@ def torch_worker(rank, world, args, queue):
                                 torch.cuda.synchronize()
                             times.append(time.perf_counter() - t0)
                     med = statistics.median(times)
-                    row = {"median_ms": med * 1e3, "tokens_per_s": t / med}
+                    row = {"median_ms": med * 1e3, "tokens_per_s": t / med,
+                           "rel_err_vs_one_device": rel}
                 except Exception as e:  # noqa: BLE001 - a peer that cannot run is reported
                     row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
                 if rank == 0:
