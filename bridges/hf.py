@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 
 import numpy as np
-import torch
 
 from models.config import ModelConfig, RopeScaling
 
@@ -86,7 +85,9 @@ def config_from_hf(hf_config) -> ModelConfig:
     )
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:  # numpy has no bf16: widen losslessly
         t = t.float()
@@ -143,7 +144,7 @@ def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray
     params: dict[str, np.ndarray] = {}
     for hf_key, path, layer, transpose, dims in expected:
         value = state_dict[hf_key]
-        x = _to_numpy(value) if isinstance(value, torch.Tensor) else np.asarray(value)
+        x = _to_numpy(value) if type(value).__module__.startswith("torch") else np.asarray(value)
         if transpose:
             x = x.T
         target = tuple(sizes[d] for d in dims)
@@ -159,7 +160,7 @@ def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray
     return params
 
 
-def load_module(module: torch.nn.Module) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+def load_module(module) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """An HF causal-LM module -> (ModelConfig, unpadded parameters)."""
     name = type(module).__name__
     if name not in ARCHITECTURES.values():

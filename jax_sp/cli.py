@@ -1,4 +1,4 @@
-"""The `jax-sp` command line: generate, inspect.
+"""The `jax-sp` command line: generate, inspect, convert.
 
 On a CPU-only machine, simulated devices must be requested before jax is imported, so this
 module parses arguments first and imports jax (through jax_sp) only afterwards.
@@ -63,6 +63,27 @@ def _generate(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    import time
+
+    from bridges.orbax_io import save
+    from bridges.pretrained import load_pretrained
+
+    t0 = time.perf_counter()
+    cfg, params, tokenizer, stored = load_pretrained(args.src, progress=True)
+    try:
+        save(args.dst, cfg, params, args.dtype or stored, tokenizer)
+    finally:
+        if getattr(params, "source", None) is not None:
+            params.source.close()
+    print(f"wrote {args.dst} ({args.dtype or stored}, {time.perf_counter() - t0:.1f} s); load it "
+          f"with LLM.from_pretrained({args.dst!r}) or jax-sp generate --model {args.dst}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-sp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pp", type=int, default=1)
     gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"))
     gen.add_argument("--comm", default="xla", choices=("xla", "ring"))
-    gen.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                     help="default: the checkpoint's (GGUF: float32)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--max-seq-len", type=int, default=2048)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -95,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     gen.set_defaults(run=_generate)
+
+    conv = sub.add_parser("convert", help="write a model as an Orbax checkpoint")
+    conv.add_argument("src", help="smollm2 (embedded), a GGUF file or an HF folder")
+    conv.add_argument("dst", help="a new folder")
+    conv.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                      help="default: the source's (GGUF: float32)")
+    conv.set_defaults(run=_convert)
     return p
 
 

@@ -107,14 +107,23 @@ class LLM:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2", *,
-                        parallel: ParallelConfig | None = None, dtype="float32",
-                        max_seq_len: int = 2048):
-        """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file or an HF folder."""
+                        parallel: ParallelConfig | None = None, dtype: str | None = None,
+                        max_seq_len: int = 2048, progress: bool | None = None):
+        """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face folder
+        (config.json + *.safetensors) or a folder written by `jax-sp convert` (Orbax). Each
+        device reads its own shard from disk; dtype None keeps the checkpoint's (bfloat16 stays
+        bfloat16; GGUF dequantizes to float32). progress: a line on stderr (default: when
+        stderr is a terminal)."""
         from bridges.pretrained import load_pretrained
 
-        cfg, params, tokenizer = load_pretrained(name_or_path)
-        return cls(cfg, params, parallel=parallel, dtype=dtype, max_seq_len=max_seq_len,
-                   tokenizer=tokenizer)
+        cfg, params, tokenizer, stored = load_pretrained(name_or_path, progress)
+        try:
+            return cls(cfg, params, parallel=parallel, dtype=dtype or stored,
+                       max_seq_len=max_seq_len, tokenizer=tokenizer)
+        finally:
+            source = getattr(params, "source", None)
+            if source is not None:
+                source.close()
 
     # -- inputs --------------------------------------------------------------------------------
 

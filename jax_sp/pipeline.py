@@ -52,6 +52,8 @@ def stage_params(host_params: dict, rt: Runtime) -> dict:
     """The host parameters stage `rt.stage` needs: its slice of the stacked layers, plus the
     embedding / final norm / head where it has them."""
     start, end = rt.stage.start, rt.stage.end
+    if hasattr(host_params, "build") or hasattr(host_params, "restore"):  # lazy checkpoints
+        return host_params
     return {path: (host_params[path][start:end] if path.startswith("layers/")
                    else host_params[path]) for path in rt.param_names}
 

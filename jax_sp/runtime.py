@@ -118,16 +118,32 @@ class Runtime:
             var.get_value().shape, var.get_value().dtype,
             sharding=self.sharding_of(self.param_names[path])))
 
-    def place(self, host_params: dict[str, np.ndarray]):
-        """Pad (plan), cast and put each host parameter straight onto its target sharding."""
+    def place(self, host_params):
+        """Pad (plan), cast and put each host parameter straight onto its target sharding.
+        host_params: unpadded arrays by parameter path, or a lazy checkpoint
+        (`bridges.checkpoint.LazyParams`) that builds each device's block from disk."""
         expected = set(self.param_names)
         missing, unexpected = expected - set(host_params), set(host_params) - expected
+        if hasattr(host_params, "build") or hasattr(host_params, "restore"):
+            unexpected = set()  # a checkpoint holds every stage's parameters
         if missing or unexpected:
             raise ValueError(f"parameters do not match the model: missing {sorted(missing)}, "
                              f"unexpected {sorted(unexpected)}")
+        if hasattr(host_params, "restore"):  # an Orbax checkpoint (bridges/orbax_io.py)
+            targets = {path: (self.param_names[path], var.get_value().shape,
+                              self.sharding_of(self.param_names[path]))
+                       for path, var in ((path_str(p), v) for p, v in
+                                         nnx.to_flat_state(self._abstract_state))}
+            arrays = host_params.restore(targets, self.plan, self.dtype,
+                                         (self.stage.start, self.stage.end))
+            return self._map_state(lambda path, var: arrays[path])
 
         def put(path, var):
             names = self.param_names[path]
+            if hasattr(host_params, "build"):  # a lazy checkpoint (bridges/checkpoint.py)
+                return host_params.build(path, names, self.plan, var.get_value().shape,
+                                         self.sharding_of(names), self.dtype,
+                                         layer_offset=self.stage.start)
             x = pad_param(np.asarray(host_params[path]), names, self.plan)
             want = var.get_value().shape
             if x.shape != want:

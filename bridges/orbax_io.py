@@ -1,0 +1,136 @@
+"""jax-sp checkpoints in Orbax: `jax-sp convert SRC DST` writes one, `from_pretrained` reads it.
+
+Layout of DST: `jax_sp.json` (the ModelConfig and the parameter dtype), `params/` (an Orbax
+StandardCheckpointer tree of the unpadded, layer-stacked parameters, nested by path), and
+`tokenizer/` when the source had one. Restoring asks Orbax for each parameter directly in its
+target sharding, so every device reads its own shard, wherever the parameter needs no padding for
+this tp and the whole layer stack is wanted (pp=1); other parameters (padded heads, vocabulary or
+MLP; a pipeline stage's layer range) come through host memory one parameter at a time and are
+padded and placed like any other weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+
+from models.config import ModelConfig, RopeScaling
+from sharding.padding import pad_param
+
+MARKER = "jax_sp.json"
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MARKER))
+
+
+def _nest(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else k
+        out.update(_flatten(v, path) if isinstance(v, dict) else {path: v})
+    return out
+
+
+def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None:
+    """Write `params` (a LazyParams or a dict of unpadded arrays) as an Orbax checkpoint in dst,
+    one parameter at a time through the host's CPU device."""
+    import orbax.checkpoint as ocp
+
+    if os.path.exists(dst) and os.listdir(dst):
+        raise ValueError(f"{dst} exists and is not empty; choose a new folder")
+    os.makedirs(dst, exist_ok=True)
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    np_dtype = np.dtype(jax.numpy.dtype(dtype))
+    flat = {}
+    for path in params.keys():
+        if hasattr(params, "build"):
+            e = params.entries[path]
+            shape = params.unpadded_shape(path)
+            names = ("layers",) + tuple(e["dims"]) if len(shape) > len(e["dims"]) else tuple(
+                e["dims"])
+            flat[path] = params.build(path, names, None, shape, cpu, np_dtype)
+        else:
+            flat[path] = jax.device_put(np.asarray(params[path]).astype(np_dtype), cpu)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.abspath(os.path.join(dst, "params")), _nest(flat))
+    config = dataclasses.asdict(cfg)
+    json.dump({"format": 1, "dtype": dtype, "config": config},
+              open(os.path.join(dst, MARKER), "w"), indent=1)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
+
+
+def open_checkpoint(path: str):
+    """-> (ModelConfig, OrbaxParams, dtype name) for a folder written by `save`."""
+    meta = json.load(open(os.path.join(path, MARKER)))
+    c = dict(meta["config"])
+    if c.get("rope_scaling"):
+        c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
+    cfg = ModelConfig(**c)
+    return cfg, OrbaxParams(os.path.abspath(os.path.join(path, "params"))), meta["dtype"]
+
+
+class OrbaxParams:
+    """The parameters of an Orbax checkpoint, restored by `Runtime.place` through `restore`."""
+
+    def __init__(self, directory: str):
+        import orbax.checkpoint as ocp
+
+        self.directory = directory
+        with ocp.StandardCheckpointer() as ckpt:
+            meta = ckpt.metadata(directory)
+        tree = getattr(meta, "item_metadata", None) or meta
+        tree = getattr(tree, "tree", tree)
+        self.meta = _flatten(dict(tree))
+
+    def keys(self):
+        return self.meta.keys()
+
+    def __iter__(self):
+        return iter(self.meta)
+
+    def restore(self, targets: dict, plan, dtype, layers: tuple[int, int]) -> dict:
+        """targets: path -> (names, padded shape, sharding) -> {path: device array}."""
+        import orbax.checkpoint as ocp
+
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        start, end = layers
+        abstract, direct = {}, {}
+        for path, m in self.meta.items():
+            shape, stored = tuple(m.shape), np.dtype(m.dtype)
+            want = targets.get(path)
+            whole = want is not None and (not want[0] or want[0][0] != "layers" or (
+                start == 0 and end == shape[0]))
+            direct[path] = want is not None and whole and tuple(want[1]) == shape
+            sharding = want[2] if direct[path] else cpu
+            abstract[path] = jax.ShapeDtypeStruct(shape, stored, sharding=sharding)
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = _flatten(ckpt.restore(self.directory, _nest(abstract)))
+        out = {}
+        for path, (names, shape, sharding) in targets.items():
+            x = restored.pop(path)
+            if direct[path]:
+                out[path] = x.astype(dtype) if x.dtype != dtype else x
+                continue
+            host = np.asarray(x)
+            del x
+            if names and names[0] == "layers":
+                host = host[start:end]
+            out[path] = jax.device_put(pad_param(host, names, plan).astype(dtype), sharding)
+        return out
