@@ -386,10 +386,7 @@ class LazyParams:
         """The target letters that the stored tensor's rows and columns hold."""
         if len(shape) == 1:
             return dims, ""
-        if transpose:  # stored [out, in] = target [in..., out...]
-            cols, rows = shape[1], shape[0]
-        else:
-            rows, cols = shape[0], shape[1]
+        rows = shape[0]  # stored [out, in]; transposed, the target is [in..., out...]
         acc, cut = 1, 0
         letters = dims if not transpose else dims[::-1]
         while acc < rows:  # rows are the leading letters in stored order
@@ -426,19 +423,31 @@ class LazyParams:
     def build(self, path: str, names: tuple, plan, shape, sharding, dtype,
               layer_offset: int = 0) -> jax.Array:
         """The padded parameter `path` of global `shape` as a device array with `sharding`;
-        for stacked parameters, layers [layer_offset, layer_offset + shape[0])."""
+        for stacked parameters, layers [layer_offset, layer_offset + shape[0]).
+
+        One device at a time: its block is filled in place (layer by layer for stacked
+        parameters), copied to the device and dropped before the next device's is read, so the
+        host holds at most one device block beyond what is already placed."""
         e = self.entries[path]
         stacked = names[0] == "layers"
         dtype = np.dtype(dtype)
-
-        def callback(index):
-            if not stacked:
-                return self.block(e["keys"][0], e["dims"], e["transpose"], plan, index, dtype)
-            layers = range(*index[0].indices(shape[0]))
-            return np.stack([self.block(e["keys"][layer_offset + i], e["dims"], e["transpose"],
-                                        plan, index[1:], dtype) for i in layers])
-
-        out = jax.make_array_from_callback(tuple(shape), sharding, callback)
+        shards = []
+        for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+            sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
+            host = np.empty(sizes, dtype)
+            if stacked:
+                layers = range(*index[0].indices(shape[0]))
+                for i, layer in enumerate(layers):
+                    host[i] = self.block(e["keys"][layer_offset + layer], e["dims"],
+                                         e["transpose"], plan, index[1:], dtype)
+            else:
+                host[...] = self.block(e["keys"][0], e["dims"], e["transpose"], plan, index,
+                                       dtype)
+            shard = jax.device_put(host, device)
+            shard.block_until_ready()
+            del host
+            shards.append(shard)
+        out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards)
         keys = e["keys"][layer_offset: layer_offset + shape[0]] if stacked else e["keys"]
         self.progress.step(sum(math.prod(self.source.shapes[k]) * self.source.dtypes[k].itemsize
                                for k in keys))

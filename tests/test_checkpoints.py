@@ -1,0 +1,213 @@
+"""Checkpoints on disk: safetensors folders, GGUF files and Orbax, streamed to device shards."""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from bridges.checkpoint import CheckpointError
+from conftest import random_prompts
+from gguf_writer import quantize_like_gguf, write_gguf
+from jax_sp import LLM, ParallelConfig
+from jax_sp.cli import main as cli
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import load_checkpoint  # noqa: E402
+
+
+def tiny_llama(tie=False, hidden=64, inter=96, heads=4, kv=2, head_dim=16, vocab=96, seed=0):
+    hc = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                  num_hidden_layers=3, num_attention_heads=heads,
+                                  num_key_value_heads=kv, head_dim=head_dim,
+                                  tie_word_embeddings=tie)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(hc).eval()
+
+
+def logits_close(llm, ref_logits, prompts, tol=1e-5):
+    for got, want in zip(llm.logits(prompts), ref_logits):
+        assert np.abs(got - want).max() <= tol * max(1.0, np.abs(want).max())
+
+
+@pytest.fixture(scope="module")
+def odd_model(tmp_path_factory):
+    """An untied model whose heads (6 query / 2 KV) and vocabulary (101) tp 4 must pad, saved
+    as several safetensors shards."""
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    folder = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(folder, max_shard_size="60KB")
+    prompts = random_prompts(101, (7, 12), seed=3)
+    return model, str(folder), prompts, LLM.from_torch(model).logits(prompts)
+
+
+def test_checkpoint_is_sharded(odd_model):
+    _, folder, _, _ = odd_model
+    shards = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    assert len(shards) >= 2 and os.path.exists(os.path.join(folder,
+                                                            "model.safetensors.index.json"))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_safetensors_folder_equals_from_torch(odd_model, tp):
+    _, folder, prompts, ref = odd_model
+    llm = LLM.from_pretrained(folder, parallel=ParallelConfig(tp=tp, sp="on"))
+    logits_close(llm, ref, prompts)
+
+
+def test_safetensors_pipeline_stages_read_their_layers(odd_model):
+    _, folder, prompts, ref = odd_model
+    llm = LLM.from_pretrained(folder, parallel=ParallelConfig(tp=2, pp=2, sp="on"))
+    logits_close(llm, ref, prompts)
+
+
+def test_each_device_holds_only_its_shard(odd_model):
+    _, folder, _, _ = odd_model
+    llm = LLM.from_pretrained(folder, parallel=ParallelConfig(tp=4))
+    q = llm.state["layers"]["attn"]["w_q_dnh"][...]
+    assert q.shape[2] == 12  # 6 heads padded to 12 for tp 4
+    assert {s.data.shape[2] for s in q.addressable_shards} == {3}
+
+
+def test_bf16_checkpoint_stays_bf16(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=2))
+    assert np.dtype(llm.runtime.dtype).name == "bfloat16"
+    assert {str(x.dtype) for x in jax_leaves(llm.state)} == {"bfloat16"}
+    want = LLM.from_torch(model, dtype="bfloat16", parallel=ParallelConfig(tp=2))
+    prompts = random_prompts(96, (9,), seed=1)
+    np.testing.assert_array_equal(llm.logits(prompts)[0], want.logits(prompts)[0])
+
+
+def jax_leaves(state):
+    import jax
+
+    return jax.tree.leaves(state)
+
+
+@pytest.mark.parametrize("qtype", [gguf.GGMLQuantizationType.F32,
+                                   gguf.GGMLQuantizationType.Q8_0])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gguf_file_equals_from_torch(tmp_path, qtype, tp):
+    model = tiny_llama()
+    path = str(tmp_path / f"tiny-{qtype.name}.gguf")
+    write_gguf(model, path, qtype)
+    # the reference: the same weights after the quantization round trip
+    ref_model = copy.deepcopy(model)
+    ref_model.load_state_dict({k: torch.tensor(quantize_like_gguf(v.float().numpy(), qtype))
+                               for k, v in model.state_dict().items()})
+    prompts = random_prompts(96, (8, 11), seed=4)
+    llm = LLM.from_pretrained(path, parallel=ParallelConfig(tp=tp, sp="on"))
+    logits_close(llm, LLM.from_torch(ref_model).logits(prompts), prompts)
+
+
+def test_embedded_gguf_read_directly_equals_transformers(smollm2):
+    """The real Q8_0 file: our reader (gguf dequantization, llama.cpp q/k order undone) gives
+    the logits of transformers' own GGUF loader."""
+    cfg, params, _, module = smollm2
+    prompts = random_prompts(cfg.vocab_size, (9,), seed=5)
+    want = LLM(cfg, params).logits(prompts)[0]
+    got = LLM.from_pretrained("smollm2").logits(prompts)[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
+def test_orbax_round_trip(odd_model, tmp_path_factory, tp, pp):
+    _, folder, prompts, ref = odd_model
+    dst = str(tmp_path_factory.mktemp("orbax") / "ckpt")
+    assert cli(["convert", folder, dst]) == 0
+    llm = LLM.from_pretrained(dst, parallel=ParallelConfig(tp=tp, pp=pp, sp="on"))
+    logits_close(llm, ref, prompts)
+
+
+def test_peak_memory_of_a_1gb_load_stays_under_model_plus_largest_tensor(tmp_path):
+    """A ~1 GB bf16 checkpoint at tp 4: the loading process never holds more than the loaded
+    parameters plus 1.3x the largest tensor (never two copies of the model)."""
+    info = load_checkpoint.write_checkpoint(str(tmp_path / "big"), gb=1.0)
+    assert info["bytes"] > 0.9e9
+    r = load_checkpoint.measure(str(tmp_path / "big"), tp=4)
+    assert r["dtype"] == "bfloat16"
+    assert r["loaded_bytes"] >= info["bytes"]
+    assert r["above_before"] <= r["loaded_bytes"] + 1.3 * info["largest"], r
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    tiny_llama().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        LLM.from_pretrained(str(tmp_path))
+
+
+def test_missing_tensor_names_key_and_parameter(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if k != "model.layers.1.mlp.up_proj.weight"}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError,
+                       match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight \(for "
+                             r"layers/mlp/w_up_df\)"):
+        LLM.from_pretrained(str(tmp_path))
+
+
+def test_wrong_shape_names_key_and_parameter(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(24, 64)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \(24, 64\).*"
+                                              r"layers/attn/w_k_dkh"):
+        LLM.from_pretrained(str(tmp_path))
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tiny_llama()
+    model.config.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["model.layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected.*mlp\.extra\.weight"):
+        LLM.from_pretrained(str(tmp_path))
+
+
+def test_unknown_architecture_lists_the_supported(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'gpt2'.*LlamaForCausalLM.*"
+                                         r"MistralForCausalLM.*Qwen2ForCausalLM"):
+        LLM.from_pretrained(str(tmp_path))
+
+
+def test_truncated_gguf_names_the_file(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_llama(), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"tiny\.gguf"):
+        LLM.from_pretrained(str(path))
+
+
+def test_convert_refuses_a_non_empty_destination(odd_model, tmp_path, capsys):
+    _, folder, _, _ = odd_model
+    (tmp_path / "keep.txt").write_text("mine")
+    assert cli(["convert", folder, str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
