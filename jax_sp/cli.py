@@ -1,4 +1,4 @@
-"""The `jax-sp` command line: generate, inspect, convert.
+"""The `jax-sp` command line: generate, inspect, convert, launch-local.
 
 On a CPU-only machine, simulated devices must be requested before jax is imported, so this
 module parses arguments first and imports jax (through jax_sp) only afterwards.
@@ -41,7 +41,11 @@ def _inspect(args) -> int:
 
 
 def _generate(args) -> int:
-    ensure_devices(args.tp * args.pp)
+    from jax_sp.distributed import initialize
+
+    multi = initialize(args.coordinator, args.num_processes, args.process_id)
+    if not multi:
+        ensure_devices(args.tp * args.pp)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -52,15 +56,31 @@ def _generate(args) -> int:
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
                               max_seq_len=args.max_seq_len)
+    import jax
+
+    show = jax.process_index() == 0  # every process computes; one prints
     for piece in llm.stream(args.prompt, sampling, chat=not args.no_chat):
-        print(piece, end="", flush=True)
+        if show:
+            print(piece, end="", flush=True)
     s = llm.last_stats
-    print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
+    hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    if show:
+        print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
           f"{s.prompt_tokens} tokens {s.prefill_s * 1e3:.0f} ms (sp={'on' if s.prefill_sp else 'off'})"
           f" | decode {s.decode_s * 1e3:.0f} ms (sp={'on' if s.decode_sp else 'off'}) | compile "
           f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.runtime.mesh.size} "
-          f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s)]", flush=True)
+          f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s){hosts}]", flush=True)
     return 0
+
+
+def _launch_local(args) -> int:
+    from jax_sp.distributed import launch_local
+
+    argv = args.argv
+    if not argv:
+        raise ValueError("launch-local needs a command to run, e.g. jax-sp launch-local 2 -- "
+                         "generate \"Hi\" --tp 8")
+    return launch_local(args.processes, argv, args.devices_per_process, args.timeout)
 
 
 def _convert(args) -> int:
@@ -116,7 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
+    gen.add_argument("--num-processes", type=int, default=None)
+    gen.add_argument("--process-id", type=int, default=None)
     gen.set_defaults(run=_generate)
+
+    ll = sub.add_parser("launch-local", help="run a jax-sp command as N processes of one "
+                        "jax.distributed job on this machine (for testing)")
+    ll.add_argument("processes", type=int)
+    ll.add_argument("--devices-per-process", type=int, default=None,
+                    help="simulated CPU devices for each process")
+    ll.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
+    ll.add_argument("argv", nargs="*", help="after --: the command, e.g. -- generate \"Hi\"")
+    ll.set_defaults(run=_launch_local)
 
     conv = sub.add_parser("convert", help="write a model as an Orbax checkpoint")
     conv.add_argument("src", help="smollm2 (embedded), a GGUF file or an HF folder")
@@ -128,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = []
+    if argv[:1] == ["launch-local"] and "--" in argv:  # the launched command is not ours to parse
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
     args = build_parser().parse_args(argv)
+    if command:
+        args.argv = command
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError) as e:

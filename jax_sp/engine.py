@@ -195,7 +195,8 @@ class LLM:
         prompts = self._check_ids(prompts, chat=False)
         tokens, positions, lengths = self._pack(prompts)
         sp = self.parallel.use_sp(tokens.size)
-        logits = np.asarray(self.pipeline.logits(tokens, positions, lengths, sp)).reshape(*tokens.shape, -1)
+        logits = self.pipeline.to_host(self.pipeline.logits(tokens, positions, lengths, sp))
+        logits = logits.reshape(*tokens.shape, -1)
         return [logits[b, :n] for b, n in enumerate(lengths)]
 
     def embed(self, prompts) -> list[np.ndarray]:
@@ -203,7 +204,7 @@ class LLM:
         `generate(prompt_embeds=...)` takes."""
         prompts = self._check_ids(prompts, chat=False)
         table = self.state["embed_vd"][...]
-        return [np.asarray(self._embed(table, self._put(np.array(p, np.int32))))
+        return [self.pipeline.to_host(self._embed(table, self._put(np.array(p, np.int32))))
                 for p in prompts]
 
     def residual_stream(self, prompts, sp: bool):
@@ -297,7 +298,7 @@ class LLM:
                 self._put(np.float32(sampling.top_p)))
         out, _ = self.programs.run("decode", lambda: decode_loop_fn(
             self.runtime, static, steps), static, args, variant=steps)
-        return np.asarray(out)
+        return self.pipeline.to_host(out)
 
     def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
                  prompt_embeds=None, chat: bool = True, _rows_for_rank=tp_rank_rows):
@@ -315,13 +316,13 @@ class LLM:
             out = np.zeros((job.batch, 0), np.int32)
             if sampling.max_new_tokens > 1:
                 out = self._decode_loop(job, sampling, token, cache, key, stop)
-            first = np.asarray(token)
+            first = self.pipeline.to_host(token)
         else:
             steps = self.pipeline.steps(job, sampling, _rows_for_rank)
             firsts = jax.block_until_ready(next(steps))
             t1, c1 = time.perf_counter(), self._compile_s()
-            rest = [np.concatenate([np.asarray(t) for t in step]) for step in steps]
-            first = np.concatenate([np.asarray(t) for t in firsts])
+            rest = [np.concatenate([self.pipeline.to_host(t) for t in step]) for step in steps]
+            first = np.concatenate([self.pipeline.to_host(t) for t in firsts])
             out = np.array(rest, np.int32).T.reshape(job.batch, len(rest))
         t2, c2 = time.perf_counter(), self._compile_s()
 
@@ -375,13 +376,13 @@ class LLM:
         """Row 0's tokens one at a time, as host ints."""
         if self.parallel.pp > 1:
             for step in self.pipeline.steps(job, sampling):
-                yield int(np.asarray(step[0])[0])
+                yield int(self.pipeline.to_host(step[0])[0])
             return
         token, cache, key = self._prefill(job, sampling)
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
                         generate_programs.DECODE_UNROLL)
         pos = self._put(job.kv_len)
-        yield int(np.asarray(token)[0])
+        yield int(self.pipeline.to_host(token)[0])
         for step in range(1, sampling.max_new_tokens):
             args = (self.state, cache, token, pos, self._put(key), self._put(np.int32(step)),
                     self._put(np.float32(max(sampling.temperature, 1e-6))),
@@ -389,4 +390,4 @@ class LLM:
             token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
                 self.runtime, static), static, args)
             pos = pos + 1
-            yield int(np.asarray(token)[0])
+            yield int(self.pipeline.to_host(token)[0])

@@ -21,7 +21,7 @@ import numpy as np
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
 from jax_sp import generate as generate_programs
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
-from jax_sp.runtime import Runtime, Stage
+from jax_sp.runtime import Runtime, Stage, to_host
 from sharding.boundary import receive, send
 from sharding.mesh import make_mesh, stage_mesh
 from sharding.tokens import place_token_rows, tp_rank_rows
@@ -81,6 +81,10 @@ class Pipeline:
         moved = send(carry, rt.carry_sharding())
         return receive(moved, rt.mesh, sp, self.parallel.pp_boundary,
                        self.receive_rows_for_rank, self.gather_residual)
+
+    def to_host(self, x) -> np.ndarray:
+        """An output as numpy, the same on every process (see runtime.to_host)."""
+        return to_host(x, [st.runtime.mesh for st in self.stages])
 
     # -- prefill logits -----------------------------------------------------------------------
 
@@ -155,6 +159,6 @@ class Pipeline:
         """-> (first tokens [B], later tokens [B, max_new_tokens - 1]) as host arrays, with one
         host sync at the end."""
         steps = list(self.steps(job, sampling, rows_for_rank))
-        tokens = np.array([np.concatenate([np.asarray(t) for t in step]) for step in steps],
+        tokens = np.array([np.concatenate([self.to_host(t) for t in step]) for step in steps],
                           np.int32).T  # [B, max_new_tokens]
         return tokens[:, 0], tokens[:, 1:]

@@ -226,7 +226,9 @@ class Runtime:
                         **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
             if out.carry is not None:
                 return self.constrain_carry(out.carry), out.residuals
-            return out.logits[:, :vocab].astype(jnp.float32), out.residuals
+            logits = out.logits[:, :vocab].astype(jnp.float32)
+            # replicated: every process can then be handed the same copy (jax.distributed)
+            return jax.lax.with_sharding_constraint(logits, self.sharding_of(())), out.residuals
 
         return self.jit(run, sp)
 
@@ -247,6 +249,32 @@ class Runtime:
             inputs = (row, row)
         fn = self.prefill_logits(sp, False, last_only, "tokens" if self.stage.first else "carry")
         return fn.compile(self.abstract_state(), inputs, ids, lengths)
+
+
+def to_host(x, meshes=()) -> np.ndarray:
+    """A device array as numpy on this process. Under jax.distributed an output may span other
+    processes' devices or live on other hosts only (a last pipeline stage's): it is replicated
+    over its own devices and then copied to each mesh in `meshes` (every process makes the same
+    calls), so every process gets the same value."""
+    if not isinstance(x, jax.Array) or jax.process_count() == 1:
+        return np.asarray(x)
+    replicated = jax.sharding.PartitionSpec()
+    owners = {d.process_index for d in x.sharding.device_set}
+    if len(owners) == jax.process_count():  # every process holds part of it
+        if not x.is_fully_replicated:
+            x = jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh, replicated))
+        return np.asarray(x.addressable_shards[0].data)
+    if not x.is_fully_replicated:
+        raise ValueError("an output that lives on some processes only must be replicated over "
+                         "its devices before it can be shared")
+    # every process makes the same copies, in the same order (multi-controller)
+    copies = [x] + [jax.device_put(x, jax.sharding.NamedSharding(m, replicated))
+                    for m in meshes if set(m.devices.flat) != set(x.sharding.device_set)]
+    for c in copies:
+        if c.addressable_shards:
+            return np.asarray(c.addressable_shards[0].data)
+    raise RuntimeError("this process holds none of the output's devices and no mesh to copy "
+                       "it to; every process must own devices of some pipeline stage")
 
 
 def input_key(args) -> tuple:

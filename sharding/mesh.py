@@ -14,7 +14,9 @@ AXES = ("pp", "tp")
 
 
 def make_mesh(tp: int, pp: int = 1, devices=None) -> Mesh:
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:  # process by process: a tp row stays inside one host when it fits
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    devices = list(devices)
     if tp * pp > len(devices):
         raise ValueError(
             f"tp*pp = {tp}*{pp} = {tp * pp} devices are needed but only {len(devices)} "

@@ -1,0 +1,76 @@
+"""jax-sp on jax.distributed: 2 processes x 4 CPU devices on loopback, gloo collectives.
+
+The tests start the processes themselves (tests/multihost_worker.py), stop them all if one dies
+or the job outlives its timeout, and compare what every process returned."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import _build, hf_greedy, hf_logits, random_prompts
+from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp.distributed import free_port, wait_all
+
+WORKER = Path(__file__).with_name("multihost_worker.py")
+
+
+def run_job(tmp_path, scenario, n=2, timeout=240):
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-u", str(WORKER), str(port), str(n), str(i),
+                               scenario, str(tmp_path / f"out{i}.json")],
+                              stdout=open(tmp_path / f"log{i}.txt", "w"),
+                              stderr=subprocess.STDOUT) for i in range(n)]
+    code = wait_all(procs, timeout)
+    logs = "\n".join((tmp_path / f"log{i}.txt").read_text()[-2000:] for i in range(n))
+    return code, [json.load(open(tmp_path / f"out{i}.json")) if code == 0 else None
+                  for i in range(n)], logs
+
+
+def test_tp8_across_two_processes_matches_hf_and_one_process(tmp_path):
+    code, outs, logs = run_job(tmp_path, "tp8")
+    assert code == 0, logs
+    assert [o["process"] for o in outs] == [0, 1]
+    assert all(o["devices"] == 8 and o["local"] == 4 for o in outs)
+    assert outs[0]["tokens"] == outs[1]["tokens"] and outs[0]["logits"] == outs[1]["logits"]
+
+    model = _build("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 11), seed=7)
+    for got, want in zip(outs[0]["logits"], hf_logits(model, prompts)):
+        np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-4)
+    assert outs[0]["tokens"] == hf_greedy(model, prompts, 6)
+    single = LLM.from_torch(model, parallel=ParallelConfig(tp=8, sp="on"))
+    assert outs[0]["tokens"] == [c.token_ids for c in single.generate(
+        prompts, SamplingParams(max_new_tokens=6))]
+    for got, want in zip(outs[0]["logits"], single.logits(prompts)):
+        np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dying_process_fails_the_job_without_hanging(tmp_path):
+    code, _, _ = run_job(tmp_path, "die", timeout=120)
+    assert code != 0
+
+
+def test_coordinator_flags_go_together():
+    from jax_sp.distributed import initialize
+
+    with pytest.raises(ValueError, match="go together"):
+        initialize("127.0.0.1:1234", None, None)
+
+
+def test_launch_local_runs_the_cli_as_two_processes():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "jax_sp.cli", "launch-local", "2", "--devices-per-process", "4",
+         "--timeout", "240", "--", "generate", "What is the capital of France?", "--tp", "8",
+         "--sp", "on", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300,
+        env=env, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "The capital of France is Paris." in out.stdout
+    assert "tp=8" in out.stdout and "on 8 CPU device(s) in 2 processes" in out.stdout
+    assert out.stdout.count("The capital of France") == 1  # process 1 computes, silently
