@@ -48,11 +48,6 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     if os.environ.get("JAX_PLATFORMS", "") == "cpu" or not _has_accelerator():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        # pipeline hops between hosts are cross-host device_puts: XLA:CPU needs a transfer
-        # socket (DCN transfers) for them
-        host = "127.0.0.1" if coordinator and coordinator.startswith(("127.", "localhost")) \
-            else socket.gethostbyname(socket.gethostname())
-        jax.config.update("jax_cross_host_transfer_socket_address", f"{host}:0")
     if all(given):
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:

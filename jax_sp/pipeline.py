@@ -23,6 +23,7 @@ from jax_sp import generate as generate_programs
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, Stage, to_host
 from sharding.boundary import receive, send
+from sharding.transfer import move
 from sharding.mesh import make_mesh, stage_mesh
 from sharding.tokens import place_token_rows, tp_rank_rows
 
@@ -143,7 +144,8 @@ class Pipeline:
         pos = [[self._put(s, job.kv_len[r]) for r in rows] for s in range(len(self.stages))]
         for step in range(1, sampling.max_new_tokens):
             for i in range(m):
-                x = self._put(0, tokens[i])  # last stage -> first stage, device to device
+                # last stage -> first stage, device to device
+                x = move(tokens[i], self.stages[0].runtime.sharding_of(()))
                 for s, st in enumerate(self.stages):
                     args = (st.state, caches[s][i], x, pos[s][i], scalars[s][0],
                             self._put(s, np.int32(step)), *scalars[s][1:])

@@ -22,6 +22,7 @@ from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh
 from sharding.padding import pad_param, plan_padding
 from sharding.rules import RULES, named
+from sharding.transfer import move
 from sharding.xla_options import collective_matmul_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -268,7 +269,7 @@ def to_host(x, meshes=()) -> np.ndarray:
         raise ValueError("an output that lives on some processes only must be replicated over "
                          "its devices before it can be shared")
     # every process makes the same copies, in the same order (multi-controller)
-    copies = [x] + [jax.device_put(x, jax.sharding.NamedSharding(m, replicated))
+    copies = [x] + [move(x, jax.sharding.NamedSharding(m, replicated))
                     for m in meshes if set(m.devices.flat) != set(x.sharding.device_set)]
     for c in copies:
         if c.addressable_shards:

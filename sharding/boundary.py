@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from sharding.tokens import tp_rank_rows
+from sharding.transfer import move
 
 POLICIES = ("scattered", "gather")
 
@@ -31,7 +32,7 @@ POLICIES = ("scattered", "gather")
 def send(carry, sharding):
     """Move each token-sharded tensor of `carry` (hidden, residual) onto the next stage's
     devices; the result has the same type as carry."""
-    return type(carry)(*(jax.device_put(c, sharding) for c in carry))
+    return type(carry)(*(move(c, sharding) for c in carry))
 
 
 @functools.cache

@@ -25,7 +25,6 @@ initialize(f"127.0.0.1:{port}", n, pid)
 import jax  # noqa: E402
 
 jax.devices()  # start the backend with 4 devices before conftest's flags are imported
-import numpy as np  # noqa: E402
 
 from conftest import _build, random_prompts  # noqa: E402
 from jax_sp import LLM, ParallelConfig, SamplingParams  # noqa: E402

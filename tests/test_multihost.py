@@ -49,6 +49,22 @@ def test_tp8_across_two_processes_matches_hf_and_one_process(tmp_path):
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
 
 
+def test_one_pipeline_stage_per_process_gives_the_same_greedy_tokens(tmp_path):
+    """tp 4 x pp 2: stage 0 on process 0's devices, stage 1 on process 1's; the stage hops and
+    the tokens fed back to stage 0 cross processes."""
+    code, outs, logs = run_job(tmp_path, "tp4pp2")
+    assert code == 0, logs
+    assert outs[0]["tokens"] == outs[1]["tokens"] and outs[0]["logits"] == outs[1]["logits"]
+    model = _build("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 11), seed=7)
+    assert outs[0]["tokens"] == hf_greedy(model, prompts, 6)
+    single = LLM.from_torch(model, parallel=ParallelConfig(tp=4, pp=2, sp="on"))
+    assert outs[0]["tokens"] == [c.token_ids for c in single.generate(
+        prompts, SamplingParams(max_new_tokens=6))]
+    for got, want in zip(outs[0]["logits"], hf_logits(model, prompts)):
+        np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-4)
+
+
 def test_a_dying_process_fails_the_job_without_hanging(tmp_path):
     code, _, _ = run_job(tmp_path, "die", timeout=120)
     assert code != 0
