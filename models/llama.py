@@ -21,6 +21,8 @@ from models.cache import KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
 
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _MASKED = -1e30  # finite, so a row whose keys are all masked gives a uniform softmax, not NaN
 
 
@@ -236,7 +238,7 @@ class Llama(nnx.Module):
     def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None, carry=None,
                  cache: KVCache | None = None, rows_r=None, layout: Layout = DENSE,
                  collect_residuals: bool = False, fresh: bool = False, attention: str = "xla",
-                 unroll: int = 1) -> Output:
+                 unroll: int = 1, remat: str = "none") -> Output:
         """One forward over B sequences of T tokens each (padded; see `attend` for the mask).
 
         positions_bt: absolute position of each token; kv_len_b: valid keys per sequence after
@@ -269,6 +271,8 @@ class Llama(nnx.Module):
                 attention)
             return (hidden, residual, kv), hidden + residual if collect_residuals else None
 
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         layers = jnp.arange(jax.tree.leaves(layer_state)[0].shape[0])
         (hidden_td, residual_td, kv), residuals = jax.lax.scan(
             body, (hidden_td, residual_td, cache), (layer_state, layers), unroll=unroll)

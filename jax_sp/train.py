@@ -1,0 +1,151 @@
+"""Training on the serving layout: a jitted optax train step under tp and sp (pp=1).
+
+The model, the rules tables and the padding plan are the serving ones, so a checkpoint is tuned
+and served with the same layout. Under SP the residual stream, norms and their activations live
+token-sharded through the backward pass too, which is where Megatron's SP saves activation
+memory (Korthikanti et al., 2022); `remat` picks what the backward pass recomputes:
+
+- "none": keep every activation;
+- "full": keep each layer's input only, recompute the layer;
+- "selective": keep the projections' matmul outputs, recompute norms, activations and attention.
+
+Loss: next-token cross-entropy, `loss_mask[b, t]` saying whether token t is a target (so
+prompts or padding can be left out). Optimizer: AdamW with linear warm-up then cosine decay and
+global-norm clipping; its state is created from the parameters inside jit, so it is sharded like
+them. Padded heads, vocabulary and MLP columns are zeros and get zero gradients; KV heads that
+tp replicates get the sum of their replicas' gradients, so the replicas stay equal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_sp.runtime import Runtime, path_str
+
+REMAT = ("none", "full", "selective")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 1e-4
+    warmup_steps: int = 10
+    total_steps: int = 1000
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT:
+            raise ValueError(f"TrainConfig.remat must be one of {REMAT}, got {self.remat!r}")
+        if self.warmup_steps < 0 or self.total_steps < 1 or self.total_steps < self.warmup_steps:
+            raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
+                             f"{self.warmup_steps} and {self.total_steps}")
+
+
+def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, tc.learning_rate, max(tc.warmup_steps, 1), tc.total_steps)
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                       optax.adamw(schedule, weight_decay=tc.weight_decay))
+
+
+def loss_fn(rt: Runtime, sp: bool, remat: str, state, tokens_bt, loss_mask_bt):
+    """Mean next-token cross-entropy over the masked targets."""
+    model = nnx.merge(rt.graphdef, state)
+    b, t = tokens_bt.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    out = model(positions, jnp.full((b,), t, jnp.int32), tokens_bt=tokens_bt,
+                layout=rt.layout(sp), fresh=True, remat=remat)
+    logits = out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32).reshape(b, t, -1)
+    targets = tokens_bt[:, 1:]
+    mask = loss_mask_bt[:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], targets)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def tie_kv_replicas(rt: Runtime, grads):
+    """Give every replica of a tp-replicated KV head the sum of the replicas' gradients."""
+    r = rt.plan.kv_repeat
+    if r == 1:
+        return grads
+
+    def tie(path, g):
+        names = rt.param_names[path_str(path)]
+        if "kv_heads" not in names:
+            return g
+        axis = names.index("kv_heads")
+        shape = g.shape
+        grouped = g.reshape(*shape[:axis], shape[axis] // r, r, *shape[axis + 1:])
+        summed = jnp.sum(grouped, axis=axis + 1, keepdims=True)
+        return jnp.broadcast_to(summed, grouped.shape).reshape(shape)
+
+    flat = [(p, v.replace(tie(p, v.get_value()))) for p, v in nnx.to_flat_state(grads)]
+    return nnx.from_flat_state(flat)
+
+
+class Trainer:
+    """train_step(state, opt_state, tokens [B, T], loss_mask [B, T]) -> (state, opt_state,
+    loss), compiled once per batch shape; `grads` gives the (tied) gradients alone."""
+
+    def __init__(self, rt: Runtime, tc: TrainConfig, sp: bool):
+        if rt.stage.count > 1:
+            raise ValueError("training runs with pp=1; use tp and sp")
+        self.rt, self.tc, self.sp = rt, tc, sp
+        self.opt = optimizer(tc)
+        # optimizer moments sharded like their parameters, step counts replicated
+        abstract = rt.abstract_state()
+        param_shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        replicated = rt.sharding_of(())
+        shardings = optax.tree_map_params(
+            self.opt, lambda _, s: s, jax.eval_shape(self.opt.init, abstract), param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.init = jax.jit(self.opt.init, out_shardings=shardings)
+
+        def grads(state, tokens, mask):
+            loss, g = jax.value_and_grad(
+                lambda s: loss_fn(rt, sp, tc.remat, s, tokens, mask))(state)
+            return loss, tie_kv_replicas(rt, g)
+
+        def step(state, opt_state, tokens, mask):
+            loss, g = grads(state, tokens, mask)
+            updates, opt_state = self.opt.update(g, opt_state, state)
+            return optax.apply_updates(state, updates), opt_state, loss
+
+        self.grads = jax.jit(grads)
+        self.step = jax.jit(step, donate_argnums=(0, 1))
+
+    def lower(self, batch: int, tokens: int):
+        """The train step lowered for abstract parameters (memory analysis without weights)."""
+        state = self.rt.abstract_state()
+        opt_state = jax.eval_shape(self.opt.init, state)
+        ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
+        return self.step.lower(state, opt_state, ids, ids)
+
+
+def unpadded_params(rt: Runtime, state) -> dict[str, np.ndarray]:
+    """The model's parameters without tp padding (first replica of each KV head), as host
+    arrays keyed by path: what `LLM(cfg, params)` and `bridges.orbax_io.save` take."""
+    plan = rt.plan
+    out = {}
+    for p, v in nnx.to_flat_state(state):
+        path = path_str(p)
+        x = np.asarray(jax.device_get(v.get_value()))
+        for axis, name in enumerate(rt.param_names[path]):
+            index = [slice(None)] * x.ndim
+            if name == "heads":
+                index[axis] = slice(0, plan.num_heads)
+            elif name == "kv_heads":
+                index[axis] = slice(0, plan.num_kv_heads * plan.kv_repeat, plan.kv_repeat)
+            elif name == "vocab":
+                index[axis] = slice(0, plan.vocab_size)
+            elif name == "mlp":
+                index[axis] = slice(0, plan.mlp_size)
+            x = x[tuple(index)]
+        out[path] = x
+    return out
