@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bridges.hf import KEY_TABLE, _expected_keys, _groups, _IGNORED, config_from_hf
+from bridges.hf import KEY_TABLE, _groups, check_names, config_from_hf
 from models.config import ModelConfig
 from sharding.padding import PaddingPlan
 
@@ -337,20 +337,7 @@ class LazyParams:
 
     def __init__(self, source: TensorSource, cfg: ModelConfig, progress: bool | None = None):
         self.source, self.cfg = source, cfg
-        expected = list(_expected_keys(cfg))
-        present = set(source.keys())
-        missing = [(k, p) for k, p, *_ in expected if k not in present]
-        if missing:
-            shown = ", ".join(f"{k} (for {p})" for k, p in missing[:5])
-            raise CheckpointError(f"{source.description}: {len(missing)} tensor(s) missing: "
-                                  f"{shown}" + (" ..." if len(missing) > 5 else ""))
-        known = {k for k, *_ in expected}
-        if cfg.tie_word_embeddings:
-            known.add("lm_head.weight")
-        unexpected = sorted(k for k in present - known if not _IGNORED.match(k))
-        if unexpected:
-            raise CheckpointError(f"{source.description}: {len(unexpected)} unexpected "
-                                  f"tensor(s), not in the key table: {', '.join(unexpected[:5])}")
+        expected = check_names(cfg, source.keys(), source.description, CheckpointError)
         self.sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
                       "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
         self.entries: dict[str, dict] = {}

@@ -121,24 +121,32 @@ def _expected_keys(cfg: ModelConfig):
             yield hf_key, path, None, transpose, dims
 
 
-def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Map an HF state dict (name -> tensor or array) to stacked jax-sp parameters."""
-    sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
-             "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
+def check_names(cfg: ModelConfig, present, where: str = "", error=ValueError) -> list:
+    """The (hf_key, path, layer, transpose, dims) entries cfg needs; raises `error` naming the
+    checkpoint keys (and the parameters they are for) that are missing or unexpected."""
     expected = list(_expected_keys(cfg))
-    present = set(state_dict)
+    present = set(present)
+    where = f"{where}: " if where else ""
     missing = [(k, p) for k, p, *_ in expected if k not in present]
     if missing:
         shown = ", ".join(f"{k} (for {p})" for k, p in missing[:5])
-        raise ValueError(f"{len(missing)} checkpoint tensor(s) missing: {shown}"
-                         + (" ..." if len(missing) > 5 else ""))
+        raise error(f"{where}{len(missing)} checkpoint tensor(s) missing: {shown}"
+                    + (" ..." if len(missing) > 5 else ""))
     known = {k for k, *_ in expected}
     if cfg.tie_word_embeddings:
         known.add("lm_head.weight")  # some tied checkpoints still store the alias
     unexpected = sorted(k for k in present - known if not _IGNORED.match(k))
     if unexpected:
-        raise ValueError(f"{len(unexpected)} unexpected checkpoint tensor(s), not in the key "
-                         f"table: {', '.join(unexpected[:5])}")
+        raise error(f"{where}{len(unexpected)} unexpected checkpoint tensor(s), not in the key "
+                    f"table: {', '.join(unexpected[:5])}")
+    return expected
+
+
+def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Map an HF state dict (name -> tensor or array) to stacked jax-sp parameters."""
+    sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
+             "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
+    expected = check_names(cfg, state_dict)
 
     layers: dict[str, list] = {}
     params: dict[str, np.ndarray] = {}
