@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bridges.hf import KEY_TABLE, _groups, check_names, config_from_hf
+from bridges.hf import _groups, check_names, config_from_hf
 from models.config import ModelConfig
 from sharding.padding import PaddingPlan
 
@@ -454,5 +454,5 @@ def hf_folder_config(folder: str) -> ModelConfig:
     return config_from_hf(types.SimpleNamespace(**raw))
 
 
-__all__ = ["CheckpointError", "GGUFSource", "KEY_TABLE", "LazyParams", "SafetensorsSource",
+__all__ = ["CheckpointError", "GGUFSource", "LazyParams", "SafetensorsSource",
            "TensorSource", "hf_folder_config"]

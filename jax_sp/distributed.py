@@ -62,13 +62,6 @@ def _has_accelerator() -> bool:
         importlib.util.find_spec("jax_cuda13_plugin") is not None)
 
 
-def devices_by_process():
-    """All devices, process by process (then by id): consecutive devices share a host."""
-    import jax
-
-    return sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -150,43 +150,39 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         LLM.from_pretrained(str(tmp_path))
 
 
-def test_missing_tensor_names_key_and_parameter(tmp_path):
+def save_edited(folder, edit):
+    """A tiny model's config and a safetensors file of its state dict after `edit(sd)`."""
     from safetensors.torch import save_file
 
     model = tiny_llama()
-    model.config.save_pretrained(tmp_path)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if k != "model.layers.1.mlp.up_proj.weight"}
-    save_file(sd, str(tmp_path / "model.safetensors"))
+    model.config.save_pretrained(folder)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    edit(sd)
+    save_file(sd, str(folder / "model.safetensors"))
+    return str(folder)
+
+
+def test_missing_tensor_names_key_and_parameter(tmp_path):
+    path = save_edited(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError,
                        match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight \(for "
                              r"layers/mlp/w_up_df\)"):
-        LLM.from_pretrained(str(tmp_path))
+        LLM.from_pretrained(path)
 
 
 def test_wrong_shape_names_key_and_parameter(tmp_path):
-    from safetensors.torch import save_file
-
-    model = tiny_llama()
-    model.config.save_pretrained(tmp_path)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(24, 64)
-    save_file(sd, str(tmp_path / "model.safetensors"))
+    path = save_edited(tmp_path, lambda sd: sd.update(
+        {"model.layers.0.self_attn.k_proj.weight": torch.zeros(24, 64)}))
     with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \(24, 64\).*"
                                               r"layers/attn/w_k_dkh"):
-        LLM.from_pretrained(str(tmp_path))
+        LLM.from_pretrained(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
-    from safetensors.torch import save_file
-
-    model = tiny_llama()
-    model.config.save_pretrained(tmp_path)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
-    sd["model.layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
-    save_file(sd, str(tmp_path / "model.safetensors"))
+    path = save_edited(tmp_path, lambda sd: sd.update(
+        {"model.layers.0.mlp.extra.weight": torch.zeros(2, 2)}))
     with pytest.raises(CheckpointError, match=r"unexpected.*mlp\.extra\.weight"):
-        LLM.from_pretrained(str(tmp_path))
+        LLM.from_pretrained(path)
 
 
 def test_unknown_architecture_lists_the_supported(tmp_path):
