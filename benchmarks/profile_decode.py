@@ -52,7 +52,10 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--attention", default="auto", help="ParallelConfig.attention")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--hlo", action="store_true",
+                    help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -74,7 +77,7 @@ def main():
     for kv in args.xla_option:
         k, v = kv.split("=", 1)
         options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
-    parallel = ParallelConfig(tp=1, xla_options=options or None)
+    parallel = ParallelConfig(tp=1, xla_options=options or None, attention=args.attention)
     llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
               max_seq_len=args.prompt + args.new_tokens + 64)
     gen.DECODE_UNROLL = args.unroll
@@ -96,7 +99,7 @@ def main():
         busy = sum(t for t, _ in totals.values())
         top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
-               "unroll": args.unroll, "wall_ms": wall * 1e3,
+               "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
                "decode_ms_per_token": stats.decode_s / steps * 1e3,
                "device_busy_ms_per_token_incl_prefill": busy / 1e6 / steps,
                "kernels_per_token": sum(c for _, c in totals.values()) / steps,
@@ -108,10 +111,19 @@ def main():
             row["trace_planes"] = kernel_times.layout
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.hlo and args.out:
+            os.makedirs(args.out, exist_ok=True)
+            stem = os.path.join(args.out, f"decode_{args.model}_b{batch}_u{args.unroll}"
+                                           f"_{llm.runtime.attention}")
+            with open(stem + ".hlo.txt", "w") as f:
+                f.write(llm.programs.hlo("decode"))
+            with open(stem + ".kernels.tsv", "w") as f:
+                for n, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+                    f.write(f"{t / 1e3 / steps:.2f}\t{c / steps:.2f}\t{n}\n")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
-        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}{tag}.jsonl"),
+        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}{tag}.jsonl"),
                   "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 

@@ -36,9 +36,10 @@ class ParallelConfig:
     default vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
-    i+1 runs while stage k+1 of micro-batch i does). attention: how prefill attends, "xla"
-    (einsums and a softmax, Q_CHUNK queries at a time), "cudnn" (cuDNN flash attention; GPU,
-    bfloat16/float16) or "auto" (cudnn where it applies, else xla); decode always uses xla."""
+    i+1 runs while stage k+1 of micro-batch i does). attention: how prefill and one-token
+    decode steps attend, "xla" (einsums and a softmax, Q_CHUNK queries at a time), "cudnn"
+    (cuDNN flash attention; GPU, bfloat16/float16; decode steps of sliding-window models stay on
+    xla) or "auto" (cudnn where it applies, else xla)."""
 
     tp: int = 1
     pp: int = 1

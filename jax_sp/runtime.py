@@ -92,9 +92,11 @@ class Runtime:
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
                             for p, v in nnx.to_flat_state(self._abstract_state)}
         self.attention = self._attention(parallel.attention)
+        # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
+        self.row_multiple = 8 if self.mesh.devices.flat[0].platform == "gpu" else 1
 
     def _attention(self, mode: str) -> str:
-        """The prefill attention implementation for this mesh and dtype."""
+        """The attention implementation (prefill and decode steps) for this mesh and dtype."""
         platform = self.mesh.devices.flat[0].platform
         fits = platform == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16) and (
             self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 128)
@@ -108,7 +110,7 @@ class Runtime:
     # -- layouts and parameters ---------------------------------------------------------------
 
     def layout(self, sp: bool) -> ShardedLayout:
-        return ShardedLayout(self.mesh, sp, self.parallel.comm)
+        return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple)
 
     def sharding_of(self, names, sp: bool = False):
         return named(self.mesh, names, RULES["on" if sp else "off"])

@@ -91,6 +91,19 @@ def attend_fresh(q_btnh, k_btkh, v_btkh, positions_bt, kv_len_b, window=0, impl=
 
 
 
+def attend_cached(q_btnh, k_bskh, v_bskh, positions_bt, kv_len_b, window=0, impl="xla"):
+    """Attention of T new tokens per sequence over the cache (slot s holds position s).
+    impl="cudnn" serves one-token decode steps without a sliding window: a padding mask
+    (kv_len) is the whole mask there, as the new token is each sequence's last key."""
+    b, t = positions_bt.shape
+    if impl == "cudnn" and t == 1 and not window:
+        return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh,
+                                            key_value_seq_lengths=kv_len_b,
+                                            implementation="cudnn")
+    kpos_bs = jnp.broadcast_to(jnp.arange(k_bskh.shape[1]), (b, k_bskh.shape[1]))
+    return attend(q_btnh, k_bskh, v_bskh, positions_bt, kpos_bs, kv_len_b, window)
+
+
 def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):
     """Grouped-query causal attention; key s is visible to a query at position p iff
     kpos[s] <= p and kpos[s] < kv_len (the padding mask), and p - kpos[s] < window when a sliding
@@ -155,8 +168,7 @@ class Attention(nnx.Module):
             out = attend_fresh(q, k, v, positions_bt, kv_len_b, self.window, impl)
         else:
             k_bskh, v_bskh = cache.layer(layer)
-            kpos_bs = jnp.broadcast_to(jnp.arange(k_bskh.shape[1]), (b, k_bskh.shape[1]))
-            out = attend(q, k_bskh, v_bskh, positions_bt, kpos_bs, kv_len_b, self.window)
+            out = attend_cached(q, k_bskh, v_bskh, positions_bt, kv_len_b, self.window, impl)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
         n, h = out.shape[2:]
@@ -247,8 +259,8 @@ class Llama(nnx.Module):
         are wanted (all rows when None).
 
         fresh: every sequence starts at position 0 (a prefill), so attention reads this
-        forward's keys rather than the cache; attention: "xla" or "cudnn" (flash attention, for
-        fresh forwards on GPU); unroll: the layer loop's unroll factor (>= its length: unrolled).
+        forward's keys rather than the cache; attention: "xla" or "cudnn" (flash attention on
+        GPU, for fresh forwards and one-token steps without a sliding window); unroll: the layer loop's unroll factor (>= its length: unrolled).
         """
         b, t = positions_bt.shape
         dtype = self.layers.mlp.w_down_fd.dtype

@@ -28,11 +28,35 @@ from sharding.collective_matmul import ring_column, ring_row
 from sharding.rules import RULES, named
 
 
+# Weights from this many elements up get the row padding of `_einsum` (see there).
+PAD_ROWS_MIN_WEIGHT = 1 << 20
+
+
+def _einsum(spec, x_td, w, row_multiple):
+    """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
+    (8 on GPU) when w has at least PAD_ROWS_MIN_WEIGHT elements; the padding's results are
+    dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
+    into multiply + reduce fusions (no option turns that off). For Llama-3.2-1B's q, k, v and
+    o_proj (1M-4M elements) at batch 1 those ran below bandwidth and o_proj materialised its
+    [N, H, D] product: with 8 rows they stay cuBLAS GEMVs (2.62 -> 1.83 ms/token on an H100,
+    together with the dot-merger fix in sharding/xla_options.py). SmolLM2-135M's weights (all
+    under 1M elements) decoded at 1.71 ms/token with the reduce fusions and at 3.08 with every
+    projection padded, hence the threshold. The barrier keeps the simplifier from slicing the
+    padding back off through the dot."""
+    rows = x_td.shape[0]
+    pad = -rows % row_multiple
+    if not pad or w.size < PAD_ROWS_MIN_WEIGHT:
+        return jnp.einsum(spec, x_td, w)
+    padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
+    return jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))[:rows]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardedLayout:
     mesh: Mesh
     sp: bool
     comm: str = "xla"
+    row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
 
     @property
     def rules(self):
@@ -47,6 +71,10 @@ class ShardedLayout:
     def _ring(self, rows: int) -> bool:
         return self.comm == "ring" and self.sp and rows % self.mesh.shape["tp"] == 0
 
+    def _rows(self) -> int:
+        # SP forwards are long (and token-sharded): nothing to pad there
+        return 1 if self.sp else self.row_multiple
+
     def column(self, x_td, *projections):
         if self._ring(x_td.shape[0]):
             (spec, w), *more = projections
@@ -56,9 +84,9 @@ class ShardedLayout:
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
             x_td = jax.lax.optimization_barrier(x_td)
         x_td = self._constrain(x_td, ("act_gathered", "act_embed"))
-        return [jnp.einsum(spec, x_td, w) for spec, w in projections]
+        return [_einsum(spec, x_td, w, self._rows()) for spec, w in projections]
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0]):
             return ring_row(self.mesh, spec, h, w)
-        return self.residual(jnp.einsum(spec, h, w))
+        return self.residual(_einsum(spec, h, w, self._rows()))

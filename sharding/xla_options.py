@@ -25,14 +25,17 @@ WINDOWED_EINSUM = {
 
 # Decode programs on GPU (one token per row; the layer loop slices each layer's weights out of
 # the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape, batch 1
-# (benchmarks/profile_decode.py): XLA's Triton gemms cannot read a slice in place, so each step
-# copied the MLP weights (~1 ms/token of memcpy); cuBLAS with dynamic-slice fusion reads them
-# where they lie, and without dot merging gate and up are not concatenated (another copy) per
-# step.
+# (benchmarks/profile_decode.py, README "Generation speed"):
+# - XLA's Triton gemms cannot read a slice in place, so each step copied the MLP weights
+#   (~1 ms/token of memcpy); cuBLAS with dynamic-slice fusion reads them where they lie.
+# - The dot merger concatenates gate and up (sharing their input) into one [D, 2F] weight, a
+#   67 MB copy per layer per step (0.65 ms/token). The pass is named "dot-merger".
+# (Matrix-vector products under 10M elements are kept on cuBLAS by the layout, which runs
+# them on two rows: see sharding/layout.py `_einsum`.)
 DECODE = {
     "xla_gpu_enable_dynamic_slice_fusion": True,
     "xla_gpu_enable_triton_gemm": False,
-    "xla_disable_hlo_passes": "dot_merger",
+    "xla_disable_hlo_passes": "dot-merger",
 }
 
 

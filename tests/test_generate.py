@@ -2,11 +2,13 @@
 batching and bad input, all on meshes that really split the model."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import sharding.layout
 from conftest import hf_greedy, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
 from sharding.hlo import census
@@ -23,6 +25,27 @@ def test_greedy_matches_hf_on_tiny_model(hf_models, tp, sp):
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert got == hf_greedy(model, prompts, GREEDY.max_new_tokens)
     assert all(c is None for c in (o.text for o in llm.generate(prompts[:1], GREEDY)))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gpu_row_padding_changes_nothing(hf_models, tp, monkeypatch):
+    """GPU runs projections of large weights on a multiple of 8 rows (sharding/layout.py
+    `_einsum`); here the same padding runs on CPU for every weight: one-row decode steps, 3-row
+    batches and the LM head's sampled rows give HF's tokens and the unpadded logits."""
+    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=11)
+    plain = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
+    padded = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
+    padded.runtime.row_multiple = 8
+    for batch in (prompts[:1], prompts):
+        got = [c.token_ids for c in padded.generate(batch, GREEDY)]
+        assert got == hf_greedy(model, batch, GREEDY.max_new_tokens)
+    np.testing.assert_allclose(padded.logits(prompts[1:2])[0], plain.logits(prompts[1:2])[0],
+                               atol=1e-5)
+    plain.generate(prompts[:1], GREEDY)  # one-row decode: padded to 8 rows only in `padded`
+    rows = [len(re.findall(r"\[8,\d+\]", llm.programs.hlo("decode"))) for llm in (plain, padded)]
+    assert rows[0] == 0 < rows[1]
 
 
 def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
