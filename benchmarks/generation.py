@@ -46,10 +46,11 @@ def hf_module(cfg, dtype, device):
         tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=8192,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
     torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hc)
+    with torch.device(device):  # from_config(dtype=) keeps the rotary inv_freq in float32, as
+        # from_pretrained does; model.to(bfloat16) would round it (and every angle) to bf16
+        model = transformers.AutoModelForCausalLM.from_config(hc, dtype=getattr(torch, dtype))
     model.config.eos_token_id = model.generation_config.eos_token_id = None
-    return model.to(getattr(torch, dtype)).eval()
+    return model.eval()
 
 
 def timed(fn, repeats, sync):

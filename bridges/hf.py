@@ -13,6 +13,7 @@ HF Linear weights are [out, in]; jax-sp stores [in, out] with heads split out:
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -42,6 +43,7 @@ KEY_TABLE = [
 ]
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+log = logging.getLogger(__name__)
 
 
 def config_from_hf(hf_config) -> ModelConfig:
@@ -175,4 +177,22 @@ def load_module(module) -> tuple[ModelConfig, dict[str, np.ndarray]]:
         raise ValueError(f"unsupported module {name}; supported: "
                          f"{', '.join(ARCHITECTURES.values())}")
     cfg = config_from_hf(module.config)
+    _check_rope_buffer(module, name)
     return cfg, params_from_state_dict(module.state_dict(), cfg)
+
+
+def _check_rope_buffer(module, name):
+    """jax-sp computes RoPE frequencies in float32 from the config, as vLLM and an HF model made
+    by from_pretrained/from_config(dtype=...) do. `module.to(torch.bfloat16)` also rounds the
+    rotary inv_freq buffer to bf16, which moves the module's angles by up to 0.4% of the
+    position: its outputs then drift from jax-sp's (and the checkpoint's) with position."""
+    import torch
+
+    rounded = sorted({str(v.dtype) for k, v in module.named_buffers()
+                      if _IGNORED.match(k) and v.dtype != torch.float32})
+    if rounded:
+        log.warning("%s's rotary inv_freq buffer is %s (module.to(dtype) casts it): jax-sp "
+                    "uses float32 RoPE frequencies from the config, so the two differ at long "
+                    "positions. Build the module with from_pretrained(..., dtype=...) or "
+                    "from_config(config, dtype=...) to keep the buffer in float32.",
+                    name, "/".join(rounded))

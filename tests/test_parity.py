@@ -50,3 +50,34 @@ def test_long_prefill_runs_attention_in_query_chunks_and_matches_hf(hf_models):
     prompts = random_prompts(model.config.vocab_size, (1030, 3))  # bucket 2048 > Q_CHUNK
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"))
     assert _max_diff(llm.logits(prompts), hf_logits(model, prompts)) <= 1e-4
+
+
+def test_rope_tables_match_hf_rotary_far_out(hf_models):
+    """RoPE angles (llama3 scaling) agree with HF's float32 rotary embedding up to position
+    8191, where a frequency off by one bf16 ulp would move an angle by radians."""
+    import torch
+
+    from bridges.hf import config_from_hf
+    from models.llama import rope_tables
+
+    model = hf_models("llama")
+    positions = np.arange(0, 8192, 7, dtype=np.int32)[None]
+    cos, sin = rope_tables(config_from_hf(model.config), positions, np.float32)
+    with torch.no_grad():
+        want = model.model.rotary_emb(torch.zeros(1), torch.tensor(positions, dtype=torch.long))
+    np.testing.assert_allclose(cos, want[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(sin, want[1].numpy(), atol=1e-5)
+
+
+def test_module_cast_to_bf16_warns_about_its_rounded_rope_buffer(hf_models, caplog):
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(hf_models("llama"))
+    with caplog.at_level("WARNING", logger="bridges.hf"):
+        LLM.from_torch(model)
+    assert "inv_freq" not in caplog.text  # float32 buffer: nothing to say
+    with caplog.at_level("WARNING", logger="bridges.hf"):
+        LLM.from_torch(model.to(torch.bfloat16), dtype="bfloat16")
+    assert "inv_freq buffer is torch.bfloat16" in caplog.text and "from_config" in caplog.text
