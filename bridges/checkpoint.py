@@ -24,7 +24,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bridges.hf import _groups, check_names, config_from_hf
+from bridges.hf import _groups, check_names, config_from_hf, sizes_of
 from models.config import ModelConfig
 from sharding.padding import PaddingPlan
 
@@ -325,11 +325,6 @@ class Progress:
             sys.stderr.flush()
 
 
-def _key_pattern(hf_key: str) -> str:
-    parts = hf_key.split(".")
-    return ".".join("{i}" if p.isdigit() else p for p in parts)
-
-
 class LazyParams:
     """jax-sp parameters (unpadded, stacked over layers) backed by a TensorSource: `keys()` are
     jax-sp parameter paths, `build` makes one padded, sharded device array without ever holding
@@ -338,25 +333,31 @@ class LazyParams:
     def __init__(self, source: TensorSource, cfg: ModelConfig, progress: bool | None = None):
         self.source, self.cfg = source, cfg
         expected = check_names(cfg, source.keys(), source.description, CheckpointError)
-        self.sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
-                      "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
+        self.sizes = sizes_of(cfg)
+        # path -> dims, transpose and keys: per layer (or once), the HF key of each C part
         self.entries: dict[str, dict] = {}
-        for hf_key, path, layer, transpose, dims in expected:
+        for hf_key, path, layer, transpose, dims, part in expected:
             shape = source.shapes[hf_key]
-            target = tuple(self.sizes[d] for d in dims)
+            target = tuple(self.sizes[d] for d in dims.replace("C", ""))
             stored = tuple(reversed(shape)) if transpose else shape
             if not _groups(stored, target):
                 raise CheckpointError(
                     f"{source.description}: tensor {hf_key} has shape {shape}, which does not "
-                    f"fit parameter {path} [{dims}] = {target}")
+                    f"fit parameter {path} [{dims}] = {target}"
+                    + ("" if part is None else f" at C={part}"))
             e = self.entries.setdefault(path, {"dims": dims, "transpose": transpose,
-                                               "keys": []})
-            e["keys"].append(hf_key)
-        self.total_bytes = sum(math.prod(source.shapes[k]) * source.dtypes[k].itemsize
-                               for e in self.entries.values() for k in e["keys"])
+                                               "stacked": layer is not None, "keys": {}})
+            e["keys"].setdefault(layer, []).append(hf_key)  # KEY_TABLE lists parts in order
+        for e in self.entries.values():
+            e["keys"] = list(e["keys"].values())
+        self.total_bytes = sum(self._bytes(e["keys"]) for e in self.entries.values())
         if progress is None:
             progress = sys.stderr.isatty()
         self.progress = Progress(len(self.entries), self.total_bytes, progress)
+
+    def _bytes(self, keys) -> int:
+        return sum(math.prod(self.source.shapes[k]) * self.source.dtypes[k].itemsize
+                   for parts in keys for k in parts)
 
     def keys(self):
         return self.entries.keys()
@@ -364,7 +365,7 @@ class LazyParams:
     def unpadded_shape(self, path: str) -> tuple[int, ...]:
         e = self.entries[path]
         dims = tuple(self.sizes[d] for d in e["dims"])
-        return (len(e["keys"]), *dims) if "{i}" in _key_pattern(e["keys"][0]) else dims
+        return (len(e["keys"]), *dims) if e["stacked"] else dims
 
     def __iter__(self):
         return iter(self.entries)
@@ -425,20 +426,30 @@ class LazyParams:
             if stacked:
                 layers = range(*index[0].indices(shape[0]))
                 for i, layer in enumerate(layers):
-                    host[i] = self.block(e["keys"][layer_offset + layer], e["dims"],
-                                         e["transpose"], plan, index[1:], dtype)
+                    self._fill(host[i], e, e["keys"][layer_offset + layer], plan, index[1:])
             else:
-                host[...] = self.block(e["keys"][0], e["dims"], e["transpose"], plan, index,
-                                       dtype)
+                self._fill(host, e, e["keys"][0], plan, index)
             shard = jax.device_put(host, device)
             shard.block_until_ready()
             del host
             shards.append(shard)
         out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards)
         keys = e["keys"][layer_offset: layer_offset + shape[0]] if stacked else e["keys"]
-        self.progress.step(sum(math.prod(self.source.shapes[k]) * self.source.dtypes[k].itemsize
-                               for k in keys))
+        self.progress.step(self._bytes(keys))
         return out
+
+    def _fill(self, host, e, parts, plan, index):
+        """Write one layer's block `index` of parameter entry e into host; parts: the HF key of
+        each C part (one key when e has no C axis)."""
+        dims = e["dims"]
+        if "C" not in dims:
+            host[...] = self.block(parts[0], dims, e["transpose"], plan, index, host.dtype)
+            return
+        axis = dims.index("C")
+        rest = index[:axis] + index[axis + 1:]
+        for j, part in enumerate(range(*index[axis].indices(len(parts)))):
+            host[(slice(None),) * axis + (j,)] = self.block(
+                parts[part], dims.replace("C", ""), e["transpose"], plan, rest, host.dtype)
 
 
 def hf_folder_config(folder: str) -> ModelConfig:

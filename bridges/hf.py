@@ -5,10 +5,14 @@ result is the *unpadded* parameter set keyed by jax-sp parameter path ("layers/a
 per-layer tensors are stacked on a leading L axis. Head/vocab padding for tp is applied later,
 by logical axis name, so every weight source shares it (see sharding/padding.py).
 
-HF Linear weights are [out, in]; jax-sp stores [in, out] with heads split out:
-  q_proj [N*H, D] -> w_q_dnh [D, N, H]      o_proj    [D, N*H] -> w_o_nhd [N, H, D]
-  k_proj [K*H, D] -> w_k_dkh [D, K, H]      gate/up   [F, D]   -> [D, F]
-  lm_head [V, D]  -> head_dv [D, V]         down_proj [D, F]   -> [F, D]
+HF Linear weights are [out, in]; jax-sp stores [in, out] with heads split out, and projections
+that share an input and a sharding fused on a C axis (vLLM's merged k/v and gate_up_proj):
+  q_proj [N*H, D] -> w_q_dnh [D, N, H]          o_proj    [D, N*H] -> w_o_nhd [N, H, D]
+  k_proj, v_proj [K*H, D] -> w_kv_dckh [D, 2, K, H]   (C: 0 = k, 1 = v)
+  gate_proj, up_proj [F, D] -> w_gate_up_dcf [D, 2, F]   (C: 0 = gate, 1 = up)
+  lm_head [V, D]  -> head_dv [D, V]             down_proj [D, F]   -> [F, D]
+One matmul then reads each fused weight: at batch 1 a GEMV of twice the bytes runs closer to
+the memory bandwidth than two, and a layer launches two kernels fewer.
 """
 
 from __future__ import annotations
@@ -23,24 +27,27 @@ from models.config import ModelConfig, RopeScaling
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM"}
 
-# (HF key with {i} for the layer, jax-sp path, transpose, target shape in dimension letters)
+# (HF key with {i} for the layer, jax-sp path, transpose, target dims, part): the key's tensor
+# fills the target dims without "C"; a fused target takes it at index `part` of its C axis.
 KEY_TABLE = [
-    ("model.embed_tokens.weight", "embed_vd", False, "VD"),
-    ("model.norm.weight", "final_norm/scale", False, "D"),
-    ("lm_head.weight", "head_dv", True, "DV"),
-    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False, "D"),
-    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False, "D"),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/w_q_dnh", True, "DNH"),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/w_k_dkh", True, "DKH"),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/w_v_dkh", True, "DKH"),
-    ("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/w_o_nhd", True, "NHD"),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/b_q_nh", False, "NH"),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/b_k_kh", False, "KH"),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/b_v_kh", False, "KH"),
-    ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate_df", True, "DF"),
-    ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_up_df", True, "DF"),
-    ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down_fd", True, "FD"),
+    ("model.embed_tokens.weight", "embed_vd", False, "VD", None),
+    ("model.norm.weight", "final_norm/scale", False, "D", None),
+    ("lm_head.weight", "head_dv", True, "DV", None),
+    ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False, "D", None),
+    ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False, "D",
+     None),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/w_q_dnh", True, "DNH", None),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/w_kv_dckh", True, "DCKH", 0),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/w_kv_dckh", True, "DCKH", 1),
+    ("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/w_o_nhd", True, "NHD", None),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/b_q_nh", False, "NH", None),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/b_kv_ckh", False, "CKH", 0),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/b_kv_ckh", False, "CKH", 1),
+    ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate_up_dcf", True, "DCF", 0),
+    ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_gate_up_dcf", True, "DCF", 1),
+    ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down_fd", True, "FD", None),
 ]
+PARTS = 2  # the size of every fused C axis
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 log = logging.getLogger(__name__)
@@ -109,22 +116,28 @@ def _groups(shape, target) -> bool:
     return not dims
 
 
+def sizes_of(cfg: ModelConfig) -> dict[str, int]:
+    """The size of each dimension letter of KEY_TABLE."""
+    return {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
+            "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim, "C": PARTS}
+
+
 def _expected_keys(cfg: ModelConfig):
-    """Yield (hf_key, path, layer or None, transpose, dims) for every tensor cfg needs."""
-    for hf_key, path, transpose, dims in KEY_TABLE:
+    """Yield (hf_key, path, layer or None, transpose, dims, part) for every tensor cfg needs."""
+    for hf_key, path, transpose, dims, part in KEY_TABLE:
         if "bias" in hf_key and not cfg.qkv_bias:
             continue
         if hf_key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         if "{i}" in hf_key:
             for i in range(cfg.num_layers):
-                yield hf_key.format(i=i), path, i, transpose, dims
+                yield hf_key.format(i=i), path, i, transpose, dims, part
         else:
-            yield hf_key, path, None, transpose, dims
+            yield hf_key, path, None, transpose, dims, part
 
 
 def check_names(cfg: ModelConfig, present, where: str = "", error=ValueError) -> list:
-    """The (hf_key, path, layer, transpose, dims) entries cfg needs; raises `error` naming the
+    """The (hf_key, path, layer, transpose, dims, part) entries cfg needs; raises `error` naming the
     checkpoint keys (and the parameters they are for) that are missing or unexpected."""
     expected = list(_expected_keys(cfg))
     present = set(present)
@@ -146,27 +159,31 @@ def check_names(cfg: ModelConfig, present, where: str = "", error=ValueError) ->
 
 def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """Map an HF state dict (name -> tensor or array) to stacked jax-sp parameters."""
-    sizes = {"V": cfg.vocab_size, "D": cfg.hidden_size, "F": cfg.intermediate_size,
-             "N": cfg.num_heads, "K": cfg.num_kv_heads, "H": cfg.head_dim}
+    sizes = sizes_of(cfg)
     expected = check_names(cfg, state_dict)
 
-    layers: dict[str, list] = {}
-    params: dict[str, np.ndarray] = {}
-    for hf_key, path, layer, transpose, dims in expected:
+    blocks: dict[str, dict] = {}  # path -> {(layer, part): array}
+    for hf_key, path, layer, transpose, dims, part in expected:
         value = state_dict[hf_key]
         x = _to_numpy(value) if type(value).__module__.startswith("torch") else np.asarray(value)
         if transpose:
             x = x.T
-        target = tuple(sizes[d] for d in dims)
+        target = tuple(sizes[d] for d in dims.replace("C", ""))
         if not _groups(x.shape, target):
             raise ValueError(f"checkpoint tensor {hf_key} has shape {tuple(value.shape)}, which "
-                             f"does not fit {path} [{dims}] = {target}")
-        x = x.reshape(target)
-        if layer is None:
-            params[path] = x
-        else:
-            layers.setdefault(path, []).append(x)
-    params.update({path: np.stack(xs) for path, xs in layers.items()})
+                             f"does not fit {path} [{dims}] = {target}"
+                             + ("" if part is None else f" at C={part}"))
+        blocks.setdefault(path, {})[layer, part] = (x.reshape(target), dims)
+    params: dict[str, np.ndarray] = {}
+    for path, got in blocks.items():
+        layers = sorted({layer for layer, _ in got})
+        per_layer = []
+        for layer in layers:
+            parts = sorted((p for lay, p in got if lay == layer), key=lambda p: p or 0)
+            arrays = [got[layer, p][0] for p in parts]
+            dims = got[layer, parts[0]][1]
+            per_layer.append(np.stack(arrays, dims.index("C")) if "C" in dims else arrays[0])
+        params[path] = per_layer[0] if layers == [None] else np.stack(per_layer)
     return params
 
 

@@ -22,6 +22,7 @@ from models.config import ModelConfig, RopeScaling
 from sharding.padding import pad_param
 
 MARKER = "jax_sp.json"
+FORMAT = 2  # 2: k/v and gate/up stored fused (w_kv_dckh, w_gate_up_dcf)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -62,15 +63,14 @@ def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None
         if hasattr(params, "build"):
             e = params.entries[path]
             shape = params.unpadded_shape(path)
-            names = ("layers",) + tuple(e["dims"]) if len(shape) > len(e["dims"]) else tuple(
-                e["dims"])
+            names = ("layers",) * e["stacked"] + tuple(e["dims"])
             flat[path] = params.build(path, names, None, shape, cpu, np_dtype)
         else:
             flat[path] = jax.device_put(np.asarray(params[path]).astype(np_dtype), cpu)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.abspath(os.path.join(dst, "params")), _nest(flat))
     config = dataclasses.asdict(cfg)
-    json.dump({"format": 1, "dtype": dtype, "config": config},
+    json.dump({"format": FORMAT, "dtype": dtype, "config": config},
               open(os.path.join(dst, MARKER), "w"), indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
@@ -79,6 +79,11 @@ def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None
 def open_checkpoint(path: str):
     """-> (ModelConfig, OrbaxParams, dtype name) for a folder written by `save`."""
     meta = json.load(open(os.path.join(path, MARKER)))
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path}: jax-sp checkpoint format {meta.get('format')}, this version reads format "
+            f"{FORMAT} (k/v and gate/up fused); convert the original Hugging Face weights again "
+            f"with `jax-sp convert`")
     c = dict(meta["config"])
     if c.get("rope_scaling"):
         c["rope_scaling"] = RopeScaling(**c["rope_scaling"])

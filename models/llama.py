@@ -1,7 +1,7 @@
 """Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), SmolLM.
 
 Model math only. Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `vocab`, `layers`); the three layout boundaries of Megatron TP/SP go through a `Layout`
+`mlp`, `vocab`, `layers`; None for the C axis of fused k/v and gate/up weights); the three layout boundaries of Megatron TP/SP go through a `Layout`
 (see `models/layout.py`). There is no mesh, no collective and no parallel-mode branch here.
 
 The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows. Attention reshapes
@@ -140,25 +140,24 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.w_q_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
-        self.w_k_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
-        self.w_v_dkh = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), dtype)
+        # k and v fused on C (0: k, 1: v): one matmul, one kernel (bridges/hf.py)
+        self.w_kv_dckh = _param(rngs, (d, 2, k, h), ("embed", None, "kv_heads", "head_dim"),
+                                dtype)
         self.w_o_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
         self.qkv_bias = cfg.qkv_bias
         self.window = cfg.sliding_window
         if cfg.qkv_bias:
             self.b_q_nh = _const(jnp.zeros((n, h), dtype), ("heads", "head_dim"))
-            self.b_k_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
-            self.b_v_kh = _const(jnp.zeros((k, h), dtype), ("kv_heads", "head_dim"))
+            self.b_kv_ckh = _const(jnp.zeros((2, k, h), dtype), (None, "kv_heads", "head_dim"))
 
     def __call__(self, x_td, rope, positions_bt, kv_len_b, cache, layer, layout: Layout,
                  fresh: bool, impl: str):
         b, t = positions_bt.shape
-        q_tnh, k_tkh, v_tkh = layout.column(
-            x_td, ("TD,DNH->TNH", self.w_q_dnh[...]), ("TD,DKH->TKH", self.w_k_dkh[...]),
-            ("TD,DKH->TKH", self.w_v_dkh[...]))
+        q_tnh, kv_tckh = layout.column(x_td, ("TD,DNH->TNH", self.w_q_dnh[...]),
+                                       ("TD,DCKH->TCKH", self.w_kv_dckh[...]))
         if self.qkv_bias:
-            q_tnh, k_tkh, v_tkh = (q_tnh + self.b_q_nh[...], k_tkh + self.b_k_kh[...],
-                                   v_tkh + self.b_v_kh[...])
+            q_tnh, kv_tckh = q_tnh + self.b_q_nh[...], kv_tckh + self.b_kv_ckh[...]
+        k_tkh, v_tkh = kv_tckh[:, 0], kv_tckh[:, 1]
         q = apply_rope(q_tnh.reshape(b, t, *q_tnh.shape[1:]), *rope)  # [B, T, N, H]
         k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *rope)  # [B, T, K, H]
         v = v_tkh.reshape(b, t, *v_tkh.shape[1:])
@@ -180,14 +179,14 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
-        self.w_gate_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
-        self.w_up_df = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        # gate and up fused on C (0: gate, 1: up), vLLM's gate_up_proj: one matmul
+        self.w_gate_up_dcf = _param(rngs, (d, 2, f), ("embed", None, "mlp"), dtype)
         self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), dtype)
 
     def __call__(self, x_td, layout: Layout):
-        gate_tf, up_tf = layout.column(x_td, ("TD,DF->TF", self.w_gate_df[...]),
-                                       ("TD,DF->TF", self.w_up_df[...]))
-        return layout.row("TF,FD->TD", jax.nn.silu(gate_tf) * up_tf, self.w_down_fd[...])
+        (gate_up_tcf,) = layout.column(x_td, ("TD,DCF->TCF", self.w_gate_up_dcf[...]))
+        h_tf = jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
+        return layout.row("TF,FD->TD", h_tf, self.w_down_fd[...])
 
 
 class Block(nnx.Module):

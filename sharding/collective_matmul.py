@@ -107,7 +107,8 @@ def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True):
     for s, weight in projections:
         ins, out = s.split("->")
         rhs = ins.split(",")[1]
-        feature = next(c for c in rhs if c != "D")  # the dimension tp splits
+        feature = next(c for c in rhs if c not in "DC")  # the dimension tp splits (C: fused
+        # parts, e.g. "DCF" for gate/up, stay whole on every device)
         parsed.append((rhs, out, feature))
 
     def body(x_ld, *ws):

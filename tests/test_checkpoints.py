@@ -166,7 +166,7 @@ def test_missing_tensor_names_key_and_parameter(tmp_path):
     path = save_edited(tmp_path, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(CheckpointError,
                        match=r"missing: model\.layers\.1\.mlp\.up_proj\.weight \(for "
-                             r"layers/mlp/w_up_df\)"):
+                             r"layers/mlp/w_gate_up_dcf\)"):
         LLM.from_pretrained(path)
 
 
@@ -174,7 +174,7 @@ def test_wrong_shape_names_key_and_parameter(tmp_path):
     path = save_edited(tmp_path, lambda sd: sd.update(
         {"model.layers.0.self_attn.k_proj.weight": torch.zeros(24, 64)}))
     with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \(24, 64\).*"
-                                              r"layers/attn/w_k_dkh"):
+                                              r"layers/attn/w_kv_dckh"):
         LLM.from_pretrained(path)
 
 

@@ -45,11 +45,11 @@ def test_missing_and_misshaped_tensors_name_both_sides(hf_models):
     cfg = config_from_hf(model.config)
     sd = dict(model.state_dict())
     del sd["model.layers.1.mlp.up_proj.weight"]
-    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight \(for layers/mlp/w_up_df\)"):
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight \(for layers/mlp/w_gate_up_dcf\)"):
         params_from_state_dict(sd, cfg)
     sd = dict(model.state_dict())
     sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 45)
-    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(7, 45\).*layers/attn/w_k_dkh"):
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(7, 45\).*layers/attn/w_kv_dckh"):
         params_from_state_dict(sd, cfg)
     sd = dict(model.state_dict())
     sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)

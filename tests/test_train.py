@@ -82,8 +82,8 @@ def test_ten_steps_lower_the_loss_and_optimizer_state_is_sharded_like_the_parame
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
     # KV replicas (2 KV heads at tp 4) are still equal after the updates
-    k = np.asarray(state["layers"]["attn"]["w_k_dkh"][...])
-    np.testing.assert_array_equal(k[:, :, 0::2], k[:, :, 1::2])
+    kv = np.asarray(state["layers"]["attn"]["w_kv_dckh"][...])  # [L, D, 2, K, H]
+    np.testing.assert_array_equal(kv[:, :, :, 0::2], kv[:, :, :, 1::2])
 
 
 def test_sp_needs_less_activation_memory_than_tp_at_every_remat_policy():
