@@ -24,6 +24,7 @@ def main():
     ap.add_argument("--default-only", action="store_true")
     args = ap.parse_args()
 
+    import jax
     import numpy as np
     import torch
 
@@ -33,6 +34,8 @@ def main():
 
     cfg = preset(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    chip = torch.cuda.get_device_name() if device == "cuda" else jax.devices()[0].device_kind
+    machine = f"{chip} / jax {jax.__version__} / torch {torch.__version__}"
     module = hf_module(cfg, "bfloat16", device)
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, args.tokens))
     with torch.no_grad():  # the same bf16 weights, evaluated in fp32
@@ -52,7 +55,8 @@ def main():
         print(json.dumps({"bench": "layer-parity", "model": args.model, "tokens": args.tokens,
                           "variant": name, "rel_l2_per_layer": [round(x, 4) for x in rel],
                           "layer0_rel_by_position_quartile":
-                              [round(float(q.mean()), 4) for q in np.array_split(by_pos, 4)]}),
+                              [round(float(q.mean()), 4) for q in np.array_split(by_pos, 4)],
+                          "machine": machine}),
               flush=True)
 
 
