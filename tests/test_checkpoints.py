@@ -207,3 +207,17 @@ def test_convert_refuses_a_non_empty_destination(odd_model, tmp_path, capsys):
     assert cli(["convert", folder, str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_orbax_checkpoint_of_an_older_format_asks_for_a_new_convert(odd_model, tmp_path):
+    """Format 1 stored k/v and gate/up as separate parameters; reading it as fused would fail
+    deep inside Orbax, so the marker file is checked first."""
+    _, folder, _, _ = odd_model
+    dst = tmp_path / "ckpt"
+    assert cli(["convert", folder, str(dst)]) == 0
+    marker = dst / "jax_sp.json"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps(dict(meta, format=1)))
+    with pytest.raises(ValueError, match=r"format 1, this version reads format 2.*jax-sp convert"):
+        LLM.from_pretrained(str(dst))
+    assert json.loads(marker.read_text())["format"] == 1
