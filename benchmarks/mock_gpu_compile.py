@@ -3,12 +3,15 @@
 For Llama-3-8B and 70B layer shapes (two layers, so the scan over layers stays a loop), tp 8, SP on, bf16, compiles a prefill with
 comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" for a mocked
 1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
-loops, and the collective census. One JSON line per case.
+loops, and the collective census. Also compiles a one-token decode step (batch 8, cache 1024)
+at tp 8 with cuDNN attention reading the stacked, head-sharded cache as a paged pool, and
+records whether the fused-attention call and no copy of the cache are in the program. One JSON
+line per case.
 
 XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with jax 0.11.2 on an
 H100: no result after 100 s); every compile here passes `xla_gpu_autotune_level=0`.
 
-    python benchmarks/mock_gpu_compile.py [--tokens 4096] [--out benchmarks/results/...jsonl]
+    python benchmarks/mock_gpu_compile.py [--tokens 4096] [--decode-only] [--out FILE.jsonl]
 """
 
 import argparse
@@ -23,6 +26,7 @@ jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_sp.config import ParallelConfig  # noqa: E402
+from jax_sp.generate import Static, decode_step_fn  # noqa: E402
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
@@ -33,11 +37,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--out", default="")
+    ap.add_argument("--decode-only", action="store_true")
     args = ap.parse_args()
     rows = []
     for model in ("llama3-8b", "llama3-70b"):
         cfg = dataclasses.replace(preset(model), num_layers=2)  # 2: keep the layer loop
-        for comm, options in (("xla", WINDOWED_EINSUM), ("xla", {}), ("ring", {})):
+        cases = () if args.decode_only else (("xla", WINDOWED_EINSUM), ("xla", {}), ("ring", {}))
+        for comm, options in cases:
             rt = Runtime(cfg, ParallelConfig(tp=8, sp="on", comm=comm, xla_options=options),
                          dtype="bfloat16")
             row = {"model": model, "layers": 2, "tp": 8, "tokens": args.tokens, "comm": comm,
@@ -56,9 +62,42 @@ def main():
                 row.update(compiled=False, error=str(e).splitlines()[0][:1000])
             rows.append(row)
             print(json.dumps(row), flush=True)
+        rows.append(decode_case(model, cfg))
+        print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def decode_case(model, cfg, batch=8, max_len=1024):
+    import jax.numpy as jnp
+
+    from models.cache import KVCache
+
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off"), dtype="bfloat16")
+    c = rt.padded_cfg
+    shape = (cfg.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    cache = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rt.cache_sharding())
+    i32 = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    args = (rt.abstract_state(), KVCache(cache, cache), i32, i32,
+            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
+            scalar, scalar)
+    row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
+           "cache": max_len, "attention": rt.attention, "jax": jax.__version__}
+    try:
+        fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0))
+        lowered = jax.jit(fn, donate_argnums=(1,)).lower(*args)
+        hlo = lowered.compile({**rt.xla_options(False, True),
+                               "xla_gpu_autotune_level": 0}).as_text()
+        local = f"{cfg.num_layers * batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}"
+        row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),
+                   cudnn_mentions=hlo.count("cudnn"),
+                   paged_pool_operand=f"bf16[{local}]" in hlo,
+                   layer_slice_copies=hlo.count(f"bf16[{batch},{max_len},"))
+    except Exception as e:  # noqa: BLE001
+        row.update(compiled=False, error=str(e).splitlines()[0][:1000])
+    return row
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--attention", default="auto", help="ParallelConfig.attention")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sliced-cache", action="store_true",
+                    help="cuDNN decode reads a copy of each layer's cache slice (the old path)")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--xla-option", action="append", default=[],
@@ -66,6 +68,7 @@ def main():
     import numpy as np
 
     import jax_sp.generate as gen
+    import models.llama as llama
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
@@ -81,13 +84,17 @@ def main():
     llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
               max_seq_len=args.prompt + args.new_tokens + 64)
     gen.DECODE_UNROLL = args.unroll
+    llama.PAGED_DECODE = not args.sliced_cache
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
         sp = SamplingParams(max_new_tokens=args.new_tokens)
         llm.generate(ids, sp)
-        llm.generate(ids, sp)
+        untraced = []
+        for _ in range(3):
+            llm.generate(ids, sp)
+            untraced.append(llm.last_stats.decode_s / (args.new_tokens - 1) * 1e3)
         with tempfile.TemporaryDirectory() as d:
             with jax.profiler.trace(d):
                 t0 = time.perf_counter()
@@ -100,7 +107,9 @@ def main():
         top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
                "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
+               "paged_cache": llama.PAGED_DECODE,
                "decode_ms_per_token": stats.decode_s / steps * 1e3,
+               "untraced_decode_ms_per_token": sorted(untraced)[1],
                "device_busy_ms_per_token_incl_prefill": busy / 1e6 / steps,
                "kernels_per_token": sum(c for _, c in totals.values()) / steps,
                "top": [{"name": n[:90], "us_per_token": t / 1e3 / steps, "calls_per_token":
@@ -123,7 +132,8 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
-        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}{tag}.jsonl"),
+        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
+                               f"{'_sliced' if args.sliced_cache else ''}{tag}.jsonl"),
                   "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 

@@ -78,6 +78,9 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
 
 Q_CHUNK = 512  # queries per attention step in long forwards: bounds the [T, S] score buffer
 ATTENTION = ("xla", "cudnn")
+# cuDNN decode steps read the stacked cache as a paged pool (attend_paged); False: slice the
+# layer out first, as before (kept for benchmarks/profile_decode.py --sliced-cache)
+PAGED_DECODE: bool = True
 
 
 def attend_fresh(q_btnh, k_btkh, v_btkh, positions_bt, kv_len_b, window=0, impl="xla"):
@@ -91,17 +94,39 @@ def attend_fresh(q_btnh, k_btkh, v_btkh, positions_bt, kv_len_b, window=0, impl=
 
 
 
-def attend_cached(q_btnh, k_bskh, v_bskh, positions_bt, kv_len_b, window=0, impl="xla"):
-    """Attention of T new tokens per sequence over the cache (slot s holds position s).
-    impl="cudnn" serves one-token decode steps without a sliding window: a padding mask
-    (kv_len) is the whole mask there, as the new token is each sequence's last key."""
+def attend_cached(q_btnh, cache, layer, positions_bt, kv_len_b, window=0, impl="xla"):
+    """Attention of T new tokens per sequence over layer `layer` of the cache (slot s holds
+    position s). impl="cudnn" serves one-token decode steps without a sliding window: a padding
+    mask (kv_len) is the whole mask there, as the new token is each sequence's last key."""
     b, t = positions_bt.shape
+    if impl == "cudnn" and t == 1 and not window and PAGED_DECODE:
+        return attend_paged(q_btnh, cache, layer, kv_len_b)
+    k_bskh, v_bskh = cache.layer(layer)
     if impl == "cudnn" and t == 1 and not window:
         return jax.nn.dot_product_attention(q_btnh, k_bskh, v_bskh,
                                             key_value_seq_lengths=kv_len_b,
                                             implementation="cudnn")
     kpos_bs = jnp.broadcast_to(jnp.arange(k_bskh.shape[1]), (b, k_bskh.shape[1]))
     return attend(q_btnh, k_bskh, v_bskh, positions_bt, kpos_bs, kv_len_b, window)
+
+
+def attend_paged(q_btnh, cache, layer, kv_len_b):
+    """cuDNN flash attention of one-token steps reading layer `layer` of the stacked cache where
+    it lies. Slicing the layer out (`cache.layer`) makes XLA copy it before the cuDNN call, a copy
+    that grows with the context (14% of a batch-32 step on an H100). Instead the cache is seen as
+    cuDNN's paged KV pool: [L, B, S, K, H] is L*B pages of S slots, sequence b of layer l is
+    page l*B + b. cuDNN wants B * pages-per-sequence pages in the pool, so each sequence's page
+    table lists L pages, all its own page of this layer; kv_len <= S masks every slot past the
+    first page, so only that one is read."""
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
+
+    n_layers, b, s, k, h = cache.k.shape
+    page_b = layer * b + jnp.arange(b, dtype=jnp.int32)
+    table = jnp.broadcast_to(page_b[:, None, None, None], (b, 1, n_layers, 1))
+    pool = (n_layers * b, s, k, h)
+    return paged_attention(q_btnh, cache.k.reshape(pool), cache.v.reshape(pool),
+                           jnp.ones((b,), jnp.int32), kv_len_b.astype(jnp.int32), table, table,
+                           scale=h ** -0.5, mask_type=MaskType.PADDING)
 
 
 def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):
@@ -166,8 +191,7 @@ class Attention(nnx.Module):
         if fresh or cache is None:  # this forward's keys are all the keys
             out = attend_fresh(q, k, v, positions_bt, kv_len_b, self.window, impl)
         else:
-            k_bskh, v_bskh = cache.layer(layer)
-            out = attend_cached(q, k_bskh, v_bskh, positions_bt, kv_len_b, self.window, impl)
+            out = attend_cached(q, cache, layer, positions_bt, kv_len_b, self.window, impl)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
         n, h = out.shape[2:]
