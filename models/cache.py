@@ -43,6 +43,18 @@ class KVCache:
         return (jax.lax.dynamic_index_in_dim(self.k, layer, 0, keepdims=False),
                 jax.lax.dynamic_index_in_dim(self.v, layer, 0, keepdims=False))
 
+    def paged(self, layer):
+        """The whole cache as a paged KV pool, for kernels that take one (cuDNN's paged
+        attention): k and v as [L * B, S, K, H] (page l * B + b is sequence b of layer l; a
+        reshape, no copy) and the page table [B, 1, L, 1] of layer `layer`, whose first entry per
+        sequence is its page. The pool must hold B * pages-per-sequence pages, so each row lists
+        L pages, all the same; a kv length <= S keeps a kernel on the first."""
+        n_layers, b, s, k, h = self.k.shape
+        page_b = layer * b + jnp.arange(b, dtype=jnp.int32)
+        table = jnp.broadcast_to(page_b[:, None, None, None], (b, 1, n_layers, 1))
+        pool = (n_layers * b, s, k, h)
+        return self.k.reshape(pool), self.v.reshape(pool), table
+
     @property
     def max_len(self) -> int:
         return self.k.shape[-3]

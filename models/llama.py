@@ -113,20 +113,15 @@ def attend_cached(q_btnh, cache, layer, positions_bt, kv_len_b, window=0, impl="
 def attend_paged(q_btnh, cache, layer, kv_len_b):
     """cuDNN flash attention of one-token steps reading layer `layer` of the stacked cache where
     it lies. Slicing the layer out (`cache.layer`) makes XLA copy it before the cuDNN call, a copy
-    that grows with the context (14% of a batch-32 step on an H100). Instead the cache is seen as
-    cuDNN's paged KV pool: [L, B, S, K, H] is L*B pages of S slots, sequence b of layer l is
-    page l*B + b. cuDNN wants B * pages-per-sequence pages in the pool, so each sequence's page
-    table lists L pages, all its own page of this layer; kv_len <= S masks every slot past the
-    first page, so only that one is read."""
+    that grows with the cache (14% of a batch-32 step on an H100); `cache.paged` hands cuDNN the
+    whole cache as its paged pool and this layer's page table instead."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
 
-    n_layers, b, s, k, h = cache.k.shape
-    page_b = layer * b + jnp.arange(b, dtype=jnp.int32)
-    table = jnp.broadcast_to(page_b[:, None, None, None], (b, 1, n_layers, 1))
-    pool = (n_layers * b, s, k, h)
-    return paged_attention(q_btnh, cache.k.reshape(pool), cache.v.reshape(pool),
-                           jnp.ones((b,), jnp.int32), kv_len_b.astype(jnp.int32), table, table,
-                           scale=h ** -0.5, mask_type=MaskType.PADDING)
+    k_pool, v_pool, table = cache.paged(layer)
+    b, h = q_btnh.shape[0], q_btnh.shape[-1]
+    return paged_attention(q_btnh, k_pool, v_pool, jnp.ones((b,), jnp.int32),
+                           kv_len_b.astype(jnp.int32), table, table, scale=h ** -0.5,
+                           mask_type=MaskType.PADDING)
 
 
 def attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window=0):

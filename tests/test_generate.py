@@ -65,6 +65,26 @@ def test_kv_cache_is_sharded_over_kv_heads(hf_models):
     assert cache.k.addressable_shards[0].data.shape[3] == llm.runtime.padded_cfg.num_kv_heads // 4
 
 
+def test_paged_view_of_the_cache_gives_each_layer_its_own_pages():
+    """cuDNN decode steps read the cache through `KVCache.paged` (GPU only); the page table must
+    pick layer l's rows of every sequence, for a traced layer index too."""
+    import jax
+
+    from models.cache import KVCache
+
+    n_layers, b, s, k, h = 3, 5, 7, 2, 4
+    rng = np.random.default_rng(0)
+    cache = KVCache(*(jax.numpy.asarray(rng.normal(size=(n_layers, b, s, k, h)), "float32")
+                      for _ in range(2)))
+    for layer in range(n_layers):
+        k_pool, v_pool, table = jax.jit(cache.paged)(layer)
+        assert k_pool.shape == (n_layers * b, s, k, h) and table.shape == (b, 1, n_layers, 1)
+        assert (np.asarray(table) == np.asarray(table)[:, :, :1]).all()
+        want_k, want_v = cache.layer(layer)
+        np.testing.assert_array_equal(k_pool[table[:, 0, 0, 0]], want_k)
+        np.testing.assert_array_equal(v_pool[table[:, 0, 0, 0]], want_v)
+
+
 def _layer_kinds(hlo):
     return {c.kind for c in census(hlo, layers=3) if c.scope == "layer"}
 
