@@ -13,6 +13,8 @@ holds more than its shard. bfloat16 stays bfloat16 from file to device.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import os
@@ -415,7 +417,8 @@ class LazyParams:
 
         One device at a time: its block is filled in place (layer by layer for stacked
         parameters), copied to the device and dropped before the next device's is read, so the
-        host holds at most one device block beyond what is already placed."""
+        host holds at most one device block beyond what is already placed (and the memory the
+        reads freed goes back to the OS as they go)."""
         e = self.entries[path]
         stacked = names[0] == "layers"
         dtype = np.dtype(dtype)
@@ -427,11 +430,13 @@ class LazyParams:
                 layers = range(*index[0].indices(shape[0]))
                 for i, layer in enumerate(layers):
                     self._fill(host[i], e, e["keys"][layer_offset + layer], plan, index[1:])
+                    _release_freed_memory()
             else:
                 self._fill(host, e, e["keys"][0], plan, index)
             shard = jax.device_put(host, device)
             shard.block_until_ready()
             del host
+            _release_freed_memory()
             shards.append(shard)
         out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards)
         keys = e["keys"][layer_offset: layer_offset + shape[0]] if stacked else e["keys"]
@@ -450,6 +455,23 @@ class LazyParams:
         for j, part in enumerate(range(*index[axis].indices(len(parts)))):
             host[(slice(None),) * axis + (j,)] = self.block(
                 parts[part], dims.replace("C", ""), e["transpose"], plan, rest, host.dtype)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def _release_freed_memory():
+    """Give memory freed by the last block's reads back to the OS. glibc keeps freed blocks of
+    up to 32 MB in its heaps (the mmap threshold grows to the largest block freed), so
+    without this the reads of a 1 GB checkpoint leave ~100 MB resident that nothing uses."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def hf_folder_config(folder: str) -> ModelConfig:
