@@ -430,7 +430,6 @@ class LazyParams:
                 layers = range(*index[0].indices(shape[0]))
                 for i, layer in enumerate(layers):
                     self._fill(host[i], e, e["keys"][layer_offset + layer], plan, index[1:])
-                    _release_freed_memory()
             else:
                 self._fill(host, e, e["keys"][0], plan, index)
             shard = jax.device_put(host, device)

@@ -114,7 +114,9 @@ def attend_paged(q_btnh, cache, layer, kv_len_b):
     """cuDNN flash attention of one-token steps reading layer `layer` of the stacked cache where
     it lies. Slicing the layer out (`cache.layer`) makes XLA copy it before the cuDNN call, a copy
     that grows with the cache (14% of a batch-32 step on an H100); `cache.paged` hands cuDNN the
-    whole cache as its paged pool and this layer's page table instead."""
+    whole cache as its paged pool and this layer's page table instead.
+    `jax.nn.dot_product_attention` takes no page tables; `paged_attention` is the cuDNN wrapper
+    beside the one it calls."""
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
 
     k_pool, v_pool, table = cache.paged(layer)
