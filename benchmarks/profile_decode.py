@@ -56,6 +56,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sliced-cache", action="store_true",
                     help="cuDNN decode reads a copy of each layer's cache slice (the old path)")
+    ap.add_argument("--from-torch", action="store_true",
+                    help="load the weights from a transformers model as benchmarks/generation.py "
+                         "does (default: jax-sp's random_params)")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--xla-option", action="append", default=[],
@@ -81,8 +84,17 @@ def main():
         k, v = kv.split("=", 1)
         options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
     parallel = ParallelConfig(tp=1, xla_options=options or None, attention=args.attention)
-    llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
-              max_seq_len=args.prompt + args.new_tokens + 64)
+    max_len = args.prompt + args.new_tokens + 64
+    if args.from_torch:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from generation import hf_module
+
+        device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        llm = LLM.from_torch(hf_module(cfg, args.dtype, device), parallel=parallel,
+                             dtype=args.dtype, max_seq_len=max_len)
+    else:
+        llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
+                  max_seq_len=max_len)
     gen.DECODE_UNROLL = args.unroll
     llama.PAGED_DECODE = not args.sliced_cache
     rng = np.random.default_rng(0)
@@ -108,6 +120,7 @@ def main():
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
                "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
                "paged_cache": llama.PAGED_DECODE,
+               "weights": "from_torch" if args.from_torch else "random_params",
                "decode_ms_per_token": stats.decode_s / steps * 1e3,
                "untraced_decode_ms_per_token": sorted(untraced)[1],
                "device_busy_ms_per_token_incl_prefill": busy / 1e6 / steps,
@@ -123,7 +136,8 @@ def main():
         if args.hlo and args.out:
             os.makedirs(args.out, exist_ok=True)
             stem = os.path.join(args.out, f"decode_{args.model}_b{batch}_u{args.unroll}"
-                                           f"_{llm.runtime.attention}")
+                                           f"_{llm.runtime.attention}"
+                                           f"{'_from_torch' if args.from_torch else ''}")
             with open(stem + ".hlo.txt", "w") as f:
                 f.write(llm.programs.hlo("decode"))
             with open(stem + ".kernels.tsv", "w") as f:
@@ -133,7 +147,9 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
-                               f"{'_sliced' if args.sliced_cache else ''}{tag}.jsonl"),
+                               f"{'_sliced' if args.sliced_cache else ''}"
+                               f"{'_from_torch' if args.from_torch else ''}"
+                               f"{tag}.jsonl"),
                   "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
