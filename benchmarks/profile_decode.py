@@ -59,11 +59,19 @@ def main():
     ap.add_argument("--from-torch", action="store_true",
                     help="load the weights from a transformers model as benchmarks/generation.py "
                          "does (default: jax-sp's random_params)")
+    ap.add_argument("--torch-first", action="store_true",
+                    help="let PyTorch create the CUDA context before XLA does, as "
+                         "benchmarks/generation.py does")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
+    if args.torch_first:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
 
     import dataclasses
 
@@ -121,6 +129,7 @@ def main():
                "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
                "paged_cache": llama.PAGED_DECODE,
                "weights": "from_torch" if args.from_torch else "random_params",
+               "context_created_by": "torch" if args.torch_first else "xla",
                "decode_ms_per_token": stats.decode_s / steps * 1e3,
                "untraced_decode_ms_per_token": sorted(untraced)[1],
                "device_busy_ms_per_token_incl_prefill": busy / 1e6 / steps,
@@ -149,7 +158,7 @@ def main():
         with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
                                f"{'_sliced' if args.sliced_cache else ''}"
                                f"{'_from_torch' if args.from_torch else ''}"
-                               f"{tag}.jsonl"),
+                               f"{'_torch_first' if args.torch_first else ''}{tag}.jsonl"),
                   "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
