@@ -20,6 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def kernel_times(trace_dir: str):
@@ -94,7 +95,6 @@ def main():
     parallel = ParallelConfig(tp=1, xla_options=options or None, attention=args.attention)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from generation import hf_module
 
         device = "cuda" if jax.default_backend() == "gpu" else "cpu"
@@ -105,6 +105,10 @@ def main():
                   max_seq_len=max_len)
     gen.DECODE_UNROLL = args.unroll
     llama.PAGED_DECODE = not args.sliced_cache
+    # what sets this run apart, in every file name it writes
+    variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
+                                           (args.from_torch, "_from_torch"),
+                                           (args.torch_first, "_torch_first")) if on)
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -145,8 +149,7 @@ def main():
         if args.hlo and args.out:
             os.makedirs(args.out, exist_ok=True)
             stem = os.path.join(args.out, f"decode_{args.model}_b{batch}_u{args.unroll}"
-                                           f"_{llm.runtime.attention}"
-                                           f"{'_from_torch' if args.from_torch else ''}")
+                                           f"_{llm.runtime.attention}{variant}")
             with open(stem + ".hlo.txt", "w") as f:
                 f.write(llm.programs.hlo("decode"))
             with open(stem + ".kernels.tsv", "w") as f:
@@ -156,9 +159,7 @@ def main():
         os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
-                               f"{'_sliced' if args.sliced_cache else ''}"
-                               f"{'_from_torch' if args.from_torch else ''}"
-                               f"{'_torch_first' if args.torch_first else ''}{tag}.jsonl"),
+                               f"{variant}{tag}.jsonl"),
                   "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
