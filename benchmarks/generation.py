@@ -230,7 +230,8 @@ def run_model(b: Bench, name: str):
 
     # -- decode ----------------------------------------------------------------------------------
     limit = b.bandwidth / weight_bytes  # steps/s if a step did nothing but read the weights once
-    unrolls = [1] if args.tiny else [int(u) for u in args.unroll.split(",")]
+    saved_unroll = gen.DECODE_UNROLL
+    unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [saved_unroll]
     llm = llms["jax-sp"]
     for batch in decode_batches:
         ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
@@ -248,6 +249,7 @@ def run_model(b: Bench, name: str):
 
         for unroll in unrolls:
             gen.DECODE_UNROLL = unroll
+            unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
             tokens[f"jax-sp/unroll={unroll}"] = [c.token_ids for c in out]
             totals, prefills, decodes = [], [], []
@@ -265,7 +267,7 @@ def run_model(b: Bench, name: str):
                 with open(os.path.join(args.dump_hlo, f"decode_{name}_b{batch}_u{unroll}.hlo"),
                           "w") as f:
                     f.write(llm.programs.hlo("decode"))
-        gen.DECODE_UNROLL = 1
+        gen.DECODE_UNROLL = saved_unroll
 
         x = torch.tensor(ids, device=b.device)
         fast = None
@@ -317,10 +319,11 @@ def plot(path):
         dec = [r for r in rows if r["bench"] == "decode" and r.get("model") == m
                and "error" not in r]
         best = {}
-        for r in dec:  # jax-sp: the default unroll; one bar per implementation
+        unrolls = {r.get("unroll", 1) for r in dec if r["impl"] == "jax-sp"}
+        for r in dec:  # one bar per implementation (and per unroll factor when several ran)
             impl = r["impl"]
-            if impl == "jax-sp" and r.get("unroll", 1) != 1:
-                impl = f"jax-sp (unroll={r['unroll']})"
+            if impl == "jax-sp" and len(unrolls) > 1:
+                impl = f"jax-sp (unroll={r.get('unroll', 1)})"
             best[(impl, r["batch"])] = r["tokens_per_s"]
         impls = sorted({i for i, _ in best}, key=lambda i: (not i.startswith("jax"), i))
         batches = sorted({bb for _, bb in best})
@@ -365,7 +368,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-batches", default="1,8,32")
     ap.add_argument("--peers", default=",".join(PEERS))
-    ap.add_argument("--unroll", default="1", help="decode layer-loop unroll factors to compare")
+    ap.add_argument("--unroll", default="",
+                    help="decode layer-loop unroll factors to compare (default: the library's, "
+                         "jax_sp.generate.decode_unroll: every layer on GPU)")
     ap.add_argument("--prefill", default="1x2048,8x2048", help="BxT cases; empty: none")
     ap.add_argument("--compare-attention", type=int, default=1,
                     help="also run prefill with XLA attention where cuDNN's is the default")

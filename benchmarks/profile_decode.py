@@ -5,7 +5,7 @@ trace with `jax.profiler.ProfileData`: device busy time per new token next to wa
 token (busy << wall: launch- or host-bound; busy ~ wall: kernel-bound) and the kernels that
 take the time. JSON lines on stdout and in --out.
 
-    python benchmarks/profile_decode.py --model llama3.2-1b --batches 1,32 --unroll 16
+    python benchmarks/profile_decode.py --model llama3.2-1b --batches 1,32 --unroll 1
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def main():
     ap.add_argument("--model", default="llama3.2-1b")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--unroll", type=int, default=1)
+    ap.add_argument("--unroll", type=int, default=None,
+                    help="decode layer-loop unroll factor (default: the library's, "
+                         "jax_sp.generate.decode_unroll: every layer on GPU)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
@@ -63,6 +65,9 @@ def main():
     ap.add_argument("--torch-first", action="store_true",
                     help="let PyTorch create the CUDA context before XLA does, as "
                          "benchmarks/generation.py does")
+    ap.add_argument("--pad-rows-min-weight", type=int, default=None,
+                    help="sharding.layout.PAD_ROWS_MIN_WEIGHT: projections of weights from this "
+                         "many elements up run on a multiple of 8 rows on GPU")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--xla-option", action="append", default=[],
@@ -81,6 +86,7 @@ def main():
 
     import jax_sp.generate as gen
     import models.llama as llama
+    import sharding.layout as sharding_layout
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
@@ -104,6 +110,9 @@ def main():
         llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
                   max_seq_len=max_len)
     gen.DECODE_UNROLL = args.unroll
+    args.unroll = gen.decode_unroll(llm.runtime)  # recorded as resolved
+    if args.pad_rows_min_weight is not None:
+        sharding_layout.PAD_ROWS_MIN_WEIGHT = args.pad_rows_min_weight
     llama.PAGED_DECODE = not args.sliced_cache
     # what sets this run apart, in every file name it writes
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
@@ -132,6 +141,7 @@ def main():
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
                "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
                "paged_cache": llama.PAGED_DECODE,
+               "pad_rows_min_weight": sharding_layout.PAD_ROWS_MIN_WEIGHT,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",
                "decode_ms_per_token": stats.decode_s / steps * 1e3,
@@ -158,6 +168,8 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
+        if args.pad_rows_min_weight is not None:
+            tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
         with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
                                f"{variant}{tag}.jsonl"),
                   "w") as f:

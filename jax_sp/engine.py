@@ -288,7 +288,7 @@ class LLM:
         """Single stage: every new token after the first in one on-device loop -> [B, n]."""
         steps = pow2_at_least(sampling.max_new_tokens - 1)
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
-                        generate_programs.DECODE_UNROLL)
+                        generate_programs.decode_unroll(self.runtime))
         active = np.arange(job.batch) < job.rows
         stop_ids = self._put(np.array(stop or (-1,), np.int32))
         done = self._put(~active) | jnp.isin(token, stop_ids)
@@ -380,7 +380,7 @@ class LLM:
             return
         token, cache, key = self._prefill(job, sampling)
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
-                        generate_programs.DECODE_UNROLL)
+                        generate_programs.decode_unroll(self.runtime))
         pos = self._put(job.kv_len)
         yield int(self.pipeline.to_host(token)[0])
         for step in range(1, sampling.max_new_tokens):

@@ -28,8 +28,22 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 
 
 # Unroll factor of the layer loop in decode programs (an int; >= the layer count unrolls it
-# fully). See README "Generation speed" for what was measured.
-DECODE_UNROLL: int = 1
+# fully); None: `decode_unroll` picks. See README "Generation speed" for what was measured.
+DECODE_UNROLL: int | None = None
+
+
+def decode_unroll(rt: Runtime) -> int:
+    """The layer loop's unroll factor in decode programs: DECODE_UNROLL when set, else every
+    layer unrolled on GPU and a loop elsewhere. On GPU a rolled loop slices each layer's weights
+    at a loop-dependent offset, and the dynamic-slice fusion that lets cuBLAS read them in place
+    does host work per call (per projection, per layer): with SmolLM2-sized layers the host
+    cannot keep up (an H100 busy 1.28 ms of a 2.2 ms step at batch 8). Unrolled, the slices
+    are static. Measured side by side (benchmarks/generation.py --unroll 1,L): Llama-3.2-1B
+    1.67/1.58/1.84 -> 1.63/1.42/1.61 ms/token at batch 1/8/32, SmolLM2-135M batch 8 and 32
+    1.62 -> 1.09 and 1.95 -> 1.28; compile time is about the same (2-5 s per program)."""
+    if DECODE_UNROLL is not None:
+        return DECODE_UNROLL
+    return rt.cfg.num_layers if rt.mesh.devices.flat[0].platform == "gpu" else 1
 
 
 @dataclasses.dataclass(frozen=True)

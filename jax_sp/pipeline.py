@@ -140,7 +140,8 @@ class Pipeline:
             tokens.append(x)
         yield list(tokens)
 
-        dec = Static(job.decode_sp, greedy, sampling.top_k, generate_programs.DECODE_UNROLL)
+        dec = Static(job.decode_sp, greedy, sampling.top_k,
+                     generate_programs.decode_unroll(self.stages[0].runtime))
         pos = [[self._put(s, job.kv_len[r]) for r in rows] for s in range(len(self.stages))]
         for step in range(1, sampling.max_new_tokens):
             for i in range(m):

@@ -58,6 +58,25 @@ def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
     assert llm.last_stats.compile_s == 0 and llm.last_stats.new_tokens == 12
 
 
+def test_unrolled_decode_equals_the_layer_loop(hf_models, monkeypatch):
+    """GPU decode programs unroll the layer loop (jax_sp/generate.py `decode_unroll`); unrolled
+    on a split mesh, decode gives HF's tokens with no layer loop left in the program."""
+    import jax_sp.generate as gen
+
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=4)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    assert gen.decode_unroll(llm.runtime) == 1  # CPU: the rolled loop
+    loops = {}
+    for unroll in (1, llm.runtime.cfg.num_layers):
+        monkeypatch.setattr(gen, "DECODE_UNROLL", unroll)
+        assert gen.decode_unroll(llm.runtime) == unroll
+        got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+        assert got == hf_greedy(model, prompts, GREEDY.max_new_tokens)
+        loops[unroll] = llm.programs.hlo("decode").count(" while(")
+    assert loops == {1: 2, llm.runtime.cfg.num_layers: 1}  # decode loop (+ layer loop)
+
+
 def test_kv_cache_is_sharded_over_kv_heads(hf_models):
     llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=4))
     cache = llm.runtime.new_cache(batch=2, max_len=32)
