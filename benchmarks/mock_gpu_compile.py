@@ -4,8 +4,9 @@ For Llama-3-8B and 70B layer shapes (two layers, so the scan over layers stays a
 comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" for a mocked
 1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
 loops, and the collective census. Also compiles a one-token decode step (batch 8, cache 1024)
-at tp 8 with cuDNN attention reading the stacked, head-sharded cache as a paged pool, and
-records whether the fused-attention call and no copy of the cache are in the program. One JSON
+at tp 8 with cuDNN attention reading the stacked, head-sharded cache as a paged pool, its layer
+loop unrolled as decode programs on GPU have it, and records whether the fused-attention calls
+(one per layer) and no copy of the cache are in the program. One JSON
 line per case.
 
 XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with jax 0.11.2 on an
@@ -26,7 +27,7 @@ jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_sp.config import ParallelConfig  # noqa: E402
-from jax_sp.generate import Static, decode_step_fn  # noqa: E402
+from jax_sp.generate import Static, decode_step_fn, decode_unroll  # noqa: E402
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
@@ -84,15 +85,16 @@ def decode_case(model, cfg, batch=8, max_len=1024):
             jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
             scalar, scalar)
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
-           "cache": max_len, "attention": rt.attention, "jax": jax.__version__}
+           "cache": max_len, "attention": rt.attention, "unroll": decode_unroll(rt),
+           "jax": jax.__version__}
     try:
-        fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0))
+        fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0, unroll=row["unroll"]))
         lowered = jax.jit(fn, donate_argnums=(1,)).lower(*args)
         hlo = lowered.compile({**rt.xla_options(False, True),
                                "xla_gpu_autotune_level": 0}).as_text()
         local = f"{cfg.num_layers * batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}"
         row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),
-                   cudnn_mentions=hlo.count("cudnn"),
+                   cudnn_mentions=hlo.count("cudnn"), while_loops=hlo.count(" while("),
                    paged_pool_operand=f"bf16[{local}]" in hlo,
                    layer_slice_copies=hlo.count(f"bf16[{batch},{max_len},"))
     except Exception as e:  # noqa: BLE001
