@@ -40,7 +40,8 @@ def decode_unroll(rt: Runtime) -> int:
     cannot keep up (an H100 busy 1.28 ms of a 2.2 ms step at batch 8). Unrolled, the slices
     are static. Measured side by side (benchmarks/generation.py --unroll 1,L): Llama-3.2-1B
     1.67/1.58/1.84 -> 1.63/1.42/1.61 ms/token at batch 1/8/32, SmolLM2-135M batch 8 and 32
-    1.62 -> 1.09 and 1.95 -> 1.28; compile time is about the same (2-5 s per program)."""
+    1.62 -> 1.09 and 1.95 -> 1.28 (batch 1 1.30 -> 1.43 in that run, 1.21 both ways in
+    benchmarks/profile_decode.py); a first call, compile included, took 2-5 s either way."""
     if DECODE_UNROLL is not None:
         return DECODE_UNROLL
     return rt.cfg.num_layers if rt.mesh.devices.flat[0].platform == "gpu" else 1
