@@ -43,6 +43,21 @@ def test_pipeline_matches_hf(hf_models, pp, tp, sp, boundary):
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
+def test_unrolled_decode_steps_on_uneven_stages(hf_models, monkeypatch):
+    """GPU decode programs unroll every layer (jax_sp.generate.decode_unroll gives the model's
+    layer count, more than a stage holds): stages of 3 and 2 layers decode HF's tokens with no
+    layer loop left in either stage's step."""
+    import jax_sp.generate as gen
+
+    model = hf_models("llama5")
+    monkeypatch.setattr(gen, "DECODE_UNROLL", model.config.num_hidden_layers)
+    prompts = random_prompts(model.config.vocab_size, LENGTHS, seed=9)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, pp=2))
+    want = hf_greedy(model, prompts, GREEDY.max_new_tokens)
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
+    assert [st.programs.hlo("decode_step").count(" while(") for st in llm.pipeline.stages] == [0, 0]
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_prompt_embeds_through_two_stages(hf_models, tp):
     model = hf_models("llama5")
