@@ -21,24 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def compile_times(model: str, batch: int, max_len: int):
     import jax
-    import jax.numpy as jnp
 
     from jax_sp.config import ParallelConfig
-    from jax_sp.generate import Static, decode_step_fn
+    from jax_sp.generate import Static, abstract_decode_step_args, decode_step_fn
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime
-    from models.cache import KVCache
 
     cfg = preset(model)
     rt = Runtime(cfg, ParallelConfig(tp=1, sp="off"), dtype="bfloat16")
-    c = rt.padded_cfg
-    shape = (cfg.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    cache = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rt.cache_sharding())
-    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (rt.abstract_state(), KVCache(cache, cache), rows, rows,
-            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-            scalar, scalar)
+    args = abstract_decode_step_args(rt, batch, max_len)
     for unroll in (1, cfg.num_layers):
         fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0, unroll=unroll))
         t0 = time.perf_counter()

@@ -247,8 +247,8 @@ def run_model(b: Bench, name: str):
                     "spread_ms_per_token": [s * 1e3 for s in spread],
                     "of_bandwidth_limit": (1 / per) / limit, "first_call_s": first_s, **extra})
 
-        for unroll in unrolls:
-            gen.DECODE_UNROLL = unroll
+        for setting in unrolls:
+            gen.DECODE_UNROLL = setting
             unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
             tokens[f"jax-sp/unroll={unroll}"] = [c.token_ids for c in out]

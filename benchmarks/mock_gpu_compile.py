@@ -27,7 +27,8 @@ jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_sp.config import ParallelConfig  # noqa: E402
-from jax_sp.generate import Static, decode_step_fn, decode_unroll  # noqa: E402
+from jax_sp.generate import (  # noqa: E402
+    Static, abstract_decode_step_args, decode_step_fn, decode_unroll)
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
@@ -71,19 +72,9 @@ def main():
 
 
 def decode_case(model, cfg, batch=8, max_len=1024):
-    import jax.numpy as jnp
-
-    from models.cache import KVCache
-
     rt = Runtime(cfg, ParallelConfig(tp=8, sp="off"), dtype="bfloat16")
     c = rt.padded_cfg
-    shape = (cfg.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
-    cache = jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rt.cache_sharding())
-    i32 = jax.ShapeDtypeStruct((batch,), jnp.int32)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    args = (rt.abstract_state(), KVCache(cache, cache), i32, i32,
-            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
-            scalar, scalar)
+    args = abstract_decode_step_args(rt, batch, max_len)
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
            "cache": max_len, "attention": rt.attention, "unroll": decode_unroll(rt),
            "jax": jax.__version__}

@@ -101,6 +101,16 @@ def decode_step_fn(rt: Runtime, st: Static):
     return lambda *args: _step(rt, st, *args)
 
 
+def abstract_decode_step_args(rt: Runtime, batch: int, max_len: int) -> tuple:
+    """Arguments of `decode_step_fn` as ShapeDtypeStructs, for compiling a first-stage decode
+    step ahead of time without weights (abstract state, cache of max_len slots)."""
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    return (rt.abstract_state(), rt.abstract_cache(batch, max_len), rows, rows,
+            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
+            scalar, scalar)
+
+
 def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
     """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p)
     -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done.

@@ -201,10 +201,19 @@ class Runtime:
         zeros = self._cache_zeros(batch, max_len)
         return KVCache(zeros(), zeros())
 
+    def abstract_cache(self, batch: int, max_len: int) -> KVCache:
+        """The cache as ShapeDtypeStructs carrying its sharding (ahead-of-time compiles)."""
+        kv = jax.ShapeDtypeStruct(self._cache_shape(batch, max_len), self.dtype,
+                                  sharding=self.cache_sharding())
+        return KVCache(kv, kv)
+
+    def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
+        c = self.padded_cfg  # [L, B, S, K, H]
+        return (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
+
     @functools.cache
     def _cache_zeros(self, batch: int, max_len: int):
-        c = self.padded_cfg
-        shape = (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
+        shape = self._cache_shape(batch, max_len)
         return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
 
     # -- compiled forwards ---------------------------------------------------------------------
