@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 MATMUL_KERNELS = ("nvjet", "gemm", "gemv", "cutlass", "cublas", "reduce")
 
 SHAPES = {"q_proj": (2048, 2048), "kv_proj": (2048, 1024), "o_proj": (2048, 2048),
-          "gate_up_proj": (2048, 16384), "down_proj": (8192, 2048)}
+          "gate_up_proj": (2048, 16384), "down_proj": (8192, 2048),
+          "qkv_proj": (2048, 3072)}  # q, k and v as one weight (vLLM's QKVParallelLinear)
 
 
 def main():
@@ -35,19 +36,25 @@ def main():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--shapes", default=",".join(SHAPES), help="projections to time")
+    ap.add_argument("--xla-option", action="append", default=[],
+                    help="KEY=VALUE compiler option replacing the decode defaults (repeatable)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
     import jax
     import jax.numpy as jnp
 
-    from profile_decode import kernel_times
+    from profile_decode import kernel_times, parse_options
     from sharding.layout import _einsum
     from sharding.xla_options import DECODE
 
     options = DECODE if jax.default_backend() == "gpu" else {}
+    if args.xla_option:
+        options = parse_options(args.xla_option)
     rows = []
-    for name, (k, n) in SHAPES.items():
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
         key = jax.random.key(k * n)
         w_kn = jax.random.normal(key, (args.layers, k, n), jnp.bfloat16)
         w_nk = jnp.swapaxes(w_kn, 1, 2).copy()
@@ -82,13 +89,16 @@ def main():
                        "weight_layout": layout, "loop_us": t * 1e6, "kernel_us": kt * 1e6,
                        "kernel_weight_gb_s": k * n * 2 / kt / 1e9 if kt else None,
                        "kernels": {kn[:60]: round(v[1] / args.calls, 2) for kn, v in mm.items()},
+                       "xla_options": options,
                        "device": jax.devices()[0].device_kind, "jax": jax.__version__}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         kind = jax.devices()[0].device_kind.lower().replace("nvidia ", "").split()[0]
-        with open(os.path.join(args.out, f"decode_gemv_layout_{kind}.jsonl"), "w") as f:
+        tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in parse_options(
+            args.xla_option).items())
+        with open(os.path.join(args.out, f"decode_gemv_layout_{kind}{tag}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 

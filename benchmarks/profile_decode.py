@@ -43,6 +43,15 @@ def kernel_times(trace_dir: str):
     return totals
 
 
+def parse_options(pairs) -> dict:
+    """KEY=VALUE strings -> compiler options (true/false and integers converted)."""
+    options = {}
+    for kv in pairs:
+        k, v = kv.split("=", 1)
+        options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+    return options
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama3.2-1b")
@@ -94,10 +103,7 @@ def main():
     cfg = preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
-    options = {}
-    for kv in args.xla_option:
-        k, v = kv.split("=", 1)
-        options[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.isdigit() else v)
+    options = parse_options(args.xla_option)
     parallel = ParallelConfig(tp=1, xla_options=options or None, attention=args.attention)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
