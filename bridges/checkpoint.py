@@ -26,7 +26,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from bridges.hf import _groups, check_names, config_from_hf, sizes_of
+from bridges.hf import GROUPED, _groups, check_names, config_from_hf, sizes_of
 from models.config import ModelConfig
 from sharding.padding import PaddingPlan
 
@@ -346,8 +346,9 @@ class LazyParams:
                 raise CheckpointError(
                     f"{source.description}: tensor {hf_key} has shape {shape}, which does not "
                     f"fit parameter {path} [{dims}] = {target}"
-                    + ("" if part is None else f" at C={part}"))
-            e = self.entries.setdefault(path, {"dims": dims, "transpose": transpose,
+                    + ("" if part is None else f" (part {part})"))
+            e = self.entries.setdefault(path, {"dims": GROUPED.get(path, dims),
+                                               "transpose": transpose,
                                                "stacked": layer is not None, "keys": {}})
             e["keys"].setdefault(layer, []).append(hf_key)  # KEY_TABLE lists parts in order
         for e in self.entries.values():
@@ -366,7 +367,9 @@ class LazyParams:
 
     def unpadded_shape(self, path: str) -> tuple[int, ...]:
         e = self.entries[path]
-        dims = tuple(self.sizes[d] for d in e["dims"])
+        sizes = dict(self.sizes, C=self.cfg.num_heads // self.cfg.num_kv_heads + 2) if (
+            path in GROUPED) else self.sizes
+        dims = tuple(sizes[d] for d in e["dims"])
         return (len(e["keys"]), *dims) if e["stacked"] else dims
 
     def __iter__(self):
@@ -446,6 +449,9 @@ class LazyParams:
         """Write one layer's block `index` of parameter entry e into host; parts: the HF key of
         each C part (one key when e has no C axis)."""
         dims = e["dims"]
+        if dims in GROUPED.values():
+            self._fill_qkv(host, e, parts, plan, index)
+            return
         if "C" not in dims:
             host[...] = self.block(parts[0], dims, e["transpose"], plan, index, host.dtype)
             return
@@ -454,6 +460,33 @@ class LazyParams:
         for j, part in enumerate(range(*index[axis].indices(len(parts)))):
             host[(slice(None),) * axis + (j,)] = self.block(
                 parts[part], dims.replace("C", ""), e["transpose"], plan, rest, host.dtype)
+
+
+    def _fill_qkv(self, host, e, parts, plan, index):
+        """One layer's block of the fused q/k/v weight [D, K'', C'', H] (bias [K'', C'', H]),
+        C'' = G'' + 2: each KV replica's G'' = G / r query heads, then its k and v. The query
+        heads of replicas [a, b) are the padded heads [a*G'', b*G''), in order."""
+        dims, transpose = e["dims"], e["transpose"]
+        axis = dims.index("K")
+        group = (plan.num_heads // plan.num_kv_heads // plan.kv_repeat if plan is not None
+                 else self.cfg.num_heads // self.cfg.num_kv_heads)
+        ks, cs = index[axis], index[axis + 1]
+        start = ks.start or 0  # device blocks are contiguous
+        stop = start + host.shape[axis]
+        rest = index[:axis] + index[axis + 2:]
+        q_dims = dims.replace("KC", "N")
+        q = self.block(parts[0], q_dims, transpose, plan,
+                       rest[:axis] + (slice(start * group, stop * group),) + rest[axis:],
+                       host.dtype)
+        q = q.reshape(*q.shape[:axis], stop - start, group, *q.shape[axis + 1:])
+        kv_dims = dims.replace("C", "")
+        for j, c in enumerate(range(*cs.indices(group + 2))):
+            out = (slice(None),) * (axis + 1) + (j,)
+            if c < group:
+                host[out] = q[(slice(None),) * (axis + 1) + (c,)]
+            else:
+                host[out] = self.block(parts[1 + c - group], kv_dims, transpose, plan,
+                                       index[:axis + 1] + index[axis + 2:], host.dtype)
 
 
 @functools.cache

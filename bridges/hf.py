@@ -1,18 +1,19 @@
 """Hugging Face Llama-family weights -> jax-sp parameters, as data: a key table plus transposes.
 
 Supported: LlamaForCausalLM (Llama 2/3, SmolLM), MistralForCausalLM, Qwen2ForCausalLM. The
-result is the *unpadded* parameter set keyed by jax-sp parameter path ("layers/attn/w_q_dnh");
+result is the *unpadded* parameter set keyed by jax-sp parameter path ("layers/attn/w_qkv_dkch");
 per-layer tensors are stacked on a leading L axis. Head/vocab padding for tp is applied later,
 by logical axis name, so every weight source shares it (see sharding/padding.py).
 
 HF Linear weights are [out, in]; jax-sp stores [in, out] with heads split out, and projections
-that share an input and a sharding fused on a C axis (vLLM's merged k/v and gate_up_proj):
-  q_proj [N*H, D] -> w_q_dnh [D, N, H]          o_proj    [D, N*H] -> w_o_nhd [N, H, D]
-  k_proj, v_proj [K*H, D] -> w_kv_dckh [D, 2, K, H]   (C: 0 = k, 1 = v)
+that share an input fused on a C axis (vLLM's QKVParallelLinear and gate_up_proj):
+  q_proj [N*H, D], k_proj, v_proj [K*H, D] -> w_qkv_dkch [D, K, G + 2, H]
+      (by KV group: C 0..G-1 = the group's query heads k*G + c, G = its k, G + 1 = its v)
   gate_proj, up_proj [F, D] -> w_gate_up_dcf [D, 2, F]   (C: 0 = gate, 1 = up)
-  lm_head [V, D]  -> head_dv [D, V]             down_proj [D, F]   -> [F, D]
-One matmul then reads each fused weight: at batch 1 a GEMV of twice the bytes runs closer to
-the memory bandwidth than two, and a layer launches two kernels fewer.
+  o_proj [D, N*H] -> w_o_nhd [N, H, D]    lm_head [V, D] -> head_dv [D, V]
+  down_proj [D, F] -> [F, D]
+One matmul then reads each fused weight: at batch 1 a GEMV of three times the bytes costs about
+what one of the parts alone did, and a layer launches three kernels fewer.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 
 # (HF key with {i} for the layer, jax-sp path, transpose, target dims, part): the key's tensor
 # fills the target dims without "C"; a fused target takes it at index `part` of its C axis.
+# The q/k/v parts ("q", "k", "v") are placed by KV group instead (GROUPED, `group_qkv`).
 KEY_TABLE = [
     ("model.embed_tokens.weight", "embed_vd", False, "VD", None),
     ("model.norm.weight", "final_norm/scale", False, "D", None),
@@ -36,18 +38,28 @@ KEY_TABLE = [
     ("model.layers.{i}.input_layernorm.weight", "layers/attn_norm/scale", False, "D", None),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers/mlp_norm/scale", False, "D",
      None),
-    ("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/w_q_dnh", True, "DNH", None),
-    ("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/w_kv_dckh", True, "DCKH", 0),
-    ("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/w_kv_dckh", True, "DCKH", 1),
+    ("model.layers.{i}.self_attn.q_proj.weight", "layers/attn/w_qkv_dkch", True, "DNH", "q"),
+    ("model.layers.{i}.self_attn.k_proj.weight", "layers/attn/w_qkv_dkch", True, "DKH", "k"),
+    ("model.layers.{i}.self_attn.v_proj.weight", "layers/attn/w_qkv_dkch", True, "DKH", "v"),
     ("model.layers.{i}.self_attn.o_proj.weight", "layers/attn/w_o_nhd", True, "NHD", None),
-    ("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/b_q_nh", False, "NH", None),
-    ("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/b_kv_ckh", False, "CKH", 0),
-    ("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/b_kv_ckh", False, "CKH", 1),
+    ("model.layers.{i}.self_attn.q_proj.bias", "layers/attn/b_qkv_kch", False, "NH", "q"),
+    ("model.layers.{i}.self_attn.k_proj.bias", "layers/attn/b_qkv_kch", False, "KH", "k"),
+    ("model.layers.{i}.self_attn.v_proj.bias", "layers/attn/b_qkv_kch", False, "KH", "v"),
     ("model.layers.{i}.mlp.gate_proj.weight", "layers/mlp/w_gate_up_dcf", True, "DCF", 0),
     ("model.layers.{i}.mlp.up_proj.weight", "layers/mlp/w_gate_up_dcf", True, "DCF", 1),
     ("model.layers.{i}.mlp.down_proj.weight", "layers/mlp/w_down_fd", True, "FD", None),
 ]
-PARTS = 2  # the size of every fused C axis
+PARTS = 2  # the size of the C axis of gate/up
+GROUPED = {"layers/attn/w_qkv_dkch": "DKCH", "layers/attn/b_qkv_kch": "KCH"}  # q/k/v by group
+
+
+def group_qkv(q, k, v, axis: int):
+    """q [..., N, ...], k and v [..., K, ...] (heads at `axis`) -> [..., K, N/K + 2, ...]: each
+    KV group's query heads, then its k, then its v (the layout of w_qkv_dkch)."""
+    kv_heads = k.shape[axis]
+    q = q.reshape(*q.shape[:axis], kv_heads, q.shape[axis] // kv_heads, *q.shape[axis + 1:])
+    return np.concatenate([q, np.expand_dims(k, axis + 1), np.expand_dims(v, axis + 1)],
+                          axis=axis + 1)
 
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 log = logging.getLogger(__name__)
@@ -172,13 +184,17 @@ def params_from_state_dict(state_dict, cfg: ModelConfig) -> dict[str, np.ndarray
         if not _groups(x.shape, target):
             raise ValueError(f"checkpoint tensor {hf_key} has shape {tuple(value.shape)}, which "
                              f"does not fit {path} [{dims}] = {target}"
-                             + ("" if part is None else f" at C={part}"))
+                             + ("" if part is None else f" (part {part})"))
         blocks.setdefault(path, {})[layer, part] = (x.reshape(target), dims)
     params: dict[str, np.ndarray] = {}
     for path, got in blocks.items():
         layers = sorted({layer for layer, _ in got})
         per_layer = []
         for layer in layers:
+            if path in GROUPED:
+                (q, dims), (k, _), (v, _) = (got[layer, p] for p in "qkv")
+                per_layer.append(group_qkv(q, k, v, dims.index("N")))
+                continue
             parts = sorted((p for lay, p in got if lay == layer), key=lambda p: p or 0)
             arrays = [got[layer, p][0] for p in parts]
             dims = got[layer, parts[0]][1]

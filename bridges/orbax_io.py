@@ -22,7 +22,7 @@ from models.config import ModelConfig, RopeScaling
 from sharding.padding import pad_param
 
 MARKER = "jax_sp.json"
-FORMAT = 2  # 2: k/v and gate/up stored fused (w_kv_dckh, w_gate_up_dcf)
+FORMAT = 3  # 2: k/v and gate/up stored fused; 3: q/k/v fused by KV group (w_qkv_dkch)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -82,7 +82,7 @@ def open_checkpoint(path: str):
     if meta.get("format") != FORMAT:
         raise ValueError(
             f"{path}: jax-sp checkpoint format {meta.get('format')}, this version reads format "
-            f"{FORMAT} (k/v and gate/up fused); convert the original Hugging Face weights again "
+            f"{FORMAT} (q/k/v fused by KV group, gate/up fused); convert the original Hugging Face weights again "
             f"with `jax-sp convert`")
     c = dict(meta["config"])
     if c.get("rope_scaling"):

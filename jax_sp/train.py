@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from jax_sp.runtime import Runtime, path_str
+from sharding.padding import unpad_qkv
 
 REMAT = ("none", "full", "selective")
 
@@ -70,20 +71,25 @@ def loss_fn(rt: Runtime, sp: bool, remat: str, state, tokens_bt, loss_mask_bt):
 
 
 def tie_kv_replicas(rt: Runtime, grads):
-    """Give every replica of a tp-replicated KV head the sum of the replicas' gradients."""
+    """Give every replica of a tp-replicated KV head the sum of the replicas' gradients (the k
+    and v parts of the fused q/k/v weight; each replica's query heads are its own)."""
     r = rt.plan.kv_repeat
     if r == 1:
         return grads
 
     def tie(path, g):
         names = rt.param_names[path_str(path)]
-        if "kv_heads" not in names:
+        if "qkv_heads" not in names:
             return g
-        axis = names.index("kv_heads")
+        axis = names.index("qkv_heads")
         shape = g.shape
         grouped = g.reshape(*shape[:axis], shape[axis] // r, r, *shape[axis + 1:])
         summed = jnp.sum(grouped, axis=axis + 1, keepdims=True)
-        return jnp.broadcast_to(summed, grouped.shape).reshape(shape)
+        tied = jnp.broadcast_to(summed, grouped.shape).reshape(shape)
+        parts = shape[axis + 1]  # C: query heads, then k and v
+        is_kv = (jnp.arange(parts) >= parts - 2).reshape(
+            (1,) * (axis + 1) + (parts,) + (1,) * (g.ndim - axis - 2))
+        return jnp.where(is_kv, tied, g)
 
     flat = [(p, v.replace(tie(p, v.get_value()))) for p, v in nnx.to_flat_state(grads)]
     return nnx.from_flat_state(flat)
@@ -137,6 +143,9 @@ def unpadded_params(rt: Runtime, state) -> dict[str, np.ndarray]:
         path = path_str(p)
         x = np.asarray(jax.device_get(v.get_value()))
         for axis, name in enumerate(rt.param_names[path]):
+            if name == "qkv_heads":
+                x = unpad_qkv(x, axis, plan)
+                continue
             index = [slice(None)] * x.ndim
             if name == "heads":
                 index[axis] = slice(0, plan.num_heads)

@@ -1,8 +1,8 @@
 """Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), SmolLM.
 
-Model math only. Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `vocab`, `layers`; None for the C axis of fused k/v and gate/up weights); the three layout boundaries of Megatron TP/SP go through a `Layout`
-(see `models/layout.py`). There is no mesh, no collective and no parallel-mode branch here.
+Model math only. Parameters carry logical axis names (`embed`, `heads`, `qkv_heads`, `head_dim`,
+`mlp`, `vocab`, `layers`; None for the C axis of the fused q/k/v and gate/up weights); the three
+layout boundaries of Megatron TP/SP go through a `Layout` (see `models/layout.py`). There is no mesh, no collective and no parallel-mode branch here.
 
 The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows. Attention reshapes
 to [B, T_seq, ...] because each sequence attends to its own keys. Layers are stacked on a leading
@@ -161,25 +161,27 @@ def _attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window):
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.w_q_dnh = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), dtype)
-        # k and v fused on C (0: k, 1: v): one matmul, one kernel (bridges/hf.py)
-        self.w_kv_dckh = _param(rngs, (d, 2, k, h), ("embed", None, "kv_heads", "head_dim"),
-                                dtype)
+        # q, k and v fused by KV group (vLLM's QKVParallelLinear): C holds a group's G query
+        # heads, then its k, then its v, so one matmul computes all three and splitting K over
+        # tp gives each device whole groups (bridges/hf.py, sharding/padding.py)
+        self.w_qkv_dkch = _param(rngs, (d, k, n // k + 2, h),
+                                 ("embed", "qkv_heads", None, "head_dim"), dtype)
         self.w_o_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
         self.qkv_bias = cfg.qkv_bias
         self.window = cfg.sliding_window
         if cfg.qkv_bias:
-            self.b_q_nh = _const(jnp.zeros((n, h), dtype), ("heads", "head_dim"))
-            self.b_kv_ckh = _const(jnp.zeros((2, k, h), dtype), (None, "kv_heads", "head_dim"))
+            self.b_qkv_kch = _const(jnp.zeros((k, n // k + 2, h), dtype),
+                                    ("qkv_heads", None, "head_dim"))
 
     def __call__(self, x_td, rope, positions_bt, kv_len_b, cache, layer, layout: Layout,
                  fresh: bool, impl: str):
         b, t = positions_bt.shape
-        q_tnh, kv_tckh = layout.column(x_td, ("TD,DNH->TNH", self.w_q_dnh[...]),
-                                       ("TD,DCKH->TCKH", self.w_kv_dckh[...]))
+        (qkv_tkch,) = layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]))
         if self.qkv_bias:
-            q_tnh, kv_tckh = q_tnh + self.b_q_nh[...], kv_tckh + self.b_kv_ckh[...]
-        k_tkh, v_tkh = kv_tckh[:, 0], kv_tckh[:, 1]
+            qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
+        g = qkv_tkch.shape[2] - 2  # query heads per KV head
+        q_tnh = qkv_tkch[:, :, :g].reshape(b * t, -1, qkv_tkch.shape[-1])  # head k*G + j
+        k_tkh, v_tkh = qkv_tkch[:, :, g], qkv_tkch[:, :, g + 1]
         q = apply_rope(q_tnh.reshape(b, t, *q_tnh.shape[1:]), *rope)  # [B, T, N, H]
         k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *rope)  # [B, T, K, H]
         v = v_tkh.reshape(b, t, *v_tkh.shape[1:])

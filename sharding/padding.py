@@ -13,6 +13,11 @@ Vocabulary: the vocab-parallel embedding and LM head are padded with zero rows/c
 multiple of tp; the engine drops the padded logits before anyone sees them. The MLP width gets
 zero gate/up columns and zero down_proj rows (silu(0) * 0 = 0) for the same reason.
 
+The fused q/k/v weight is stored by KV group (`qkv_heads` axis, then a C axis: the group's G
+query heads, then its k, then its v), so one column split gives each device whole groups.
+Padding appends zero groups and, with KV heads replicated r times, regroups each group's G query
+heads as r replicas of G / r (each with a copy of k and v): [K, G + 2] -> [K'', G / r + 2].
+
 Padding is applied to parameters by logical axis name, so every weight source shares it.
 """
 
@@ -84,11 +89,35 @@ def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     return np.pad(x, widths)
 
 
+def pad_qkv(x: np.ndarray, axis: int, plan: PaddingPlan) -> np.ndarray:
+    """[..., K, G + 2, ...] (axis: K) -> [..., K'', G / r + 2, ...]: zero groups appended, each
+    group's query heads split over its r KV replicas in order (replica j of group g takes query
+    heads g*G + j*G/r ... + G/r - 1, as `heads`/`kv_heads` padding orders them)."""
+    group, r = plan.num_heads // plan.num_kv_heads, plan.kv_repeat
+    q, kv = np.split(_pad_axis(x, axis, plan.kv_groups), [group], axis=axis + 1)
+    q = q.reshape(*q.shape[:axis], plan.kv_groups * r, group // r, *q.shape[axis + 2:])
+    return np.concatenate([q, np.repeat(kv, r, axis=axis)], axis=axis + 1)
+
+
+def unpad_qkv(x: np.ndarray, axis: int, plan: PaddingPlan) -> np.ndarray:
+    """The inverse of `pad_qkv`: [..., K'', G / r + 2, ...] -> [..., K, G + 2, ...] (the first
+    replica's k and v)."""
+    group, r = plan.num_heads // plan.num_kv_heads, plan.kv_repeat
+    q, kv = np.split(x, [group // r], axis=axis + 1)
+    q = q.reshape(*q.shape[:axis], plan.kv_groups, group, *q.shape[axis + 2:])
+    kv = np.take(kv, np.arange(0, plan.kv_groups * r, r), axis=axis)
+    keep = np.arange(plan.num_kv_heads)
+    return np.concatenate([np.take(q, keep, axis=axis), np.take(kv, keep, axis=axis)],
+                          axis=axis + 1)
+
+
 def pad_param(x: np.ndarray, names: tuple, plan: PaddingPlan) -> np.ndarray:
     """Apply the plan to one parameter, axis by axis, by its logical names."""
     group = plan.num_heads // plan.num_kv_heads
     for axis, name in enumerate(names):
-        if name == "heads":
+        if name == "qkv_heads":
+            x = pad_qkv(x, axis, plan)
+        elif name == "heads":
             x = _pad_axis(x, axis, plan.kv_groups * group)
         elif name == "kv_heads":
             x = np.repeat(_pad_axis(x, axis, plan.kv_groups), plan.kv_repeat, axis=axis)

@@ -1,12 +1,13 @@
 """Logical axis name -> mesh axis: one table per SP mode. The only place a layout is chosen.
 
 Logical names used by `models/`:
-  parameters   layers, vocab, embed, heads, kv_heads, head_dim, mlp, norm
+  parameters   layers, vocab, embed, heads, kv_heads, qkv_heads (the KV groups of the fused
+               q/k/v weight), head_dim, mlp, norm
   activations  act_tokens (residual-stream rows), act_gathered (input rows of a column-parallel
                matmul), act_embed (the D of activations)
   KV cache     cache_batch, cache_seq (and kv_heads, head_dim)
 
-Under plain TP (Megatron) q/k/v and gate/up are column-parallel (heads, kv_heads, mlp split),
+Under plain TP (Megatron) q/k/v and gate/up are column-parallel (KV groups, mlp split),
 o_proj and down_proj row-parallel, embedding and LM head vocab-parallel, the residual replicated.
 SP differs in one entry: the residual stream's tokens are split over "tp".
 """
@@ -21,6 +22,7 @@ TP_RULES: dict[str, str | None] = {
     "embed": None,
     "heads": "tp",
     "kv_heads": "tp",
+    "qkv_heads": "tp",
     "head_dim": None,
     "mlp": "tp",
     "norm": None,

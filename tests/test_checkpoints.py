@@ -70,9 +70,21 @@ def test_safetensors_pipeline_stages_read_their_layers(odd_model):
 def test_each_device_holds_only_its_shard(odd_model):
     _, folder, _, _ = odd_model
     llm = LLM.from_pretrained(folder, parallel=ParallelConfig(tp=4))
-    q = llm.state["layers"]["attn"]["w_q_dnh"][...]
-    assert q.shape[2] == 12  # 6 heads padded to 12 for tp 4
-    assert {s.data.shape[2] for s in q.addressable_shards} == {3}
+    qkv = llm.state["layers"]["attn"]["w_qkv_dkch"][...]  # [L, D, K, G + 2, H]
+    assert qkv.shape[2:4] == (4, 5)  # 2 KV groups of 3 query heads padded to 4 groups for tp 4
+    assert {s.data.shape[2:4] for s in qkv.addressable_shards} == {(1, 5)}
+
+
+def test_replicated_kv_heads_load_from_safetensors(tmp_path):
+    """2 KV heads at tp 4: each is replicated twice and its group's 2 query heads split between
+    the replicas, block by block as each device's shard is read from disk."""
+    model = tiny_llama(heads=4, kv=2)
+    model.save_pretrained(tmp_path)
+    prompts = random_prompts(96, (5, 9), seed=4)
+    llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=4))
+    assert (llm.runtime.plan.kv_repeat, llm.state["layers"]["attn"]["w_qkv_dkch"].shape[2:4]) == (
+        2, (4, 3))
+    logits_close(llm, LLM.from_torch(model).logits(prompts), prompts)
 
 
 def test_bf16_checkpoint_stays_bf16(tmp_path):
@@ -174,7 +186,7 @@ def test_wrong_shape_names_key_and_parameter(tmp_path):
     path = save_edited(tmp_path, lambda sd: sd.update(
         {"model.layers.0.self_attn.k_proj.weight": torch.zeros(24, 64)}))
     with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \(24, 64\).*"
-                                              r"layers/attn/w_kv_dckh"):
+                                              r"layers/attn/w_qkv_dkch"):
         LLM.from_pretrained(path)
 
 
@@ -218,6 +230,6 @@ def test_orbax_checkpoint_of_an_older_format_asks_for_a_new_convert(odd_model, t
     marker = dst / "jax_sp.json"
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps(dict(meta, format=1)))
-    with pytest.raises(ValueError, match=r"format 1, this version reads format 2.*jax-sp convert"):
+    with pytest.raises(ValueError, match=r"format 1, this version reads format 3.*jax-sp convert"):
         LLM.from_pretrained(str(dst))
     assert json.loads(marker.read_text())["format"] == 1

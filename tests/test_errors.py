@@ -49,7 +49,7 @@ def test_missing_and_misshaped_tensors_name_both_sides(hf_models):
         params_from_state_dict(sd, cfg)
     sd = dict(model.state_dict())
     sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(7, 45)
-    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(7, 45\).*layers/attn/w_kv_dckh"):
+    with pytest.raises(ValueError, match=r"k_proj.weight has shape \(7, 45\).*layers/attn/w_qkv_dkch"):
         params_from_state_dict(sd, cfg)
     sd = dict(model.state_dict())
     sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)

@@ -60,3 +60,26 @@ def test_padding_plan_is_logged_and_applied(caplog):
         rt = Runtime(cfg, ParallelConfig(tp=8))
     assert (rt.padded_cfg.num_heads, rt.padded_cfg.num_kv_heads) == (24, 8)
     assert "9->24" in caplog.text and "2.67x" in caplog.text
+
+
+@pytest.mark.parametrize("heads,kv_heads,tp", [(6, 2, 4), (8, 2, 4), (9, 3, 8), (12, 4, 8),
+                                               (16, 2, 8), (4, 4, 2)])
+def test_fused_qkv_padding_matches_separate_head_padding(heads, kv_heads, tp):
+    """The fused q/k/v weight padded by group is the per-head padding of q, k and v regrouped:
+    query head j of the padded model still reads replica j // (G / r) of its KV head, zero
+    groups stay zero, and unpadding gives back the original weight."""
+    from bridges.hf import group_qkv
+    from sharding.padding import pad_param, plan_padding, unpad_qkv
+
+    plan = plan_padding(heads, kv_heads, 32, 32, tp)
+    rng = np.random.default_rng(heads * tp)
+    q, k, v = (rng.standard_normal((5, n, 3)) for n in (heads, kv_heads, kv_heads))
+    fused = pad_param(group_qkv(q, k, v, 1), ("embed", "qkv_heads", None, "head_dim"), plan)
+    kv_padded = plan.padded_kv_heads
+    group = plan.padded_heads // kv_padded
+    assert fused.shape == (5, kv_padded, group + 2, 3) and kv_padded % tp == 0
+    want = group_qkv(pad_param(q, ("embed", "heads", "head_dim"), plan),
+                     pad_param(k, ("embed", "kv_heads", "head_dim"), plan),
+                     pad_param(v, ("embed", "kv_heads", "head_dim"), plan), 1)
+    np.testing.assert_array_equal(fused, want)
+    np.testing.assert_array_equal(unpad_qkv(fused, 1, plan), group_qkv(q, k, v, 1))
