@@ -82,8 +82,8 @@ def open_checkpoint(path: str):
     if meta.get("format") != FORMAT:
         raise ValueError(
             f"{path}: jax-sp checkpoint format {meta.get('format')}, this version reads format "
-            f"{FORMAT} (q/k/v fused by KV group, gate/up fused); convert the original Hugging Face weights again "
-            f"with `jax-sp convert`")
+            f"{FORMAT} (q/k/v fused by KV group, gate/up fused); convert the original Hugging "
+            f"Face weights again with `jax-sp convert`")
     c = dict(meta["config"])
     if c.get("rope_scaling"):
         c["rope_scaling"] = RopeScaling(**c["rope_scaling"])

@@ -149,8 +149,6 @@ def unpadded_params(rt: Runtime, state) -> dict[str, np.ndarray]:
             index = [slice(None)] * x.ndim
             if name == "heads":
                 index[axis] = slice(0, plan.num_heads)
-            elif name == "kv_heads":
-                index[axis] = slice(0, plan.num_kv_heads * plan.kv_repeat, plan.kv_repeat)
             elif name == "vocab":
                 index[axis] = slice(0, plan.vocab_size)
             elif name == "mlp":

@@ -2,7 +2,8 @@
 
 Model math only. Parameters carry logical axis names (`embed`, `heads`, `qkv_heads`, `head_dim`,
 `mlp`, `vocab`, `layers`; None for the C axis of the fused q/k/v and gate/up weights); the three
-layout boundaries of Megatron TP/SP go through a `Layout` (see `models/layout.py`). There is no mesh, no collective and no parallel-mode branch here.
+layout boundaries of Megatron TP/SP go through a `Layout` (see `models/layout.py`). There is no
+mesh, no collective and no parallel-mode branch here.
 
 The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows. Attention reshapes
 to [B, T_seq, ...] because each sequence attends to its own keys. Layers are stacked on a leading
@@ -282,7 +283,8 @@ class Llama(nnx.Module):
 
         fresh: every sequence starts at position 0 (a prefill), so attention reads this
         forward's keys rather than the cache; attention: "xla" or "cudnn" (flash attention on
-        GPU, for fresh forwards and one-token steps without a sliding window); unroll: the layer loop's unroll factor (>= its length: unrolled).
+        GPU, for fresh forwards and one-token steps without a sliding window); unroll: the layer
+        loop's unroll factor (>= its length: unrolled).
         """
         b, t = positions_bt.shape
         dtype = self.layers.mlp.w_down_fd.dtype

@@ -1,8 +1,8 @@
 """Logical axis name -> mesh axis: one table per SP mode. The only place a layout is chosen.
 
 Logical names used by `models/`:
-  parameters   layers, vocab, embed, heads, kv_heads, qkv_heads (the KV groups of the fused
-               q/k/v weight), head_dim, mlp, norm
+  parameters   layers, vocab, embed, heads (o_proj's query heads), qkv_heads (the KV groups of
+               the fused q/k/v weight), head_dim, mlp, norm
   activations  act_tokens (residual-stream rows), act_gathered (input rows of a column-parallel
                matmul), act_embed (the D of activations)
   KV cache     cache_batch, cache_seq (and kv_heads, head_dim)
