@@ -7,6 +7,9 @@ target sharding, so every device reads its own shard, wherever the parameter nee
 this tp and the whole layer stack is wanted (pp=1); other parameters (padded heads, vocabulary or
 MLP; a pipeline stage's layer range) come through host memory one parameter at a time and are
 padded and placed like any other weight.
+
+Format 2 (q apart from k/v: `w_q_dnh` [D, N, H], `w_kv_dckh` [D, 2, K, H], and their biases) is
+read too: those two come through host memory and are fused by KV group on load.
 """
 
 from __future__ import annotations
@@ -18,11 +21,15 @@ import os
 import jax
 import numpy as np
 
+from bridges.hf import group_qkv
 from models.config import ModelConfig, RopeScaling
 from sharding.padding import pad_param
 
 MARKER = "jax_sp.json"
 FORMAT = 3  # 2: k/v and gate/up stored fused; 3: q/k/v fused by KV group (w_qkv_dkch)
+# format 2's q and k/v parameters -> the fused one (and the axis of the heads in q)
+FORMAT2_QKV = {"layers/attn/w_qkv_dkch": ("layers/attn/w_q_dnh", "layers/attn/w_kv_dckh", 2),
+               "layers/attn/b_qkv_kch": ("layers/attn/b_q_nh", "layers/attn/b_kv_ckh", 1)}
 
 
 def is_checkpoint(path: str) -> bool:
@@ -79,22 +86,24 @@ def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None
 def open_checkpoint(path: str):
     """-> (ModelConfig, OrbaxParams, dtype name) for a folder written by `save`."""
     meta = json.load(open(os.path.join(path, MARKER)))
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (2, FORMAT):
         raise ValueError(
-            f"{path}: jax-sp checkpoint format {meta.get('format')}, this version reads format "
-            f"{FORMAT} (q/k/v fused by KV group, gate/up fused); convert the original Hugging "
-            f"Face weights again with `jax-sp convert`")
+            f"{path}: jax-sp checkpoint format {meta.get('format')}, this version reads formats "
+            f"2 and {FORMAT} (k/v and gate/up fused); convert the original Hugging Face weights "
+            f"again with `jax-sp convert`")
     c = dict(meta["config"])
     if c.get("rope_scaling"):
         c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
     cfg = ModelConfig(**c)
-    return cfg, OrbaxParams(os.path.abspath(os.path.join(path, "params"))), meta["dtype"]
+    params = OrbaxParams(os.path.abspath(os.path.join(path, "params")),
+                         fuse_qkv=meta["format"] == 2)
+    return cfg, params, meta["dtype"]
 
 
 class OrbaxParams:
     """The parameters of an Orbax checkpoint, restored by `Runtime.place` through `restore`."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, fuse_qkv: bool = False):
         import orbax.checkpoint as ocp
 
         self.directory = directory
@@ -103,12 +112,17 @@ class OrbaxParams:
         tree = getattr(meta, "item_metadata", None) or meta
         tree = getattr(tree, "tree", tree)
         self.meta = _flatten(dict(tree))
+        # fused path -> its format-2 parts, for the parts this checkpoint has
+        self.fused = {path: parts for path, parts in FORMAT2_QKV.items()
+                      if fuse_qkv and parts[0] in self.meta}
+        stored = {p for q, kv, _ in self.fused.values() for p in (q, kv)}
+        self.paths = [p for p in self.meta if p not in stored] + list(self.fused)
 
     def keys(self):
-        return self.meta.keys()
+        return list(self.paths)
 
     def __iter__(self):
-        return iter(self.meta)
+        return iter(self.paths)
 
     def restore(self, targets: dict, plan, dtype, layers: tuple[int, int]) -> dict:
         """targets: path -> (names, padded shape, sharding) -> {path: device array}."""
@@ -129,12 +143,18 @@ class OrbaxParams:
             restored = _flatten(ckpt.restore(self.directory, _nest(abstract)))
         out = {}
         for path, (names, shape, sharding) in targets.items():
-            x = restored.pop(path)
-            if direct[path]:
-                out[path] = x.astype(dtype) if x.dtype != dtype else x
-                continue
-            host = np.asarray(x)
-            del x
+            if path in self.fused:  # format 2: q [.., N, H] and k/v [.., 2, K, H]
+                q_path, kv_path, axis = self.fused[path]
+                q, kv = np.asarray(restored.pop(q_path)), np.asarray(restored.pop(kv_path))
+                host = group_qkv(q, kv[..., 0, :, :], kv[..., 1, :, :], axis)
+                del q, kv
+            else:
+                x = restored.pop(path)
+                if direct[path]:
+                    out[path] = x.astype(dtype) if x.dtype != dtype else x
+                    continue
+                host = np.asarray(x)
+                del x
             if names and names[0] == "layers":
                 host = host[start:end]
             out[path] = jax.device_put(pad_param(host, names, plan).astype(dtype), sharding)

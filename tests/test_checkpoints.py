@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import jax
 import numpy as np
 import pytest
 import torch
@@ -87,14 +88,19 @@ def test_replicated_kv_heads_load_from_safetensors(tmp_path):
     logits_close(llm, LLM.from_torch(model).logits(prompts), prompts)
 
 
-def test_qkv_bias_with_replicated_kv_heads_loads_from_safetensors(hf_models, tmp_path):
-    """Qwen2's q/k/v biases (random here: transformers initialises them to zero) fused by KV
-    group, 2 KV heads at tp 4, streamed from disk block by block."""
+def _qwen2_with_biases(hf_models):
     model = copy.deepcopy(hf_models("qwen2"))
-    with torch.no_grad():
+    with torch.no_grad():  # transformers initialises the biases to zero
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0.0, 0.5)
+    return model
+
+
+def test_qkv_bias_with_replicated_kv_heads_loads_from_safetensors(hf_models, tmp_path):
+    """Qwen2's q/k/v biases (random here: transformers initialises them to zero) fused by KV
+    group, 2 KV heads at tp 4, streamed from disk block by block."""
+    model = _qwen2_with_biases(hf_models)
     model.save_pretrained(tmp_path)
     prompts = random_prompts(model.config.vocab_size, (6, 11), seed=5)
     llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=4, sp="on"))
@@ -240,6 +246,35 @@ def test_convert_refuses_a_non_empty_destination(odd_model, tmp_path, capsys):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+def test_orbax_checkpoint_of_format_2_is_fused_on_load(hf_models, tmp_path):
+    """Format 2 stored q apart from k/v (w_q_dnh [L, D, N, H], w_kv_dckh [L, D, 2, K, H] and
+    their biases); such a checkpoint, made here from a format-3 one, loads with the same logits,
+    KV heads replicated at tp 4 included."""
+    import orbax.checkpoint as ocp
+
+    model = _qwen2_with_biases(hf_models)
+    model.save_pretrained(tmp_path / "hf")
+    new, old = tmp_path / "new", tmp_path / "old"
+    assert cli(["convert", str(tmp_path / "hf"), str(new)]) == 0
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = jax.tree.map(np.asarray, ckpt.restore(str(new / "params")))
+    attn = tree["layers"]["attn"]
+    for fused, q_name, kv_name in (("w_qkv_dkch", "w_q_dnh", "w_kv_dckh"),
+                                   ("b_qkv_kch", "b_q_nh", "b_kv_ckh")):
+        x = attn.pop(fused)  # [..., K, G + 2, H]
+        *lead, k, c, h = x.shape
+        attn[q_name] = x[..., : c - 2, :].reshape(*lead, k * (c - 2), h)
+        attn[kv_name] = np.moveaxis(x[..., c - 2:, :], -2, -3)  # [..., 2, K, H]
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(str((old / "params").resolve()), tree)
+    meta = json.loads((new / "jax_sp.json").read_text())
+    (old / "jax_sp.json").write_text(json.dumps(dict(meta, format=2)))
+    prompts = random_prompts(model.config.vocab_size, (6, 11), seed=6)
+    want = LLM.from_torch(model).logits(prompts)
+    for tp in (1, 4):
+        logits_close(LLM.from_pretrained(str(old), parallel=ParallelConfig(tp=tp)), want, prompts)
+
+
 def test_orbax_checkpoint_of_an_older_format_asks_for_a_new_convert(odd_model, tmp_path):
     """Format 1 stored k/v and gate/up as separate parameters; reading it as fused would fail
     deep inside Orbax, so the marker file is checked first."""
@@ -249,6 +284,7 @@ def test_orbax_checkpoint_of_an_older_format_asks_for_a_new_convert(odd_model, t
     marker = dst / "jax_sp.json"
     meta = json.loads(marker.read_text())
     marker.write_text(json.dumps(dict(meta, format=1)))
-    with pytest.raises(ValueError, match=r"format 1, this version reads format 3.*jax-sp convert"):
+    with pytest.raises(ValueError, match=r"format 1, this version reads formats 2 and 3.*jax-sp "
+                                         r"convert"):
         LLM.from_pretrained(str(dst))
     assert json.loads(marker.read_text())["format"] == 1
