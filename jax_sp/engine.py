@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
 from jax_sp import generate as generate_programs
+from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.pipeline import Pipeline
 from jax_sp.runtime import round_up
+from jax_sp.sampling import row_keys
 from sharding.tokens import place_token_rows, tp_rank_rows
 
 MIN_BUCKET = 16
@@ -262,7 +263,7 @@ class LLM:
         return () if eos is None else (int(eos),)
 
     def _prefill(self, job: Batch, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
-        """Single-stage prefill: -> (first tokens [B] on device, cache, key)."""
+        """Single-stage prefill: -> (first tokens [B] on device, cache, the rows' keys)."""
         if job.embeds:  # each device keeps its own rows of the padded embeddings
             t = job.inputs.shape[1]
             inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
@@ -272,7 +273,7 @@ class LLM:
         greedy = sampling.temperature == 0
         static = Static(job.prefill_sp, greedy, sampling.top_k)
         cache = self.runtime.new_cache(job.batch, job.cache_len)
-        key = jax.random.PRNGKey(sampling.seed)
+        key = row_keys(sampling.seed, job.batch)
         args = (self.state, cache, inputs, self._put(job.positions),
                 self._put(job.kv_len), self._put(key),
                 self._put(np.float32(max(sampling.temperature, 1e-6))),

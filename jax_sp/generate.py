@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_sp.runtime import Runtime, input_key
-from jax_sp.sampling import sample
+from jax_sp.sampling import row_keys, sample
 
 # XLA:CPU cannot reuse donated buffers and says so on every call; donation still matters on GPU.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -71,7 +71,7 @@ FEEDS = {"tokens": "tokens_bt", "embeds": "embeds_td", "carry": "carry"}
 
 
 def prefill_fn(rt: Runtime, st: Static, feed: str):
-    """(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p) -> (out, cache).
+    """(state, cache, inputs, positions_bt, kv_len_b, keys_b, temperature, top_p) -> (out, cache).
     inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed); out: the
     first new token [B] on the last stage, else this stage's carry."""
     def run(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p):
@@ -95,7 +95,7 @@ def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
 
 
 def decode_step_fn(rt: Runtime, st: Static):
-    """(state, cache, inputs, pos_b, key, step, temperature, top_p) -> (out, cache): one decode
+    """(state, cache, inputs, pos_b, keys_b, step, temperature, top_p) -> (out, cache): one decode
     step of this stage at positions pos_b; inputs are the tokens [B] (first stage) or the
     previous stage's carry; out is the next token (last stage) or this stage's carry."""
     return lambda *args: _step(rt, st, *args)
@@ -107,12 +107,12 @@ def abstract_decode_step_args(rt: Runtime, batch: int, max_len: int) -> tuple:
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
     return (rt.abstract_state(), rt.abstract_cache(batch, max_len), rows, rows,
-            jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32),
+            jax.eval_shape(lambda: row_keys(0, batch)), jax.ShapeDtypeStruct((), jnp.int32),
             scalar, scalar)
 
 
 def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
-    """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p)
+    """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, keys_b, temperature, top_p)
     -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done.
     For a single-stage model (pp=1): the whole decode is one call."""
     def run(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p):

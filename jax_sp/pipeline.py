@@ -18,10 +18,11 @@ import dataclasses
 import jax
 import numpy as np
 
-from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
 from jax_sp import generate as generate_programs
+from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, Stage, to_host
+from jax_sp.sampling import row_keys
 from sharding.boundary import receive, send
 from sharding.transfer import move
 from sharding.mesh import make_mesh, stage_mesh
@@ -103,8 +104,8 @@ class Pipeline:
     def _put(self, s: int, x):
         return jax.device_put(x, self.stages[s].runtime.sharding_of(()))
 
-    def _scalars(self, s: int, sampling: SamplingParams, key):
-        return (self._put(s, key), self._put(s, np.float32(max(sampling.temperature, 1e-6))),
+    def _scalars(self, s: int, sampling: SamplingParams):
+        return (self._put(s, np.float32(max(sampling.temperature, 1e-6))),
                 self._put(s, np.float32(sampling.top_p)))
 
     def steps(self, job, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
@@ -114,11 +115,12 @@ class Pipeline:
         m = self.parallel.microbatches
         per = job.batch // m
         greedy = sampling.temperature == 0
-        key = jax.random.PRNGKey(sampling.seed)
-        scalars = [self._scalars(s, sampling, key) for s in range(len(self.stages))]
+        scalars = [self._scalars(s, sampling) for s in range(len(self.stages))]
         caches = [[st.runtime.new_cache(per, job.cache_len) for _ in range(m)]
                   for st in self.stages]
         rows = [slice(i * per, (i + 1) * per) for i in range(m)]
+        keys = row_keys(sampling.seed, job.batch)  # a row keeps its key however the batch splits
+        keys = [[self._put(s, keys[r]) for r in rows] for s in range(len(self.stages))]
 
         tokens = []
         pre = Static(job.prefill_sp, greedy, sampling.top_k)
@@ -131,7 +133,7 @@ class Pipeline:
             for s, st in enumerate(self.stages):
                 feed = ("embeds" if job.embeds else "tokens") if s == 0 else "carry"
                 args = (st.state, caches[s][i], x, self._put(s, job.positions[r]),
-                        self._put(s, job.kv_len[r]), *scalars[s])
+                        self._put(s, job.kv_len[r]), keys[s][i], *scalars[s])
                 x, caches[s][i] = st.programs.run(
                     "prefill", lambda: prefill_fn(st.runtime, pre, feed), pre, args,
                     variant=feed)
@@ -148,8 +150,8 @@ class Pipeline:
                 # last stage -> first stage, device to device
                 x = move(tokens[i], self.stages[0].runtime.sharding_of(()))
                 for s, st in enumerate(self.stages):
-                    args = (st.state, caches[s][i], x, pos[s][i], scalars[s][0],
-                            self._put(s, np.int32(step)), *scalars[s][1:])
+                    args = (st.state, caches[s][i], x, pos[s][i], keys[s][i],
+                            self._put(s, np.int32(step)), *scalars[s])
                     x, caches[s][i] = st.programs.run(
                         "decode_step", lambda: decode_step_fn(st.runtime, dec), dec, args)
                     pos[s][i] = pos[s][i] + 1

@@ -1,8 +1,10 @@
 """Token sampling on device: greedy, temperature, top-k, top-p.
 
 `greedy` and `top_k` are static (they change shapes and control flow); temperature and top_p
-are traced scalars, so changing them does not recompile. Each row b at step i draws with
-`fold_in(fold_in(PRNGKey(seed), i), b)`: the same seed gives the same draws whatever the mesh.
+are traced scalars, so changing them does not recompile. Row b of the batch draws at step i
+with `fold_in(fold_in(PRNGKey(seed), b), i)` (`row_keys` makes the per-row keys once): a row's
+draws depend on its place in the whole batch only, so the same seed gives the same tokens
+whatever the mesh and however a pipeline splits the batch into micro-batches.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import jax
 import jax.numpy as jnp
 
 
-def row_keys(key, step, batch):
-    step_key = jax.random.fold_in(key, step)
-    return jax.vmap(lambda b: jax.random.fold_in(step_key, b))(jnp.arange(batch))
+def row_keys(seed: int, batch: int):
+    """The sampling key of each row of a batch, [B, 2]: fold_in(PRNGKey(seed), b)."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
 
 
-def sample(logits_bv, key, step, temperature, top_p, *, greedy: bool, top_k: int):
-    """Next token of each row, [B] int32, from float32 logits [B, V]."""
+def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: int):
+    """Next token of each row, [B] int32, from float32 logits [B, V]; keys_b: the rows' keys
+    (`row_keys`, or a slice of them for a micro-batch)."""
     if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits = logits_bv / temperature
@@ -30,5 +34,5 @@ def sample(logits_bv, key, step, temperature, top_p, *, greedy: bool, top_k: int
     keep = jnp.sum(cum - jax.nn.softmax(sorted_desc, axis=-1) < top_p, axis=-1)  # [B] >= 1
     cutoff = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    keys = row_keys(key, step, logits.shape[0])
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_b)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

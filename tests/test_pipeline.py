@@ -106,6 +106,20 @@ def test_microbatches_give_the_same_tokens_and_never_wait_on_the_host(hf_models)
                                                 "xla_python_cpu_callback"))
 
 
+def test_sampled_tokens_do_not_depend_on_the_micro_batch_split(hf_models):
+    """A row's sampling key is its place in the whole batch, so a pipeline's micro-batches draw
+    what one stage would (before, each micro-batch reused rows 0..B/m-1's keys)."""
+    model = hf_models("llama5")
+    prompts = random_prompts(model.config.vocab_size, (13, 5, 30, 9, 21, 2), seed=4)
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=30, seed=3)
+    runs = [[c.token_ids for c in LLM.from_torch(model, parallel=p).generate(prompts, params)]
+            for p in (ParallelConfig(tp=2), ParallelConfig(tp=2, pp=2, sp="on"),
+                      ParallelConfig(tp=2, pp=2, sp="on", microbatches=4))]
+    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] != [c.token_ids for c in LLM.from_torch(
+        model, parallel=ParallelConfig(tp=2)).generate(prompts, GREEDY)]
+
+
 def test_bad_pipeline_configs(hf_models):
     model = hf_models("llama5")
     with pytest.raises(ValueError, match=r"tp\*pp = 4\*4 = 16 devices"):
