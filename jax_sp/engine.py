@@ -231,18 +231,20 @@ class LLM:
             lengths = [len(r) for r in rows]
         for i, n in enumerate(lengths):
             if n + sampling.max_new_tokens > self.max_seq_len:
+                fix = (f"lower max_new_tokens to {self.max_seq_len - n}" if n < self.max_seq_len
+                       else "raise max_seq_len (LLM(..., max_seq_len=...))")
                 raise ValueError(
                     f"prompt {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
-                    f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or lower "
-                    f"max_new_tokens to {self.max_seq_len - n}")
-        tp, pp, m = self.parallel.tp, self.parallel.pp, self.parallel.microbatches
+                    f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or {fix}")
+        tp, pp = self.parallel.tp, self.parallel.pp
+        m = self.parallel.microbatches if pp > 1 else 1  # one stage runs the batch whole
         decode_sp = self.parallel.sp == "on" and tp > 1
         # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
         # gets the same share
         unit = tp if (decode_sp or pp > 1) else 1
         batch = round_up(pow2_at_least(len(rows)), unit * m)
         t = bucket(max(lengths), tp)
-        prefill_sp = self.parallel.use_sp(batch * t)
+        prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
         positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
         kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
         kv_len[: len(rows)] = lengths
@@ -368,6 +370,8 @@ class LLM:
                 shown = text
             if token in stop:
                 break
+        if len(text) > len(shown):  # what the last token left half a character of
+            yield text[len(shown):]
         t2, c2 = time.perf_counter(), self._compile_s()
         self.last_stats = GenerationStats(job.lengths[0], len(ids), t1 - t0 - (c1 - c0),
                                           t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,

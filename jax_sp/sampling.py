@@ -25,7 +25,7 @@ def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: 
     if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits = logits_bv / temperature
-    if top_k:
+    if top_k and top_k < logits.shape[-1]:  # k >= V keeps every token
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]  # [B, 1]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     # top-p: keep the smallest set of tokens whose probability reaches top_p (at least one)

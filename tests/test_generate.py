@@ -151,6 +151,17 @@ def test_seeded_sampling_is_the_same_on_every_mesh_and_differs_across_seeds(hf_m
     assert runs[1, "off"] != [c.token_ids for c in llm.generate(prompts, GREEDY)][:2]
 
 
+def test_top_k_of_the_vocabulary_or_more_keeps_every_token(hf_models):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    prompts = random_prompts(model.config.vocab_size, (9, 4), seed=2)
+    draw = lambda k: [c.token_ids for c in llm.generate(  # noqa: E731
+        prompts, SamplingParams(max_new_tokens=12, temperature=1.0, top_k=k, seed=5))]
+    off = draw(0)
+    assert draw(model.config.vocab_size) == off and draw(10 * model.config.vocab_size) == off
+    assert draw(2) != off
+
+
 def test_ragged_batch_equals_one_by_one(hf_models):
     model = hf_models("qwen2")
     prompts = random_prompts(model.config.vocab_size, (3, 21, 8, 40), seed=5)
@@ -175,6 +186,8 @@ def test_stop_tokens_end_a_row_and_are_kept(hf_models):
     (lambda llm: llm.generate([[1, 500]], GREEDY), r"token id\(s\) \[500\] outside \[0, 101\)"),
     (lambda llm: llm.generate([[1] * 60], SamplingParams(max_new_tokens=10)),
      r"60 tokens; with max_new_tokens=10 that exceeds max_seq_len=64.*to 4"),
+    (lambda llm: llm.generate([[1] * 64], SamplingParams(max_new_tokens=1)),
+     r"64 tokens.*shorten the prompt or raise max_seq_len"),
     (lambda llm: llm.generate([[1]], SamplingParams(max_new_tokens=0)), "max_new_tokens"),
     (lambda llm: llm.generate([[1]], SamplingParams(temperature=-1.0)), "temperature"),
     (lambda llm: llm.generate([[1]], SamplingParams(top_p=1.2)), r"top_p must be in \(0, 1\]"),

@@ -120,6 +120,19 @@ def test_sampled_tokens_do_not_depend_on_the_micro_batch_split(hf_models):
         model, parallel=ParallelConfig(tp=2)).generate(prompts, GREEDY)]
 
 
+def test_auto_sp_threshold_counts_the_tokens_of_one_micro_batch(hf_models):
+    """sp="auto" compares sp_min_tokens with what one forward runs: with 4 micro-batches, 8 padded
+    rows of 16 tokens are forwards of 2 x 16 = 32 tokens, not 128."""
+    model = hf_models("llama5")
+    prompts = random_prompts(model.config.vocab_size, (3, 5, 4, 2), seed=8)
+    want = [c.token_ids for c in LLM.from_torch(model).generate(prompts, GREEDY)]
+    for threshold, sp in ((128, False), (32, True)):
+        llm = LLM.from_torch(model, parallel=ParallelConfig(
+            tp=2, pp=2, microbatches=4, sp="auto", sp_min_tokens=threshold))
+        assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
+        assert llm.last_stats.prefill_sp is sp
+
+
 def test_bad_pipeline_configs(hf_models):
     model = hf_models("llama5")
     with pytest.raises(ValueError, match=r"tp\*pp = 4\*4 = 16 devices"):
