@@ -235,6 +235,11 @@ class GGUFSource(TensorSource):
 
     def config(self) -> ModelConfig:
         a = self.arch
+        scaling = self.field(f"{a}.rope.scaling.type", "none")
+        if scaling != "none":
+            raise CheckpointError(f"{self.description}: RoPE scaling {scaling!r} (GGUF "
+                                  f"{a}.rope.scaling.type) is not supported; load the Hugging "
+                                  f"Face folder, whose llama3 rope_scaling is")
         d = int(self.field(f"{a}.embedding_length"))
         n = self.num_heads
         fields = types.SimpleNamespace(
@@ -255,9 +260,9 @@ class GGUFSource(TensorSource):
         """Heads whose rows llama.cpp permuted in this tensor (0: none)."""
         if self.arch != "llama":
             return 0
-        if key.endswith("q_proj.weight"):
+        if key.endswith(("q_proj.weight", "q_proj.bias")):  # convert_hf_to_gguf permutes both
             return self.num_heads
-        if key.endswith("k_proj.weight"):
+        if key.endswith(("k_proj.weight", "k_proj.bias")):
             return self.num_kv_heads
         return 0
 

@@ -84,9 +84,25 @@ def config_from_hf(hf_config) -> ModelConfig:
                               int(rope["original_max_position_embeddings"]))
     elif rope_type != "default":
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: 'default', 'llama3'")
-    window = getattr(hf_config, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
-        window = None
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"unsupported hidden_act {act!r}; the MLP is SwiGLU (silu)")
+    window = getattr(hf_config, "sliding_window", None) or 0
+    kinds = getattr(hf_config, "layer_types", None)
+    if kinds is None and model_type == "qwen2":  # older configs: sliding from max_window_layers
+        slide = getattr(hf_config, "use_sliding_window", False)
+        first = getattr(hf_config, "max_window_layers", hf_config.num_hidden_layers)
+        kinds = ["sliding_attention" if slide and i >= first else "full_attention"
+                 for i in range(hf_config.num_hidden_layers)]
+    if kinds is not None and window:
+        sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+        if not sliding:
+            window = 0
+        elif len(sliding) < len(kinds):
+            raise ValueError(
+                f"sliding-window attention on layers {sliding[0]}..{sliding[-1]} only "
+                f"({len(sliding)} of {len(kinds)}; Qwen2's max_window_layers): jax-sp applies "
+                f"one window to every layer; use a config whose layers all slide or none do")
     return ModelConfig(
         vocab_size=hf_config.vocab_size,
         hidden_size=hf_config.hidden_size,
@@ -102,7 +118,7 @@ def config_from_hf(hf_config) -> ModelConfig:
         qkv_bias=model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False)),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         max_position_embeddings=getattr(hf_config, "max_position_embeddings", 4096),
-        sliding_window=window or 0,
+        sliding_window=window,
     )
 
 

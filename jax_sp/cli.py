@@ -20,6 +20,14 @@ def ensure_devices(count: int) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _inspect(args) -> int:
     ensure_devices(args.tp * args.pp)
     from jax_sp.inspect import format_reports, inspect_modes
@@ -111,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="HLO collective census and memory of each SP mode")
     ins.add_argument("--model", default="smollm2",
                      help="model shape: smollm2, llama3.2-1b, llama3-8b, llama3-70b")
-    ins.add_argument("--tp", type=int, default=4)
-    ins.add_argument("--pp", type=int, default=1)
-    ins.add_argument("--tokens", type=int, default=1024, help="tokens per sequence")
-    ins.add_argument("--batch", type=int, default=1)
+    ins.add_argument("--tp", type=_positive, default=4)
+    ins.add_argument("--pp", type=_positive, default=1)
+    ins.add_argument("--tokens", type=_positive, default=1024, help="tokens per sequence")
+    ins.add_argument("--batch", type=_positive, default=1)
     ins.add_argument("--layers", type=int, default=0, help="override the layer count")
     ins.add_argument("--comm", default="xla", choices=("xla", "ring"))
     ins.set_defaults(run=_inspect)
@@ -123,14 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
     gen.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file or an "
                      "HF folder")
-    gen.add_argument("--tp", type=int, default=1)
-    gen.add_argument("--pp", type=int, default=1)
+    gen.add_argument("--tp", type=_positive, default=1)
+    gen.add_argument("--pp", type=_positive, default=1)
     gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"))
     gen.add_argument("--comm", default="xla", choices=("xla", "ring"))
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                      help="default: the checkpoint's (GGUF: float32)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--max-seq-len", type=int, default=2048)
+    gen.add_argument("--max-new-tokens", type=_positive, default=64)
+    gen.add_argument("--max-seq-len", type=_positive, default=2048)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -143,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ll = sub.add_parser("launch-local", help="run a jax-sp command as N processes of one "
                         "jax.distributed job on this machine (for testing)")
-    ll.add_argument("processes", type=int)
+    ll.add_argument("processes", type=_positive)
     ll.add_argument("--devices-per-process", type=int, default=None,
                     help="simulated CPU devices for each process")
     ll.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")

@@ -44,16 +44,57 @@ class TrainConfig:
     def __post_init__(self):
         if self.remat not in REMAT:
             raise ValueError(f"TrainConfig.remat must be one of {REMAT}, got {self.remat!r}")
-        if self.warmup_steps < 0 or self.total_steps < 1 or self.total_steps < self.warmup_steps:
-            raise ValueError(f"need 0 <= warmup_steps <= total_steps and total_steps >= 1, got "
-                             f"{self.warmup_steps} and {self.total_steps}")
+        if not 0 <= self.warmup_steps < self.total_steps:
+            raise ValueError(f"TrainConfig needs 0 <= warmup_steps < total_steps (the cosine decay "
+                             f"takes the steps after the warm-up), got warmup_steps="
+                             f"{self.warmup_steps}, total_steps={self.total_steps}")
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, tc.learning_rate, max(tc.warmup_steps, 1), tc.total_steps)
-    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                       optax.adamw(schedule, weight_decay=tc.weight_decay))
+def clip_by_global_norm(max_norm: float, weights) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with each parameter's squared gradient weighted by `weights`
+    (a tree like the parameters, of arrays that broadcast against them): the norm of the model's
+    own gradient, whatever copies tp padding made of it."""
+    def update(updates, state, params=None):
+        del params
+        squares = jax.tree.map(lambda g, w: jnp.sum(w * jnp.square(g.astype(jnp.float32))),
+                               updates, weights)
+        norm = jnp.sqrt(sum(jax.tree.leaves(squares)))
+        updates = jax.tree.map(
+            lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm), updates)
+        return updates, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def norm_weights(rt: Runtime):
+    """Weights of each parameter's squared gradient in the clipping norm: 1, except 1/r on the
+    k and v parts of the fused q/k/v weight, whose r replicas of a KV head each hold the head's
+    whole gradient (tie_kv_replicas)."""
+    r = rt.plan.kv_repeat
+
+    def weight(path, var):
+        names = rt.param_names[path]
+        if r == 1 or "qkv_heads" not in names:
+            return np.float32(1.0)
+        axis, shape = names.index("qkv_heads"), var.get_value().shape
+        parts = np.ones(shape[axis + 1], np.float32)
+        parts[-2:] = 1.0 / r
+        return parts.reshape((1,) * (axis + 1) + (-1,) + (1,) * (len(shape) - axis - 2))
+
+    return rt._map_state(weight)
+
+
+def optimizer(tc: TrainConfig, weights=None) -> optax.GradientTransformation:
+    """AdamW after global-norm clipping (weighted by `weights`, see norm_weights), linear warm-up
+    then cosine decay (no warm-up: the decay starts at the peak)."""
+    if tc.warmup_steps:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, tc.learning_rate, tc.warmup_steps, tc.total_steps)
+    else:
+        schedule = optax.cosine_decay_schedule(tc.learning_rate, tc.total_steps)
+    clip = (optax.clip_by_global_norm(tc.clip_norm) if weights is None
+            else clip_by_global_norm(tc.clip_norm, weights))
+    return optax.chain(clip, optax.adamw(schedule, weight_decay=tc.weight_decay))
 
 
 def loss_fn(rt: Runtime, sp: bool, remat: str, state, tokens_bt, loss_mask_bt):
@@ -103,7 +144,7 @@ class Trainer:
         if rt.stage.count > 1:
             raise ValueError("training runs with pp=1; use tp and sp")
         self.rt, self.tc, self.sp = rt, tc, sp
-        self.opt = optimizer(tc)
+        self.opt = optimizer(tc, norm_weights(rt))
         # optimizer moments sharded like their parameters, step counts replicated
         abstract = rt.abstract_state()
         param_shardings = jax.tree.map(lambda a: a.sharding, abstract)

@@ -13,7 +13,8 @@ NAMES = {
     "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight":
     "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight":
     "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight":
-    "ffn_down.weight",
+    "ffn_down.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias", "self_attn.v_proj.bias": "attn_v.bias",
 }
 
 
@@ -37,7 +38,8 @@ def quantize_like_gguf(w: np.ndarray, qtype) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, qtype), qtype)
 
 
-def write_gguf(model, path: str, qtype=gguf.GGMLQuantizationType.F32) -> None:
+def write_gguf(model, path: str, qtype=gguf.GGMLQuantizationType.F32,
+               rope_scaling: tuple[str, float] | None = None) -> None:
     c = model.config
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(c.num_hidden_layers)
@@ -49,13 +51,19 @@ def write_gguf(model, path: str, qtype=gguf.GGMLQuantizationType.F32) -> None:
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_rope_dimension_count(c.head_dim)
+    if rope_scaling is not None:  # (type, factor), as llama.cpp writes linear/yarn scaling
+        w.add_rope_scaling_type(gguf.RopeScalingType(rope_scaling[0]))
+        w.add_rope_scaling_factor(rope_scaling[1])
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and c.tie_word_embeddings:
             continue
         x = t.detach().float().numpy()
-        if key.endswith("q_proj.weight"):
+        if key.endswith("o_proj.bias"):  # jax-sp has no o_proj bias: only zeros may be dropped
+            assert not x.any(), key
+            continue
+        if key.endswith(("q_proj.weight", "q_proj.bias")):  # llama.cpp permutes both
             x = permute(x, c.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif key.endswith(("k_proj.weight", "k_proj.bias")):
             x = permute(x, c.num_key_value_heads)
         if x.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
             w.add_tensor(gguf_name(key), gguf.quants.quantize(x, qtype), raw_dtype=qtype)

@@ -155,6 +155,36 @@ def test_embedded_gguf_read_directly_equals_transformers(smollm2):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_gguf_rope_scaling_is_refused_not_dropped(tmp_path):
+    path = str(tmp_path / "scaled.gguf")
+    write_gguf(tiny_llama(), path, rope_scaling=("linear", 4.0))
+    with pytest.raises(CheckpointError, match=r"RoPE scaling 'linear'.*not supported"):
+        LLM.from_pretrained(path)
+
+
+def test_gguf_with_q_k_v_biases_equals_transformers(tmp_path):
+    """llama.cpp permutes the q and k biases of a llama-arch file as it does their weights."""
+    hc = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, attention_bias=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hc).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
+            layer.self_attn.o_proj.bias.zero_()
+    path = str(tmp_path / "bias.gguf")
+    write_gguf(model, path)
+    prompts = random_prompts(96, (12, 5), seed=2)
+    llm = LLM.from_pretrained(path, parallel=ParallelConfig(tp=2))
+    assert llm.cfg.qkv_bias
+    with torch.no_grad():
+        for got, ids in zip(llm.logits(prompts), prompts):
+            want = model(torch.tensor([ids])).logits[0].numpy()
+            np.testing.assert_allclose(got, want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (4, 1), (2, 2)])
 def test_orbax_round_trip(odd_model, tmp_path_factory, tp, pp):
     _, folder, prompts, ref = odd_model

@@ -33,6 +33,18 @@ def test_bad_sampling_values(field, value):
         SamplingParams(**{field: value})
 
 
+def test_unsupported_hf_configs_are_refused():
+    from bridges.hf import config_from_hf
+
+    base = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="unsupported hidden_act 'gelu'"):
+        config_from_hf(transformers.LlamaConfig(**base, hidden_act="gelu"))
+    with pytest.raises(ValueError, match=r"sliding-window attention on layers 1\.\.2 only"):
+        config_from_hf(transformers.Qwen2Config(**base, use_sliding_window=True,
+                                                sliding_window=4, max_window_layers=1))
+
+
 def test_unsupported_architecture():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, vocab_size=50))
@@ -68,3 +80,15 @@ def test_bad_prompts_and_engine_keeps_serving(hf_models, prompts, match):
     with pytest.raises(ValueError, match=match):
         llm.logits(prompts)
     assert np.isfinite(llm.logits([[1, 2, 3]])[0]).all()
+
+
+@pytest.mark.parametrize("argv", [["inspect", "--tokens", "0"], ["inspect", "--batch", "0"],
+                                  ["inspect", "--pp", "0"], ["generate", "hi", "--tp", "-2"]])
+def test_cli_counts_must_be_positive(argv, capsys):
+    from jax_sp.cli import main as cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli(argv)
+    assert exit_.value.code == 2
+    assert f"argument {argv[-2]}: must be a positive integer, got {argv[-1]}" in (
+        capsys.readouterr().err)

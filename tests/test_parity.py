@@ -35,6 +35,23 @@ def test_mistral_sliding_window_matches_hf(hf_models, tp):
     assert _max_diff(llm.logits(prompts), hf_logits(model, prompts)) <= 1e-4
 
 
+@pytest.mark.parametrize("max_window_layers,window", [(28, 0), (0, 4)])
+def test_qwen2_sliding_window_follows_max_window_layers(max_window_layers, window):
+    """Qwen2 slides on layers >= max_window_layers only (28 by default: none of these two)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+        max_window_layers=max_window_layers, max_position_embeddings=256)).eval()
+    prompts = random_prompts(97, (12, 9), seed=1)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    assert llm.cfg.sliding_window == window
+    assert _max_diff(llm.logits(prompts), hf_logits(model, prompts)) <= 1e-4
+
+
 def test_bfloat16_close_to_fp32(hf_models):
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (37,))

@@ -110,3 +110,35 @@ def test_bad_training_configs_are_refused():
     rt = Runtime(cfg, ParallelConfig(tp=1), stage=Stage(0, 2, 0, 2))
     with pytest.raises(ValueError, match="pp=1"):
         Trainer(rt, TrainConfig(), sp=False)
+
+
+def test_clipping_at_tp_with_replicated_kv_heads_measures_the_model_gradient():
+    """The clipping norm counts the tp replicas of a KV head (2 at tp 4) once: clipped
+    gradients at tp 4 equal those on one device (an unweighted norm over the padded tree is
+    larger, and scales every gradient differently)."""
+    import optax
+
+    from jax_sp.train import clip_by_global_norm, norm_weights
+
+    cfg, params = load_module(_build("qwen2"))  # 8 query / 2 KV heads
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.vocab_size, (2, 16)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    clipped, plain = {}, {}
+    for tp in (1, 4):
+        rt = Runtime(cfg, ParallelConfig(tp=tp))
+        _, g = Trainer(rt, TrainConfig(), sp=False).grads(rt.place(params), tokens, mask)
+        ours, _ = clip_by_global_norm(0.1, norm_weights(rt)).update(g, optax.EmptyState())
+        theirs, _ = optax.clip_by_global_norm(0.1).update(g, optax.EmptyState())
+        clipped[tp], plain[tp] = unpadded_params(rt, ours), unpadded_params(rt, theirs)
+    assert Runtime(cfg, ParallelConfig(tp=4)).plan.kv_repeat == 2
+    for k in params:
+        scale = np.abs(clipped[1][k]).max()
+        np.testing.assert_allclose(clipped[4][k], clipped[1][k], atol=1e-5 * scale, err_msg=k)
+    k = "layers/mlp/w_down_fd"  # no replicas in it, yet the plain norm rescales it too
+    assert np.abs(plain[4][k] - plain[1][k]).max() > 0.01 * np.abs(plain[1][k]).max()
+
+
+def test_warmup_must_leave_steps_for_the_decay():
+    with pytest.raises(ValueError, match="0 <= warmup_steps < total_steps"):
+        TrainConfig(warmup_steps=10, total_steps=10)
