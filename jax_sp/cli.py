@@ -30,6 +30,9 @@ def _positive(text: str) -> int:
 
 def _inspect(args) -> int:
     ensure_devices(args.tp * args.pp)
+    if args.tokens % args.tp:  # as the engine buckets a forward
+        args.tokens += args.tp - args.tokens % args.tp
+        print(f"tokens rounded up to {args.tokens}, a multiple of tp={args.tp}")
     from jax_sp.inspect import format_reports, inspect_modes
     from jax_sp.presets import preset
 

@@ -238,8 +238,10 @@ class Runtime:
                         **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
             if out.carry is not None:
                 return self.constrain_carry(out.carry), out.residuals
-            logits = out.logits[:, :vocab].astype(jnp.float32)
-            # replicated: every process can then be handed the same copy (jax.distributed)
+            # vocab-parallel first, so that the replication below gathers the [T, V] logits and
+            # not the [D, V] LM head; replicated: every process can then be handed the same copy
+            logits = jax.lax.with_sharding_constraint(out.logits, self.sharding_of((None, "vocab")))
+            logits = logits[:, :vocab].astype(jnp.float32)
             return jax.lax.with_sharding_constraint(logits, self.sharding_of(())), out.residuals
 
         return self.jit(run, sp)

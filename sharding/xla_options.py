@@ -16,6 +16,7 @@ compiles again without them.
 from __future__ import annotations
 
 import os
+import re
 
 WINDOWED_EINSUM = {
     "xla_gpu_threshold_for_windowed_einsum_mib": 0,
@@ -51,5 +52,5 @@ def collective_matmul_options(platform: str, comm: str, sp: bool, user=None,
     ours = dict(DECODE) if decode else {}
     if comm == "xla" and sp:
         ours.update(WINDOWED_EINSUM)
-    flags = os.environ.get("XLA_FLAGS", "")
-    return {k: v for k, v in ours.items() if k not in flags}
+    named = set(re.findall(r"--([A-Za-z0-9_]+)", os.environ.get("XLA_FLAGS", "")))
+    return {k: v for k, v in ours.items() if k not in named}

@@ -83,3 +83,28 @@ def test_fused_qkv_padding_matches_separate_head_padding(heads, kv_heads, tp):
                      pad_param(v, ("embed", "kv_heads", "head_dim"), plan), 1)
     np.testing.assert_array_equal(fused, want)
     np.testing.assert_array_equal(unpad_qkv(fused, 1, plan), group_qkv(q, k, v, 1))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_logits_gather_the_logits_not_the_lm_head(sp):
+    """The prefill-logits program (LLM.logits, jax-sp inspect) replicates its logits; it must
+    all-gather the [T, V/tp] logit shards, never the [D, V] head weight."""
+    import re
+
+    cfg = dataclasses.replace(preset("smollm2"), num_layers=1, vocab_size=4096)
+    rt = Runtime(cfg, ParallelConfig(tp=4))
+    text = rt.compile_prefill(sp, 1, 16, last_only=False).as_text()
+    gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather\(", text)
+    d, v = cfg.hidden_size, rt.plan.padded_vocab
+    assert gathered and not any(s in (f"{d},{v}", f"{v},{d}") for s in gathered), gathered
+
+
+def test_a_user_flag_wins_by_exact_name(monkeypatch):
+    from sharding.xla_options import collective_matmul_options
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_any=true")
+    assert collective_matmul_options("gpu", "xla", False, decode=True)[
+        "xla_gpu_enable_triton_gemm"] is False
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
+    assert "xla_gpu_enable_triton_gemm" not in collective_matmul_options(
+        "gpu", "xla", False, decode=True)
