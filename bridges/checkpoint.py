@@ -473,7 +473,7 @@ class LazyParams:
         heads of replicas [a, b) are the padded heads [a*G'', b*G''), in order."""
         dims, transpose = e["dims"], e["transpose"]
         axis = dims.index("K")
-        group = (plan.num_heads // plan.num_kv_heads // plan.kv_repeat if plan is not None
+        group = (plan.padded_heads // plan.padded_kv_heads if plan is not None
                  else self.cfg.num_heads // self.cfg.num_kv_heads)
         ks, cs = index[axis], index[axis + 1]
         start = ks.start or 0  # device blocks are contiguous

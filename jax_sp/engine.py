@@ -387,11 +387,12 @@ class LLM:
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
                         generate_programs.decode_unroll(self.runtime))
         pos = self._put(job.kv_len)
+        key, temperature, top_p = (self._put(x) for x in (
+            key, np.float32(max(sampling.temperature, 1e-6)), np.float32(sampling.top_p)))
         yield int(self.pipeline.to_host(token)[0])
         for step in range(1, sampling.max_new_tokens):
-            args = (self.state, cache, token, pos, self._put(key), self._put(np.int32(step)),
-                    self._put(np.float32(max(sampling.temperature, 1e-6))),
-                    self._put(np.float32(sampling.top_p)))
+            args = (self.state, cache, token, pos, key, self._put(np.int32(step)), temperature,
+                    top_p)
             token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
                 self.runtime, static), static, args)
             pos = pos + 1

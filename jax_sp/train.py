@@ -66,6 +66,17 @@ def clip_by_global_norm(max_norm: float, weights) -> optax.GradientTransformatio
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _kv_parts(names, shape):
+    """(axis of the KV groups, bool mask of the k/v parts broadcastable to `shape`) of a fused
+    q/k/v parameter, or None for any other parameter."""
+    if "qkv_heads" not in names:
+        return None
+    axis = names.index("qkv_heads")
+    parts = shape[axis + 1]  # C: query heads, then k and v
+    mask = np.arange(parts) >= parts - 2
+    return axis, mask.reshape((1,) * (axis + 1) + (parts,) + (1,) * (len(shape) - axis - 2))
+
+
 def norm_weights(rt: Runtime):
     """Weights of each parameter's squared gradient in the clipping norm: 1, except 1/r on the
     k and v parts of the fused q/k/v weight, whose r replicas of a KV head each hold the head's
@@ -73,13 +84,8 @@ def norm_weights(rt: Runtime):
     r = rt.plan.kv_repeat
 
     def weight(path, var):
-        names = rt.param_names[path]
-        if r == 1 or "qkv_heads" not in names:
-            return np.float32(1.0)
-        axis, shape = names.index("qkv_heads"), var.get_value().shape
-        parts = np.ones(shape[axis + 1], np.float32)
-        parts[-2:] = 1.0 / r
-        return parts.reshape((1,) * (axis + 1) + (-1,) + (1,) * (len(shape) - axis - 2))
+        kv = _kv_parts(rt.param_names[path], var.get_value().shape) if r > 1 else None
+        return np.float32(1.0) if kv is None else np.where(kv[1], 1.0 / r, 1.0).astype(np.float32)
 
     return rt._map_state(weight)
 
@@ -119,18 +125,13 @@ def tie_kv_replicas(rt: Runtime, grads):
         return grads
 
     def tie(path, g):
-        names = rt.param_names[path_str(path)]
-        if "qkv_heads" not in names:
+        kv = _kv_parts(rt.param_names[path_str(path)], g.shape)
+        if kv is None:
             return g
-        axis = names.index("qkv_heads")
-        shape = g.shape
+        (axis, is_kv), shape = kv, g.shape
         grouped = g.reshape(*shape[:axis], shape[axis] // r, r, *shape[axis + 1:])
         summed = jnp.sum(grouped, axis=axis + 1, keepdims=True)
-        tied = jnp.broadcast_to(summed, grouped.shape).reshape(shape)
-        parts = shape[axis + 1]  # C: query heads, then k and v
-        is_kv = (jnp.arange(parts) >= parts - 2).reshape(
-            (1,) * (axis + 1) + (parts,) + (1,) * (g.ndim - axis - 2))
-        return jnp.where(is_kv, tied, g)
+        return jnp.where(is_kv, jnp.broadcast_to(summed, grouped.shape).reshape(shape), g)
 
     flat = [(p, v.replace(tie(p, v.get_value()))) for p, v in nnx.to_flat_state(grads)]
     return nnx.from_flat_state(flat)
