@@ -35,7 +35,7 @@ def compile_times(model: str, batch: int, max_len: int):
         t0 = time.perf_counter()
         lowered = jax.jit(fn, donate_argnums=(1,)).lower(*args)
         t1 = time.perf_counter()
-        lowered.compile(rt.xla_options(False, decode=True))
+        lowered.compile(rt.xla_options(False))
         t2 = time.perf_counter()
         yield {"bench": "decode-compile-time", "model": model, "layers": cfg.num_layers,
                "unroll": unroll, "batch": batch, "cache": max_len, "lower_s": t1 - t0,

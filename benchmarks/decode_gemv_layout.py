@@ -47,9 +47,9 @@ def main():
 
     from profile_decode import kernel_times, parse_options
     from sharding.layout import _einsum
-    from sharding.xla_options import DECODE
+    from sharding.xla_options import INFERENCE
 
-    options = DECODE if jax.default_backend() == "gpu" else {}
+    options = INFERENCE if jax.default_backend() == "gpu" else {}
     if args.xla_option:
         options = parse_options(args.xla_option)
     rows = []

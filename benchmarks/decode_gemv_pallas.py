@@ -157,7 +157,7 @@ def gemv(x_mk, w, layer=None, cfg: GemvConfig = GemvConfig(), interpret: bool = 
 def run_variant(variant, x, ws, cfg, layers, repeats):
     from profile_decode import kernel_times
     from sharding.layout import _einsum
-    from sharding.xla_options import DECODE
+    from sharding.xla_options import INFERENCE
 
     interpret = jax.default_backend() != "gpu"  # CPU plumbing runs
 
@@ -174,7 +174,7 @@ def run_variant(variant, x, ws, cfg, layers, repeats):
             acc = acc + sum(y[:, :1].astype(jnp.float32) for y in ys)
         return acc
 
-    options = DECODE if jax.default_backend() == "gpu" else {}
+    options = INFERENCE if jax.default_backend() == "gpu" else {}
     fn = jax.jit(program).lower(x, ws).compile(options)
     fn(x, ws).block_until_ready()
     times = []

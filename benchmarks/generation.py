@@ -262,7 +262,7 @@ def run_model(b: Bench, name: str):
             prefill = statistics.median(prefills)  # spread on the same footing as the peers'
             spread = tuple((t - prefill) / (new_tokens - 1) for t in (min(totals), max(totals)))
             report("jax-sp", statistics.median(totals), prefill, spread, first_s, unroll=unroll,
-                   xla_options=llm.runtime.xla_options(False, decode=True),
+                   xla_options=llm.runtime.xla_options(False),
                    decode_loop_ms_per_token=statistics.median(decodes) * 1e3)
             if args.dump_hlo and batch in (decode_batches[0], decode_batches[-1]):
                 with open(os.path.join(args.dump_hlo, f"decode_{name}_b{batch}_u{unroll}.hlo"),

@@ -81,7 +81,7 @@ def decode_case(model, cfg, batch=8, max_len=1024):
     try:
         fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0, unroll=row["unroll"]))
         lowered = jax.jit(fn, donate_argnums=(1,)).lower(*args)
-        hlo = lowered.compile({**rt.xla_options(False, True),
+        hlo = lowered.compile({**rt.xla_options(False),
                                "xla_gpu_autotune_level": 0}).as_text()
         local = f"{cfg.num_layers * batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}"
         row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),

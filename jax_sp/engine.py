@@ -138,20 +138,22 @@ class LLM:
             return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         return list(self.tokenizer.encode(prompt))
 
-    def _check_ids(self, prompts, chat: bool = True) -> list[list[int]]:
+    def _check_ids(self, prompts, chat: bool = True) -> list[np.ndarray]:
         if isinstance(prompts, (str, bytes)) or not len(prompts):
             raise ValueError("expected a non-empty list of prompts: strings (with a tokenizer) "
                              "or token-id lists, e.g. [[1, 2, 3]]")
         out = []
         for i, p in enumerate(prompts):
-            ids = self.encode(p, chat) if isinstance(p, str) else [
-                int(t) for t in np.asarray(p).reshape(-1)]
-            if not ids:
+            ids = np.asarray(self.encode(p, chat) if isinstance(p, str) else p).reshape(-1)
+            if ids.dtype.kind not in "iu":  # what int() takes, one by one (slow, but rare)
+                ids = np.array([int(t) for t in ids], np.int64)
+            if not ids.size:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-            if bad:
-                raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside "
+            bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
+            if bad.size:
+                raise ValueError(f"prompt {i} has token id(s) {bad[:5].tolist()} outside "
                                  f"[0, {self.cfg.vocab_size})")
+            ids = ids.astype(np.int32)
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_seq_len="
                                  f"{self.max_seq_len}")
@@ -176,7 +178,7 @@ class LLM:
             out.append(x)
         return out
 
-    def _pack(self, prompts: list[list[int]]):
+    def _pack(self, prompts: list[np.ndarray]):
         """Right-pad to a shared bucket: tokens [B, T], positions [B, T], lengths [B]."""
         t = bucket(max(len(p) for p in prompts), self.parallel.tp)
         tokens = np.zeros((len(prompts), t), np.int32)

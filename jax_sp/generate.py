@@ -151,8 +151,7 @@ class Programs:
         key = (name, static, variant, input_key(args[1:]))
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate,
-                                                 decode=name.startswith("decode"))
+            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
             self.compile_seconds[key] = time.perf_counter() - t0
         self.last[name] = key
         self.calls[name] += 1

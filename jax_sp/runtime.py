@@ -163,15 +163,15 @@ class Runtime:
 
     # -- compilation ---------------------------------------------------------------------------
 
-    def xla_options(self, sp: bool, decode: bool = False) -> dict:
+    def xla_options(self, sp: bool) -> dict:
         return collective_matmul_options(self.mesh.devices.flat[0].platform, self.parallel.comm,
-                                         sp, self.parallel.xla_options, decode)
+                                         sp, self.parallel.xla_options)
 
-    def compile(self, fn, args, sp: bool, donate=(), decode: bool = False):
+    def compile(self, fn, args, sp: bool, donate=()):
         """AOT-compile fn for args with this program's XLA options; if XLA fails with them,
         warn and compile without them."""
         lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-        options = self.xla_options(sp, decode)
+        options = self.xla_options(sp)
         if not options:
             return lowered.compile()
         try:
@@ -220,11 +220,12 @@ class Runtime:
 
     @functools.cache
     def prefill_logits(self, sp: bool, collect_residuals: bool = False, last_only: bool = False,
-                       feed: str = "tokens"):
+                       feed: str = "tokens", unroll: int = 1):
         """jit: (state, inputs, positions_bt, kv_len_b) -> (out, residuals); inputs are token ids
         [B, T] (feed="tokens") or the previous stage's carry (feed="carry"); out is the carry
         on a stage that is not the last, else f32 logits of every row [B*T, V] or, with
-        last_only, of each sequence's last token [B, V]."""
+        last_only, of each sequence's last token [B, V]. unroll: the layer loop's unroll
+        factor."""
         layout = self.layout(sp)
         vocab = self.cfg.vocab_size
 
@@ -234,7 +235,7 @@ class Runtime:
             rows = jnp.arange(b) * t + kv_len_b - 1 if last_only else None
             out = model(positions_bt, kv_len_b, rows_r=rows, layout=layout,
                         collect_residuals=collect_residuals, fresh=True,
-                        attention=self.attention,
+                        attention=self.attention, unroll=unroll,
                         **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
             if out.carry is not None:
                 return self.constrain_carry(out.carry), out.residuals

@@ -29,10 +29,17 @@ class KVCache:
         shape = (num_layers, batch, seq, kv_heads, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def write(self, layer, k_btkh, v_btkh, start_b) -> "KVCache":
+    def write(self, layer, k_btkh, v_btkh, start_b, aligned: bool = False) -> "KVCache":
         """Store layer `layer`'s T new keys/values of each sequence b at positions
         [start_b, start_b + T). The caller guarantees start_b + T <= S (dynamic_update_slice
-        would clamp otherwise)."""
+        would clamp otherwise). aligned: every sequence starts at start_b[0] (a prefill from
+        position 0), so the write is one dynamic_update_slice of the [B, T] block, which XLA
+        does in place, instead of a per-row scatter."""
+        if aligned:
+            at = (layer, 0, start_b[0], 0, 0)
+            return KVCache(*(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
+                             for c, new in ((self.k, k_btkh), (self.v, v_btkh))))
+
         def one(cache_lskh, new_tkh, start):
             return jax.lax.dynamic_update_slice(
                 cache_lskh, new_tkh[None].astype(cache_lskh.dtype), (layer, start, 0, 0))

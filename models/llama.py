@@ -187,7 +187,7 @@ class Attention(nnx.Module):
         k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *rope)  # [B, T, K, H]
         v = v_tkh.reshape(b, t, *v_tkh.shape[1:])
         if cache is not None:
-            cache = cache.write(layer, k, v, positions_bt[:, 0])
+            cache = cache.write(layer, k, v, positions_bt[:, 0], aligned=fresh)
         if fresh or cache is None:  # this forward's keys are all the keys
             out = attend_fresh(q, k, v, positions_bt, kv_len_b, self.window, impl)
         else:

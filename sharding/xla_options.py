@@ -24,32 +24,33 @@ WINDOWED_EINSUM = {
 }
 
 
-# Decode programs on GPU (one token per row; the layer loop slices each layer's weights out of
-# the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape, batch 1
-# (benchmarks/profile_decode.py, README "Generation speed"):
-# - XLA's Triton gemms cannot read a slice in place, so each step copied the MLP weights
-#   (~1 ms/token of memcpy); cuBLAS with dynamic-slice fusion reads them where they lie.
+# Inference programs on GPU (prefill and decode; the layer loop slices each layer's weights out of
+# the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape (benchmarks/profile_decode.py,
+# benchmarks/profile_prefill.py; README "Generation speed"):
+# - XLA's Triton gemms cannot read a slice in place, so each decode step copied the MLP weights
+#   (~1 ms/token of memcpy) and a 1x2048 prefill spent 1.4 ms in copies; cuBLAS with
+#   dynamic-slice fusion reads them where they lie (prefill 1x2048 9.43 -> 8.32 ms, 8x2048
+#   60.6 / 61.9 ms, level within the runs' spread).
 # - The dot merger concatenates gate and up (sharing their input) into one [D, 2F] weight, a
 #   67 MB copy per layer per step (0.65 ms/token). The pass is named "dot-merger".
 # (Matrix-vector products under 10M elements are kept on cuBLAS by the layout, which runs
 # them on two rows: see sharding/layout.py `_einsum`.)
-DECODE = {
+INFERENCE = {
     "xla_gpu_enable_dynamic_slice_fusion": True,
     "xla_gpu_enable_triton_gemm": False,
     "xla_disable_hlo_passes": "dot-merger",
 }
 
 
-def collective_matmul_options(platform: str, comm: str, sp: bool, user=None,
-                              decode: bool = False) -> dict:
-    """Compiler options for one program: the user's when given, else ours (DECODE for decode
-    programs on GPU; WINDOWED_EINSUM for SP with comm="xla" on GPU), minus any flag already in
-    the user's XLA_FLAGS."""
+def collective_matmul_options(platform: str, comm: str, sp: bool, user=None) -> dict:
+    """Compiler options for one inference program: the user's when given, else ours on GPU
+    (INFERENCE, plus WINDOWED_EINSUM for SP with comm="xla"), minus any flag already in the
+    user's XLA_FLAGS."""
     if user is not None:
         return dict(user)
     if platform != "gpu":
         return {}
-    ours = dict(DECODE) if decode else {}
+    ours = dict(INFERENCE)
     if comm == "xla" and sp:
         ours.update(WINDOWED_EINSUM)
     named = set(re.findall(r"--([A-Za-z0-9_]+)", os.environ.get("XLA_FLAGS", "")))

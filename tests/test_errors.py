@@ -82,6 +82,17 @@ def test_bad_prompts_and_engine_keeps_serving(hf_models, prompts, match):
     assert np.isfinite(llm.logits([[1, 2, 3]])[0]).all()
 
 
+def test_prompt_ids_of_any_integer_form_give_the_same_logits(hf_models):
+    """Token ids as a list, a numpy array of any integer type, or integral floats (int() of
+    each, as before the check was vectorised) are one prompt."""
+    llm = LLM.from_torch(hf_models("llama"))
+    want = llm.logits([[1, 2, 3]])[0]
+    for ids in (np.array([1, 2, 3], np.int64), np.array([[1, 2, 3]], np.uint16), [1.0, 2.0, 3.0]):
+        np.testing.assert_array_equal(llm.logits([ids])[0], want)
+    with pytest.raises(ValueError, match=r"token id\(s\) \[4294967295\] outside"):
+        llm.logits([np.array([1, 2**32 - 1], np.uint32)])  # not wrapped to -1 by the cast
+
+
 @pytest.mark.parametrize("argv", [["inspect", "--tokens", "0"], ["inspect", "--batch", "0"],
                                   ["inspect", "--pp", "0"], ["generate", "hi", "--tp", "-2"]])
 def test_cli_counts_must_be_positive(argv, capsys):

@@ -103,8 +103,8 @@ def test_a_user_flag_wins_by_exact_name(monkeypatch):
     from sharding.xla_options import collective_matmul_options
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm_any=true")
-    assert collective_matmul_options("gpu", "xla", False, decode=True)[
+    assert collective_matmul_options("gpu", "xla", False)[
         "xla_gpu_enable_triton_gemm"] is False
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=true")
     assert "xla_gpu_enable_triton_gemm" not in collective_matmul_options(
-        "gpu", "xla", False, decode=True)
+        "gpu", "xla", False)
