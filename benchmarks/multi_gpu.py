@@ -3,13 +3,16 @@ matmul (jax-sp), and the PyTorch tensor-parallel peers at the same tp. Llama-3-8
 shapes, T from 256 to 16384 tokens. One JSON line per result.
 
 jax-sp side (this process, all local devices):
-  per_layer  — embedding + `--layers` decoder layers (a first pipeline stage: no LM head),
-               divided by the layer count;
+  per_layer  — one decoder layer: first pipeline stages (embedding + layers, no LM head) of
+               `--layers` and of half as many layers are timed, and the difference over the
+               difference of layers is a layer's time without the embedding or per-call costs;
   end_to_end — a whole `--layers`-layer model's prefill with last-token logits.
+Each time is the median over `--repeats` rounds of `--burst` calls launched back to back.
 PyTorch side (`--torch`, one process per device, torch.distributed): DTensor tensor parallel
 (`parallelize_module` with Colwise/Rowwise plans), the same with `SequenceParallel` norms, and
 async TP (`torch._inductor.config._micro_pipeline_tp`, fused all-gather-matmul /
-matmul-reduce-scatter; CUDA only) on one decoder layer.
+matmul-reduce-scatter; CUDA only) on one decoder layer, timed the same way (rounds of calls
+launched back to back), after checking its output against the same layer on one device.
 
     python benchmarks/multi_gpu.py --tp 8 --torch                 # on an 8-GPU host
     python benchmarks/multi_gpu.py --cpu-devices 8 --tiny         # plumbing on CPU
@@ -36,7 +39,28 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 MODES = {"tp": ("off", "xla"), "sp-xla": ("on", "xla"), "sp-ring": ("on", "ring")}
 
 
+def timed(call, repeats: int, burst: int) -> tuple[float, float]:
+    """(first call's seconds, median seconds per call): `repeats` rounds of `burst` calls
+    launched back to back and waited for once, so the host's dispatch overlaps device work."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - t0
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [call() for _ in range(burst)]
+        jax.block_until_ready(outs)
+        rounds.append((time.perf_counter() - t0) / burst)
+    return first, statistics.median(rounds)
+
+
 def jax_rows(args):
+    """per_layer: a first pipeline stage (embedding + layers, no LM head) compiled with
+    `--layers` and with half as many; the difference of the two times over the difference of
+    layers is one layer's time, free of the embedding and the call's fixed costs.
+    end_to_end: a whole `--layers`-layer model's prefill with last-token logits."""
     import jax
     import numpy as np
 
@@ -45,8 +69,12 @@ def jax_rows(args):
     from jax_sp.runtime import Runtime, Stage, random_params
 
     machine = f"{len(jax.devices())}x {jax.devices()[0].device_kind}"
+    hi = args.layers
+    lo = hi // 2
+    if lo < 1:
+        raise SystemExit("--layers must be at least 2 (one layer's time is a difference)")
     for shape in args.shapes.split(","):
-        cfg = dataclasses.replace(preset(shape), num_layers=args.layers)
+        cfg = dataclasses.replace(preset(shape), num_layers=hi)
         if args.tiny:
             cfg = dataclasses.replace(cfg, hidden_size=256, intermediate_size=512, num_heads=8,
                                       num_kv_heads=8, head_dim=32, vocab_size=1024)
@@ -54,32 +82,39 @@ def jax_rows(args):
         for mode, (sp, comm) in MODES.items():
             parallel = ParallelConfig(tp=args.tp, sp=sp, comm=comm)
             whole = Runtime(cfg, parallel, args.dtype)
-            body = Runtime(cfg, parallel, args.dtype, mesh=whole.mesh,
-                           stage=Stage(0, 2, 0, cfg.num_layers))  # first stage: no LM head
-            states = {"end_to_end": whole.place(host),
-                      "per_layer": body.place({k: v for k, v in host.items()
-                                               if k in body.param_names})}
+            stages, states = {}, {}
+            for n in (lo, hi):  # first stages of n layers: no LM head
+                stages[n] = Runtime(dataclasses.replace(cfg, num_layers=n), parallel, args.dtype,
+                                    mesh=whole.mesh, stage=Stage(0, 2, 0, n))
+                states[n] = stages[n].place({k: v[:n] if k.startswith("layers/") else v
+                                             for k, v in host.items()
+                                             if k in stages[n].param_names})
+            states["end_to_end"] = whole.place(host)
             for t in (int(x) for x in args.tokens.split(",")):
                 t = -(-t // args.tp) * args.tp
                 ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)).astype("int32")
                 pos = np.arange(t, dtype="int32")[None]
                 lengths = np.array([t], "int32")
-                for what, rt in (("per_layer", body), ("end_to_end", whole)):
+                got = {}
+                for key, rt in ((lo, stages[lo]), (hi, stages[hi]), ("end_to_end", whole)):
                     fn = rt.prefill_logits(sp == "on", False, True)
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(fn(states[what], ids, pos, lengths))
-                    compile_s = time.perf_counter() - t0
-                    times = []
-                    for _ in range(args.repeats):
-                        t0 = time.perf_counter()
-                        jax.block_until_ready(fn(states[what], ids, pos, lengths))
-                        times.append(time.perf_counter() - t0)
-                    med = statistics.median(times) / (cfg.num_layers if what == "per_layer"
-                                                      else 1)
-                    yield {"bench": "multi_gpu", "side": "jax-sp", "what": what, "mode": mode,
-                           "shape": shape, "layers": cfg.num_layers, "tp": args.tp, "tokens": t,
-                           "median_ms": med * 1e3, "tokens_per_s": t / med,
-                           "first_call_s": compile_s, "machine": machine}
+                    got[key] = timed(lambda: fn(states[key], ids, pos, lengths),  # noqa: B023
+                                     args.repeats, args.burst)
+                per_layer = (got[hi][1] - got[lo][1]) / (hi - lo)
+                # twice the layers not even 25% slower: the call's fixed (host) cost dominates
+                # and the difference is noise
+                host_bound = got[hi][1] < 1.25 * got[lo][1]
+                common = {"bench": "multi_gpu", "side": "jax-sp", "mode": mode, "shape": shape,
+                          "tp": args.tp, "tokens": t, "machine": machine}
+                yield {**common, "what": "per_layer", "layers": [lo, hi],
+                       "median_ms": per_layer * 1e3, "tokens_per_s": t / per_layer,
+                       "stage_ms": [got[lo][1] * 1e3, got[hi][1] * 1e3],
+                       "host_bound": host_bound,
+                       "first_call_s": got[hi][0]}
+                yield {**common, "what": "end_to_end", "layers": hi,
+                       "median_ms": got["end_to_end"][1] * 1e3,
+                       "tokens_per_s": t / got["end_to_end"][1],
+                       "first_call_s": got["end_to_end"][0]}
 
 
 def torch_worker(rank, world, args, queue):
@@ -166,10 +201,11 @@ def torch_worker(rank, world, args, queue):
                         for _ in range(args.repeats):
                             dist.barrier()
                             t0 = time.perf_counter()
-                            run(x, position_embeddings=(cos, sin), attention_mask=None)
+                            for _ in range(args.burst):
+                                run(x, position_embeddings=(cos, sin), attention_mask=None)
                             if cuda:
                                 torch.cuda.synchronize()
-                            times.append(time.perf_counter() - t0)
+                            times.append((time.perf_counter() - t0) / args.burst)
                     med = statistics.median(times)
                     row = {"median_ms": med * 1e3, "tokens_per_s": t / med,
                            "rel_err_vs_one_device": rel}
@@ -206,34 +242,81 @@ def main():
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
     ap.add_argument("--tokens", default="256,1024,4096,16384")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--layers", type=int, default=4,
+                    help="layers of the bigger stage; per-layer time = (t(L) - t(L/2)) / (L - L/2)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (median)")
+    ap.add_argument("--burst", type=int, default=4, help="calls per round, waited for once")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--cpu-devices", type=int, default=0)
     ap.add_argument("--tiny", action="store_true", help="small widths, for CPU plumbing")
     ap.add_argument("--torch", action="store_true", help="also run the PyTorch peers")
+    ap.add_argument("--no-jax", action="store_true",
+                    help="skip the jax-sp rows (with --torch: the PyTorch peers alone)")
     ap.add_argument("--port", type=int, default=29533)
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--replot", nargs="+", metavar="JSONL",
+                    help="only redraw the plot from these result files (written next to the first)")
     args = ap.parse_args()
+    if args.replot:
+        rows = [json.loads(line) for p in args.replot for line in open(p) if line.strip()]
+        plot(rows, os.path.splitext(args.replot[0])[0] + ".png")
+        return
     if args.cpu_devices:
         from jax_sp.cli import ensure_devices  # before the backend starts
 
         ensure_devices(args.cpu_devices)
         os.environ["JAX_PLATFORMS"] = "cpu"
-    rows = []
-    for row in jax_rows(args):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    if args.torch:
-        for row in torch_rows(args):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"multi_gpu_tp{args.tp}" + ("_tiny" if args.tiny else "")
-                        + ".jsonl")
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in rows)
+    stem = os.path.join(args.out, f"multi_gpu_tp{args.tp}" + ("_tiny" if args.tiny else "")
+                        + ("_torch" if args.no_jax else ""))
+    rows = []
+    sides = ([] if args.no_jax else [jax_rows]) + ([torch_rows] if args.torch else [])
+    with open(stem + ".jsonl", "w") as fh:  # written as it goes: a cut-off run keeps its rows
+        for side in sides:
+            for row in side(args):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+    plot(rows, stem + ".png")
+
+
+def plot(rows, path):
+    """Per-layer time relative to plain TP (jax-sp's "tp" row of the same shape and T), one
+    panel per shape; lines for every other jax-sp mode and PyTorch plan. Host-bound jax-sp rows
+    (whose per-layer time is noise) are left out."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    layer = [r for r in rows if r.get("what") == "per_layer" and "median_ms" in r
+             and not r.get("host_bound")]
+    base = {(r["shape"], r["tokens"]): r["median_ms"] for r in layer
+            if r["side"] == "jax-sp" and r["mode"] == "tp"}
+    shapes = sorted({r["shape"] for r in layer})
+    if not base or not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for side, mode in sorted({(r["side"], r["mode"]) for r in layer}):
+            pts = sorted((r["tokens"], base[shape, r["tokens"]] / r["median_ms"]) for r in layer
+                         if (r["side"], r["mode"], r["shape"]) == (side, mode, shape)
+                         and (shape, r["tokens"]) in base)
+            if pts:
+                ax.plot(*zip(*pts), "o-" if side == "jax-sp" else "s--", label=f"{side} {mode}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("speed vs jax-sp plain TP (per layer)")
+        ax.set_title(f"{shape}, tp {layer[0]['tp']}")
+        ax.legend(fontsize=7)
+    fig.suptitle(layer[0].get("machine", ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

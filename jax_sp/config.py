@@ -17,9 +17,15 @@ COMM_MODES = ("xla", "ring")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn")
 
-# sp="auto" uses SP for forwards of at least this many (padded) tokens. See README, "Choosing
-# sp_min_tokens", for the measurement behind it.
-DEFAULT_SP_MIN_TOKENS = 256
+# sp="auto" uses SP for forwards of at least this many (padded) tokens: the measured threshold
+# for a tp where GPU timings exist, else DEFAULT_SP_MIN_TOKENS. See README, "Choosing
+# sp_min_tokens", for the measurements behind both.
+DEFAULT_SP_MIN_TOKENS = 256  # 4 simulated CPU devices: where SP starts to save memory
+MEASURED_SP_MIN_TOKENS = {2: 4096}  # 2 H100s over NVLink: where SP stops being slower per layer
+
+
+def default_sp_min_tokens(tp: int) -> int:
+    return MEASURED_SP_MIN_TOKENS.get(tp, DEFAULT_SP_MIN_TOKENS)
 
 
 def _positive_int(owner, name, value):
@@ -31,7 +37,7 @@ def _positive_int(owner, name, value):
 class ParallelConfig:
     """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
     TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
-    tokens, TP otherwise); comm: "xla" (sharding annotations, XLA's collectives) or "ring"
+    tokens, TP otherwise; default: `default_sp_min_tokens(tp)`); comm: "xla" (sharding annotations, XLA's collectives) or "ring"
     (explicit shard_map collective matmul). Pipeline: pp_layers (layer count of each stage;
     default vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
@@ -45,7 +51,7 @@ class ParallelConfig:
     pp: int = 1
     sp: str = "auto"
     comm: str = "xla"
-    sp_min_tokens: int = DEFAULT_SP_MIN_TOKENS
+    sp_min_tokens: int | None = None  # None: default_sp_min_tokens(tp)
     pp_layers: tuple[int, ...] | None = None
     pp_boundary: str = "scattered"
     microbatches: int = 1
@@ -55,6 +61,8 @@ class ParallelConfig:
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
         _positive_int("ParallelConfig", "pp", self.pp)
+        if self.sp_min_tokens is None:
+            object.__setattr__(self, "sp_min_tokens", default_sp_min_tokens(self.tp))
         _positive_int("ParallelConfig", "sp_min_tokens", self.sp_min_tokens)
         if self.sp not in SP_MODES:
             raise ValueError(f"ParallelConfig.sp must be one of {SP_MODES}, got {self.sp!r}")

@@ -104,8 +104,45 @@ def test_paged_view_of_the_cache_gives_each_layer_its_own_pages():
         np.testing.assert_array_equal(v_pool[table[:, 0, 0, 0]], want_v)
 
 
+@pytest.mark.parametrize("start", [0, 3])
+def test_aligned_cache_write_equals_the_per_row_write(start):
+    """A prefill writes every sequence's block at the same position with one
+    dynamic_update_slice (`aligned`); it must store exactly what the per-row scatter stores,
+    at a traced layer index, leaving the other layers and positions alone."""
+    import jax
+
+    from models.cache import KVCache
+
+    n_layers, b, s, t, k, h = 3, 5, 9, 4, 2, 4
+    rng = np.random.default_rng(1)
+    cache = KVCache(*(jax.numpy.asarray(rng.normal(size=(n_layers, b, s, k, h)), "float32")
+                      for _ in range(2)))
+    new_k, new_v = (jax.numpy.asarray(rng.normal(size=(b, t, k, h)), "float32") for _ in range(2))
+    starts = jax.numpy.full((b,), start, "int32")
+    for layer in range(n_layers):
+        got = jax.jit(lambda i: cache.write(i, new_k, new_v, starts, aligned=True))(layer)
+        want = jax.jit(lambda i: cache.write(i, new_k, new_v, starts))(layer)
+        np.testing.assert_array_equal(got.k, want.k)
+        np.testing.assert_array_equal(got.v, want.v)
+        np.testing.assert_array_equal(got.k[layer, :, start:start + t], new_k)
+        np.testing.assert_array_equal(np.delete(np.asarray(got.v), layer, 0),
+                                      np.delete(np.asarray(cache.v), layer, 0))
+
+
 def _layer_kinds(hlo):
     return {c.kind for c in census(hlo, layers=3) if c.scope == "layer"}
+
+
+def test_sp_min_tokens_defaults_to_the_measured_threshold_of_its_tp():
+    """tp 2 takes the threshold measured on 2 GPUs (4096); other tp the CPU-derived 256 until
+    GPU timings exist; a given value always wins, and a bad one is still refused."""
+    assert ParallelConfig(tp=2).sp_min_tokens == 4096
+    assert not ParallelConfig(tp=2, sp="auto").use_sp(2048)
+    assert ParallelConfig(tp=2, sp="auto").use_sp(4096)
+    assert ParallelConfig(tp=4).sp_min_tokens == ParallelConfig(tp=8).sp_min_tokens == 256
+    assert ParallelConfig(tp=2, sp_min_tokens=64).sp_min_tokens == 64
+    with pytest.raises(ValueError, match="sp_min_tokens must be a positive integer"):
+        ParallelConfig(tp=2, sp_min_tokens=0)
 
 
 def test_auto_uses_sp_for_long_prefill_and_tp_for_decode_and_short_prefill(hf_models):
