@@ -61,9 +61,8 @@ class ParallelConfig:
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
         _positive_int("ParallelConfig", "pp", self.pp)
-        if self.sp_min_tokens is None:
-            object.__setattr__(self, "sp_min_tokens", default_sp_min_tokens(self.tp))
-        _positive_int("ParallelConfig", "sp_min_tokens", self.sp_min_tokens)
+        if self.sp_min_tokens is not None:
+            _positive_int("ParallelConfig", "sp_min_tokens", self.sp_min_tokens)
         if self.sp not in SP_MODES:
             raise ValueError(f"ParallelConfig.sp must be one of {SP_MODES}, got {self.sp!r}")
         if self.comm not in COMM_MODES:
@@ -85,10 +84,18 @@ class ParallelConfig:
                 raise ValueError(f"ParallelConfig.pp_layers must list {self.pp} positive layer "
                                  f"counts (one per stage), got {self.pp_layers!r}")
 
+    @property
+    def sp_threshold(self) -> int:
+        """sp="auto"'s threshold: sp_min_tokens, or when None the default for this tp (looked
+        up here, not at construction, so dataclasses.replace(config, tp=...) gets its own)."""
+        if self.sp_min_tokens is not None:
+            return self.sp_min_tokens
+        return default_sp_min_tokens(self.tp)
+
     def use_sp(self, padded_tokens: int) -> bool:
         """Whether a forward of this many padded tokens runs with SP."""
         if self.sp == "auto":
-            return self.tp > 1 and padded_tokens >= self.sp_min_tokens
+            return self.tp > 1 and padded_tokens >= self.sp_threshold
         return self.sp == "on"
 
     def describe(self) -> str:
