@@ -17,14 +17,16 @@ COMM_MODES = ("xla", "ring")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn")
 
-# sp="auto" uses SP for forwards of at least this many (padded) tokens: the measured threshold
-# for a tp where GPU timings exist, else DEFAULT_SP_MIN_TOKENS. See README, "Choosing
-# sp_min_tokens", for the measurements behind both.
+# sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
+# for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
+# else DEFAULT_SP_MIN_TOKENS. See README, "Choosing sp_min_tokens", for the measurements.
 DEFAULT_SP_MIN_TOKENS = 256  # 4 simulated CPU devices: where SP starts to save memory
-MEASURED_SP_MIN_TOKENS = {2: 4096}  # 2 H100s over NVLink: where SP stops being slower per layer
+# 2 H100s over NVLink: SP with comm="xla" 1-13% slower per layer below 4096 tokens, 0.97-1.02x
+# from there, and whole 4-layer models 2-25% slower at every size up to 16384
+MEASURED_SP_MIN_TOKENS: dict[int, int | None] = {2: None}
 
 
-def default_sp_min_tokens(tp: int) -> int:
+def default_sp_min_tokens(tp: int) -> int | None:
     return MEASURED_SP_MIN_TOKENS.get(tp, DEFAULT_SP_MIN_TOKENS)
 
 
@@ -85,9 +87,10 @@ class ParallelConfig:
                                  f"counts (one per stage), got {self.pp_layers!r}")
 
     @property
-    def sp_threshold(self) -> int:
-        """sp="auto"'s threshold: sp_min_tokens, or when None the default for this tp (looked
-        up here, not at construction, so dataclasses.replace(config, tp=...) gets its own)."""
+    def sp_threshold(self) -> int | None:
+        """sp="auto"'s threshold: sp_min_tokens, or when that is None the default for this tp
+        (looked up here, not at construction, so dataclasses.replace(config, tp=...) gets its
+        own); None: auto never uses SP at this tp."""
         if self.sp_min_tokens is not None:
             return self.sp_min_tokens
         return default_sp_min_tokens(self.tp)
@@ -95,7 +98,8 @@ class ParallelConfig:
     def use_sp(self, padded_tokens: int) -> bool:
         """Whether a forward of this many padded tokens runs with SP."""
         if self.sp == "auto":
-            return self.tp > 1 and padded_tokens >= self.sp_threshold
+            threshold = self.sp_threshold
+            return self.tp > 1 and threshold is not None and padded_tokens >= threshold
         return self.sp == "on"
 
     def describe(self) -> str:

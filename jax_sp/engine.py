@@ -145,15 +145,17 @@ class LLM:
         out = []
         for i, p in enumerate(prompts):
             ids = np.asarray(self.encode(p, chat) if isinstance(p, str) else p).reshape(-1)
-            if ids.dtype.kind not in "iu":  # what int() takes, one by one (slow, but rare)
-                ids = np.array([int(t) for t in ids], np.int64)
             if not ids.size:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)]
-            if bad.size:
-                raise ValueError(f"prompt {i} has token id(s) {bad[:5].tolist()} outside "
+            if ids.dtype.kind in "iu":
+                bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)].tolist()
+            else:  # what int() takes, one by one (slow, but rare); any size of int checked
+                ids = [int(t) for t in ids]
+                bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside "
                                  f"[0, {self.cfg.vocab_size})")
-            ids = ids.astype(np.int32)
+            ids = np.asarray(ids, np.int32)
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_seq_len="
                                  f"{self.max_seq_len}")

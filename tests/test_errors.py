@@ -91,6 +91,8 @@ def test_prompt_ids_of_any_integer_form_give_the_same_logits(hf_models):
         np.testing.assert_array_equal(llm.logits([ids])[0], want)
     with pytest.raises(ValueError, match=r"token id\(s\) \[4294967295\] outside"):
         llm.logits([np.array([1, 2**32 - 1], np.uint32)])  # not wrapped to -1 by the cast
+    with pytest.raises(ValueError, match=r"token id\(s\) \[1180591620717411303424\] outside"):
+        llm.logits([[1, 2**70]])  # beyond int64: still the range error
 
 
 @pytest.mark.parametrize("argv", [["inspect", "--tokens", "0"], ["inspect", "--batch", "0"],
