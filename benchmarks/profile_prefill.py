@@ -11,12 +11,15 @@ a rolled loop pays for slicing each layer's weights out of the stacked arrays.
     python benchmarks/profile_prefill.py --api     # LLM.generate(max_new_tokens=1) instead
 
 --api times what a user waits for the first token: `LLM.generate` with one new token (the
-prompt checks, the KV cache, the prefill that writes it, sampling, the token back on the host).
+prompt checks, the KV cache, the prefill that writes it, sampling, the token back on the host),
+and splits the traced call's wall time (`timeline`): before the first kernel, the largest gaps
+between kernels, after the last one, and the python calls inside it that took >= 200 us.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import statistics
@@ -28,6 +31,49 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 COPY_WORDS = ("copy", "memcpy", "dynamic_slice", "dynamic-slice")
+
+
+def timeline(trace_dir: str, func: str = "generate", gaps: int = 5, slow_us: int = 200) -> dict:
+    """Where the wall time of the traced call of `func` (the last python event of that name)
+    went: before the first device kernel, between kernels (the largest gaps, with the kernels
+    around them), after the last one, and the python calls inside it that took >= slow_us."""
+    from jax.profiler import ProfileData
+
+    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    data = ProfileData.from_file(path)
+    calls, kernels, slow = [], [], []
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                for ev in line.events:
+                    if ev.name.endswith(f" {func}"):
+                        calls.append((ev.start_ns, ev.end_ns))
+            elif plane.name.startswith("/device:") and "stream" in line.name.lower():
+                kernels += [(ev.start_ns, ev.end_ns, ev.name) for ev in line.events]
+    if not calls:
+        return {}
+    start, end = calls[-1]
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                slow += [(ev.start_ns, ev.duration_ns, ev.name) for ev in line.events
+                         if start < ev.start_ns and ev.end_ns <= end
+                         and ev.duration_ns >= slow_us * 1000]
+    kernels = sorted(k for k in kernels if start <= k[0] and k[1] <= end)
+    out = {"wall_ms": (end - start) / 1e6,
+           "python_calls_over_%dus" % slow_us: [
+               {"at_ms": (t - start) / 1e6, "ms": ns / 1e6, "name": n[:80]}
+               for t, ns, n in sorted(slow)][:20]}
+    if kernels:
+        holes = sorted(((b[0] - a[1], a[2], b[2], a[1]) for a, b in zip(kernels, kernels[1:])),
+                       reverse=True)[:gaps]
+        out.update({"before_first_kernel_ms": (kernels[0][0] - start) / 1e6,
+                    "after_last_kernel_ms": (end - max(k[1] for k in kernels)) / 1e6,
+                    "kernel_span_ms": (max(k[1] for k in kernels) - kernels[0][0]) / 1e6,
+                    "largest_gaps": [{"at_ms": (at - start) / 1e6, "ms": ns / 1e6,
+                                      "after": a[:60], "before": b[:60]}
+                                     for ns, a, b, at in holes]})
+    return out
 
 
 def main():
@@ -108,6 +154,7 @@ def main():
                     with jax.profiler.trace(d):
                         wait(call())
                     totals = kernel_times(d)
+                    where = timeline(d) if args.api else {}
                 busy = sum(ns for ns, _ in totals.values()) / 1e6
                 copies = {n: v for n, v in totals.items()
                           if any(w in n.lower() for w in COPY_WORDS)}
@@ -122,7 +169,8 @@ def main():
                        "copy_kernels": sum(c for _, c in copies.values()),
                        "top": [{"name": n[:90], "ms": ns / 1e6, "calls": c} for n, (ns, c) in
                                sorted(totals.items(), key=lambda kv: -kv[1][0])[:args.top]],
-                       "attention": rt.attention, "device": jax.devices()[0].device_kind}
+                       "attention": rt.attention, "device": jax.devices()[0].device_kind,
+                       **({"timeline": where} if where else {})}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
