@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from models.config import ModelConfig, RopeScaling
 
 __all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_parallel"]
@@ -26,10 +28,6 @@ DEFAULT_SP_MIN_TOKENS = 256  # 4 simulated CPU devices: where SP starts to save 
 MEASURED_SP_MIN_TOKENS: dict[int, int | None] = {2: None}
 
 
-def default_sp_min_tokens(tp: int) -> int | None:
-    return MEASURED_SP_MIN_TOKENS.get(tp, DEFAULT_SP_MIN_TOKENS)
-
-
 def _positive_int(owner, name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
@@ -39,8 +37,8 @@ def _positive_int(owner, name, value):
 class ParallelConfig:
     """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
     TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
-    tokens, TP otherwise; default: `default_sp_min_tokens(tp)`); comm: "xla" (sharding annotations, XLA's collectives) or "ring"
-    (explicit shard_map collective matmul). Pipeline: pp_layers (layer count of each stage;
+    tokens, TP otherwise; default: `sp_threshold`); comm: "xla" (sharding annotations, XLA's
+    collectives) or "ring" (explicit shard_map collective matmul). Pipeline: pp_layers (layer count of each stage;
     default vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
@@ -53,7 +51,7 @@ class ParallelConfig:
     pp: int = 1
     sp: str = "auto"
     comm: str = "xla"
-    sp_min_tokens: int | None = None  # None: default_sp_min_tokens(tp)
+    sp_min_tokens: int | None = None  # None: this tp's default (sp_threshold)
     pp_layers: tuple[int, ...] | None = None
     pp_boundary: str = "scattered"
     microbatches: int = 1
@@ -93,7 +91,7 @@ class ParallelConfig:
         own); None: auto never uses SP at this tp."""
         if self.sp_min_tokens is not None:
             return self.sp_min_tokens
-        return default_sp_min_tokens(self.tp)
+        return MEASURED_SP_MIN_TOKENS.get(self.tp, DEFAULT_SP_MIN_TOKENS)
 
     def use_sp(self, padded_tokens: int) -> bool:
         """Whether a forward of this many padded tokens runs with SP."""
@@ -146,3 +144,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    def scalars(self) -> tuple:
+        """(temperature, top_p) as the float32 scalars the sampling programs trace; temperature
+        is kept off 0 (greedy programs never divide by it)."""
+        return np.float32(max(self.temperature, 1e-6)), np.float32(self.top_p)

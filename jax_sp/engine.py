@@ -269,7 +269,7 @@ class LLM:
         return () if eos is None else (int(eos),)
 
     def _prefill(self, job: Batch, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
-        """Single-stage prefill: -> (first tokens [B] on device, cache, the rows' keys)."""
+        """Single-stage prefill: -> (first tokens [B], cache, the rows' keys), all on device."""
         if job.embeds:  # each device keeps its own rows of the padded embeddings
             t = job.inputs.shape[1]
             inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
@@ -279,11 +279,9 @@ class LLM:
         greedy = sampling.temperature == 0
         static = Static(job.prefill_sp, greedy, sampling.top_k)
         cache = self.runtime.new_cache(job.batch, job.cache_len)
-        key = row_keys(sampling.seed, job.batch)
-        args = (self.state, cache, inputs, self._put(job.positions),
-                self._put(job.kv_len), self._put(key),
-                self._put(np.float32(max(sampling.temperature, 1e-6))),
-                self._put(np.float32(sampling.top_p)))
+        key = self._put(row_keys(sampling.seed, job.batch))
+        args = (self.state, cache, inputs, self._put(job.positions), self._put(job.kv_len), key,
+                *map(self._put, sampling.scalars()))
         token, cache = self.programs.run("prefill", lambda: prefill_fn(
             self.runtime, static, "embeds" if job.embeds else "tokens"), static, args)
         return token, cache, key
@@ -300,9 +298,8 @@ class LLM:
         stop_ids = self._put(np.array(stop or (-1,), np.int32))
         done = self._put(~active) | jnp.isin(token, stop_ids)
         args = (self.state, cache, token, self._put(job.kv_len), done,
-                self._put(np.int32(sampling.max_new_tokens - 1)), stop_ids, self._put(key),
-                self._put(np.float32(max(sampling.temperature, 1e-6))),
-                self._put(np.float32(sampling.top_p)))
+                self._put(np.int32(sampling.max_new_tokens - 1)), stop_ids, key,
+                *map(self._put, sampling.scalars()))
         out, _ = self.programs.run("decode", lambda: decode_loop_fn(
             self.runtime, static, steps), static, args, variant=steps)
         return self.pipeline.to_host(out)
@@ -391,8 +388,7 @@ class LLM:
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
                         generate_programs.decode_unroll(self.runtime))
         pos = self._put(job.kv_len)
-        key, temperature, top_p = (self._put(x) for x in (
-            key, np.float32(max(sampling.temperature, 1e-6)), np.float32(sampling.top_p)))
+        temperature, top_p = map(self._put, sampling.scalars())
         yield int(self.pipeline.to_host(token)[0])
         for step in range(1, sampling.max_new_tokens):
             args = (self.state, cache, token, pos, key, self._put(np.int32(step)), temperature,

@@ -105,8 +105,7 @@ class Pipeline:
         return jax.device_put(x, self.stages[s].runtime.sharding_of(()))
 
     def _scalars(self, s: int, sampling: SamplingParams):
-        return (self._put(s, np.float32(max(sampling.temperature, 1e-6))),
-                self._put(s, np.float32(sampling.top_p)))
+        return tuple(self._put(s, x) for x in sampling.scalars())
 
     def steps(self, job, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
         """Yield, for the prefill and then each decode step, the new token of every micro-batch
