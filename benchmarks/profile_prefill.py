@@ -63,7 +63,7 @@ def timeline(trace_dir: str, func: str = "generate", gaps: int = 5, slow_us: int
     out = {"wall_ms": (end - start) / 1e6,
            "python_calls_over_%dus" % slow_us: [
                {"at_ms": (t - start) / 1e6, "ms": ns / 1e6, "name": n[:80]}
-               for t, ns, n in sorted(slow)][:20]}
+               for t, ns, n in sorted(slow)][:40]}
     if kernels:
         holes = sorted(((b[0] - a[1], a[2], b[2], a[1]) for a, b in zip(kernels, kernels[1:])),
                        reverse=True)[:gaps]

@@ -142,6 +142,8 @@ class SamplingParams:
                              f"{self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"SamplingParams.seed must be an integer, got {self.seed!r}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -149,3 +151,8 @@ class SamplingParams:
         """(temperature, top_p) as the float32 scalars the sampling programs trace; temperature
         is kept off 0 (greedy programs never divide by it)."""
         return np.float32(max(self.temperature, 1e-6)), np.float32(self.top_p)
+
+    def key_seed(self) -> np.uint32:
+        """The seed as the uint32 the prefill programs make the rows' keys from: its low 32
+        bits, which is what jax.random.PRNGKey takes of a Python int (64-bit types off)."""
+        return np.uint32(self.seed % 2**32)

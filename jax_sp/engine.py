@@ -16,7 +16,6 @@ import dataclasses
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jax_sp import generate as generate_programs
@@ -24,7 +23,6 @@ from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.pipeline import Pipeline
 from jax_sp.runtime import round_up
-from jax_sp.sampling import row_keys
 from sharding.tokens import place_token_rows, tp_rank_rows
 
 MIN_BUCKET = 16
@@ -269,21 +267,24 @@ class LLM:
         return () if eos is None else (int(eos),)
 
     def _prefill(self, job: Batch, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
-        """Single-stage prefill: -> (first tokens [B], cache, the rows' keys), all on device."""
+        """Single-stage prefill: -> (first tokens [B], cache, the rows' keys), all on device.
+        One host-to-device copy of the inputs and one launch (the program makes the cache and
+        the keys); the first tokens start back to the host as soon as they are computed."""
+        host = (job.positions, job.kv_len, sampling.key_seed(), np.int32(0), *sampling.scalars())
         if job.embeds:  # each device keeps its own rows of the padded embeddings
             t = job.inputs.shape[1]
             inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
                                       job.prefill_sp, rows_for_rank)
+            rest = self._put(host)
         else:
-            inputs = self._put(job.inputs)
-        greedy = sampling.temperature == 0
-        static = Static(job.prefill_sp, greedy, sampling.top_k)
-        cache = self.runtime.new_cache(job.batch, job.cache_len)
-        key = self._put(row_keys(sampling.seed, job.batch))
-        args = (self.state, cache, inputs, self._put(job.positions), self._put(job.kv_len), key,
-                *map(self._put, sampling.scalars()))
-        token, cache = self.programs.run("prefill", lambda: prefill_fn(
-            self.runtime, static, "embeds" if job.embeds else "tokens"), static, args)
+            inputs, *rest = self._put((job.inputs, *host))
+        static = Static(job.prefill_sp, sampling.temperature == 0, sampling.top_k)
+        feed = "embeds" if job.embeds else "tokens"
+        token, cache, key = self.programs.run(
+            "prefill", lambda: prefill_fn(self.runtime, static, feed, job.cache_len), static,
+            (self.state, inputs, *rest), donate=(), variant=(feed, job.cache_len))
+        if token.is_fully_addressable:
+            token.copy_to_host_async()
         return token, cache, key
 
     def _compile_s(self) -> float:
@@ -295,11 +296,9 @@ class LLM:
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
                         generate_programs.decode_unroll(self.runtime))
         active = np.arange(job.batch) < job.rows
-        stop_ids = self._put(np.array(stop or (-1,), np.int32))
-        done = self._put(~active) | jnp.isin(token, stop_ids)
-        args = (self.state, cache, token, self._put(job.kv_len), done,
-                self._put(np.int32(sampling.max_new_tokens - 1)), stop_ids, key,
-                *map(self._put, sampling.scalars()))
+        host = self._put((job.kv_len, active, np.int32(sampling.max_new_tokens - 1),
+                          np.array(stop or (-1,), np.int32), *sampling.scalars()))
+        args = (self.state, cache, token, *host[:4], key, *host[4:])
         out, _ = self.programs.run("decode", lambda: decode_loop_fn(
             self.runtime, static, steps), static, args, variant=steps)
         return self.pipeline.to_host(out)

@@ -70,19 +70,23 @@ def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows
 FEEDS = {"tokens": "tokens_bt", "embeds": "embeds_td", "carry": "carry"}
 
 
-def prefill_fn(rt: Runtime, st: Static, feed: str):
-    """(state, cache, inputs, positions_bt, kv_len_b, keys_b, temperature, top_p) -> (out, cache).
-    inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed); out: the
-    first new token [B] on the last stage, else this stage's carry."""
-    def run(state, cache, inputs, positions_bt, kv_len_b, key, temperature, top_p):
+def prefill_fn(rt: Runtime, st: Static, feed: str, cache_len: int):
+    """(state, inputs, positions_bt, kv_len_b, seed, first_row, temperature, top_p)
+    -> (out, cache, keys_b). inputs: token ids [B, T], embeddings [B*T, D] or the previous
+    stage's carry (feed); out: the first new token [B] on the last stage, else this stage's
+    carry. The program makes its cache (cache_len slots) and the sampling keys of its rows
+    (rows first_row.. of the whole batch, from the uint32 seed) itself: a prefill is one launch
+    after one batched host-to-device copy."""
+    def run(state, inputs, positions_bt, kv_len_b, seed, first_row, temperature, top_p):
         b, t = positions_bt.shape
+        keys = row_keys(seed, b, first_row)
         rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
-        out, cache = _forward(rt, st, state, cache, positions_bt, kv_len_b,
-                              rows if rt.stage.last else None, fresh=True,
+        out, cache = _forward(rt, st, state, rt.empty_cache(b, cache_len), positions_bt,
+                              kv_len_b, rows if rt.stage.last else None, fresh=True,
                               **{FEEDS[feed]: inputs})
-        if not rt.stage.last:
-            return out, cache
-        return sample(out, key, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+        if rt.stage.last:
+            out = sample(out, keys, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k)
+        return out, cache, keys
     return run
 
 
@@ -112,10 +116,11 @@ def abstract_decode_step_args(rt: Runtime, batch: int, max_len: int) -> tuple:
 
 
 def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
-    """(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, keys_b, temperature, top_p)
-    -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or all done.
-    For a single-stage model (pp=1): the whole decode is one call."""
-    def run(state, cache, token_b, pos_b, done_b, n_steps, stop_ids, key, temperature, top_p):
+    """(state, cache, token_b, pos_b, active_b, n_steps, stop_ids, keys_b, temperature, top_p)
+    -> (tokens [B, max_steps] with -1 after a row stops, cache). Runs until n_steps or until
+    every active row has stopped (given a stop id, the first token included). For a
+    single-stage model (pp=1): the whole decode is one call."""
+    def run(state, cache, token_b, pos_b, active_b, n_steps, stop_ids, key, temperature, top_p):
         out = jnp.full((token_b.shape[0], max_steps), -1, jnp.int32)
 
         def cond(carry):
@@ -129,7 +134,8 @@ def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
             done = done | jnp.isin(token, stop_ids)
             return i + 1, out, token, pos + 1, done, cache
 
-        carry = (jnp.int32(0), out, token_b, pos_b, done_b, cache)
+        done = ~active_b | jnp.isin(token_b, stop_ids)
+        carry = (jnp.int32(0), out, token_b, pos_b, done, cache)
         _, out, _, _, _, cache = jax.lax.while_loop(cond, body, carry)
         return out, cache
     return run
@@ -147,7 +153,8 @@ class Programs:
 
     def run(self, name: str, make, static: Static, args, donate=(1,), variant=None):
         """Run program `name` (built by `make()` unless already compiled for this static
-        setting, variant and these input shapes) on args; the cache (args[1]) is donated."""
+        setting, variant and these input shapes) on args; args[donate] (the cache) are
+        donated."""
         key = (name, static, variant, input_key(args[1:]))
         if key not in self.compiled:
             t0 = time.perf_counter()

@@ -22,7 +22,6 @@ from jax_sp import generate as generate_programs
 from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, Stage, to_host
-from jax_sp.sampling import row_keys
 from sharding.boundary import receive, send
 from sharding.transfer import move
 from sharding.mesh import make_mesh, stage_mesh
@@ -105,7 +104,7 @@ class Pipeline:
         return jax.device_put(x, self.stages[s].runtime.sharding_of(()))
 
     def _scalars(self, s: int, sampling: SamplingParams):
-        return tuple(self._put(s, x) for x in sampling.scalars())
+        return self._put(s, sampling.scalars())
 
     def steps(self, job, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
         """Yield, for the prefill and then each decode step, the new token of every micro-batch
@@ -115,15 +114,15 @@ class Pipeline:
         per = job.batch // m
         greedy = sampling.temperature == 0
         scalars = [self._scalars(s, sampling) for s in range(len(self.stages))]
-        caches = [[st.runtime.new_cache(per, job.cache_len) for _ in range(m)]
-                  for st in self.stages]
+        caches = [[None] * m for _ in self.stages]
+        keys = [[None] * m for _ in self.stages]  # a row keeps its key however the batch splits
         rows = [slice(i * per, (i + 1) * per) for i in range(m)]
-        keys = row_keys(sampling.seed, job.batch)  # a row keeps its key however the batch splits
-        keys = [[self._put(s, keys[r]) for r in rows] for s in range(len(self.stages))]
 
         tokens = []
         pre = Static(job.prefill_sp, greedy, sampling.top_k)
         for i, r in enumerate(rows):
+            host = (job.positions[r], job.kv_len[r], sampling.key_seed(), np.int32(r.start),
+                    *sampling.scalars())
             if job.embeds:
                 x = place_token_rows(job.inputs[r].reshape(per * job.inputs.shape[1], -1),
                                      self.stages[0].runtime.mesh, job.prefill_sp, rows_for_rank)
@@ -131,11 +130,10 @@ class Pipeline:
                 x = self._put(0, job.inputs[r])
             for s, st in enumerate(self.stages):
                 feed = ("embeds" if job.embeds else "tokens") if s == 0 else "carry"
-                args = (st.state, caches[s][i], x, self._put(s, job.positions[r]),
-                        self._put(s, job.kv_len[r]), keys[s][i], *scalars[s])
-                x, caches[s][i] = st.programs.run(
-                    "prefill", lambda: prefill_fn(st.runtime, pre, feed), pre, args,
-                    variant=feed)
+                x, caches[s][i], keys[s][i] = st.programs.run(
+                    "prefill", lambda: prefill_fn(st.runtime, pre, feed, job.cache_len), pre,
+                    (st.state, x, *self._put(s, host)), donate=(),
+                    variant=(feed, job.cache_len))
                 if s + 1 < len(self.stages):
                     x = self.hop(x, s + 1, job.prefill_sp)
             tokens.append(x)

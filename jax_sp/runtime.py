@@ -198,8 +198,14 @@ class Runtime:
         return self.sharding_of(CACHE_AXES)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        zeros = self._cache_zeros(batch, max_len)
-        return KVCache(zeros(), zeros())
+        """An empty cache as device arrays (the generation programs make their own inside)."""
+        return self._new_cache(batch, max_len)()
+
+    def empty_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache inside a traced program, laid out as `cache_sharding`."""
+        zeros = jnp.zeros(self._cache_shape(batch, max_len), self.dtype)
+        zeros = jax.lax.with_sharding_constraint(zeros, self.cache_sharding())
+        return KVCache(zeros, zeros)
 
     def abstract_cache(self, batch: int, max_len: int) -> KVCache:
         """The cache as ShapeDtypeStructs carrying its sharding (ahead-of-time compiles)."""
@@ -212,9 +218,9 @@ class Runtime:
         return (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
 
     @functools.cache
-    def _cache_zeros(self, batch: int, max_len: int):
-        shape = self._cache_shape(batch, max_len)
-        return jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=self.cache_sharding())
+    def _new_cache(self, batch: int, max_len: int):
+        return jax.jit(lambda: self.empty_cache(batch, max_len),
+                       out_shardings=self.cache_sharding())
 
     # -- compiled forwards ---------------------------------------------------------------------
 

@@ -2,29 +2,23 @@
 
 `greedy` and `top_k` are static (they change shapes and control flow); temperature and top_p
 are traced scalars, so changing them does not recompile. Row b of the batch draws at step i
-with `fold_in(fold_in(PRNGKey(seed), b), i)` (`row_keys` makes the per-row keys once): a row's
-draws depend on its place in the whole batch only, so the same seed gives the same tokens
-whatever the mesh and however a pipeline splits the batch into micro-batches.
+with `fold_in(fold_in(PRNGKey(seed), b), i)` (the prefill program makes the per-row keys with
+`row_keys`): a row's draws depend on its place in the whole batch only, so the same seed gives
+the same tokens whatever the mesh and however a pipeline splits the batch into micro-batches.
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
 
 
-def row_keys(seed: int, batch: int):
-    """The sampling key of each row of a batch, [B, 2]: fold_in(PRNGKey(seed), b)."""
-    return _fold_rows(jax.random.PRNGKey(seed), batch)
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _fold_rows(base, batch: int):
-    # one compiled call per batch size: run eagerly, the vmap dispatched op by op and took
-    # about 1 ms of host time before every prefill
-    return jax.vmap(lambda b: jax.random.fold_in(base, b))(jnp.arange(batch))
+def row_keys(seed, batch: int, first_row=0):
+    """The sampling keys of rows first_row .. first_row + batch of a batch, [batch, 2]:
+    fold_in(PRNGKey(seed), b). seed: a uint32 (`SamplingParams.key_seed`); traceable, so a
+    prefill program makes its rows' keys itself instead of a launch of its own."""
+    base = jax.random.PRNGKey(seed)
+    return jax.vmap(lambda b: jax.random.fold_in(base, b))(first_row + jnp.arange(batch))
 
 
 def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: int):

@@ -27,7 +27,8 @@ def test_bad_parallel_values(field, value):
 
 
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.5),
-                                         ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1)])
+                                         ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+                                         ("seed", 1.5), ("seed", "7"), ("seed", True)])
 def test_bad_sampling_values(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
         SamplingParams(**{field: value})

@@ -79,9 +79,22 @@ def test_unrolled_decode_equals_the_layer_loop(hf_models, monkeypatch):
 
 def test_kv_cache_is_sharded_over_kv_heads(hf_models):
     llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=4))
-    cache = llm.runtime.new_cache(batch=2, max_len=32)
-    assert cache.k.sharding.spec == P(None, None, None, "tp", None)  # [L, B, S, K, H]
-    assert cache.k.addressable_shards[0].data.shape[3] == llm.runtime.padded_cfg.num_kv_heads // 4
+    heads = llm.runtime.padded_cfg.num_kv_heads // 4
+    empty = llm.runtime.new_cache(batch=2, max_len=32)
+    assert empty.k.sharding.spec == P(None, None, None, "tp", None)  # [L, B, S, K, H]
+    assert empty.k.addressable_shards[0].data.shape[3] == heads
+    # the cache a generation's prefill program makes for itself is laid out the same way
+    sampling = SamplingParams(max_new_tokens=20)
+    job = llm._prepare([[1, 2, 3], [4]], None, sampling, chat=False)
+    _, cache, keys = llm._prefill(job, sampling)
+    t = job.inputs.shape[1]
+    assert job.cache_len > t
+    for kv in (cache.k, cache.v):
+        assert kv.sharding.is_equivalent_to(empty.k.sharding, kv.ndim)
+        assert kv.addressable_shards[0].data.shape[2:4] == (job.cache_len, heads)
+        written = np.asarray(kv).any(axis=(0, 3, 4))  # [B, S]: the prompts' padded block
+        assert written[:, :t].all() and not written[:, t:].any()
+    assert keys.shape == (job.batch, 2)
 
 
 def test_paged_view_of_the_cache_gives_each_layer_its_own_pages():
@@ -188,6 +201,22 @@ def test_seeded_sampling_is_the_same_on_every_mesh_and_differs_across_seeds(hf_m
     other = llm.generate(prompts, dataclasses.replace(params, seed=8))
     assert [c.token_ids for c in other] != runs[4, "on"]
     assert runs[1, "off"] != [c.token_ids for c in llm.generate(prompts, GREEDY)][:2]
+
+
+@pytest.mark.parametrize("seed", [0, 7, -1, 2**31, 2**32 + 7, 2**40, np.int64(-(2**40) - 3)])
+def test_row_keys_made_in_a_program_are_prngkey_of_the_seed_folded_with_the_row(seed):
+    """The prefill makes each row's key inside the program from SamplingParams.key_seed; row b
+    (of the whole batch, at any micro-batch offset) gets fold_in(PRNGKey(seed), b), as jax
+    makes it from the Python int eagerly."""
+    import jax
+
+    from jax_sp.sampling import row_keys
+
+    base = jax.random.PRNGKey(int(seed))
+    want = np.stack([np.asarray(jax.random.fold_in(base, b)) for b in range(7)])
+    u32 = SamplingParams(seed=seed).key_seed()
+    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(u32, 7), want)
+    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(u32, 4, np.int32(3)), want[3:])
 
 
 def test_top_k_of_the_vocabulary_or_more_keeps_every_token(hf_models):
