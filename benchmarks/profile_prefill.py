@@ -98,6 +98,7 @@ def main():
     import jax
     import numpy as np
 
+    import jax_sp.generate
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime, random_params
@@ -123,8 +124,8 @@ def main():
             state = rt.place(host)
         for u in args.unroll.split(","):
             unroll = cfg.num_layers if u == "L" else int(u)
-            if args.api and unroll != 1:
-                continue  # generate's prefill keeps the loop
+            if args.api:  # what generate's prefill programs use
+                jax_sp.generate.PREFILL_UNROLL = unroll
             if not args.api:
                 fn = rt.prefill_logits(False, False, True, unroll=unroll)
             for shape in args.shapes.split(","):

@@ -57,7 +57,6 @@ class Batch:
     lengths: list[int]
     batch: int
     inputs: np.ndarray  # token ids [B, T] or embeddings [B, T, D]
-    positions: np.ndarray  # [B, T]
     kv_len: np.ndarray  # [B]: real tokens per row (1 for padding rows)
     cache_len: int  # S
     prefill_sp: bool
@@ -247,7 +246,6 @@ class LLM:
         batch = round_up(pow2_at_least(len(rows)), unit * m)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
-        positions = np.broadcast_to(np.arange(t, dtype=np.int32), (batch, t)).copy()
         kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
         kv_len[: len(rows)] = lengths
         if prompts is not None:
@@ -257,7 +255,7 @@ class LLM:
         for b, x in enumerate(rows):
             inputs[b, : len(x)] = x
         cache_len = max(t, pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
-        return Batch(len(rows), lengths, batch, inputs, positions, kv_len, cache_len, prefill_sp,
+        return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
                      decode_sp, prompts is None)
 
     def _stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
@@ -270,7 +268,7 @@ class LLM:
         """Single-stage prefill: -> (first tokens [B], cache, the rows' keys), all on device.
         One host-to-device copy of the inputs and one launch (the program makes the cache and
         the keys); the first tokens start back to the host as soon as they are computed."""
-        host = (job.positions, job.kv_len, sampling.key_seed(), np.int32(0), *sampling.scalars())
+        host = (job.kv_len, sampling.key_seed(), np.int32(0), *sampling.scalars())
         if job.embeds:  # each device keeps its own rows of the padded embeddings
             t = job.inputs.shape[1]
             inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
@@ -278,7 +276,8 @@ class LLM:
             rest = self._put(host)
         else:
             inputs, *rest = self._put((job.inputs, *host))
-        static = Static(job.prefill_sp, sampling.temperature == 0, sampling.top_k)
+        static = Static(job.prefill_sp, sampling.temperature == 0, sampling.top_k,
+                        generate_programs.prefill_unroll(self.runtime))
         feed = "embeds" if job.embeds else "tokens"
         token, cache, key = self.programs.run(
             "prefill", lambda: prefill_fn(self.runtime, static, feed, job.cache_len), static,

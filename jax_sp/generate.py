@@ -47,6 +47,16 @@ def decode_unroll(rt: Runtime) -> int:
     return rt.cfg.num_layers if rt.mesh.devices.flat[0].platform == "gpu" else 1
 
 
+# Unroll factor of the layer loop in prefill programs; None: `prefill_unroll` picks.
+PREFILL_UNROLL: int | None = None
+
+
+def prefill_unroll(rt: Runtime) -> int:
+    """The layer loop's unroll factor in generation prefills: PREFILL_UNROLL when set, else 1
+    (a rolled loop: one layer's program, compiled once)."""
+    return 1 if PREFILL_UNROLL is None else PREFILL_UNROLL
+
+
 @dataclasses.dataclass(frozen=True)
 class Static:
     """What a compiled program is specialised on besides shapes."""
@@ -71,14 +81,17 @@ FEEDS = {"tokens": "tokens_bt", "embeds": "embeds_td", "carry": "carry"}
 
 
 def prefill_fn(rt: Runtime, st: Static, feed: str, cache_len: int):
-    """(state, inputs, positions_bt, kv_len_b, seed, first_row, temperature, top_p)
-    -> (out, cache, keys_b). inputs: token ids [B, T], embeddings [B*T, D] or the previous
-    stage's carry (feed); out: the first new token [B] on the last stage, else this stage's
-    carry. The program makes its cache (cache_len slots) and the sampling keys of its rows
-    (rows first_row.. of the whole batch, from the uint32 seed) itself: a prefill is one launch
-    after one batched host-to-device copy."""
-    def run(state, inputs, positions_bt, kv_len_b, seed, first_row, temperature, top_p):
-        b, t = positions_bt.shape
+    """(state, inputs, kv_len_b, seed, first_row, temperature, top_p) -> (out, cache, keys_b).
+    inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed), every
+    row starting at position 0; out: the first new token [B] on the last stage, else this
+    stage's carry. The program makes the positions, its cache (cache_len slots) and the
+    sampling keys of its rows (rows first_row.. of the whole batch, from the uint32 seed)
+    itself: a prefill is one launch after one batched host-to-device copy."""
+    def run(state, inputs, kv_len_b, seed, first_row, temperature, top_p):
+        b = kv_len_b.shape[0]
+        x = jax.tree.leaves(inputs)[0]
+        t = x.shape[1] if feed == "tokens" else x.shape[0] // b
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         keys = row_keys(seed, b, first_row)
         rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
         out, cache = _forward(rt, st, state, rt.empty_cache(b, cache_len), positions_bt,

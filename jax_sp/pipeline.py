@@ -119,10 +119,10 @@ class Pipeline:
         rows = [slice(i * per, (i + 1) * per) for i in range(m)]
 
         tokens = []
-        pre = Static(job.prefill_sp, greedy, sampling.top_k)
+        pre = Static(job.prefill_sp, greedy, sampling.top_k,
+                     generate_programs.prefill_unroll(self.stages[0].runtime))
         for i, r in enumerate(rows):
-            host = (job.positions[r], job.kv_len[r], sampling.key_seed(), np.int32(r.start),
-                    *sampling.scalars())
+            host = (job.kv_len[r], sampling.key_seed(), np.int32(r.start), *sampling.scalars())
             if job.embeds:
                 x = place_token_rows(job.inputs[r].reshape(per * job.inputs.shape[1], -1),
                                      self.stages[0].runtime.mesh, job.prefill_sp, rows_for_rank)
