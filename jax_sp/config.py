@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from models.config import ModelConfig, RopeScaling
@@ -152,7 +153,10 @@ class SamplingParams:
         is kept off 0 (greedy programs never divide by it)."""
         return np.float32(max(self.temperature, 1e-6)), np.float32(self.top_p)
 
-    def key_seed(self) -> np.uint32:
-        """The seed as the uint32 the prefill programs make the rows' keys from: its low 32
-        bits, which is what jax.random.PRNGKey takes of a Python int (64-bit types off)."""
-        return np.uint32(self.seed % 2**32)
+    def key_seed(self) -> np.unsignedinteger:
+        """The seed as the prefill programs take it to make the rows' keys: what
+        jax.random.PRNGKey keeps of a Python int, its low 32 bits (all 64 with 64-bit types
+        on), as an unsigned scalar of that width."""
+        if jax.config.jax_enable_x64:
+            return np.uint64(int(self.seed) % 2**64)
+        return np.uint32(int(self.seed) % 2**32)

@@ -2,8 +2,9 @@
 
 Each program is a pure function of (parameter state, KV cache, inputs) built for one Runtime and
 compiled ahead of time per static setting and input shape, so compile time is measured apart
-from run time and the executables that ran can be inspected (`Programs.compiled`). The cache is
-donated to every call and comes back updated.
+from run time and the executables that ran can be inspected (`Programs.compiled`). The prefill
+makes the cache (and the positions and the rows' sampling keys) itself, so it is one launch;
+every later program takes the cache donated and returns it updated.
 
 Decode in `generate` is one call for all new tokens: a `lax.while_loop` that stops when every
 row has hit a stop token or the budget. `stream` calls the one-step program once per token.
@@ -85,7 +86,7 @@ def prefill_fn(rt: Runtime, st: Static, feed: str, cache_len: int):
     inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed), every
     row starting at position 0; out: the first new token [B] on the last stage, else this
     stage's carry. The program makes the positions, its cache (cache_len slots) and the
-    sampling keys of its rows (rows first_row.. of the whole batch, from the uint32 seed)
+    sampling keys of its rows (rows first_row.. of the whole batch, from `key_seed`)
     itself: a prefill is one launch after one batched host-to-device copy."""
     def run(state, inputs, kv_len_b, seed, first_row, temperature, top_p):
         b = kv_len_b.shape[0]
@@ -155,7 +156,9 @@ def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
 
 
 class Programs:
-    """AOT-compiled programs of one Runtime, keyed by (name, static, input shapes)."""
+    """AOT-compiled programs of one Runtime, keyed by (name, static, variant, input shapes);
+    variant holds what the input shapes do not show (a prefill's feed and cache length, a
+    decode loop's step budget)."""
 
     def __init__(self, rt: Runtime):
         self.rt = rt

@@ -122,7 +122,7 @@ class Pipeline:
         pre = Static(job.prefill_sp, greedy, sampling.top_k,
                      generate_programs.prefill_unroll(self.stages[0].runtime))
         for i, r in enumerate(rows):
-            host = (job.kv_len[r], sampling.key_seed(), np.int32(r.start), *sampling.scalars())
+            host = (job.kv_len[r], sampling.key_seed(), np.int32(r.start))
             if job.embeds:
                 x = place_token_rows(job.inputs[r].reshape(per * job.inputs.shape[1], -1),
                                      self.stages[0].runtime.mesh, job.prefill_sp, rows_for_rank)
@@ -132,7 +132,7 @@ class Pipeline:
                 feed = ("embeds" if job.embeds else "tokens") if s == 0 else "carry"
                 x, caches[s][i], keys[s][i] = st.programs.run(
                     "prefill", lambda: prefill_fn(st.runtime, pre, feed, job.cache_len), pre,
-                    (st.state, x, *self._put(s, host)), donate=(),
+                    (st.state, x, *self._put(s, host), *scalars[s]), donate=(),
                     variant=(feed, job.cache_len))
                 if s + 1 < len(self.stages):
                     x = self.hop(x, s + 1, job.prefill_sp)

@@ -197,10 +197,6 @@ class Runtime:
     def cache_sharding(self):
         return self.sharding_of(CACHE_AXES)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        """An empty cache as device arrays (the generation programs make their own inside)."""
-        return self._new_cache(batch, max_len)()
-
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache inside a traced program, laid out as `cache_sharding`."""
         zeros = jnp.zeros(self._cache_shape(batch, max_len), self.dtype)
@@ -216,11 +212,6 @@ class Runtime:
     def _cache_shape(self, batch: int, max_len: int) -> tuple[int, ...]:
         c = self.padded_cfg  # [L, B, S, K, H]
         return (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
-
-    @functools.cache
-    def _new_cache(self, batch: int, max_len: int):
-        return jax.jit(lambda: self.empty_cache(batch, max_len),
-                       out_shardings=self.cache_sharding())
 
     # -- compiled forwards ---------------------------------------------------------------------
 

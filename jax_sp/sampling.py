@@ -15,15 +15,15 @@ import jax.numpy as jnp
 
 def row_keys(seed, batch: int, first_row=0):
     """The sampling keys of rows first_row .. first_row + batch of a batch, [batch, 2]:
-    fold_in(PRNGKey(seed), b). seed: a uint32 (`SamplingParams.key_seed`); traceable, so a
-    prefill program makes its rows' keys itself instead of a launch of its own."""
+    fold_in(PRNGKey(seed), b). seed: `SamplingParams.key_seed`; traceable, so a prefill
+    program makes its rows' keys itself instead of a launch of its own."""
     base = jax.random.PRNGKey(seed)
     return jax.vmap(lambda b: jax.random.fold_in(base, b))(first_row + jnp.arange(batch))
 
 
 def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: int):
     """Next token of each row, [B] int32, from float32 logits [B, V]; keys_b: the rows' keys
-    (`row_keys`, or a slice of them for a micro-batch)."""
+    (`row_keys`; a micro-batch's rows from its first_row on)."""
     if greedy:
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits = logits_bv / temperature

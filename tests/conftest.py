@@ -11,6 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from jax_sp import SamplingParams  # noqa: E402
 
 
 def _build(kind: str, seed: int = 0):
@@ -63,6 +64,10 @@ def hf_models():
 def hf_logits(model, prompts):
     with torch.no_grad():
         return [model(torch.tensor([p])).logits[0].float().numpy() for p in prompts]
+
+
+# seeded sampling, with a seed whose key jax makes from its low 32 bits
+SAMPLED = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=-3)
 
 
 def random_prompts(vocab, lengths, seed=0):

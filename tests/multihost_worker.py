@@ -1,7 +1,7 @@
 """One process of a 2-process jax.distributed test job (see test_multihost.py).
 
 argv: PORT NUM_PROCESSES PROCESS_ID SCENARIO OUT_JSON. Builds the same tiny HF model in every
-process, runs the scenario and writes its results (logits, greedy tokens) to OUT_JSON."""
+process, runs the scenario and writes its results (logits, greedy and sampled tokens) to OUT_JSON."""
 
 import json
 import os
@@ -26,7 +26,7 @@ import jax  # noqa: E402
 
 jax.devices()  # start the backend with 4 devices before conftest's flags are imported
 
-from conftest import _build, random_prompts  # noqa: E402
+from conftest import SAMPLED, _build, random_prompts  # noqa: E402
 from jax_sp import LLM, ParallelConfig, SamplingParams  # noqa: E402
 
 if scenario == "die" and pid == 1:
@@ -39,6 +39,8 @@ parallel = {"tp8": ParallelConfig(tp=8, sp="on"),
 llm = LLM.from_torch(model, parallel=parallel)
 logits = [x.tolist() for x in llm.logits(prompts)]
 tokens = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=6))]
+sampled = [c.token_ids for c in llm.generate(prompts, SAMPLED)]
 json.dump({"process": jax.process_index(), "devices": len(jax.devices()),
-           "local": len(jax.local_devices()), "logits": logits, "tokens": tokens},
+           "local": len(jax.local_devices()), "logits": logits, "tokens": tokens,
+           "sampled": sampled},
           open(out, "w"))

@@ -77,24 +77,53 @@ def test_unrolled_decode_equals_the_layer_loop(hf_models, monkeypatch):
     assert loops == {1: 2, llm.runtime.cfg.num_layers: 1}  # decode loop (+ layer loop)
 
 
-def test_kv_cache_is_sharded_over_kv_heads(hf_models):
-    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=4))
+@pytest.mark.parametrize("sp,embeds", [("off", False), ("on", True)])
+def test_prefill_makes_a_cache_sharded_over_kv_heads_and_the_rows_keys(hf_models, sp, embeds):
+    """The prefill program makes the KV cache (laid out as Runtime.cache_sharding, split over KV
+    heads), writes only the prompts' block of it, and makes row b's key fold_in(PRNGKey(seed),
+    b) — from token ids, and from prompt embeddings placed as SP token shards."""
+    import jax
+
+    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=4, sp=sp))
+    want = llm.runtime.cache_sharding()
+    assert want.spec == P(None, None, None, "tp", None)  # [L, B, S, K, H]
     heads = llm.runtime.padded_cfg.num_kv_heads // 4
-    empty = llm.runtime.new_cache(batch=2, max_len=32)
-    assert empty.k.sharding.spec == P(None, None, None, "tp", None)  # [L, B, S, K, H]
-    assert empty.k.addressable_shards[0].data.shape[3] == heads
-    # the cache a generation's prefill program makes for itself is laid out the same way
-    sampling = SamplingParams(max_new_tokens=20)
-    job = llm._prepare([[1, 2, 3], [4]], None, sampling, chat=False)
+    sampling = SamplingParams(max_new_tokens=20, seed=-1)
+    prompts = [[1, 2, 3], [4]]
+    job = llm._prepare(None if embeds else prompts, llm.embed(prompts) if embeds else None,
+                       sampling, chat=False)
+    assert job.prefill_sp == (sp == "on")
     _, cache, keys = llm._prefill(job, sampling)
     t = job.inputs.shape[1]
     assert job.cache_len > t
     for kv in (cache.k, cache.v):
-        assert kv.sharding.is_equivalent_to(empty.k.sharding, kv.ndim)
+        assert kv.sharding.is_equivalent_to(want, kv.ndim)
         assert kv.addressable_shards[0].data.shape[2:4] == (job.cache_len, heads)
-        written = np.asarray(kv).any(axis=(0, 3, 4))  # [B, S]: the prompts' padded block
-        assert written[:, :t].all() and not written[:, t:].any()
-    assert keys.shape == (job.batch, 2)
+        written = np.asarray(kv).any(axis=(0, 3, 4))  # [B, S]
+        assert all(written[b, :n].all() for b, n in enumerate(job.lengths))
+        assert not written[:, t:].any()  # nothing beyond the prompts' padded block
+    base = jax.random.PRNGKey(-1)
+    assert np.array_equal(keys, [jax.random.fold_in(base, b) for b in range(job.batch)])
+
+
+def test_unrolled_prefill_equals_the_layer_loop(hf_models, monkeypatch):
+    """jax_sp.generate.PREFILL_UNROLL unrolls the generation prefill's layer loop: the same
+    tokens as HF, with the layer loop gone from the prefill program."""
+    import jax_sp.generate as gen
+
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=6)
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"))
+    assert gen.prefill_unroll(llm.runtime) == 1
+    want = hf_greedy(model, prompts, 4)
+    loops = {}
+    for unroll in (1, llm.runtime.cfg.num_layers):
+        monkeypatch.setattr(gen, "PREFILL_UNROLL", unroll)
+        assert gen.prefill_unroll(llm.runtime) == unroll
+        got = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=4))]
+        assert got == want
+        loops[unroll] = llm.programs.hlo("prefill").count(" while(")
+    assert loops[1] == loops[llm.runtime.cfg.num_layers] + 1  # the layer loop
 
 
 def test_paged_view_of_the_cache_gives_each_layer_its_own_pages():
@@ -207,16 +236,21 @@ def test_seeded_sampling_is_the_same_on_every_mesh_and_differs_across_seeds(hf_m
 def test_row_keys_made_in_a_program_are_prngkey_of_the_seed_folded_with_the_row(seed):
     """The prefill makes each row's key inside the program from SamplingParams.key_seed; row b
     (of the whole batch, at any micro-batch offset) gets fold_in(PRNGKey(seed), b), as jax
-    makes it from the Python int eagerly."""
+    makes it from the Python int eagerly, with 64-bit types off and on."""
     import jax
 
     from jax_sp.sampling import row_keys
 
     base = jax.random.PRNGKey(int(seed))
     want = np.stack([np.asarray(jax.random.fold_in(base, b)) for b in range(7)])
-    u32 = SamplingParams(seed=seed).key_seed()
-    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(u32, 7), want)
-    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(u32, 4, np.int32(3)), want[3:])
+    key_seed = SamplingParams(seed=seed).key_seed()
+    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(key_seed, 7), want)
+    assert np.array_equal(jax.jit(row_keys, static_argnums=1)(key_seed, 4, np.int32(3)), want[3:])
+    with jax.enable_x64(True):  # PRNGKey keeps all 64 bits of the seed then
+        base = jax.random.PRNGKey(int(seed))
+        want = np.stack([np.asarray(jax.random.fold_in(base, b)) for b in range(4)])
+        key_seed = SamplingParams(seed=seed).key_seed()
+        assert np.array_equal(jax.jit(row_keys, static_argnums=1)(key_seed, 4), want)
 
 
 def test_top_k_of_the_vocabulary_or_more_keeps_every_token(hf_models):
@@ -247,6 +281,25 @@ def test_stop_tokens_end_a_row_and_are_kept(hf_models):
     first = free.index(stop)
     out = llm.generate(prompt, dataclasses.replace(GREEDY, stop_token_ids=(stop,)))[0]
     assert out.token_ids == free[: first + 1] and out.finish_reason == "stop"
+
+
+def test_a_first_token_that_is_a_stop_id_ends_the_row_before_decode(hf_models):
+    """The decode loop starts with every row done whose prefill token is a stop id (and the
+    padding rows): such a row gets no decoded tokens, the others decode as without it."""
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    prompts = random_prompts(model.config.vocab_size, (11, 6), seed=3)
+    free = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    stop = free[0][0]
+    assert stop not in free[1]  # what the test needs of its prompts
+    job = llm._prepare(prompts, None, GREEDY, chat=False)
+    token, cache, key = llm._prefill(job, GREEDY)
+    out = llm._decode_loop(job, GREEDY, token, cache, key, (stop,))
+    assert (out[0] == -1).all() and (out[2:] == -1).all()  # row 0 and the padding rows
+    assert out[1, : GREEDY.max_new_tokens - 1].tolist() == free[1][1:]
+    done = llm.generate(prompts, dataclasses.replace(GREEDY, stop_token_ids=(stop,)))
+    assert done[0].token_ids == [stop] and done[0].finish_reason == "stop"
+    assert done[1].token_ids == free[1]
 
 
 @pytest.mark.parametrize("call,match", [

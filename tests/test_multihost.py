@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _build, hf_greedy, hf_logits, random_prompts
+from conftest import SAMPLED, _build, hf_greedy, hf_logits, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
 from jax_sp.distributed import free_port, wait_all
 
@@ -45,6 +45,10 @@ def test_tp8_across_two_processes_matches_hf_and_one_process(tmp_path):
     single = LLM.from_torch(model, parallel=ParallelConfig(tp=8, sp="on"))
     assert outs[0]["tokens"] == [c.token_ids for c in single.generate(
         prompts, SamplingParams(max_new_tokens=6))]
+    # seeded sampling: the keys made inside the prefill are the same on both processes and as
+    # in one process
+    assert outs[0]["sampled"] == outs[1]["sampled"] != outs[0]["tokens"]
+    assert outs[0]["sampled"] == [c.token_ids for c in single.generate(prompts, SAMPLED)]
     for got, want in zip(outs[0]["logits"], single.logits(prompts)):
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
 
@@ -61,6 +65,8 @@ def test_one_pipeline_stage_per_process_gives_the_same_greedy_tokens(tmp_path):
     single = LLM.from_torch(model, parallel=ParallelConfig(tp=4, pp=2, sp="on"))
     assert outs[0]["tokens"] == [c.token_ids for c in single.generate(
         prompts, SamplingParams(max_new_tokens=6))]
+    assert outs[0]["sampled"] == outs[1]["sampled"] != outs[0]["tokens"]
+    assert outs[0]["sampled"] == [c.token_ids for c in single.generate(prompts, SAMPLED)]
     for got, want in zip(outs[0]["logits"], hf_logits(model, prompts)):
         np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-4)
 
