@@ -253,6 +253,24 @@ def test_row_keys_made_in_a_program_are_prngkey_of_the_seed_folded_with_the_row(
         assert np.array_equal(jax.jit(row_keys, static_argnums=1)(key_seed, 4), want)
 
 
+def test_repeated_sampling_values_are_copied_to_the_devices_once(hf_models):
+    """The seed, sampling scalars and stop ids go to the devices once per distinct value
+    (LLM._constants); the cache of them stays bounded and hands back the right values."""
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
+    prompts = random_prompts(model.config.vocab_size, (9, 4), seed=1)
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=3)
+    first = [c.token_ids for c in llm.generate(prompts, params)]
+    held = dict(llm._constant_cache)
+    assert [c.token_ids for c in llm.generate(prompts, params)] == first
+    assert llm._constant_cache.keys() == held.keys()
+    assert all(llm._constant_cache[k] is v for k, v in held.items())  # the same device arrays
+    for i in range(300):
+        (got,) = llm._constants(np.uint32(i))
+        assert int(got) == i and got.sharding.is_fully_replicated
+        assert len(llm._constant_cache) <= 256
+
+
 def test_top_k_of_the_vocabulary_or_more_keeps_every_token(hf_models):
     model = hf_models("llama")
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))

@@ -1,0 +1,111 @@
+"""The host's share of a call: what a prefill pays before and after its kernels on this machine.
+
+Times, untraced (median of --repeats, microseconds), each piece of host work a
+`LLM.generate(max_new_tokens=1)` call does around its prefill program:
+
+- `put_*`: one batched `jax.device_put` of the prefill's host arrays (ids [B, T], lengths [B],
+  seed, first row, temperature, top_p: 6 arrays), of the same values packed into 3 arrays
+  (ids, one int32 vector, one float32 vector) and of the ids alone, each waited for;
+- `launch_roundtrip`: a compiled one-op program on a device scalar, launched and waited for;
+- `to_host`: a fresh device scalar to numpy;
+- `generate_floor_*`: the whole `generate(max_new_tokens=1)` at a short prompt of the given model,
+  where the kernels are a small part, next to the same program's device busy time.
+
+    python benchmarks/host_overhead.py --model smollm2 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def median_us(fn, repeats: int) -> dict:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_us": statistics.median(times) * 1e6, "min_us": min(times) * 1e6}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--tokens", default="2048", help="prompt lengths for the put rows")
+    ap.add_argument("--floor-tokens", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
+    ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp.presets import preset
+    from jax_sp.runtime import random_params
+    from profile_decode import kernel_times
+
+    device = jax.devices()[0]
+    where = jax.sharding.SingleDeviceSharding(device)
+    rows = []
+
+    def emit(row):
+        row = {"bench": "host-overhead", "device": device.device_kind, "jax": jax.__version__,
+               **row}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    b = args.batch
+    for t in (int(x) for x in args.tokens.split(",")):
+        ids = np.zeros((b, t), np.int32)
+        six = (ids, np.full((b,), t, np.int32), np.uint32(0), np.int32(0), np.float32(1e-6),
+               np.float32(1.0))
+        three = (ids, np.array([t] * b + [0, 0], np.int32), np.array([1e-6, 1.0], np.float32))
+        for name, host in (("put_6_arrays", six), ("put_3_arrays", three), ("put_ids", (ids,))):
+            emit({"what": name, "batch": b, "tokens": t,
+                  **median_us(lambda h=host: jax.block_until_ready(jax.device_put(h, where)),
+                              args.repeats)})
+
+    one = jax.device_put(np.float32(1), where)
+    add = jax.jit(lambda x: x + 1).lower(one).compile()
+    emit({"what": "launch_roundtrip", **median_us(lambda: add(one).block_until_ready(),
+                                                   args.repeats)})
+    emit({"what": "to_host", **median_us(lambda: np.asarray(add(one)), args.repeats)})
+
+    cfg = preset(args.model)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    t = args.floor_tokens
+    llm = LLM(cfg, random_params(cfg), parallel=ParallelConfig(tp=1), dtype="bfloat16",
+              max_seq_len=max(64, 2 * t))
+    prompts, one_token = np.zeros((b, t), np.int32).tolist(), SamplingParams(max_new_tokens=1)
+    call = lambda: llm.generate(prompts, one_token)  # noqa: E731
+    timing = median_us(call, max(20, args.repeats // 10))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            call()
+        busy = sum(ns for ns, _ in kernel_times(d).values()) / 1e3
+    emit({"what": "generate_floor", "model": args.model, "batch": b, "tokens": t, **timing,
+          "device_busy_us": busy})
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"host_overhead_{args.model}.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+if __name__ == "__main__":
+    main()
