@@ -8,10 +8,14 @@ Times, untraced (median of --repeats, microseconds), each piece of host work a
   (ids, one int32 vector, one float32 vector) and of the ids alone, each waited for;
 - `launch_roundtrip`: a compiled one-op program on a device scalar, launched and waited for;
 - `to_host`: a fresh device scalar to numpy;
-- `generate_floor_*`: the whole `generate(max_new_tokens=1)` at a short prompt of the given model,
-  where the kernels are a small part, next to the same program's device busy time.
+- `generate_floor`: the whole `generate(max_new_tokens=1)` at a short prompt of the given model,
+  where the kernels are a small part, next to the same program's device busy time;
+- `stream_step`: ms per token of the one-call-per-token decode that `LLM.stream` runs (row 0's
+  tokens, each brought to the host), --stream-tokens of them after a short prompt.
 
     python benchmarks/host_overhead.py --model smollm2 --out DIR
+    python benchmarks/host_overhead.py --model smollm2 --layers 2 --vocab 512 --dtype float32 \
+        --only stream   # any machine: the host's share of a streamed token
 """
 
 from __future__ import annotations
@@ -45,7 +49,12 @@ def main():
     ap.add_argument("--tokens", default="2048", help="prompt lengths for the put rows")
     ap.add_argument("--floor-tokens", type=int, default=16)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
+    ap.add_argument("--vocab", type=int, default=None, help="a smaller vocabulary (CPU plumbing)")
+    ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--stream-tokens", type=int, default=128)
+    ap.add_argument("--only", default=None, help="one group: put, launch, floor or stream")
+    ap.add_argument("--tag", default=None, help="file name: host_overhead_<tag>.jsonl")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -69,8 +78,9 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    want = lambda group: args.only in (None, group)  # noqa: E731
     b = args.batch
-    for t in (int(x) for x in args.tokens.split(",")):
+    for t in (int(x) for x in args.tokens.split(",") if want("put")):
         ids = np.zeros((b, t), np.int32)
         six = (ids, np.full((b,), t, np.int32), np.uint32(0), np.int32(0), np.float32(1e-6),
                np.float32(1.0))
@@ -80,30 +90,43 @@ def main():
                   **median_us(lambda h=host: jax.block_until_ready(jax.device_put(h, where)),
                               args.repeats)})
 
-    one = jax.device_put(np.float32(1), where)
-    add = jax.jit(lambda x: x + 1).lower(one).compile()
-    emit({"what": "launch_roundtrip", **median_us(lambda: add(one).block_until_ready(),
-                                                   args.repeats)})
-    emit({"what": "to_host", **median_us(lambda: np.asarray(add(one)), args.repeats)})
+    if want("launch"):
+        one = jax.device_put(np.float32(1), where)
+        add = jax.jit(lambda x: x + 1).lower(one).compile()
+        emit({"what": "launch_roundtrip", **median_us(lambda: add(one).block_until_ready(),
+                                                       args.repeats)})
+        emit({"what": "to_host", **median_us(lambda: np.asarray(add(one)), args.repeats)})
 
     cfg = preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    if args.vocab:
+        cfg = dataclasses.replace(cfg, vocab_size=args.vocab)
     t = args.floor_tokens
-    llm = LLM(cfg, random_params(cfg), parallel=ParallelConfig(tp=1), dtype="bfloat16",
-              max_seq_len=max(64, 2 * t))
+    llm = LLM(cfg, random_params(cfg), parallel=ParallelConfig(tp=1), dtype=args.dtype,
+              max_seq_len=max(64, 2 * t, t + args.stream_tokens))
     prompts, one_token = np.zeros((b, t), np.int32).tolist(), SamplingParams(max_new_tokens=1)
-    call = lambda: llm.generate(prompts, one_token)  # noqa: E731
-    timing = median_us(call, max(20, args.repeats // 10))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d):
-            call()
-        busy = sum(ns for ns, _ in kernel_times(d).values()) / 1e3
-    emit({"what": "generate_floor", "model": args.model, "batch": b, "tokens": t, **timing,
-          "device_busy_us": busy})
+    if want("floor"):
+        call = lambda: llm.generate(prompts, one_token)  # noqa: E731
+        timing = median_us(call, max(20, args.repeats // 10))
+        with tempfile.TemporaryDirectory() as d:
+            with jax.profiler.trace(d):
+                call()
+            busy = sum(ns for ns, _ in kernel_times(d).values()) / 1e3
+        emit({"what": "generate_floor", "model": args.model, "batch": b, "tokens": t, **timing,
+              "device_busy_us": busy})
+    if want("stream"):
+        n = args.stream_tokens
+        sampling = SamplingParams(max_new_tokens=n, stop_token_ids=())
+        job = llm._prepare(prompts[:1], None, sampling, chat=False)
+        timing = median_us(lambda: list(llm._token_stream(job, sampling)), 7)
+        emit({"what": "stream_step", "model": args.model, "layers": cfg.num_layers,
+              "tokens": n, "ms_per_token": timing["median_us"] / n / 1e3,
+              "min_ms_per_token": timing["min_us"] / n / 1e3})
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"host_overhead_{args.model}.jsonl"), "w") as f:
+        name = f"host_overhead_{args.tag or args.model}.jsonl"
+        with open(os.path.join(args.out, name), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 

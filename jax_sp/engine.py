@@ -402,12 +402,10 @@ class LLM:
         static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
                         generate_programs.decode_unroll(self.runtime))
         pos = self._put(job.kv_len)
-        temperature, top_p = self._constants(*sampling.scalars())
+        step, temperature, top_p = self._constants(np.int32(1), *sampling.scalars())
         yield int(self.pipeline.to_host(token)[0])
-        for step in range(1, sampling.max_new_tokens):
-            args = (self.state, cache, token, pos, key, self._put(np.int32(step)), temperature,
-                    top_p)
-            token, cache = self.programs.run("decode_step", lambda: decode_step_fn(
+        for _ in range(1, sampling.max_new_tokens):
+            args = (self.state, cache, token, pos, key, step, temperature, top_p)
+            token, cache, pos, step = self.programs.run("decode_step", lambda: decode_step_fn(
                 self.runtime, static), static, args)
-            pos = pos + 1
             yield int(self.pipeline.to_host(token)[0])

@@ -113,10 +113,15 @@ def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
 
 
 def decode_step_fn(rt: Runtime, st: Static):
-    """(state, cache, inputs, pos_b, keys_b, step, temperature, top_p) -> (out, cache): one decode
-    step of this stage at positions pos_b; inputs are the tokens [B] (first stage) or the
-    previous stage's carry; out is the next token (last stage) or this stage's carry."""
-    return lambda *args: _step(rt, st, *args)
+    """(state, cache, inputs, pos_b, keys_b, step, temperature, top_p)
+    -> (out, cache, pos_b + 1, step + 1): one decode step of this stage at positions pos_b;
+    inputs are the tokens [B] (first stage) or the previous stage's carry; out is the next
+    token (last stage) or this stage's carry. The next step's positions and step number come
+    back with it, so a caller keeps them on device: no host copy or extra launch per token."""
+    def run(state, cache, inputs, pos_b, key, step, temperature, top_p):
+        out, cache = _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p)
+        return out, cache, pos_b + 1, step + 1
+    return run
 
 
 def abstract_decode_step_args(rt: Runtime, batch: int, max_len: int) -> tuple:

@@ -141,17 +141,19 @@ class Pipeline:
 
         dec = Static(job.decode_sp, greedy, sampling.top_k,
                      generate_programs.decode_unroll(self.stages[0].runtime))
+        # each stage's positions and step number per micro-batch stay on its devices: every
+        # decode step returns the next ones
         pos = [[self._put(s, job.kv_len[r]) for r in rows] for s in range(len(self.stages))]
-        for step in range(1, sampling.max_new_tokens):
+        steps = [[self._put(s, np.int32(1))] * m for s in range(len(self.stages))]
+        for _ in range(1, sampling.max_new_tokens):
             for i in range(m):
                 # last stage -> first stage, device to device
                 x = move(tokens[i], self.stages[0].runtime.sharding_of(()))
                 for s, st in enumerate(self.stages):
-                    args = (st.state, caches[s][i], x, pos[s][i], keys[s][i],
-                            self._put(s, np.int32(step)), *scalars[s])
-                    x, caches[s][i] = st.programs.run(
+                    args = (st.state, caches[s][i], x, pos[s][i], keys[s][i], steps[s][i],
+                            *scalars[s])
+                    x, caches[s][i], pos[s][i], steps[s][i] = st.programs.run(
                         "decode_step", lambda: decode_step_fn(st.runtime, dec), dec, args)
-                    pos[s][i] = pos[s][i] + 1
                     if s + 1 < len(self.stages):
                         x = self.hop(x, s + 1, job.decode_sp)
                 tokens[i] = x
