@@ -271,6 +271,21 @@ def test_repeated_sampling_values_are_copied_to_the_devices_once(hf_models):
         assert len(llm._constant_cache) <= 256
 
 
+@pytest.mark.parametrize("parallel", [ParallelConfig(tp=2), ParallelConfig(tp=2, pp=2)])
+def test_token_by_token_decode_samples_what_the_decode_loop_samples(hf_models, parallel):
+    """stream's one-call-per-token decode (its step number and positions carried on device from
+    call to call) draws the same sampled tokens as generate's on-device loop."""
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, parallel=parallel)
+    prompt = random_prompts(model.config.vocab_size, (10,), seed=9)
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=11,
+                            stop_token_ids=())
+    want = llm.generate(prompt, params)[0].token_ids
+    assert want != llm.generate(prompt, dataclasses.replace(params, temperature=0))[0].token_ids
+    job = llm._prepare(prompt, None, params, chat=False)
+    assert list(llm._token_stream(job, params)) == want
+
+
 def test_top_k_of_the_vocabulary_or_more_keeps_every_token(hf_models):
     model = hf_models("llama")
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
