@@ -66,7 +66,7 @@ def main():
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
-    from profile_decode import kernel_times
+    from profile_decode import kernel_times, write_jsonl
 
     device = jax.devices()[0]
     where = jax.sharding.SingleDeviceSharding(device)
@@ -124,10 +124,7 @@ def main():
               "tokens": n, "ms_per_token": timing["median_us"] / n / 1e3,
               "min_ms_per_token": timing["min_us"] / n / 1e3})
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        name = f"host_overhead_{args.tag or args.model}.jsonl"
-        with open(os.path.join(args.out, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out, f"host_overhead_{args.tag or args.model}.jsonl", rows)
 
 
 if __name__ == "__main__":

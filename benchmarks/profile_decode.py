@@ -43,6 +43,13 @@ def kernel_times(trace_dir: str):
     return totals
 
 
+def write_jsonl(folder: str, name: str, rows) -> None:
+    """One JSON object per line, in folder/name (the folder made if missing)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def parse_options(pairs) -> dict:
     """KEY=VALUE strings -> compiler options (true/false and integers converted)."""
     options = {}
@@ -172,14 +179,11 @@ def main():
                 for n, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
                     f.write(f"{t / 1e3 / steps:.2f}\t{c / steps:.2f}\t{n}\n")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         if args.pad_rows_min_weight is not None:
             tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
-        with open(os.path.join(args.out, f"profile_decode_{args.model}_u{args.unroll}_{llm.runtime.attention}"
-                               f"{variant}{tag}.jsonl"),
-                  "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out, f"profile_decode_{args.model}_u{args.unroll}_"
+                              f"{llm.runtime.attention}{variant}{tag}.jsonl", rows)
 
 
 if __name__ == "__main__":

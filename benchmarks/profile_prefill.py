@@ -102,7 +102,7 @@ def main():
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime, random_params
-    from profile_decode import kernel_times
+    from profile_decode import kernel_times, write_jsonl
     from sharding.xla_options import INFERENCE
 
     cfg = preset(args.model)
@@ -126,7 +126,7 @@ def main():
             unroll = cfg.num_layers if u == "L" else int(u)
             if args.api:  # what generate's prefill programs use
                 jax_sp.generate.PREFILL_UNROLL = unroll
-            if not args.api:
+            else:
                 fn = rt.prefill_logits(False, False, True, unroll=unroll)
             for shape in args.shapes.split(","):
                 b, t = (int(x) for x in shape.split("x"))
@@ -175,10 +175,8 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        name = f"profile_prefill_{args.model}{'_api' if args.api else ''}.jsonl"
-        with open(os.path.join(args.out, name), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out, f"profile_prefill_{args.model}{'_api' if args.api else ''}.jsonl",
+                    rows)
 
 
 if __name__ == "__main__":

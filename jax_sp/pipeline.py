@@ -103,9 +103,6 @@ class Pipeline:
     def _put(self, s: int, x):
         return jax.device_put(x, self.stages[s].runtime.sharding_of(()))
 
-    def _scalars(self, s: int, sampling: SamplingParams):
-        return self._put(s, sampling.scalars())
-
     def steps(self, job, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
         """Yield, for the prefill and then each decode step, the new token of every micro-batch
         (device arrays [B / microbatches], still in flight). rows_for_rank places prompt
@@ -113,7 +110,7 @@ class Pipeline:
         m = self.parallel.microbatches
         per = job.batch // m
         greedy = sampling.temperature == 0
-        scalars = [self._scalars(s, sampling) for s in range(len(self.stages))]
+        scalars = [self._put(s, sampling.scalars()) for s in range(len(self.stages))]
         caches = [[None] * m for _ in self.stages]
         keys = [[None] * m for _ in self.stages]  # a row keeps its key however the batch splits
         rows = [slice(i * per, (i + 1) * per) for i in range(m)]
