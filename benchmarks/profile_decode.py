@@ -153,7 +153,7 @@ def main():
         top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
                "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
-               "paged_cache": llama.PAGED_DECODE,
+               "decode_attention": llm.runtime.decode_attention, "paged_cache": llama.PAGED_DECODE,
                "pad_rows_min_weight": sharding_layout.PAD_ROWS_MIN_WEIGHT,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",
@@ -172,7 +172,7 @@ def main():
         if args.hlo and args.out:
             os.makedirs(args.out, exist_ok=True)
             stem = os.path.join(args.out, f"decode_{args.model}_b{batch}_u{args.unroll}"
-                                           f"_{llm.runtime.attention}{variant}")
+                                           f"_{llm.runtime.attention}-{llm.runtime.decode_attention}{variant}")
             with open(stem + ".hlo.txt", "w") as f:
                 f.write(llm.programs.hlo("decode"))
             with open(stem + ".kernels.tsv", "w") as f:
@@ -183,7 +183,7 @@ def main():
         if args.pad_rows_min_weight is not None:
             tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
         write_jsonl(args.out, f"profile_decode_{args.model}_u{args.unroll}_"
-                              f"{llm.runtime.attention}{variant}{tag}.jsonl", rows)
+                              f"{llm.runtime.attention}-{llm.runtime.decode_attention}{variant}{tag}.jsonl", rows)
 
 
 if __name__ == "__main__":

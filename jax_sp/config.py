@@ -18,7 +18,7 @@ __all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "ch
 SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring")
 BOUNDARIES = ("scattered", "gather")
-ATTENTION_MODES = ("auto", "xla", "cudnn")
+ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
@@ -46,7 +46,9 @@ class ParallelConfig:
     i+1 runs while stage k+1 of micro-batch i does). attention: how prefill and one-token
     decode steps attend, "xla" (einsums and a softmax, Q_CHUNK queries at a time), "cudnn"
     (cuDNN flash attention; GPU, bfloat16/float16; decode steps of sliding-window models stay on
-    xla) or "auto" (cudnn where it applies, else xla)."""
+    xla), "pallas" (decode steps run jax-sp's fused kernel, models/decode_attention.py: RoPE,
+    cache write and attention in one launch; interpreted off GPU; prefill as "auto") or "auto"
+    (on GPU in 16-bit: cudnn prefill and pallas decode where they apply, else xla)."""
 
     tp: int = 1
     pp: int = 1

@@ -72,7 +72,8 @@ def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows
              fresh=False, **inputs):
     model = nnx.merge(rt.graphdef, state)
     out = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r, layout=rt.layout(st.sp),
-                fresh=fresh, attention=rt.attention, unroll=st.unroll, **inputs)
+                fresh=fresh, attention=rt.attention if fresh else rt.decode_attention,
+                unroll=st.unroll, **inputs)
     if out.carry is not None:
         return rt.constrain_carry(out.carry), out.cache
     return out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32), out.cache

@@ -91,21 +91,32 @@ class Runtime:
         # Parameters are laid out by the TP table; SP changes activations only.
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
                             for p, v in nnx.to_flat_state(self._abstract_state)}
-        self.attention = self._attention(parallel.attention)
+        self.attention, self.decode_attention = self._attention(parallel.attention)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = 8 if self.mesh.devices.flat[0].platform == "gpu" else 1
 
-    def _attention(self, mode: str) -> str:
-        """The attention implementation (prefill and decode steps) for this mesh and dtype."""
+    def _attention(self, mode: str) -> tuple[str, str]:
+        """The attention implementations of (prefill, one-token decode steps) for this mesh and
+        dtype: the model's "xla", "cudnn" or "pallas" (models/llama.py ATTENTION)."""
+        from models.decode_attention import supported
+
         platform = self.mesh.devices.flat[0].platform
-        fits = platform == "gpu" and self.dtype in (jnp.bfloat16, jnp.float16) and (
-            self.cfg.head_dim % 8 == 0 and self.cfg.head_dim <= 128)
+        sixteen = self.dtype in (jnp.bfloat16, jnp.float16)
+        h = self.cfg.head_dim
+        fits = platform == "gpu" and sixteen and h % 8 == 0 and h <= 128
         if mode == "cudnn" and not fits:
             raise ValueError(f"attention='cudnn' needs a GPU, dtype bfloat16 or float16 and "
                              f"head_dim a multiple of 8 up to 128 (have {platform}, "
-                             f"{jnp.dtype(self.dtype).name}, head_dim {self.cfg.head_dim}); "
+                             f"{jnp.dtype(self.dtype).name}, head_dim {h}); "
                              f"use attention='auto' or 'xla'")
-        return "cudnn" if mode == "cudnn" or (mode == "auto" and fits) else "xla"
+        kernel = supported(h, interpret=platform != "gpu")
+        if mode == "pallas" and not kernel:
+            raise ValueError(f"attention='pallas' needs head_dim a power of two, at least 32 on "
+                             f"GPU (have {h} on {platform}); use attention='auto' or 'xla'")
+        prefill = "cudnn" if mode == "cudnn" or (mode in ("auto", "pallas") and fits) else "xla"
+        if mode == "pallas" or (mode == "auto" and fits and kernel):
+            return prefill, "pallas"
+        return prefill, prefill
 
     # -- layouts and parameters ---------------------------------------------------------------
 

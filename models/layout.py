@@ -5,11 +5,17 @@ instead of inserting collectives itself:
 
 - `residual(x_td)`: the residual stream (embedding output, each block's output, the final norm's
   input). Replicated under plain TP; token-sharded under SP.
-- `column(x_td, *projections)`: entry to a column-parallel group (q/k/v, gate/up, LM head). The
-  input arrives in residual layout; under SP it must be all-gathered over tokens first. Several
-  projections of one input share that gather.
+- `column(x_td, *projections, padded=False)`: entry to a column-parallel group (q/k/v, gate/up,
+  LM head). The input arrives in residual layout; under SP it must be all-gathered over tokens
+  first. Several projections of one input share that gather. padded=True may return more rows
+  than x has (a layout that runs projections on padded rows keeps them; the first T are x's),
+  for a consumer that reads only those rows.
 - `row(spec, h, w)`: exit of a row-parallel projection (o_proj, down_proj). Its partial sums are
   all-reduced under TP, reduce-scattered over tokens under SP.
+
+A kernel that works on each device's own heads (the fused decode attention) runs through
+`local(fn, in_names, out_names, *args)`: the arguments' logical axis names say how they are
+split; a sharded layout runs fn per device on its shards, `Dense` runs it once.
 
 `Dense` is the single-device meaning of the three. `sharding.layout.ShardedLayout` implements the
 same methods with sharding constraints (comm="xla") or explicit collective-matmul kernels
@@ -27,9 +33,12 @@ import jax.numpy as jnp
 class Layout(Protocol):
     def residual(self, x_td: jax.Array) -> jax.Array: ...
 
-    def column(self, x_td: jax.Array, *projections: tuple[str, jax.Array]) -> list[jax.Array]: ...
+    def column(self, x_td: jax.Array, *projections: tuple[str, jax.Array],
+               padded: bool = False) -> list[jax.Array]: ...
 
     def row(self, spec: str, h: jax.Array, w: jax.Array) -> jax.Array: ...
+
+    def local(self, fn, in_names: tuple, out_names: tuple, *args): ...
 
 
 class Dense:
@@ -38,11 +47,14 @@ class Dense:
     def residual(self, x_td):
         return x_td
 
-    def column(self, x_td, *projections):
+    def column(self, x_td, *projections, padded=False):
         return [jnp.einsum(spec, x_td, w) for spec, w in projections]
 
     def row(self, spec, h, w):
         return jnp.einsum(spec, h, w)
+
+    def local(self, fn, in_names, out_names, *args):
+        return fn(*args)
 
 
 DENSE = Dense()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.cache import KVCache
+from models.cache import CACHE_AXES, KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
 
@@ -78,7 +78,9 @@ def apply_rope(x_btnh, cos_bth, sin_bth):
 
 
 Q_CHUNK = 512  # queries per attention step in long forwards: bounds the [T, S] score buffer
-ATTENTION = ("xla", "cudnn")
+# "pallas": one-token decode steps without a sliding window run models/decode_attention.py (RoPE,
+# cache write and attention in one kernel); every other forward attends as "xla"
+ATTENTION = ("xla", "cudnn", "pallas")
 # cuDNN decode steps read the stacked cache as a paged pool (attend_paged); False: slice the
 # layer out first, as before (kept for benchmarks/profile_decode.py --sliced-cache)
 PAGED_DECODE: bool = True
@@ -177,9 +179,15 @@ class Attention(nnx.Module):
     def __call__(self, x_td, rope, positions_bt, kv_len_b, cache, layer, layout: Layout,
                  fresh: bool, impl: str):
         b, t = positions_bt.shape
-        (qkv_tkch,) = layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]))
+        kernel = impl == "pallas" and t == 1 and not fresh and cache is not None and not self.window
+        # the kernel reads its B rows where the projection left them (padding rows included)
+        (qkv_tkch,) = layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]), padded=kernel)
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
+        if kernel:
+            return self._decode_kernel(qkv_tkch, rope, positions_bt, kv_len_b, cache, layer,
+                                       layout)
+        impl = "xla" if impl == "pallas" else impl
         g = qkv_tkch.shape[2] - 2  # query heads per KV head
         q_tnh = qkv_tkch[:, :, :g].reshape(b * t, -1, qkv_tkch.shape[-1])  # head k*G + j
         k_tkh, v_tkh = qkv_tkch[:, :, g], qkv_tkch[:, :, g + 1]
@@ -198,6 +206,23 @@ class Attention(nnx.Module):
         w_o = self.w_o_nhd[...]
         out_td = layout.row("TF,FD->TD", out.reshape(b * t, n * h), w_o.reshape(n * h, -1))
         return out_td, cache
+
+
+    def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout):
+        """A one-token step through models/decode_attention.py, per device on its KV heads."""
+        from models.decode_attention import decode_attention
+
+        b = positions_bt.shape[0]
+        qkv_names = ("act_gathered", "qkv_heads", None, "head_dim")
+        out_bnh, k, v = layout.local(
+            decode_attention, (qkv_names, (None, None), (None, None), CACHE_AXES, CACHE_AXES,
+                               (None,), (None,), (None,)),
+            ((None, "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
+            qkv_tkch, rope[0][:, 0], rope[1][:, 0], cache.k, cache.v,
+            jnp.reshape(layer, (1,)).astype(jnp.int32), positions_bt[:, 0], kv_len_b)
+        w_o = self.w_o_nhd[...]
+        out_td = layout.row("TF,FD->TD", out_bnh.reshape(b, -1), w_o.reshape(-1, w_o.shape[-1]))
+        return out_td, KVCache(k, v)
 
 
 class MLP(nnx.Module):

@@ -25,14 +25,14 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sharding.collective_matmul import ring_column, ring_row
-from sharding.rules import RULES, named
+from sharding.rules import RULES, named, spec as partition_spec
 
 
 # Weights from this many elements up get the row padding of `_einsum` (see there).
 PAD_ROWS_MIN_WEIGHT = 1 << 20
 
 
-def _einsum(spec, x_td, w, row_multiple):
+def _einsum(spec, x_td, w, row_multiple, keep_padding=False):
     """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
     (8 on GPU) when w has at least PAD_ROWS_MIN_WEIGHT elements; the padding's results are
     dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
@@ -42,13 +42,15 @@ def _einsum(spec, x_td, w, row_multiple):
     together with the dot-merger fix in sharding/xla_options.py). SmolLM2-135M's weights (all
     under 1M elements) decoded at 1.71 ms/token with the reduce fusions and at 3.08 with every
     projection padded, hence the threshold. The barrier keeps the simplifier from slicing the
-    padding back off through the dot."""
+    padding back off through the dot. keep_padding: return the padded rows too, for a consumer
+    that reads only the first rows (slicing them off costs a copy)."""
     rows = x_td.shape[0]
     pad = -rows % row_multiple
     if not pad or w.size < PAD_ROWS_MIN_WEIGHT:
         return jnp.einsum(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
-    return jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))[:rows]
+    out = jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))
+    return out if keep_padding else out[:rows]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -75,7 +77,7 @@ class ShardedLayout:
         # SP forwards are long (and token-sharded): nothing to pad there
         return 1 if self.sp else self.row_multiple
 
-    def column(self, x_td, *projections):
+    def column(self, x_td, *projections, padded=False):
         if self._ring(x_td.shape[0]):
             (spec, w), *more = projections
             return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
@@ -84,9 +86,16 @@ class ShardedLayout:
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
             x_td = jax.lax.optimization_barrier(x_td)
         x_td = self._constrain(x_td, ("act_gathered", "act_embed"))
-        return [_einsum(spec, x_td, w, self._rows()) for spec, w in projections]
+        return [_einsum(spec, x_td, w, self._rows(), padded) for spec, w in projections]
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0]):
             return ring_row(self.mesh, spec, h, w)
         return self.residual(_einsum(spec, h, w, self._rows()))
+
+    def local(self, fn, in_names, out_names, *args):
+        """fn per device on the shards the logical names give (a kernel that XLA cannot
+        partition: left to GSPMD, its operands would be gathered whole)."""
+        specs = lambda names: tuple(partition_spec(n, self.rules) for n in names)  # noqa: E731
+        return jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_names),
+                             out_specs=specs(out_names), check_vma=False)(*args)

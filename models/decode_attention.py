@@ -1,0 +1,200 @@
+"""One-token decode attention as one Pallas (Triton) kernel: RoPE, the cache write and the
+attention of a layer's decode step in a single launch.
+
+In a batch-1 decode step of Llama-3.2-1B on an H100 the XLA path runs, per layer, a RoPE fusion,
+two cache-write fusions and cuDNN's paged flash attention (a kernel and its reduction): five
+launches of 1-5 µs each for well under a microsecond of memory traffic. This kernel does the
+same work in one: program (b, k) takes sequence b's fused q/k/v row of KV head k (the q/k/v
+projection's output, `[B, K, G + 2, H]`), rotates q and k, writes k and v into the stacked cache
+at `[layer, b, position_b, k]` (the cache is aliased, so the write is in place) and attends the
+group's G query heads over keys `[0, kv_len_b)` in blocks of `block_s` keys with an online
+softmax in fp32.
+
+The layer index is read at run time, so every layer of an unrolled step shares one compiled
+kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
+interpreter (any backend; the tests use it on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+BLOCK_S = 64  # keys per loop step
+MAX_SPLITS = 16  # programs per sequence and KV head, each over its share of the keys
+TARGET_PROGRAMS = 256  # split keys while batch * KV heads is below this
+NUM_WARPS = 4
+
+
+def supported(head_dim: int, interpret: bool = False) -> bool:
+    """Whether the kernel takes this head size: a power of two (its tiles), and on GPU at least
+    32 (each half of a head is a tensor-core dot's contraction, which needs 16)."""
+    return head_dim >= (2 if interpret else 32) and head_dim & (head_dim - 1) == 0
+
+
+def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, kv_len_b,
+                     *, block_s: int | None = None, max_splits: int | None = None,
+                     interpret: bool | None = None):
+    """Returns (out [B, N, H] in q's dtype, k_cache, v_cache).
+
+    qkv_bkch: [R, K, G + 2, H], per KV head its G query heads, then k, then v (un-rotated); the
+    first B rows are the sequences' (R > B: the projection's row padding, left unread);
+    cos_bh, sin_bh: the rotate-half RoPE tables at each sequence's new position;
+    k_cache, v_cache: [L, B, S, K, H]; layer: int or int32 scalar; positions_b: the slot the
+    new key goes to; kv_len_b: keys visible after the write (slots [0, kv_len_b)). Query head
+    k * G + j attends with KV head k. interpret: run through Pallas' interpreter (default: unless
+    the default backend is a GPU)."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    block_s, max_splits = block_s or BLOCK_S, max_splits or MAX_SPLITS
+    b = positions_b.shape[0]
+    r, k, c, h = qkv_bkch.shape
+    n_layers, cb, s, ck, ch = k_cache.shape
+    if (cb, ck, ch) != (b, k, h) or r < b or v_cache.shape != k_cache.shape or h % 2 or c < 3:
+        raise ValueError(f"decode_attention: q/k/v {qkv_bkch.shape} does not fit the cache "
+                         f"{k_cache.shape} / {v_cache.shape} (want [B, K, G + 2, H] and "
+                         f"[L, B, S, K, H], H even)")
+    if block_s & (block_s - 1) or h & (h - 1):
+        raise ValueError(f"decode_attention: block_s ({block_s}) and the head size ({h}) must be "
+                         f"powers of two")
+    block_s = min(block_s, s & -s)  # a power of two that divides S: no block runs past the end
+    blocks = s // block_s
+    # split each sequence's keys over programs (flash-decoding) until there are about
+    # TARGET_PROGRAMS of them; one split needs no combine
+    want = max(1, min(max_splits, TARGET_PROGRAMS // (b * k)))
+    splits = next(p for p in range(min(want, blocks), 0, -1) if blocks % p == 0)
+    g, rows = c - 2, max(16, pl.next_power_of_2(c - 2))
+    scalars = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
+               positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
+    kernel = functools.partial(_kernel, g=g, block_s=block_s, per_split=blocks // splits,
+                               scale=h ** -0.5)
+    f32 = jnp.float32
+    part_dtype = qkv_bkch.dtype if splits == 1 else f32
+    out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
+                  jax.ShapeDtypeStruct((b, k, splits, rows), f32),
+                  jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+                  jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2)
+    out, lse, k_cache, v_cache = pl.pallas_call(
+        kernel, out_shape=out_shapes, grid=(b, k, splits), interpret=interpret,
+        input_output_aliases={6: 2, 7: 3}, compiler_params=params,
+        name="decode_attention")(*scalars, qkv_bkch, cos_bh.astype(f32), sin_bh.astype(f32),
+                                 k_cache, v_cache)
+    out, lse = out[:, :, :, :g], lse[:, :, :, :g]  # the group's rows of each 16-row tile
+    if splits > 1:  # flash-decoding's combine: weight each split by its share of the softmax
+        weight = jax.nn.softmax(lse, axis=2)[..., None]  # [B, K, P, G, 1]
+        out = jnp.sum(weight * out, axis=2, keepdims=True)
+    return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache
+
+
+def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
+            out_ref, lse_ref, k_out, v_out, *, g, block_s, per_split, scale):
+    """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
+    sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
+    softmax-normalised output of its keys and their log-sum-exp, a 16-row tile each whose
+    first G rows are the group's query heads."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    f32 = jnp.float32
+    bi, ki, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    h = qkv_ref.shape[-1]
+    half = h // 2
+    lo, hi, whole = pl.ds(0, half), pl.ds(half, half), pl.ds(0, h)
+    layer, pos, n_keys = layer_ref[0], pos_ref[bi], len_ref[bi]
+    cos1, cos2 = cos_ref[bi, lo], cos_ref[bi, hi]
+    sin1, sin2 = sin_ref[bi, lo], sin_ref[bi, hi]
+
+    def rope(row):  # rotate-half RoPE of qkv row `row`, as its two halves
+        x1, x2 = qkv_ref[bi, ki, row, lo].astype(f32), qkv_ref[bi, ki, row, hi].astype(f32)
+        return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
+
+    k1, k2 = (part.astype(k_out.dtype) for part in rope(g))
+    v_new = qkv_ref[bi, ki, g + 1, whole].astype(v_out.dtype)
+    first = pi * per_split * block_s
+
+    @pl.when((pos >= first) & (pos < first + per_split * block_s))
+    def _():
+        k_out[layer, bi, pos, ki, lo] = k1
+        k_out[layer, bi, pos, ki, hi] = k2
+        v_out[layer, bi, pos, ki, whole] = v_new
+
+    # the group's G query heads as the first rows of a 16-row tile: tensor-core dots need 16
+    rows = jnp.arange(max(16, pl.next_power_of_2(g)))
+
+    def tile(parts):
+        out = jnp.zeros((rows.size, half), f32)
+        for j, part in enumerate(parts):
+            out = jnp.where(rows[:, None] == j, part[None], out)
+        return out.astype(k_in.dtype)
+
+    qs = [rope(j) for j in range(g)]
+    q1, q2 = tile([q[0] for q in qs]), tile([q[1] for q in qs])
+
+    def step(i, carry):
+        m, l, acc = carry
+        start = first + i * block_s
+        slots = start + jnp.arange(block_s)
+        keep = (slots < n_keys)[None]
+        new = (slots == pos)[:, None]
+        keys = pl.ds(pl.multiple_of(start, block_s), block_s)
+        # the new key and value come from registers: the store above need not be visible to
+        # this program's loads
+        kb1 = jnp.where(new, k1[None], k_in[layer, bi, keys, ki, lo])
+        kb2 = jnp.where(new, k2[None], k_in[layer, bi, keys, ki, hi])
+        vb = jnp.where(new, v_new[None], v_in[layer, bi, keys, ki, whole])
+        scores = (plgpu.dot(q1, kb1, trans_b=True) + plgpu.dot(q2, kb2, trans_b=True)) * scale
+        scores = jnp.where(keep, scores, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
+        alpha = jnp.exp(m - m_new)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(vb.dtype), vb)
+        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+
+    init = (jnp.full((rows.size,), -1e30, f32), jnp.zeros((rows.size,), f32),
+            jnp.zeros((rows.size, h), f32))
+    n_blocks = jnp.clip((n_keys - first + block_s - 1) // block_s, 0, per_split)
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    every = pl.ds(0, rows.size)
+    out_ref[bi, ki, pi, every, whole] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(
+        out_ref.dtype)
+    # no keys in this split: -inf, so the combine gives it no weight
+    lse_ref[bi, ki, pi, every] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+
+
+def reference(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, kv_len_b):
+    """The same computation in plain jax (XLA), for tests: rotate, write, attend."""
+    b, k, c, h = qkv_bkch.shape
+    g = c - 2
+    half = h // 2
+
+    def rope(x):  # [B, ..., H]
+        cos = cos_bh.reshape(b, *([1] * (x.ndim - 2)), h)
+        sin = sin_bh.reshape(b, *([1] * (x.ndim - 2)), h)
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+    x = qkv_bkch.astype(jnp.float32)
+    q, k_new, v_new = rope(x[:, :, :g]), rope(x[:, :, g]), x[:, :, g + 1]
+
+    def write(cache, new_bkh):
+        def one(c_lskh, new_kh, p):
+            return jax.lax.dynamic_update_slice(c_lskh, new_kh[None, None].astype(c_lskh.dtype),
+                                                (layer, p, 0, 0))
+        return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache, new_bkh, positions_b)
+
+    k_cache, v_cache = write(k_cache, k_new), write(v_cache, v_new)
+    keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(jnp.float32)
+    vals = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(jnp.float32)
+    scores = jnp.einsum("BKGH,BSKH->BKGS", q, keys) * h ** -0.5
+    visible = jnp.arange(keys.shape[1])[None] < kv_len_b[:, None]
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+    out = jnp.einsum("BKGS,BSKH->BKGH", jax.nn.softmax(scores, axis=-1), vals)
+    return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache

@@ -1,0 +1,110 @@
+"""The fused decode kernel (models/decode_attention.py, Pallas, interpreted on CPU): against the
+same computation in plain jax, and through the engine against HF on split meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import models.decode_attention as da
+import sharding.layout
+from conftest import hf_greedy, random_prompts
+from jax_sp import LLM, ParallelConfig, SamplingParams
+from sharding.hlo import census
+
+
+def _inputs(b, k, g, h, layers, s, rows=None, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    qkv = jnp.asarray(rng.normal(size=(rows or b, k, g + 2, h)), dtype)
+    k_cache, v_cache = (jnp.asarray(rng.normal(size=(layers, b, s, k, h)), dtype)
+                        for _ in range(2))
+    angle = rng.normal(size=(b, h // 2)) * 3
+    angle = np.concatenate([angle, angle], -1)  # rotate-half tables: both halves alike
+    return qkv, jnp.asarray(np.cos(angle)), jnp.asarray(np.sin(angle)), k_cache, v_cache
+
+
+@pytest.mark.parametrize("target", [da.TARGET_PROGRAMS, 1])  # split keys, and one program each
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
+def test_kernel_equals_rope_write_and_attention_in_plain_jax(monkeypatch, target, dtype, tol):
+    """3 sequences, 2 KV heads of 3 query heads, 40 slots (blocks of 8, 5 splits): new keys at
+    the first slot, inside a block and at the last slot; 5 rows of q/k/v of which the last two
+    are a projection's padding."""
+    monkeypatch.setattr(da, "TARGET_PROGRAMS", target)
+    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 40, rows=5, dtype=dtype)
+    positions, kv_len = jnp.asarray([0, 21, 39]), jnp.asarray([1, 22, 40])
+    run = jax.jit(da.decode_attention, static_argnames=("interpret",))
+    out, k2, v2 = run(qkv, cos, sin, kc, vc, 1, positions, kv_len, interpret=True)
+    want = da.reference(qkv[:3], cos, sin, kc, vc, 1, positions, kv_len)
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0], np.float32),
+                               atol=tol, rtol=tol)
+    for got, ref, old in ((k2, want[1], kc), (v2, want[2], vc)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
+                                   atol=tol, rtol=tol)
+        changed = np.argwhere(np.any(np.asarray(got != old), axis=(3, 4)))
+        assert changed.tolist() == [[1, 0, 0], [1, 1, 21], [1, 2, 39]]  # one slot per sequence
+
+
+def test_kernel_rejects_shapes_it_cannot_take():
+    qkv, cos, sin, kc, vc = _inputs(2, 2, 3, 16, 2, 32)
+    with pytest.raises(ValueError, match=r"does not fit the cache"):
+        da.decode_attention(qkv[:, :1], cos, sin, kc, vc, 0, jnp.zeros(2, int), jnp.ones(2, int),
+                            interpret=True)
+    assert da.supported(64) and da.supported(16, interpret=True)
+    assert not da.supported(16) and not da.supported(48) and not da.supported(6, interpret=True)
+
+
+def _llama(heads=8, kv_heads=2, layers=2, seed=0):
+    """A tiny Llama whose head size (16) the kernel takes; 4 query heads per KV head."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=103, hidden_size=48, intermediate_size=40, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.config.eos_token_id = model.generation_config.eos_token_id = None
+    return model.eval().float()
+
+
+@pytest.fixture(scope="module")
+def llama16():
+    return _llama()
+
+
+GREEDY = SamplingParams(max_new_tokens=10)
+
+
+@pytest.mark.parametrize("parallel", [ParallelConfig(tp=1), ParallelConfig(tp=2, sp="on"),
+                                      ParallelConfig(tp=2, pp=2)], ids=["tp1", "tp2-sp", "tp2pp2"])
+def test_pallas_decode_gives_hf_tokens(llama16, parallel):
+    """Decode steps through the kernel: each reads the keys earlier steps wrote, at tp 2 per
+    device on its own KV head, and no collective gathers the cache."""
+    parallel = ParallelConfig(**{**parallel.__dict__, "attention": "pallas"})
+    prompts = random_prompts(llama16.config.vocab_size, (5, 17, 3), seed=2)
+    llm = LLM.from_torch(llama16, parallel=parallel)
+    assert (llm.runtime.attention, llm.runtime.decode_attention) == ("xla", "pallas")
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
+    if parallel.pp == 1:
+        assert "decode_attention" in llm.programs.hlo("decode")
+        # nothing shaped like heads (last dimension the head size, 16) crosses devices
+        assert [c for c in census(llm.programs.hlo("decode")) if c.dims[-1:] == (16,)] == []
+
+
+def test_pallas_decode_reads_padded_projection_rows(llama16, monkeypatch):
+    """On GPU the q/k/v projection runs on 8 rows and the kernel reads the first B in place;
+    the same padding here, for every weight, gives HF's tokens."""
+    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
+    prompts = random_prompts(llama16.config.vocab_size, (9, 4, 12), seed=5)
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2, attention="pallas"))
+    llm.runtime.row_multiple = 8
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
+
+
+def test_pallas_needs_a_head_size_it_takes(hf_models):
+    with pytest.raises(ValueError, match=r"attention='pallas' needs head_dim a power of two"):
+        LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(attention="pallas"))
+    llm = LLM.from_torch(hf_models("llama"))  # auto on CPU: XLA everywhere
+    assert (llm.runtime.attention, llm.runtime.decode_attention) == ("xla", "xla")
