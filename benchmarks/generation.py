@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import statistics
@@ -232,7 +233,11 @@ def run_model(b: Bench, name: str):
     limit = b.bandwidth / weight_bytes  # steps/s if a step did nothing but read the weights once
     saved_unroll = gen.DECODE_UNROLL
     unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [saved_unroll]
-    llm = llms["jax-sp"]
+    decoders = {"jax-sp": llms["jax-sp"]}  # side by side: other attention modes' decode
+    for mode in [m for m in args.decode_attention.split(",") if m and m != "auto"]:
+        decoders[f"jax-sp/attention={mode}"] = LLM.from_torch(
+            module, parallel=ParallelConfig(tp=1, attention=mode), dtype=args.dtype,
+            max_seq_len=max_len)
     for batch in decode_batches:
         ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
         sp = SamplingParams(max_new_tokens=new_tokens)
@@ -247,11 +252,11 @@ def run_model(b: Bench, name: str):
                     "spread_ms_per_token": [s * 1e3 for s in spread],
                     "of_bandwidth_limit": (1 / per) / limit, "first_call_s": first_s, **extra})
 
-        for setting in unrolls:
+        for (impl, llm), setting in itertools.product(decoders.items(), unrolls):
             gen.DECODE_UNROLL = setting
             unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
-            tokens[f"jax-sp/unroll={unroll}"] = [c.token_ids for c in out]
+            tokens[f"{impl}/unroll={unroll}"] = [c.token_ids for c in out]
             totals, prefills, decodes = [], [], []
             for _ in range(args.repeats):
                 t0 = time.perf_counter()
@@ -261,7 +266,8 @@ def run_model(b: Bench, name: str):
                 decodes.append(llm.last_stats.decode_s / (new_tokens - 1))
             prefill = statistics.median(prefills)  # spread on the same footing as the peers'
             spread = tuple((t - prefill) / (new_tokens - 1) for t in (min(totals), max(totals)))
-            report("jax-sp", statistics.median(totals), prefill, spread, first_s, unroll=unroll,
+            report(impl, statistics.median(totals), prefill, spread, first_s, unroll=unroll,
+                   decode_attention=llm.runtime.decode_attention,
                    xla_options=llm.runtime.xla_options(False),
                    decode_loop_ms_per_token=statistics.median(decodes) * 1e3)
             if args.dump_hlo and batch in (decode_batches[0], decode_batches[-1]):
@@ -375,6 +381,9 @@ def main():
     ap.add_argument("--prefill", default="1x2048,8x2048", help="BxT cases; empty: none")
     ap.add_argument("--compare-attention", type=int, default=1,
                     help="also run prefill with XLA attention where cuDNN's is the default")
+    ap.add_argument("--decode-attention", default="auto",
+                    help="ParallelConfig.attention values whose decode jax-sp runs side by side "
+                         "(auto: the default's, impl 'jax-sp'; others 'jax-sp/attention=MODE')")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name: generation_<tag>.jsonl")
