@@ -6,7 +6,9 @@ comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" f
 loops, and the collective census. Also compiles a one-token decode step (batch 8, cache 1024)
 at tp 8 with cuDNN attention reading the stacked, head-sharded cache as a paged pool, its layer
 loop unrolled as decode programs on GPU have it, and records whether the fused-attention calls
-(one per layer) and no copy of the cache are in the program. One JSON
+(one per layer) and no copy of the cache are in the program; then the same step with the fused
+Pallas decode kernel (attention="pallas", the GPU default): its calls, each device's own
+[L, B, S, K/8, H] cache as their operand, and no collective of a head-shaped tensor. One JSON
 line per case.
 
 XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with jax 0.11.2 on an
@@ -64,19 +66,20 @@ def main():
                 row.update(compiled=False, error=str(e).splitlines()[0][:1000])
             rows.append(row)
             print(json.dumps(row), flush=True)
-        rows.append(decode_case(model, cfg))
-        print(json.dumps(rows[-1]), flush=True)
+        for attention in ("cudnn", "pallas"):
+            rows.append(decode_case(model, cfg, attention))
+            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def decode_case(model, cfg, batch=8, max_len=1024):
-    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off"), dtype="bfloat16")
+def decode_case(model, cfg, attention, batch=8, max_len=1024):
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off", attention=attention), dtype="bfloat16")
     c = rt.padded_cfg
     args = abstract_decode_step_args(rt, batch, max_len)
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
-           "cache": max_len, "attention": rt.attention, "unroll": decode_unroll(rt),
+           "cache": max_len, "attention": rt.decode_attention, "unroll": decode_unroll(rt),
            "jax": jax.__version__}
     try:
         fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0, unroll=row["unroll"]))
@@ -84,9 +87,15 @@ def decode_case(model, cfg, batch=8, max_len=1024):
         hlo = lowered.compile({**rt.xla_options(False),
                                "xla_gpu_autotune_level": 0}).as_text()
         local = f"{cfg.num_layers * batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}"
+        stacked = f"bf16[{cfg.num_layers},{batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}]"
+        heads = [x for x in census(hlo) if x.dims[-1:] == (c.head_dim,)]
         row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),
                    cudnn_mentions=hlo.count("cudnn"), while_loops=hlo.count(" while("),
                    paged_pool_operand=f"bf16[{local}]" in hlo,
+                   pallas_calls=len([ln for ln in hlo.splitlines() if "__gpu$xla.gpu.triton" in ln
+                                     and "decode_attention" in ln]),
+                   local_stacked_cache_operand=stacked in hlo,
+                   head_shaped_collectives=len(heads),
                    layer_slice_copies=hlo.count(f"bf16[{batch},{max_len},"))
     except Exception as e:  # noqa: BLE001
         row.update(compiled=False, error=str(e).splitlines()[0][:1000])

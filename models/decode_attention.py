@@ -1,18 +1,22 @@
 """One-token decode attention as one Pallas (Triton) kernel: RoPE, the cache write and the
 attention of a layer's decode step in a single launch.
 
-In a batch-1 decode step of Llama-3.2-1B on an H100 the XLA path runs, per layer, a RoPE fusion,
+In a batch-1 decode step of Llama-3.2-1B on an H100 the XLA path ran, per layer, a RoPE fusion,
 two cache-write fusions and cuDNN's paged flash attention (a kernel and its reduction): five
 launches of 1-5 µs each for well under a microsecond of memory traffic. This kernel does the
-same work in one: program (b, k) takes sequence b's fused q/k/v row of KV head k (the q/k/v
-projection's output, `[B, K, G + 2, H]`), rotates q and k, writes k and v into the stacked cache
-at `[layer, b, position_b, k]` (the cache is aliased, so the write is in place) and attends the
-group's G query heads over keys `[0, kv_len_b)` in blocks of `block_s` keys with an online
-softmax in fp32.
+same work in one launch. Program (b, k, p) takes sequence b's fused q/k/v row of KV head k (the
+q/k/v projection's output, `[R, K, G + 2, H]`, read where the projection left it), rotates q and
+k, and attends the group's G query heads, as the first rows of a 16-row tensor-core tile, over
+split p of the keys `[0, kv_len_b)` in blocks of BLOCK_S keys with an online softmax in fp32. The
+program whose split holds the new position writes k and v into the stacked cache at
+`[layer, b, position_b, k]` (the cache is aliased, so the write is in place). Keys are split over
+programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
+then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
-interpreter (any backend; the tests use it on CPU).
+interpreter (any backend; the tests use it on CPU). Measurements: benchmarks/README.md, "The
+fused decode kernel".
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 BLOCK_S = 64  # keys per loop step
-MAX_SPLITS = 16  # programs per sequence and KV head, each over its share of the keys
-TARGET_PROGRAMS = 256  # split keys while batch * KV heads is below this
+MAX_SPLITS = 16  # at most this many programs per sequence and KV head
+TARGET_PROGRAMS = 256  # split keys while batch * KV heads * splits is below this
 NUM_WARPS = 4
 
 
@@ -43,7 +47,8 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     first B rows are the sequences' (R > B: the projection's row padding, left unread);
     cos_bh, sin_bh: the rotate-half RoPE tables at each sequence's new position;
     k_cache, v_cache: [L, B, S, K, H]; layer: int or int32 scalar; positions_b: the slot the
-    new key goes to; kv_len_b: keys visible after the write (slots [0, kv_len_b)). Query head
+    new key goes to; kv_len_b: keys visible after the write (slots [0, kv_len_b), at least the
+    new one). Query head
     k * G + j attends with KV head k. interpret: run through Pallas' interpreter (default: unless
     the default backend is a GPU)."""
     from jax.experimental import pallas as pl
@@ -56,7 +61,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     n_layers, cb, s, ck, ch = k_cache.shape
     if (cb, ck, ch) != (b, k, h) or r < b or v_cache.shape != k_cache.shape or h % 2 or c < 3:
         raise ValueError(f"decode_attention: q/k/v {qkv_bkch.shape} does not fit the cache "
-                         f"{k_cache.shape} / {v_cache.shape} (want [B, K, G + 2, H] and "
+                         f"{k_cache.shape} / {v_cache.shape} (want [R >= B, K, G + 2, H] and "
                          f"[L, B, S, K, H], H even)")
     if block_s & (block_s - 1) or h & (h - 1):
         raise ValueError(f"decode_attention: block_s ({block_s}) and the head size ({h}) must be "
