@@ -109,10 +109,13 @@ class Runtime:
                              f"head_dim a multiple of 8 up to 128 (have {platform}, "
                              f"{jnp.dtype(self.dtype).name}, head_dim {h}); "
                              f"use attention='auto' or 'xla'")
-        kernel = supported(h, interpret=platform != "gpu")
+        # on GPU its dots are tensor-core dots of 16-bit values (fp32 would run as tf32)
+        kernel = supported(h, interpret=platform != "gpu") and (platform != "gpu" or sixteen)
         if mode == "pallas" and not kernel:
-            raise ValueError(f"attention='pallas' needs head_dim a power of two, at least 32 on "
-                             f"GPU (have {h} on {platform}); use attention='auto' or 'xla'")
+            raise ValueError(f"attention='pallas' needs head_dim a power of two, and on GPU at "
+                             f"least 32 with dtype bfloat16 or float16 (have head_dim {h}, "
+                             f"{jnp.dtype(self.dtype).name} on {platform}); use attention='auto' "
+                             f"or 'xla'")
         prefill = "cudnn" if mode == "cudnn" or (mode in ("auto", "pallas") and fits) else "xla"
         if mode == "pallas" or (mode == "auto" and fits and kernel):
             return prefill, "pallas"
