@@ -48,7 +48,8 @@ class ParallelConfig:
     (cuDNN flash attention; GPU, bfloat16/float16; decode steps of sliding-window models stay on
     xla), "pallas" (decode steps run jax-sp's fused kernel, models/decode_attention.py: RoPE,
     cache write and attention in one launch; interpreted off GPU; prefill as "auto") or "auto"
-    (on GPU in 16-bit: cudnn prefill and pallas decode where they apply, else xla)."""
+    (on GPU in 16-bit: cudnn prefill and pallas decode, cudnn decode where the kernel does not
+    apply; xla elsewhere)."""
 
     tp: int = 1
     pp: int = 1

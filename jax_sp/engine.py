@@ -268,7 +268,9 @@ class LLM:
             inputs = np.zeros((batch, t, self.cfg.hidden_size), self.runtime.dtype)
         for b, x in enumerate(rows):
             inputs[b, : len(x)] = x
-        cache_len = max(t, pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
+        # a multiple of 16: the Pallas decode kernel's blocks of keys tile the cache
+        cache_len = max(-(-t // 16) * 16,
+                        pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
         return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
                      decode_sp, prompts is None)
 

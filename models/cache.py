@@ -2,7 +2,9 @@
 
 Shapes: k, v are [L, B, S, K, H] for the whole model. The layer loop carries the whole cache and
 each layer writes its new keys at [layer, b, start_b:] and reads its own [B, S, K, H] slice (or,
-in cuDNN decode steps, reads the whole cache as a paged pool: models/llama.py attend_paged), so
+in cuDNN decode steps, reads the whole cache as a paged pool: models/llama.py attend_paged; in
+Pallas decode steps the kernel writes and reads the stacked arrays itself:
+models/decode_attention.py), so
 a donated cache is updated in place: a decode step writes B * K * H values per layer. Logical
 axes (for the rules table): `CACHE_AXES`. Nothing is mutated; writes return a new cache (donate
 the old one).

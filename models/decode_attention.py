@@ -45,10 +45,11 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
 
     qkv_bkch: [R, K, G + 2, H], per KV head its G query heads, then k, then v (un-rotated); the
     first B rows are the sequences' (R > B: the projection's row padding, left unread);
-    cos_bh, sin_bh: the rotate-half RoPE tables at each sequence's new position;
-    k_cache, v_cache: [L, B, S, K, H]; layer: int or int32 scalar; positions_b: the slot the
-    new key goes to; kv_len_b: keys visible after the write (slots [0, kv_len_b), at least the
-    new one). Query head
+    cos_bh, sin_bh: the rotate-half RoPE tables at each sequence's new position (both halves
+    alike; the kernel reads them as two halves, as it does q and k);
+    k_cache, v_cache: [L, B, S, K, H]; layer: an int or an int32 array of one element;
+    positions_b: the slot the new key goes to (< S); kv_len_b: keys visible after the write,
+    slots [0, kv_len_b) (pass at most positions_b + 1 for causal attention). Query head
     k * G + j attends with KV head k. interpret: run through Pallas' interpreter (default: unless
     the default backend is a GPU)."""
     from jax.experimental import pallas as pl
@@ -67,6 +68,9 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
         raise ValueError(f"decode_attention: block_s ({block_s}) and the head size ({h}) must be "
                          f"powers of two")
     block_s = min(block_s, s & -s)  # a power of two that divides S: no block runs past the end
+    if block_s < 16 and not interpret:
+        raise ValueError(f"decode_attention: the cache length ({s}) must be a multiple of 16 on "
+                         f"GPU (blocks of keys are tensor-core dot operands)")
     blocks = s // block_s
     # split each sequence's keys over programs (flash-decoding) until there are about
     # TARGET_PROGRAMS of them; one split needs no combine
@@ -92,9 +96,12 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
         input_output_aliases={6: 2, 7: 3}, compiler_params=params,
         name="decode_attention")(*scalars, qkv_bkch, cos_bh.astype(f32), sin_bh.astype(f32),
                                  k_cache, v_cache)
-    out, lse = out[:, :, :, :g], lse[:, :, :, :g]  # the group's rows of each 16-row tile
+    out, lse = out[:, :, :, :g], lse[:, :, :, :g]  # the group's rows of each tile
     if splits > 1:  # flash-decoding's combine: weight each split by its share of the softmax
         weight = jax.nn.softmax(lse, axis=2)[..., None]  # [B, K, P, G, 1]
+        # no visible key at all (kv_len 0): zeros, as one split gives, not softmax's NaN
+        weight = jnp.where(jnp.isfinite(jnp.max(lse, axis=2, keepdims=True))[..., None],
+                           weight, 0.0)
         out = jnp.sum(weight * out, axis=2, keepdims=True)
     return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache
 
@@ -103,8 +110,8 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
             out_ref, lse_ref, k_out, v_out, *, g, block_s, per_split, scale):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
-    softmax-normalised output of its keys and their log-sum-exp, a 16-row tile each whose
-    first G rows are the group's query heads."""
+    softmax-normalised output of its keys and their log-sum-exp, a tile of max(16, G rounded
+    up to a power of two) rows each whose first G rows are the group's query heads."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -131,7 +138,8 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         k_out[layer, bi, pos, ki, hi] = k2
         v_out[layer, bi, pos, ki, whole] = v_new
 
-    # the group's G query heads as the first rows of a 16-row tile: tensor-core dots need 16
+    # the group's G query heads as the first rows of a tile of at least 16 rows: tensor-core
+    # dots need 16
     rows = jnp.arange(max(16, pl.next_power_of_2(g)))
 
     def tile(parts):

@@ -96,7 +96,6 @@ def attend_fresh(q_btnh, k_btkh, v_btkh, positions_bt, kv_len_b, window=0, impl=
     return attend(q_btnh, k_btkh, v_btkh, positions_bt, positions_bt, kv_len_b, window)
 
 
-
 def attend_cached(q_btnh, cache, layer, positions_bt, kv_len_b, window=0, impl="xla"):
     """Attention of T new tokens per sequence over layer `layer` of the cache (slot s holds
     position s). impl="cudnn" serves one-token decode steps without a sliding window: a padding
@@ -207,13 +206,14 @@ class Attention(nnx.Module):
         out_td = layout.row("TF,FD->TD", out.reshape(b * t, n * h), w_o.reshape(n * h, -1))
         return out_td, cache
 
-
     def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout):
         """A one-token step through models/decode_attention.py, per device on its KV heads."""
         from models.decode_attention import decode_attention
 
         b = positions_bt.shape[0]
         qkv_names = ("act_gathered", "qkv_heads", None, "head_dim")
+        # causal: the step's token sees keys up to its own position (attend_cached's mask)
+        kv_len_b = jnp.minimum(kv_len_b, positions_bt[:, 0] + 1)
         out_bnh, k, v = layout.local(
             decode_attention, (qkv_names, (None, None), (None, None), CACHE_AXES, CACHE_AXES,
                                (None,), (None,), (None,)),
@@ -307,8 +307,10 @@ class Llama(nnx.Module):
         are wanted (all rows when None).
 
         fresh: every sequence starts at position 0 (a prefill), so attention reads this
-        forward's keys rather than the cache; attention: "xla" or "cudnn" (flash attention on
-        GPU, for fresh forwards and one-token steps without a sliding window); unroll: the layer
+        forward's keys rather than the cache; attention: "xla", "cudnn" (flash attention on
+        GPU, for fresh forwards and one-token steps without a sliding window) or "pallas"
+        (one-token steps without a sliding window through models/decode_attention.py, the rest
+        as "xla"); unroll: the layer
         loop's unroll factor (>= its length: unrolled).
         """
         b, t = positions_bt.shape

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from jax.experimental import pallas as pl
 
 import models.decode_attention as da
 import sharding.layout
@@ -25,17 +26,29 @@ def _inputs(b, k, g, h, layers, s, rows=None, dtype=jnp.float32, seed=0):
     return qkv, jnp.asarray(np.cos(angle)), jnp.asarray(np.sin(angle)), k_cache, v_cache
 
 
-@pytest.mark.parametrize("target", [da.TARGET_PROGRAMS, 1])  # split keys, and one program each
+@pytest.mark.parametrize("block_s,max_splits,splits", [(8, 16, 12), (8, 1, 1), (16, 2, 2)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
-def test_kernel_equals_rope_write_and_attention_in_plain_jax(monkeypatch, target, dtype, tol):
-    """3 sequences, 2 KV heads of 3 query heads, 40 slots (blocks of 8, 5 splits): new keys at
-    the first slot, inside a block and at the last slot; 5 rows of q/k/v of which the last two
-    are a projection's padding."""
-    monkeypatch.setattr(da, "TARGET_PROGRAMS", target)
-    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 40, rows=5, dtype=dtype)
-    positions, kv_len = jnp.asarray([0, 21, 39]), jnp.asarray([1, 22, 40])
-    run = jax.jit(da.decode_attention, static_argnames=("interpret",))
-    out, k2, v2 = run(qkv, cos, sin, kc, vc, 1, positions, kv_len, interpret=True)
+def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits, splits, dtype,
+                                                             tol):
+    """3 sequences, 2 KV heads of 3 query heads, 96 slots (not a power of two): blocks of 8 keys,
+    one per program (12 splits); one program per sequence and head walking all 12 blocks; 2 splits
+    of 3 blocks of 16, where two sequences see no key of the second. New keys at the first slot,
+    inside a block and in the second half; 5 rows of q/k/v of which the last two are a
+    projection's padding."""
+    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 96, rows=5, dtype=dtype)
+    positions, kv_len = jnp.asarray([0, 21, 70]), jnp.asarray([1, 22, 71])
+    grids, pallas_call = [], pl.pallas_call
+
+    def spy(*args, grid, **kwargs):  # the programs the kernel runs: (B, K, splits)
+        grids.append(grid)
+        return pallas_call(*args, grid=grid, **kwargs)
+
+    run = jax.jit(da.decode_attention, static_argnames=("block_s", "max_splits", "interpret"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pl, "pallas_call", spy)
+        out, k2, v2 = run(qkv, cos, sin, kc, vc, 1, positions, kv_len, block_s=block_s,
+                          max_splits=max_splits, interpret=True)
+    assert grids == [(3, 2, splits)]
     want = da.reference(qkv[:3], cos, sin, kc, vc, 1, positions, kv_len)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0], np.float32),
                                atol=tol, rtol=tol)
@@ -43,7 +56,16 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(monkeypatch, target
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(ref, np.float32),
                                    atol=tol, rtol=tol)
         changed = np.argwhere(np.any(np.asarray(got != old), axis=(3, 4)))
-        assert changed.tolist() == [[1, 0, 0], [1, 1, 21], [1, 2, 39]]  # one slot per sequence
+        assert changed.tolist() == [[1, 0, 0], [1, 1, 21], [1, 2, 70]]  # one slot per sequence
+
+
+def test_no_visible_key_gives_zeros_with_or_without_splits():
+    qkv, cos, sin, kc, vc = _inputs(1, 1, 2, 16, 1, 32)
+    for max_splits in (1, 4):
+        out, _, _ = da.decode_attention(qkv, cos, sin, kc, vc, 0, jnp.asarray([3]),
+                                        jnp.asarray([0]), block_s=8, max_splits=max_splits,
+                                        interpret=True)
+        assert np.all(np.asarray(out) == 0)
 
 
 def test_kernel_rejects_shapes_it_cannot_take():
@@ -90,6 +112,16 @@ def test_pallas_decode_gives_hf_tokens(llama16, parallel):
         assert "decode_attention" in llm.programs.hlo("decode")
         # nothing shaped like heads (last dimension the head size, 16) crosses devices
         assert [c for c in census(llm.programs.hlo("decode")) if c.dims[-1:] == (16,)] == []
+
+
+def test_pallas_decode_at_tp3_with_a_cache_of_no_power_of_two(llama16):
+    """tp 3 pads the KV groups and rounds a 17-token prompt's bucket to 33 tokens; the cache is
+    then 48 slots (a multiple of 16, three blocks of keys) and decode still gives HF's tokens."""
+    prompts = random_prompts(llama16.config.vocab_size, (17, 6), seed=8)
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=3, sp="off", attention="pallas"))
+    got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
+    assert ",48," in llm.programs.hlo("decode")  # [L, B, 48, K, H]
 
 
 def test_pallas_decode_reads_padded_projection_rows(llama16, monkeypatch):
