@@ -114,6 +114,17 @@ def test_pallas_decode_gives_hf_tokens(llama16, parallel):
         assert [c for c in census(llm.programs.hlo("decode")) if c.dims[-1:] == (16,)] == []
 
 
+def test_token_by_token_pallas_decode_samples_what_the_decode_loop_samples(llama16):
+    """stream's path (one compiled step per token) through the kernel, sampled with a seed."""
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2, attention="pallas"))
+    prompt = random_prompts(llama16.config.vocab_size, (11,), seed=3)
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=30, seed=5,
+                            stop_token_ids=())
+    want = llm.generate(prompt, params)[0].token_ids
+    job = llm._prepare(prompt, None, params, chat=False)
+    assert list(llm._token_stream(job, params)) == want
+
+
 def test_pallas_decode_at_tp3_with_a_cache_of_no_power_of_two(llama16):
     """tp 3 pads the KV groups and rounds a 17-token prompt's bucket to 33 tokens; the cache is
     then 48 slots (a multiple of 16, three blocks of keys) and decode still gives HF's tokens."""
