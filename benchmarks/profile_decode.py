@@ -127,6 +127,7 @@ def main():
     if args.pad_rows_min_weight is not None:
         sharding_layout.PAD_ROWS_MIN_WEIGHT = args.pad_rows_min_weight
     llama.PAGED_DECODE = not args.sliced_cache
+    attention = f"{llm.runtime.attention}-{llm.runtime.decode_attention}"  # prefill-decode
     # what sets this run apart, in every file name it writes
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
@@ -172,7 +173,7 @@ def main():
         if args.hlo and args.out:
             os.makedirs(args.out, exist_ok=True)
             stem = os.path.join(args.out, f"decode_{args.model}_b{batch}_u{args.unroll}"
-                                           f"_{llm.runtime.attention}-{llm.runtime.decode_attention}{variant}")
+                                           f"_{attention}{variant}")
             with open(stem + ".hlo.txt", "w") as f:
                 f.write(llm.programs.hlo("decode"))
             with open(stem + ".kernels.tsv", "w") as f:
@@ -182,8 +183,8 @@ def main():
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         if args.pad_rows_min_weight is not None:
             tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
-        write_jsonl(args.out, f"profile_decode_{args.model}_u{args.unroll}_"
-                              f"{llm.runtime.attention}-{llm.runtime.decode_attention}{variant}{tag}.jsonl", rows)
+        write_jsonl(args.out, f"profile_decode_{args.model}_u{args.unroll}_{attention}{variant}"
+                              f"{tag}.jsonl", rows)
 
 
 if __name__ == "__main__":

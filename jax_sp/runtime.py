@@ -109,10 +109,11 @@ class Runtime:
                              f"head_dim a multiple of 8 up to 128 (have {platform}, "
                              f"{jnp.dtype(self.dtype).name}, head_dim {h}); "
                              f"use attention='auto' or 'xla'")
-        # on GPU its dots are tensor-core dots of 16-bit values (fp32 would run as tf32)
-        kernel = supported(h, interpret=platform != "gpu") and (platform != "gpu" or sixteen)
-        # the kernel compiles for GPU or runs interpreted by the default backend (decode_attention)
-        kernel = kernel and (platform == "gpu") == (jax.default_backend() == "gpu")
+        # on GPU its dots are tensor-core dots of 16-bit values (fp32 would run as tf32); it
+        # compiles for GPU or runs interpreted as the default backend is one or not
+        gpu = platform == "gpu"
+        kernel = (supported(h, interpret=not gpu) and (sixteen or not gpu)
+                  and gpu == (jax.default_backend() == "gpu"))
         if mode == "pallas" and not kernel:
             raise ValueError(f"attention='pallas' needs head_dim a power of two, and on GPU at "
                              f"least 32 with dtype bfloat16 or float16 (have head_dim {h}, "

@@ -79,8 +79,8 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     g, rows = c - 2, max(16, pl.next_power_of_2(c - 2))
     scalars = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
                positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
-    kernel = functools.partial(_kernel, g=g, block_s=block_s, per_split=blocks // splits,
-                               scale=h ** -0.5)
+    kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
+                               per_split=blocks // splits, scale=h ** -0.5)
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
@@ -107,7 +107,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
 
 
 def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
-            out_ref, lse_ref, k_out, v_out, *, g, block_s, per_split, scale):
+            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
     softmax-normalised output of its keys and their log-sum-exp, a tile of max(16, G rounded
@@ -138,9 +138,9 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         k_out[layer, bi, pos, ki, hi] = k2
         v_out[layer, bi, pos, ki, whole] = v_new
 
-    # the group's G query heads as the first rows of a tile of at least 16 rows: tensor-core
+    # the group's G query heads as the first rows of a tile of `rows` (>= 16) rows: tensor-core
     # dots need 16
-    rows = jnp.arange(max(16, pl.next_power_of_2(g)))
+    rows = jnp.arange(rows)
 
     def tile(parts):
         out = jnp.zeros((rows.size, half), f32)
@@ -180,34 +180,3 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         out_ref.dtype)
     # no keys in this split: -inf, so the combine gives it no weight
     lse_ref[bi, ki, pi, every] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
-
-
-def reference(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, kv_len_b):
-    """The same computation in plain jax (XLA), for tests: rotate, write, attend."""
-    b, k, c, h = qkv_bkch.shape
-    g = c - 2
-    half = h // 2
-
-    def rope(x):  # [B, ..., H]
-        cos = cos_bh.reshape(b, *([1] * (x.ndim - 2)), h)
-        sin = sin_bh.reshape(b, *([1] * (x.ndim - 2)), h)
-        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-        return x * cos + rotated * sin
-
-    x = qkv_bkch.astype(jnp.float32)
-    q, k_new, v_new = rope(x[:, :, :g]), rope(x[:, :, g]), x[:, :, g + 1]
-
-    def write(cache, new_bkh):
-        def one(c_lskh, new_kh, p):
-            return jax.lax.dynamic_update_slice(c_lskh, new_kh[None, None].astype(c_lskh.dtype),
-                                                (layer, p, 0, 0))
-        return jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)(cache, new_bkh, positions_b)
-
-    k_cache, v_cache = write(k_cache, k_new), write(v_cache, v_new)
-    keys = jax.lax.dynamic_index_in_dim(k_cache, layer, 0, keepdims=False).astype(jnp.float32)
-    vals = jax.lax.dynamic_index_in_dim(v_cache, layer, 0, keepdims=False).astype(jnp.float32)
-    scores = jnp.einsum("BKGH,BSKH->BKGS", q, keys) * h ** -0.5
-    visible = jnp.arange(keys.shape[1])[None] < kv_len_b[:, None]
-    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
-    out = jnp.einsum("BKGS,BSKH->BKGH", jax.nn.softmax(scores, axis=-1), vals)
-    return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache

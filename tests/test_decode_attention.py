@@ -1,5 +1,6 @@
 """The fused decode kernel (models/decode_attention.py, Pallas, interpreted on CPU): against the
-same computation in plain jax, and through the engine against HF on split meshes."""
+model's XLA path (RoPE, cache write, attention), and through the engine against HF on split
+meshes."""
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,21 @@ import models.decode_attention as da
 import sharding.layout
 from conftest import hf_greedy, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
+from models.cache import KVCache
+from models.llama import apply_rope, attend_cached
 from sharding.hlo import census
+
+
+def _xla_step(qkv, cos, sin, k_cache, v_cache, layer, positions, kv_len):
+    """The same step through the model's XLA path, in fp32: rotate, write, attend."""
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    qkv, rope = f32(qkv)[:, None], (f32(cos)[:, None], f32(sin)[:, None])  # T = 1
+    g = qkv.shape[3] - 2
+    q = apply_rope(qkv[:, :, :, :g].reshape(*qkv.shape[:2], -1, qkv.shape[-1]), *rope)
+    k, v = apply_rope(qkv[:, :, :, g], *rope), qkv[:, :, :, g + 1]
+    cache = KVCache(f32(k_cache), f32(v_cache)).write(layer, k, v, positions)
+    out = attend_cached(q, cache, layer, positions[:, None], kv_len)
+    return out[:, 0], cache.k, cache.v
 
 
 def _inputs(b, k, g, h, layers, s, rows=None, dtype=jnp.float32, seed=0):
@@ -49,7 +64,7 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits
         out, k2, v2 = run(qkv, cos, sin, kc, vc, 1, positions, kv_len, block_s=block_s,
                           max_splits=max_splits, interpret=True)
     assert grids == [(3, 2, splits)]
-    want = da.reference(qkv[:3], cos, sin, kc, vc, 1, positions, kv_len)
+    want = _xla_step(qkv[:3], cos, sin, kc, vc, 1, positions, kv_len)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0], np.float32),
                                atol=tol, rtol=tol)
     for got, ref, old in ((k2, want[1], kc), (v2, want[2], vc)):
