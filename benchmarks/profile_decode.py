@@ -30,6 +30,7 @@ def kernel_times(trace_dir: str):
     path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
     data = ProfileData.from_file(path)
     totals = collections.defaultdict(lambda: [0, 0])
+    kernel_times.events = []  # (start ns, name, duration ns), for the step sequence
     kernel_times.layout = [(p.name, [ln.name for ln in p.lines][:8]) for p in data.planes]
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
@@ -40,7 +41,18 @@ def kernel_times(trace_dir: str):
             for ev in line.events:
                 totals[ev.name][0] += ev.duration_ns
                 totals[ev.name][1] += 1
+                kernel_times.events.append((ev.start_ns, ev.name, ev.duration_ns))
     return totals
+
+
+def step_sequence(events, per_step: int):
+    """The kernels of about two decode steps in launch order, from the middle of the trace:
+    [(name, µs, gap before it in µs)]."""
+    events = sorted(events)
+    mid = len(events) // 2
+    window = events[mid: mid + 2 * per_step]
+    return [(n, d / 1e3, (s - (p[0] + p[2])) / 1e3 if p else 0.0)
+            for p, (s, n, d) in zip([None] + window[:-1], window)]
 
 
 def write_jsonl(folder: str, name: str, rows) -> None:
@@ -179,6 +191,10 @@ def main():
             with open(stem + ".kernels.tsv", "w") as f:
                 for n, (t, c) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
                     f.write(f"{t / 1e3 / steps:.2f}\t{c / steps:.2f}\t{n}\n")
+            with open(stem + ".sequence.tsv", "w") as f:  # µs, gap before it (µs), kernel
+                for n, d, gap in step_sequence(kernel_times.events,
+                                               round(row["kernels_per_token"])):
+                    f.write(f"{d:.2f}\t{gap:.2f}\t{n[:120]}\n")
     if args.out:
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         if args.pad_rows_min_weight is not None:
