@@ -13,6 +13,10 @@ instead of inserting collectives itself:
 - `row(spec, h, w)`: exit of a row-parallel projection (o_proj, down_proj). Its partial sums are
   all-reduced under TP, reduce-scattered over tokens under SP.
 
+`rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
+many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
+carry its activations on those rows instead of padding before each projection.
+
 A kernel that works on each device's own heads (the fused decode attention) runs through
 `local(fn, in_names, out_names, *args)`: the arguments' logical axis names say how they are
 split; a sharded layout runs fn per device on its shards, `Dense` runs it once.
@@ -38,6 +42,8 @@ class Layout(Protocol):
 
     def row(self, spec: str, h: jax.Array, w: jax.Array) -> jax.Array: ...
 
+    def rows(self, rows: int, weight_size: int) -> int: ...
+
     def local(self, fn, in_names: tuple, out_names: tuple, *args): ...
 
 
@@ -52,6 +58,9 @@ class Dense:
 
     def row(self, spec, h, w):
         return jnp.einsum(spec, h, w)
+
+    def rows(self, rows, weight_size):
+        return rows
 
     def local(self, fn, in_names, out_names, *args):
         return fn(*args)

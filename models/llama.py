@@ -160,6 +160,11 @@ def _attend(q_btnh, k_bskh, v_bskh, qpos_bt, kpos_bs, kv_len_b, window):
     return out.reshape(b, t, n, h)
 
 
+def _pad_rows(x_td, rows):
+    """x_td with zero rows appended up to `rows`."""
+    return jnp.pad(x_td, ((0, rows - x_td.shape[0]), (0, 0)))
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -177,6 +182,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x_td, rope, positions_bt, kv_len_b, cache, layer, layout: Layout,
                  fresh: bool, impl: str):
+        """x_td may hold padding rows past the B*T tokens' (a one-token step's, see Llama); the
+        output then has as many, zeros."""
         b, t = positions_bt.shape
         kernel = impl == "pallas" and t == 1 and not fresh and cache is not None and not self.window
         # the kernel reads its B rows where the projection left them (padding rows included)
@@ -185,7 +192,9 @@ class Attention(nnx.Module):
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         if kernel:
             return self._decode_kernel(qkv_tkch, rope, positions_bt, kv_len_b, cache, layer,
-                                       layout)
+                                       layout, x_td.shape[0])
+        if qkv_tkch.shape[0] > b * t:  # the barrier keeps the slice out of the projection
+            qkv_tkch = jax.lax.optimization_barrier(qkv_tkch)[:b * t]
         impl = "xla" if impl == "pallas" else impl
         g = qkv_tkch.shape[2] - 2  # query heads per KV head
         q_tnh = qkv_tkch[:, :, :g].reshape(b * t, -1, qkv_tkch.shape[-1])  # head k*G + j
@@ -203,10 +212,12 @@ class Attention(nnx.Module):
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
         n, h = out.shape[2:]
         w_o = self.w_o_nhd[...]
-        out_td = layout.row("TF,FD->TD", out.reshape(b * t, n * h), w_o.reshape(n * h, -1))
+        out_td = layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
+                            w_o.reshape(n * h, -1))
         return out_td, cache
 
-    def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout):
+    def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout,
+                       rows):
         """A one-token step through models/decode_attention.py, per device on its KV heads."""
         from models.decode_attention import decode_attention
 
@@ -221,7 +232,8 @@ class Attention(nnx.Module):
             qkv_tkch, rope[0][:, 0], rope[1][:, 0], cache.k, cache.v,
             jnp.reshape(layer, (1,)).astype(jnp.int32), positions_bt[:, 0], kv_len_b)
         w_o = self.w_o_nhd[...]
-        out_td = layout.row("TF,FD->TD", out_bnh.reshape(b, -1), w_o.reshape(-1, w_o.shape[-1]))
+        out_td = layout.row("TF,FD->TD", _pad_rows(out_bnh.reshape(b, -1), rows),
+                            w_o.reshape(-1, w_o.shape[-1]))
         return out_td, KVCache(k, v)
 
 
@@ -323,6 +335,16 @@ class Llama(nnx.Module):
         else:
             hidden_td, residual_td = (layout.residual(c.astype(dtype)) for c in carry)
         rope = rope_tables(self.cfg, positions_bt, dtype)
+        rows = b * t
+        if t == 1:
+            # A one-token step carries the whole stream on the rows its projections run on (8
+            # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before
+            # each projection: XLA then fuses each residual add and norm into one kernel and
+            # adds the residual in the o_proj and down_proj GEMVs, as it does for 8 sequences
+            # (padding rows stay zeros; attention reads the B rows and pads its output back).
+            gate_up = self.layers.mlp.w_gate_up_dcf
+            rows = layout.rows(b, gate_up.size // gate_up.shape[0])
+            hidden_td, residual_td = (_pad_rows(x, rows) for x in (hidden_td, residual_td))
 
         graphdef, layer_state = nnx.split(self.layers)
 
@@ -332,13 +354,15 @@ class Llama(nnx.Module):
             hidden, residual, kv = nnx.merge(graphdef, state)(
                 hidden, residual, rope, positions_bt, kv_len_b, kv, layer, layout, fresh,
                 attention)
-            return (hidden, residual, kv), hidden + residual if collect_residuals else None
+            stream = (hidden + residual)[:b * t] if collect_residuals else None
+            return (hidden, residual, kv), stream
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         layers = jnp.arange(jax.tree.leaves(layer_state)[0].shape[0])
         (hidden_td, residual_td, kv), residuals = jax.lax.scan(
             body, (hidden_td, residual_td, cache), (layer_state, layers), unroll=unroll)
+        hidden_td, residual_td = hidden_td[:b * t], residual_td[:b * t]
         if not self.last:
             return Output(None, kv, IntermediateTensors(hidden_td, residual_td), residuals)
 

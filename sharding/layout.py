@@ -32,6 +32,12 @@ from sharding.rules import RULES, named, spec as partition_spec
 PAD_ROWS_MIN_WEIGHT = 1 << 20
 
 
+def padded_rows(rows: int, weight_size: int, row_multiple: int) -> int:
+    """The rows `_einsum` runs a projection of `rows` input rows onto a weight of
+    `weight_size` elements on."""
+    return rows + (-rows % row_multiple if weight_size >= PAD_ROWS_MIN_WEIGHT else 0)
+
+
 def _einsum(spec, x_td, w, row_multiple, keep_padding=False):
     """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
     (8 on GPU) when w has at least PAD_ROWS_MIN_WEIGHT elements; the padding's results are
@@ -45,8 +51,8 @@ def _einsum(spec, x_td, w, row_multiple, keep_padding=False):
     padding back off through the dot. keep_padding: return the padded rows too, for a consumer
     that reads only the first rows (slicing them off costs a copy)."""
     rows = x_td.shape[0]
-    pad = -rows % row_multiple
-    if not pad or w.size < PAD_ROWS_MIN_WEIGHT:
+    pad = padded_rows(rows, w.size, row_multiple) - rows
+    if not pad:
         return jnp.einsum(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
     out = jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))
@@ -92,6 +98,9 @@ class ShardedLayout:
         if self._ring(h.shape[0]):
             return ring_row(self.mesh, spec, h, w)
         return self.residual(_einsum(spec, h, w, self._rows()))
+
+    def rows(self, rows, weight_size):
+        return padded_rows(rows, weight_size, self._rows())
 
     def local(self, fn, in_names, out_names, *args):
         """fn per device on the shards the logical names give (a kernel that XLA cannot

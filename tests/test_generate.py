@@ -4,6 +4,8 @@ batching and bad input, all on meshes that really split the model."""
 import dataclasses
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -27,13 +29,16 @@ def test_greedy_matches_hf_on_tiny_model(hf_models, tp, sp):
     assert all(c is None for c in (o.text for o in llm.generate(prompts[:1], GREEDY)))
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_gpu_row_padding_changes_nothing(hf_models, tp, monkeypatch):
+@pytest.mark.parametrize("kind,tp", [("llama", 1), ("llama", 2), ("qwen2", 2), ("mistral", 1)])
+def test_gpu_row_padding_changes_nothing(hf_models, kind, tp, monkeypatch):
     """GPU runs projections of large weights on a multiple of 8 rows (sharding/layout.py
-    `_einsum`); here the same padding runs on CPU for every weight: one-row decode steps, 3-row
-    batches and the LM head's sampled rows give HF's tokens and the unpadded logits."""
+    `_einsum`), and one-token steps carry their whole residual stream on those rows
+    (models/llama.py); here the same padding runs on CPU for every weight: one-row decode steps,
+    3-row batches and the LM head's sampled rows give HF's tokens and the unpadded logits, with
+    q/k/v biases (qwen2: the padding rows' q/k/v are the bias, never attended) and a sliding
+    window (mistral)."""
     monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
-    model = hf_models("llama")
+    model = hf_models(kind)
     prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=11)
     plain = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
     padded = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
@@ -46,6 +51,43 @@ def test_gpu_row_padding_changes_nothing(hf_models, tp, monkeypatch):
     plain.generate(prompts[:1], GREEDY)  # one-row decode: padded to 8 rows only in `padded`
     rows = [len(re.findall(r"\[8,\d+\]", llm.programs.hlo("decode"))) for llm in (plain, padded)]
     assert rows[0] == 0 < rows[1]
+
+
+@pytest.mark.parametrize("attention", ["xla", "pallas"])
+@pytest.mark.parametrize("fresh", [False, True], ids=["decode", "one-token-prefill"])
+def test_one_token_forward_on_padded_rows_equals_the_plain_one(attention, fresh, monkeypatch):
+    """The model alone, one token for each of 3 sequences: with every projection on 8 rows the
+    stream is carried padded through the layers, and the logits, the cache, the per-layer
+    residual stream and a pipeline stage's carry equal the unpadded forward's."""
+    from flax import nnx
+
+    from models.cache import KVCache
+    from models.config import ModelConfig
+    from models.llama import Llama
+    from sharding.layout import ShardedLayout
+    from sharding.mesh import make_mesh, stage_mesh
+
+    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=40, num_layers=3,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    rng = np.random.default_rng(7)
+    cache = KVCache(*(jnp.asarray(rng.normal(size=(3, 3, 32, 2, 16)), jnp.float32)
+                      for _ in range(2)))
+    positions = jnp.zeros((3, 1), jnp.int32) if fresh else jnp.asarray([[4], [0], [9]])
+    tokens = jnp.asarray([[5], [17], [60]])
+    mesh = stage_mesh(make_mesh(1), 0)
+    outs = []
+    for row_multiple in (1, 8):
+        layout = ShardedLayout(mesh, sp=False, row_multiple=row_multiple)
+        full = Llama(cfg, rngs=nnx.Rngs(0))
+        stage = Llama(cfg, rngs=nnx.Rngs(0), last=False)
+        args = dict(tokens_bt=tokens, cache=cache, layout=layout, fresh=fresh,
+                    attention="xla" if fresh else attention)
+        outs.append((full(positions, positions[:, 0] + 1, collect_residuals=True, **args),
+                     stage(positions, positions[:, 0] + 1, **args).carry))
+    for plain, padded in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        assert plain.shape == padded.shape
+        np.testing.assert_allclose(padded, plain, rtol=2e-5, atol=2e-5)
 
 
 def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
