@@ -25,8 +25,10 @@ ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 # else DEFAULT_SP_MIN_TOKENS. See README, "Choosing sp_min_tokens", for the measurements.
 DEFAULT_SP_MIN_TOKENS = 256  # 4 simulated CPU devices: where SP starts to save memory
 # 2 H100s over NVLink: SP with comm="xla" 1-13% slower per layer below 4096 tokens, 0.97-1.02x
-# from there, and whole 4-layer models 2-25% slower at every size up to 16384
-MEASURED_SP_MIN_TOKENS: dict[int, int | None] = {2: None}
+# from there, and whole 4-layer models 2-25% slower at every size up to 16384. 4 H200s over
+# NVLink (Llama-3-8B layers): SP 0.60-0.78x per layer (xla; ring 0.76-0.82x) and whole models
+# 0.60-0.81x at 1024-16384 tokens. None: auto never uses SP at that tp.
+MEASURED_SP_MIN_TOKENS: dict[int, int | None] = {2: None, 4: None}
 
 
 def _positive_int(owner, name, value):

@@ -218,14 +218,15 @@ def _layer_kinds(hlo):
 
 
 def test_sp_min_tokens_defaults_to_the_measured_threshold_of_its_tp():
-    """tp 2 takes what was measured on 2 GPUs (SP slower at every size: auto never uses it);
-    other tp the CPU-derived 256 until GPU timings exist; a given value always wins, and a bad
-    one is still refused."""
-    assert ParallelConfig(tp=2).sp_threshold is None
+    """tp 2 and 4 take what was measured on 2 and 4 GPUs (SP slower at every size: auto never
+    uses it); other tp the CPU-derived 256 until GPU timings exist; a given value always wins,
+    and a bad one is still refused."""
+    assert ParallelConfig(tp=2).sp_threshold is None is ParallelConfig(tp=4).sp_threshold
     assert not ParallelConfig(tp=2, sp="auto").use_sp(1 << 20)
+    assert not ParallelConfig(tp=4, sp="auto").use_sp(1 << 20)
     assert ParallelConfig(tp=2, sp="on").use_sp(16)
-    assert ParallelConfig(tp=4).sp_threshold == ParallelConfig(tp=8).sp_threshold == 256
-    assert dataclasses.replace(ParallelConfig(tp=2), tp=4).use_sp(256)  # its own tp's default
+    assert ParallelConfig(tp=3).sp_threshold == ParallelConfig(tp=8).sp_threshold == 256
+    assert dataclasses.replace(ParallelConfig(tp=2), tp=8).use_sp(256)  # its own tp's default
     assert ParallelConfig(tp=2, sp_min_tokens=64).sp_threshold == 64
     with pytest.raises(ValueError, match="sp_min_tokens must be a positive integer"):
         ParallelConfig(tp=2, sp_min_tokens=0)
