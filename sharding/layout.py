@@ -49,7 +49,9 @@ def _einsum(spec, x_td, w, row_multiple, keep_padding=False):
     under 1M elements) decoded at 1.71 ms/token with the reduce fusions and at 3.08 with every
     projection padded, hence the threshold. The barrier keeps the simplifier from slicing the
     padding back off through the dot. keep_padding: return the padded rows too, for a consumer
-    that reads only the first rows (slicing them off costs a copy)."""
+    that reads only the first rows (slicing them off costs a copy). One-token steps carry their
+    whole stream on `padded_rows` rows (models/llama.py), so their projections arrive padded
+    and nothing is padded here."""
     rows = x_td.shape[0]
     pad = padded_rows(rows, w.size, row_multiple) - rows
     if not pad:
