@@ -1,15 +1,13 @@
-"""The three places where a parallel layout may change what the model math does.
+"""The places where a parallel layout may change what the model math does.
 
 Megatron's TP/SP has exactly three layout boundaries in a decoder, and the model names them here
 instead of inserting collectives itself:
 
 - `residual(x_td)`: the residual stream (embedding output, each block's output, the final norm's
   input). Replicated under plain TP; token-sharded under SP.
-- `column(x_td, *projections, padded=False)`: entry to a column-parallel group (q/k/v, gate/up,
-  LM head). The input arrives in residual layout; under SP it must be all-gathered over tokens
-  first. Several projections of one input share that gather. padded=True may return more rows
-  than x has (a layout that runs projections on padded rows keeps them; the first T are x's),
-  for a consumer that reads only those rows.
+- `column(x_td, *projections)`: entry to a column-parallel group (q/k/v, gate/up, LM head). The
+  input arrives in residual layout; under SP it must be all-gathered over tokens first. Several
+  projections of one input share that gather.
 - `row(spec, h, w)`: exit of a row-parallel projection (o_proj, down_proj). Its partial sums are
   all-reduced under TP, reduce-scattered over tokens under SP.
 
@@ -37,8 +35,7 @@ import jax.numpy as jnp
 class Layout(Protocol):
     def residual(self, x_td: jax.Array) -> jax.Array: ...
 
-    def column(self, x_td: jax.Array, *projections: tuple[str, jax.Array],
-               padded: bool = False) -> list[jax.Array]: ...
+    def column(self, x_td: jax.Array, *projections: tuple[str, jax.Array]) -> list[jax.Array]: ...
 
     def row(self, spec: str, h: jax.Array, w: jax.Array) -> jax.Array: ...
 
@@ -53,7 +50,7 @@ class Dense:
     def residual(self, x_td):
         return x_td
 
-    def column(self, x_td, *projections, padded=False):
+    def column(self, x_td, *projections):
         return [jnp.einsum(spec, x_td, w) for spec, w in projections]
 
     def row(self, spec, h, w):

@@ -5,8 +5,9 @@ Model math only. Parameters carry logical axis names (`embed`, `heads`, `qkv_hea
 layout boundaries of Megatron TP/SP go through a `Layout` (see `models/layout.py`). There is no
 mesh, no collective and no parallel-mode branch here.
 
-The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows. Attention reshapes
-to [B, T_seq, ...] because each sequence attends to its own keys. Layers are stacked on a leading
+The residual stream is flattened over the batch: `x_td` has T = B * T_seq rows (a one-token step
+carries it on the rows its projections run on, `Layout.rows`: the B rows, then zeros). Attention
+reshapes to [B, T_seq, ...] because each sequence attends to its own keys. Layers are stacked on a leading
 L axis (nnx.vmap at creation) and run with `jax.lax.scan`, so compile time does not grow with L.
 """
 
@@ -187,7 +188,7 @@ class Attention(nnx.Module):
         b, t = positions_bt.shape
         kernel = impl == "pallas" and t == 1 and not fresh and cache is not None and not self.window
         # the kernel reads its B rows where the projection left them (padding rows included)
-        (qkv_tkch,) = layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]), padded=kernel)
+        (qkv_tkch,) = layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         if kernel:
@@ -335,7 +336,6 @@ class Llama(nnx.Module):
         else:
             hidden_td, residual_td = (layout.residual(c.astype(dtype)) for c in carry)
         rope = rope_tables(self.cfg, positions_bt, dtype)
-        rows = b * t
         if t == 1:
             # A one-token step carries the whole stream on the rows its projections run on (8
             # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before

@@ -38,27 +38,29 @@ def padded_rows(rows: int, weight_size: int, row_multiple: int) -> int:
     return rows + (-rows % row_multiple if weight_size >= PAD_ROWS_MIN_WEIGHT else 0)
 
 
-def _einsum(spec, x_td, w, row_multiple, keep_padding=False):
+def _einsum(spec, x_td, w, row_multiple):
     """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
     (8 on GPU) when w has at least PAD_ROWS_MIN_WEIGHT elements; the padding's results are
     dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
     into multiply + reduce fusions (no option turns that off). For Llama-3.2-1B's q, k, v and
     o_proj (1M-4M elements) at batch 1 those ran below bandwidth and o_proj materialised its
     [N, H, D] product: with 8 rows they stay cuBLAS GEMVs (2.62 -> 1.83 ms/token on an H100,
-    together with the dot-merger fix in sharding/xla_options.py). SmolLM2-135M's weights (all
-    under 1M elements) decoded at 1.71 ms/token with the reduce fusions and at 3.08 with every
-    projection padded, hence the threshold. The barrier keeps the simplifier from slicing the
-    padding back off through the dot. keep_padding: return the padded rows too, for a consumer
-    that reads only the first rows (slicing them off costs a copy). One-token steps carry their
-    whole stream on `padded_rows` rows (models/llama.py), so their projections arrive padded
-    and nothing is padded here."""
+    together with the dot-merger fix in sharding/xla_options.py). SmolLM2-135M's separate
+    weights (all under 1M elements, in a rolled layer loop) decoded at 1.71 ms/token with the
+    reduce fusions and at 3.08 with a pad before every projection, hence the threshold. The
+    barrier keeps the simplifier from slicing the padding back off through the dot.
+
+    One-token steps carry their whole stream on `padded_rows` rows for the gate/up weight
+    (models/llama.py), so their projections arrive padded and nothing is padded here; for
+    SmolLM2 (fused gate/up: 1.77M elements) that runs every projection on 8 rows, 0.86 -> 0.80
+    ms/token on an H100 against a pad before the large ones."""
     rows = x_td.shape[0]
     pad = padded_rows(rows, w.size, row_multiple) - rows
     if not pad:
         return jnp.einsum(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
     out = jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))
-    return out if keep_padding else out[:rows]
+    return out[:rows]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -85,7 +87,7 @@ class ShardedLayout:
         # SP forwards are long (and token-sharded): nothing to pad there
         return 1 if self.sp else self.row_multiple
 
-    def column(self, x_td, *projections, padded=False):
+    def column(self, x_td, *projections):
         if self._ring(x_td.shape[0]):
             (spec, w), *more = projections
             return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
@@ -94,7 +96,7 @@ class ShardedLayout:
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
             x_td = jax.lax.optimization_barrier(x_td)
         x_td = self._constrain(x_td, ("act_gathered", "act_embed"))
-        return [_einsum(spec, x_td, w, self._rows(), padded) for spec, w in projections]
+        return [_einsum(spec, x_td, w, self._rows()) for spec, w in projections]
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0]):

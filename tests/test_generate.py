@@ -53,9 +53,9 @@ def test_gpu_row_padding_changes_nothing(hf_models, kind, tp, monkeypatch):
     assert rows[0] == 0 < rows[1]
 
 
-@pytest.mark.parametrize("attention", ["xla", "pallas"])
-@pytest.mark.parametrize("fresh", [False, True], ids=["decode", "one-token-prefill"])
-def test_one_token_forward_on_padded_rows_equals_the_plain_one(attention, fresh, monkeypatch):
+@pytest.mark.parametrize("fresh,attention", [(False, "xla"), (False, "pallas"), (True, "xla")],
+                         ids=["decode-xla", "decode-pallas", "one-token-prefill"])
+def test_one_token_forward_on_padded_rows_equals_the_plain_one(fresh, attention, monkeypatch):
     """The model alone, one token for each of 3 sequences: with every projection on 8 rows the
     stream is carried padded through the layers, and the logits, the cache, the per-layer
     residual stream and a pipeline stage's carry equal the unpadded forward's."""
@@ -82,12 +82,18 @@ def test_one_token_forward_on_padded_rows_equals_the_plain_one(attention, fresh,
         full = Llama(cfg, rngs=nnx.Rngs(0))
         stage = Llama(cfg, rngs=nnx.Rngs(0), last=False)
         args = dict(tokens_bt=tokens, cache=cache, layout=layout, fresh=fresh,
-                    attention="xla" if fresh else attention)
+                    attention=attention)
         outs.append((full(positions, positions[:, 0] + 1, collect_residuals=True, **args),
                      stage(positions, positions[:, 0] + 1, **args).carry))
     for plain, padded in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
         assert plain.shape == padded.shape
         np.testing.assert_allclose(padded, plain, rtol=2e-5, atol=2e-5)
+    # the padded stream is what the layer loop carries (not only the projections' rows)
+    jaxpr = jax.make_jaxpr(lambda: full(positions, positions[:, 0] + 1, **args))()
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    carried = {v.aval.shape for e in scans
+               for v in e.invars[e.params["num_consts"]:][:e.params["num_carry"]]}
+    assert (8, cfg.hidden_size) in carried and (3, cfg.hidden_size) not in carried
 
 
 def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
