@@ -192,11 +192,24 @@ class Attention(nnx.Module):
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         if kernel:
-            return self._decode_kernel(qkv_tkch, rope, positions_bt, kv_len_b, cache, layer,
-                                       layout, x_td.shape[0])
+            out, cache = self._decode_kernel(qkv_tkch, rope, positions_bt, kv_len_b, cache,
+                                             layer, layout)
+        else:
+            out, cache = self._attend(qkv_tkch, rope, positions_bt, kv_len_b, cache, layer,
+                                      fresh, "xla" if impl == "pallas" else impl)
+        # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
+        # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
+        n, h = out.shape[-2:]
+        w_o = self.w_o_nhd[...]
+        out_td = layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
+                            w_o.reshape(n * h, -1))
+        return out_td, cache
+
+    def _attend(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, fresh, impl):
+        """Rotate, write the cache and attend in XLA (or cuDNN): [B, T, N, H] and the cache."""
+        b, t = positions_bt.shape
         if qkv_tkch.shape[0] > b * t:  # the barrier keeps the slice out of the projection
             qkv_tkch = jax.lax.optimization_barrier(qkv_tkch)[:b * t]
-        impl = "xla" if impl == "pallas" else impl
         g = qkv_tkch.shape[2] - 2  # query heads per KV head
         q_tnh = qkv_tkch[:, :, :g].reshape(b * t, -1, qkv_tkch.shape[-1])  # head k*G + j
         k_tkh, v_tkh = qkv_tkch[:, :, g], qkv_tkch[:, :, g + 1]
@@ -209,20 +222,13 @@ class Attention(nnx.Module):
             out = attend_fresh(q, k, v, positions_bt, kv_len_b, self.window, impl)
         else:
             out = attend_cached(q, cache, layer, positions_bt, kv_len_b, self.window, impl)
-        # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
-        # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
-        n, h = out.shape[2:]
-        w_o = self.w_o_nhd[...]
-        out_td = layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
-                            w_o.reshape(n * h, -1))
-        return out_td, cache
+        return out, cache
 
-    def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout,
-                       rows):
-        """A one-token step through models/decode_attention.py, per device on its KV heads."""
+    def _decode_kernel(self, qkv_tkch, rope, positions_bt, kv_len_b, cache, layer, layout):
+        """A one-token step through models/decode_attention.py, per device on its KV heads:
+        [B, N, H] and the cache."""
         from models.decode_attention import decode_attention
 
-        b = positions_bt.shape[0]
         qkv_names = ("act_gathered", "qkv_heads", None, "head_dim")
         # causal: the step's token sees keys up to its own position (attend_cached's mask)
         kv_len_b = jnp.minimum(kv_len_b, positions_bt[:, 0] + 1)
@@ -232,10 +238,7 @@ class Attention(nnx.Module):
             ((None, "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
             qkv_tkch, rope[0][:, 0], rope[1][:, 0], cache.k, cache.v,
             jnp.reshape(layer, (1,)).astype(jnp.int32), positions_bt[:, 0], kv_len_b)
-        w_o = self.w_o_nhd[...]
-        out_td = layout.row("TF,FD->TD", _pad_rows(out_bnh.reshape(b, -1), rows),
-                            w_o.reshape(-1, w_o.shape[-1]))
-        return out_td, KVCache(k, v)
+        return out_bnh, KVCache(k, v)
 
 
 class MLP(nnx.Module):

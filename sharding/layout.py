@@ -59,8 +59,7 @@ def _einsum(spec, x_td, w, row_multiple):
     if not pad:
         return jnp.einsum(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
-    out = jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))
-    return out[:rows]
+    return jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))[:rows]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
