@@ -13,7 +13,8 @@ so an SP block runs reduce-scatter -> RMSNorm on T/tp rows -> all-gather where T
 comm="ring": under SP, column and row run as explicit collective matmuls
 (`sharding/collective_matmul.py`: ppermute rings, the gather or scatter hidden under the
 matmuls). Without SP there is nothing to gather, and rows whose count tp does not divide (the
-LM head on the few sampled rows) take the XLA path.
+LM head on the few sampled rows) take the XLA path. comm="mosaic": as "ring", with each column
+projection that fits its tiles run by JAX's Mosaic GPU all-gather matmul (`sharding/mosaic.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from sharding.collective_matmul import ring_column, ring_row
+from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import RULES, named, spec as partition_spec
 
 
@@ -62,6 +64,17 @@ def _einsum(spec, x_td, w, row_multiple):
     return jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))[:rows]
 
 
+# Logical names of a column-parallel product's dimensions, by DESIGN.md letter (C: the fused
+# q/k/v or gate/up parts, whole on every device).
+_COLUMN_OUT = {"T": "act_gathered", "K": "qkv_heads", "N": "heads", "C": None, "H": "head_dim",
+               "F": "mlp", "V": "vocab"}
+
+
+def _column_out(spec: str) -> tuple:
+    """Logical names of the output of a column-parallel einsum, e.g. "TD,DCF->TCF"."""
+    return tuple(_COLUMN_OUT[c] for c in spec.split("->")[1])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardedLayout:
     mesh: Mesh
@@ -80,7 +93,12 @@ class ShardedLayout:
         return self._constrain(x_td, ("act_tokens", "act_embed"))
 
     def _ring(self, rows: int) -> bool:
-        return self.comm == "ring" and self.sp and rows % self.mesh.shape["tp"] == 0
+        return self.comm in ("ring", "mosaic") and self.sp and rows % self.mesh.shape["tp"] == 0
+
+    def _mosaic(self, projections) -> bool:
+        tp = self.mesh.shape["tp"]
+        return self.comm == "mosaic" and all(projection_fits(spec, w.shape, tp)
+                                             for spec, w in projections)
 
     def _rows(self) -> int:
         # SP forwards are long (and token-sharded): nothing to pad there
@@ -88,14 +106,21 @@ class ShardedLayout:
 
     def column(self, x_td, *projections):
         if self._ring(x_td.shape[0]):
+            if self._mosaic(projections):
+                return [mosaic_column(self.mesh, spec, self.residual(x_td), w)
+                        for spec, w in projections]
             (spec, w), *more = projections
             return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
         if self.sp:
             # Gather exactly what the caller computed: without the barrier XLA:CPU moved the
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
             x_td = jax.lax.optimization_barrier(x_td)
-        x_td = self._constrain(x_td, ("act_gathered", "act_embed"))
-        return [_einsum(spec, x_td, w, self._rows()) for spec, w in projections]
+        # Only the product is constrained (all tokens, features split): under SP the dot itself
+        # sees token-sharded x, so XLA:GPU can decompose gather + dot into a windowed einsum.
+        # Pinning x gathered before the dot left the partitioner nothing to window (a plain
+        # all-gather, then the dot).
+        return [self._constrain(_einsum(spec, x_td, w, self._rows()), _column_out(spec))
+                for spec, w in projections]
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0]):
