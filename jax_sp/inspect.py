@@ -1,7 +1,8 @@
 """`jax-sp inspect`: what each parallel mode communicates and how much memory it needs.
 
 Compiles a prefill of the given shape for sp off and on (abstract weights: nothing is allocated)
-and prints the HLO collective census and XLA's per-device memory analysis of each.
+and prints the HLO collective census, the schedule of each collective (overlapped by compute or
+exposed, `sharding/schedule.py`) and XLA's per-device memory analysis of each.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from jax_sp.config import ModelConfig, ParallelConfig
 from jax_sp.runtime import Runtime
 from sharding.hlo import census, format_census, summarize, windowed_einsum_loops
+from sharding.schedule import format_overlap, overlaps, summarize_overlap
 
 
 @dataclasses.dataclass
@@ -19,9 +21,13 @@ class ModeReport:
     collectives: list
     memory: dict
     windowed_einsum: dict
+    overlap: list  # sharding.schedule.Overlap of each collective
 
     def summary(self, layers: int) -> dict:
         return summarize(self.collectives, layers)
+
+    def overlap_summary(self, layers: int) -> dict:
+        return summarize_overlap(self.overlap, layers)
 
 
 def memory_of(compiled) -> dict:
@@ -38,7 +44,7 @@ def inspect_modes(cfg: ModelConfig, tp: int, tokens: int, batch: int = 1, comm: 
         compiled = rt.compile_prefill(mode == "on", batch, tokens)
         text = compiled.as_text()
         reports.append(ModeReport(mode, census(text, cfg.num_layers), memory_of(compiled),
-                                  windowed_einsum_loops(text)))
+                                  windowed_einsum_loops(text), overlaps(text, cfg.num_layers)))
     return reports
 
 
@@ -52,6 +58,9 @@ def format_reports(cfg: ModelConfig, tp: int, tokens: int, batch: int,
         wire = sum(v["wire_bytes"] for v in s.values())
         out.append(f"  per-layer wire bytes/device: {wire / 2**20:.3f} MiB; temp memory/device: "
                    f"{r.memory['temp_size'] / 2**20:.1f} MiB")
+        loops = ", ".join(f"{k.rsplit('_', 1)[-1]} {v}" for k, v in r.windowed_einsum.items())
+        out.append(format_overlap(r.overlap, cfg.num_layers,
+                                  f"  schedule (windowed-einsum loops: {loops}):"))
     return "\n".join(out)
 
 

@@ -3,8 +3,10 @@
 Reads the optimized HLO text (`compiled.as_text()`) and lists every all-reduce, reduce-scatter,
 all-gather, collective-permute and all-to-all with its shape, group size and bytes. Collectives
 inside a while loop's body count once per trip (when XLA knows the trip count). Scope: "layer"
-for the body of the scan over layers (a loop of `layers` trips), "loop" for other loop bodies
-(a decode loop, whose trip count is dynamic: counted once per iteration), else "outside".
+for the body of the scan over layers (a loop of `layers` trips) and loops inside it (XLA's
+windowed-einsum loops), "loop" for other loop bodies (a decode loop, whose trip count is
+dynamic: counted once per iteration), else "outside". Whether each collective overlaps compute
+in the schedule is `sharding/schedule.py`'s question.
 
 Bytes: `tensor_bytes` is the full tensor a collective operates on (the all-reduced tensor, the
 reduce-scatter input, the all-gather output, the permuted buffer). `wire_bytes` is what each
@@ -97,9 +99,16 @@ def parse(hlo_text: str) -> tuple[dict[str, Computation], str]:
     return comps, entry
 
 
+def _arrays(shape: str) -> list[tuple[str, str]]:
+    """(dtype, dims) of each array in a shape, leaving out the scalar context words an async
+    start carries after its buffers (XLA:GPU's collective-permute-start: u32[], u32[])."""
+    arrays = _ARRAY.findall(shape)
+    return [a for a in arrays if a[1]] or arrays
+
+
 def array_bytes(shape: str) -> int:
     """Bytes of an array shape; for a tuple, of its last element (an async op's result)."""
-    arrays = _ARRAY.findall(shape)
+    arrays = _arrays(shape)
     if not arrays:
         return 0
     dtype, dims = arrays[-1]
@@ -107,7 +116,7 @@ def array_bytes(shape: str) -> int:
 
 
 def array_dims(shape: str) -> tuple[int, ...]:
-    arrays = _ARRAY.findall(shape)
+    arrays = _arrays(shape)
     return tuple(int(d) for d in arrays[-1][1].split(",") if d) if arrays else ()
 
 
@@ -141,6 +150,7 @@ class Collective:
     via: str = ""
     name: str = ""
     wire_dtype: str = ""  # set when the backend moves the payload in a wider type (XLA:CPU)
+    computation: str = ""  # the computation that holds the collective instruction
 
     @property
     def wire_bytes(self) -> float:
@@ -212,7 +222,8 @@ def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
                     continue
                 if instr.opcode == "while":
                     n = int(trips.group(1)) if trips else None
-                    is_layers = layers is None or n == layers
+                    # a loop inside a layer (XLA's windowed einsum) is part of the layer
+                    is_layers = layers is None or n == layers or scope == "layer"
                     runs[callee] = (count * (n or 1), "layer" if is_layers else "loop")
                 else:
                     runs[callee] = (count, scope)
@@ -225,7 +236,7 @@ def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
             if kind not in KINDS:
                 continue
             n = group_size(instr.rest)
-            dtype = _ARRAY.findall(instr.shape)[-1][0]
+            dtype = _arrays(instr.shape)[-1][0]
             dims, size, via, wire = array_dims(instr.shape), array_bytes(instr.shape), "", ""
             narrow = _payload_dtype(comps, comp, instr) if dtype == "f32" else None
             if narrow:
@@ -236,7 +247,7 @@ def census(hlo_text: str, layers: int | None = None) -> list[Collective]:
             if kind == "all-reduce" and n > 1 and _sliced_locally(comps, comp, instr, n):
                 kind, via = "reduce-scatter", "all-reduce+dynamic-slice"
             found.append(Collective(kind, dtype, dims, n, size, count, scope, via, instr.name,
-                                    wire))
+                                    wire, comp.name))
     return found
 
 
