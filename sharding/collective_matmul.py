@@ -11,6 +11,10 @@ Shapes per device (T = n * L tokens, D model width, F output features of all dev
   matmul_reduce_scatter  x In[T, F_tp] = [T, F/n], w In[F_tp, D]            ->  Out[T_tp, D]
 
 Unidirectional rings take n - 1 steps, each sending one [L, *] chunk to the next device.
+Each step's transfers and the products computed meanwhile are tied by an optimization barrier,
+so that the next transfer cannot start before those products: left free, XLA:GPU's scheduler
+ran all of a ring's transfers first and the matmuls after them, hiding nothing
+(`benchmarks/mock_gpu_compile.py`, the schedule census of `sharding/schedule.py`).
 Bidirectional rings send full chunks both ways, each direction covering half the ring:
 ceil((n - 1) / 2) steps, the same bytes per device, both link directions busy.
 `all_gather_matmul` takes several weights so one gathered input feeds q/k/v (or gate/up) and
@@ -47,26 +51,28 @@ def all_gather_matmul(x_ld, ws, *, bidirectional: bool = False, axis: str = AXIS
     r = jax.lax.axis_index(axis)
     rows = x_ld.shape[0]
     outs = [jnp.zeros((n, rows, w.shape[1]), jnp.result_type(x_ld, w)) for w in ws]
-
-    def put(outs, chunk_ld, src):  # products of chunk `src` go to rows [src*L, (src+1)*L)
-        return [o.at[src].set(chunk_ld @ w) for o, w in zip(outs, ws)]
-
     fwd, bwd = _split(n, bidirectional)
     ahead, behind = x_ld, x_ld
+    in_hand = [(x_ld, r)]  # (chunk, the rank whose token rows it holds)
     for step in range(1, max(fwd, bwd) + 1):
-        # start the next transfers first; the product of the chunk in hand overlaps them
-        nxt_ahead = jax.lax.ppermute(ahead, axis, _perm(n, 1)) if step <= fwd else None
-        nxt_behind = jax.lax.ppermute(behind, axis, _perm(n, -1)) if step <= bwd else None
-        if step == 1:
-            outs = put(outs, x_ld, r)
-        if nxt_ahead is not None:  # after s forward hops we hold the chunk of rank r - s
-            ahead = nxt_ahead
-            outs = put(outs, ahead, (r - step) % n)
-        if nxt_behind is not None:
-            behind = nxt_behind
-            outs = put(outs, behind, (r + step) % n)
-    if n == 1:
-        outs = put(outs, x_ld, r)
+        # send the chunks on while the products of those in hand are computed (the product
+        # of chunk `src` goes to rows [src*L, (src+1)*L)); the barrier makes this step's
+        # transfers and products one group, so the next transfers wait for these products:
+        # without it XLA's scheduler ran every transfer of the ring before any matmul
+        sends = ([jax.lax.ppermute(ahead, axis, _perm(n, 1))] if step <= fwd else []) + (
+            [jax.lax.ppermute(behind, axis, _perm(n, -1))] if step <= bwd else [])
+        for chunk, src in in_hand:
+            outs = [o.at[src].set(chunk @ w) for o, w in zip(outs, ws)]
+        sends, outs = jax.lax.optimization_barrier((sends, outs))
+        in_hand = []  # after s hops forward we hold rank r - s's chunk, backward r + s's
+        if step <= fwd:
+            ahead = sends.pop(0)
+            in_hand.append((ahead, (r - step) % n))
+        if step <= bwd:
+            behind = sends.pop(0)
+            in_hand.append((behind, (r + step) % n))
+    for chunk, src in in_hand:
+        outs = [o.at[src].set(chunk @ w) for o, w in zip(outs, ws)]
     return [o.reshape(n * rows, -1) for o in outs]
 
 
@@ -80,18 +86,22 @@ def matmul_reduce_scatter(x_tf, w_fd, *, bidirectional: bool = False, axis: str 
     def part(c):  # this device's contribution to token chunk c
         return jax.lax.dynamic_slice_in_dim(x_tf, c * rows, rows) @ w_fd
 
-    out = part(r)
     fwd, bwd = _split(n, bidirectional)
     # The forward accumulator of chunk c starts on rank c - fwd and gathers one contribution
-    # per hop until it reaches c; the backward one comes from c + bwd the other way.
-    for hops, shift in ((fwd, 1), (bwd, -1)):
-        acc = None
-        for i in range(hops):
-            c = (r + shift * (hops - i)) % n
-            acc = part(c) if acc is None else acc + part(c)
-            acc = jax.lax.ppermute(acc, axis, _perm(n, shift))
-        if acc is not None:
-            out = out + acc
+    # per hop until it reaches c; the backward one comes from c + bwd the other way. Both
+    # rings step together.
+    chains = [(hops, shift) for hops, shift in ((fwd, 1), (bwd, -1)) if hops]
+    sent: dict[int, jax.Array] = {}  # accumulators in flight, by direction
+    for i in range(max((hops for hops, _ in chains), default=0)):
+        parts = {shift: part((r + shift * (hops - i)) % n) for hops, shift in chains if i < hops}
+        # the accumulators travel while this hop's contributions are computed
+        sent, parts = jax.lax.optimization_barrier((sent, parts))
+        for shift, p in parts.items():
+            acc = p if i == 0 else sent[shift] + p
+            sent[shift] = jax.lax.ppermute(acc, axis, _perm(n, shift))
+    sent, out = jax.lax.optimization_barrier((sent, part(r)))
+    for acc in sent.values():
+        out = out + acc
     return out
 
 
