@@ -12,6 +12,9 @@ import os
 import sys
 
 
+COMM_CHOICES = ("xla", "ring", "mosaic")  # jax_sp.config.COMM_MODES (importing it imports jax)
+
+
 def ensure_devices(count: int) -> None:
     """Ask XLA for `count` simulated host devices unless the user already chose a number.
     Only affects the CPU platform; on a GPU machine the GPUs are still what jax uses."""
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--tokens", type=_positive, default=1024, help="tokens per sequence")
     ins.add_argument("--batch", type=_positive, default=1)
     ins.add_argument("--layers", type=int, default=0, help="override the layer count")
-    ins.add_argument("--comm", default="xla", choices=("xla", "ring"))
+    ins.add_argument("--comm", default="xla", choices=COMM_CHOICES)
     ins.set_defaults(run=_inspect)
 
     gen = sub.add_parser("generate", help="stream a completion of one prompt")
@@ -137,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tp", type=_positive, default=1)
     gen.add_argument("--pp", type=_positive, default=1)
     gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"))
-    gen.add_argument("--comm", default="xla", choices=("xla", "ring"))
+    gen.add_argument("--comm", default="xla", choices=COMM_CHOICES)
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                      help="default: the checkpoint's (GGUF: float32)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64)

@@ -16,7 +16,7 @@ from models.config import ModelConfig, RopeScaling
 __all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_parallel"]
 
 SP_MODES = ("off", "on", "auto")
-COMM_MODES = ("xla", "ring")
+COMM_MODES = ("xla", "ring", "mosaic")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 
@@ -41,7 +41,10 @@ class ParallelConfig:
     """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
     TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
     tokens, TP otherwise; default: `sp_threshold`); comm: "xla" (sharding annotations, XLA's
-    collectives) or "ring" (explicit shard_map collective matmul). Pipeline: pp_layers (layer count of each stage;
+    collectives and its windowed einsums on GPU), "ring" (explicit shard_map collective matmul)
+    or "mosaic" (SP's all-gathers inside JAX's Mosaic GPU all-gather matmul kernel, the
+    reduce-scatters as "ring"; Hopper GPUs, 16-bit, one process owning every device).
+    Pipeline: pp_layers (layer count of each stage;
     default vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
