@@ -1,24 +1,31 @@
 """Compile-only check of the SP layer for an 8-GPU mesh on a one-GPU machine.
 
-For Llama-3-8B and 70B layer shapes (two layers, so the scan over layers stays a loop), tp 8, SP on, bf16, compiles a prefill with
-comm="xla" (with and without jax-sp's windowed-einsum options) and comm="ring" for a mocked
-1x8x1 GPU topology, and records what XLA:GPU produced: success or the error, windowed-einsum
-loops, and the collective census. Also compiles a one-token decode step (batch 8, cache 1024)
-at tp 8 with cuDNN attention reading the stacked, head-sharded cache as a paged pool, its layer
-loop unrolled as decode programs on GPU have it, and records whether the fused-attention calls
-(one per layer) and no copy of the cache are in the program; then the same step with the fused
-Pallas decode kernel (attention="pallas", the GPU default): its calls, each device's own
-[L, B, S, K/8, H] cache as their operand, and no collective of a head-shaped tensor. One JSON
-line per case.
+For Llama-3-8B and 70B layer shapes (two layers, so the scan over layers stays a loop), tp 8, SP on
+(and TP for reference), bf16, compiles a prefill for a mocked 1x8x1 GPU topology with each comm
+path and XLA option set of PREFILL_CASES, and records what XLA:GPU produced: success or the
+error, windowed-einsum loops, the collective census per layer and, from the scheduled HLO, which
+collectives run beside compute ("overlapped") and which do not ("exposed";
+`sharding/schedule.py`). Every compile starts from the options jax-sp would use for that program
+(`Runtime.xla_options`) and adds the case's. `--hlo-dir` also writes each case's scheduled HLO
+(gzip).
+
+Also compiles a one-token decode step (batch 8, cache 1024) at tp 8 with cuDNN attention reading
+the stacked, head-sharded cache as a paged pool, its layer loop unrolled as decode programs on GPU
+have it, and records whether the fused-attention calls (one per layer) and no copy of the cache
+are in the program; then the same step with the fused Pallas decode kernel (attention="pallas",
+the GPU default): its calls, each device's own [L, B, S, K/8, H] cache as their operand, and no
+collective of a head-shaped tensor. One JSON line per case.
 
 XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with jax 0.11.2 on an
 H100: no result after 100 s); every compile here passes `xla_gpu_autotune_level=0`.
 
-    python benchmarks/mock_gpu_compile.py [--tokens 4096] [--decode-only] [--out FILE.jsonl]
+    python benchmarks/mock_gpu_compile.py [--tokens 4096] [--decode-only | --prefill-only]
+        [--models llama3-8b,llama3-70b] [--out FILE.jsonl] [--hlo-dir DIR]
 """
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import sys
@@ -34,44 +41,84 @@ from jax_sp.generate import (  # noqa: E402
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
-from sharding.xla_options import WINDOWED_EINSUM  # noqa: E402
+from sharding.schedule import overlaps, summarize_overlap  # noqa: E402
+from sharding.xla_options import SCHEDULE_OVERLAP, WINDOWED_EINSUM  # noqa: E402
+
+# (name, sp, comm, options added to jax-sp's own for the program); jax-sp's own for SP + xla on
+# GPU include WINDOWED_EINSUM, "no-windowed" takes them out again
+PREFILL_CASES = (
+    ("tp", "off", "xla", {}),
+    ("sp-xla", "on", "xla", {}),
+    ("sp-xla-overlap", "on", "xla", SCHEDULE_OVERLAP),
+    ("sp-xla-single-stream", "on", "xla", {"xla_gpu_multi_streamed_windowed_einsum": False}),
+    ("sp-xla-no-windowed", "on", "xla", {k: None for k in WINDOWED_EINSUM}),
+    ("sp-ring", "on", "ring", {}),
+    ("sp-ring-overlap", "on", "ring", SCHEDULE_OVERLAP),
+    ("sp-mosaic", "on", "mosaic", {}),
+)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--models", default="llama3-8b,llama3-70b")
+    ap.add_argument("--cases", default=",".join(c[0] for c in PREFILL_CASES))
     ap.add_argument("--out", default="")
+    ap.add_argument("--hlo-dir", default="")
     ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
     rows = []
-    for model in ("llama3-8b", "llama3-70b"):
+    for model in args.models.split(","):
         cfg = dataclasses.replace(preset(model), num_layers=2)  # 2: keep the layer loop
-        cases = () if args.decode_only else (("xla", WINDOWED_EINSUM), ("xla", {}), ("ring", {}))
-        for comm, options in cases:
-            rt = Runtime(cfg, ParallelConfig(tp=8, sp="on", comm=comm, xla_options=options),
-                         dtype="bfloat16")
-            row = {"model": model, "layers": 2, "tp": 8, "tokens": args.tokens, "comm": comm,
-                   "options": options, "devices": f"{len(jax.devices())}x "
-                   f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
-            fn = rt.prefill_logits(True, False, True)
-            ids = jax.ShapeDtypeStruct((1, args.tokens), "int32")
-            lengths = jax.ShapeDtypeStruct((1,), "int32")
-            try:
-                lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
-                hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
-                layer = summarize(census(hlo, 2), 2).get("layer", {})
-                row.update(compiled=True, windowed_einsum=windowed_einsum_loops(hlo),
-                           layer_collectives={k: v["count"] for k, v in layer.items()})
-            except Exception as e:  # noqa: BLE001
-                row.update(compiled=False, error=str(e).splitlines()[0][:1000])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        for attention in ("cudnn", "pallas"):
+        for case in ([] if args.decode_only else PREFILL_CASES):
+            if case[0] in args.cases.split(","):
+                rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir))
+                print(json.dumps(rows[-1]), flush=True)
+        for attention in (() if args.prefill_only else ("cudnn", "pallas")):
             rows.append(decode_case(model, cfg, attention))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir):
+    # The mocked topology is eight processes of one GPU each, which comm="mosaic" refuses
+    # (sharding.mosaic.check_mesh: one process must own every GPU); the runtime is built as
+    # "ring" and switched, and the kernel compiles its multi-process variant here.
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm),
+                 dtype="bfloat16")
+    rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
+    options = {k: v for k, v in {**rt.xla_options(sp == "on"), **extra}.items()
+               if v is not None}
+    row = {"model": model, "layers": cfg.num_layers, "tp": 8, "tokens": tokens, "case": name,
+           "sp": sp, "comm": comm, "options": options, "devices": f"{len(jax.devices())}x "
+           f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
+    fn = rt.prefill_logits(sp == "on", False, True)
+    ids = jax.ShapeDtypeStruct((1, tokens), "int32")
+    lengths = jax.ShapeDtypeStruct((1,), "int32")
+    try:
+        lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
+        hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
+    except Exception as e:  # noqa: BLE001
+        return {**row, "compiled": False, "error": str(e).splitlines()[0][:1000]}
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with gzip.open(os.path.join(hlo_dir, f"{model}_{name}.hlo.txt.gz"), "wt") as f:
+            f.write(hlo)
+    layers = cfg.num_layers
+    found = overlaps(hlo, layers)
+    per_layer = [o for o in found if o.collective.scope == "layer"]
+    return {**row, "compiled": True, "windowed_einsum": windowed_einsum_loops(hlo),
+            "layer_collectives": {k: v["count"] for k, v in
+                                  summarize(census(hlo, layers), layers).get("layer", {}).items()},
+            "layer_overlap": summarize_overlap(found, layers).get("layer", {}),
+            "exposed_in_layer": [f"{o.collective.kind} {o.collective.dtype}"
+                                 f"{list(o.collective.dims)} x{o.collective.count // layers}"
+                                 for o in per_layer if not o.overlapped],
+            "outside_overlap": summarize_overlap(found, layers).get("outside", {}),
+            "mosaic_kernels": hlo.count("mosaic_gpu")}
 
 
 def decode_case(model, cfg, attention, batch=8, max_len=1024):

@@ -24,6 +24,18 @@ WINDOWED_EINSUM = {
 }
 
 
+# Scheduling for overlap (opt-in: `ParallelConfig(xla_options={**defaults, **SCHEDULE_OVERLAP})`
+# until multi-GPU timings show they slow nothing). XLA:GPU's latency-hiding scheduler is off by
+# flag but runs anyway on Hopper and newer when its speed-of-light cost model covers every
+# collective of the module (gpu_hlo_schedule.cc IsLHSEnabled); the flag makes it unconditional.
+# The overlap limit (default 1) lets two collectives be in flight at once, e.g. the two
+# directions of a bidirectional ring.
+SCHEDULE_OVERLAP = {
+    "xla_gpu_enable_latency_hiding_scheduler": True,
+    "xla_gpu_experimental_parallel_collective_overlap_limit": 2,
+}
+
+
 # Inference programs on GPU (prefill and decode; the layer loop slices each layer's weights out of
 # the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape (benchmarks/profile_decode.py,
 # benchmarks/profile_prefill.py; README "Generation speed"):
