@@ -20,7 +20,8 @@ XLA's autotuner cannot run kernels on mocked devices and hangs there (seen with 
 H100: no result after 100 s); every compile here passes `xla_gpu_autotune_level=0`.
 
     python benchmarks/mock_gpu_compile.py [--tokens 4096] [--decode-only | --prefill-only]
-        [--models llama3-8b,llama3-70b] [--out FILE.jsonl] [--hlo-dir DIR]
+        [--models llama3-8b,llama3-70b] [--cases NAME,...] [--out FILE.jsonl] [--hlo-dir DIR]
+        [--from-hlo]
 """
 
 import argparse
@@ -42,7 +43,8 @@ from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
 from sharding.schedule import overlaps, summarize_overlap  # noqa: E402
-from sharding.xla_options import SCHEDULE_OVERLAP, WINDOWED_EINSUM  # noqa: E402
+from sharding.xla_options import (  # noqa: E402
+    SCHEDULE_OVERLAP, WINDOWED_EINSUM, collective_matmul_options)
 
 # (name, sp, comm, options added to jax-sp's own for the program); jax-sp's own for SP + xla on
 # GPU include WINDOWED_EINSUM, "no-windowed" takes them out again
@@ -65,6 +67,9 @@ def main():
     ap.add_argument("--cases", default=",".join(c[0] for c in PREFILL_CASES))
     ap.add_argument("--out", default="")
     ap.add_argument("--hlo-dir", default="")
+    ap.add_argument("--from-hlo", action="store_true",
+                    help="analyse the programs saved in --hlo-dir instead of compiling (any "
+                         "machine)")
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
@@ -73,7 +78,8 @@ def main():
         cfg = dataclasses.replace(preset(model), num_layers=2)  # 2: keep the layer loop
         for case in ([] if args.decode_only else PREFILL_CASES):
             if case[0] in args.cases.split(","):
-                rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir))
+                rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir,
+                                         args.from_hlo))
                 print(json.dumps(rows[-1]), flush=True)
         for attention in (() if args.prefill_only else ("cudnn", "pallas")):
             rows.append(decode_case(model, cfg, attention))
@@ -83,18 +89,24 @@ def main():
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir):
+def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=False):
     # The mocked topology is eight processes of one GPU each, which comm="mosaic" refuses
     # (sharding.mosaic.check_mesh: one process must own every GPU); the runtime is built as
     # "ring" and switched, and the kernel compiles its multi-process variant here.
     rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm),
                  dtype="bfloat16")
     rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
-    options = {k: v for k, v in {**rt.xla_options(sp == "on"), **extra}.items()
-               if v is not None}
+    options = {k: v for k, v in {**collective_matmul_options("gpu", comm, sp == "on"),
+                                 **extra}.items() if v is not None}
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "tokens": tokens, "case": name,
            "sp": sp, "comm": comm, "options": options, "devices": f"{len(jax.devices())}x "
            f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
+    saved = os.path.join(hlo_dir, f"{model}_{name}.hlo.txt.gz") if hlo_dir else ""
+    if from_hlo:  # analyse the program an earlier run compiled and saved
+        with open(saved.replace(".hlo.txt.gz", ".json")) as f:
+            row.update(json.load(f))  # where it was compiled: devices, jax
+        with gzip.open(saved, "rt") as f:
+            return analyse(row, f.read(), cfg.num_layers)
     fn = rt.prefill_logits(sp == "on", False, True)
     ids = jax.ShapeDtypeStruct((1, tokens), "int32")
     lengths = jax.ShapeDtypeStruct((1,), "int32")
@@ -103,11 +115,17 @@ def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir):
         hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
     except Exception as e:  # noqa: BLE001
         return {**row, "compiled": False, "error": str(e).splitlines()[0][:1000]}
-    if hlo_dir:
+    if saved:
         os.makedirs(hlo_dir, exist_ok=True)
-        with gzip.open(os.path.join(hlo_dir, f"{model}_{name}.hlo.txt.gz"), "wt") as f:
+        with gzip.open(saved, "wt") as f:
             f.write(hlo)
-    layers = cfg.num_layers
+        with open(saved.replace(".hlo.txt.gz", ".json"), "w") as f:
+            json.dump({k: row[k] for k in ("devices", "jax")}, f)
+    return analyse(row, hlo, cfg.num_layers)
+
+
+def analyse(row, hlo, layers):
+    """The row of a compiled prefill: windowed-einsum loops, per-layer census and schedule."""
     found = overlaps(hlo, layers)
     per_layer = [o for o in found if o.collective.scope == "layer"]
     return {**row, "compiled": True, "windowed_einsum": windowed_einsum_loops(hlo),

@@ -127,7 +127,8 @@ def _in_flight(comps: dict[str, Computation], comp: Computation, start: Instr):
                 body = comps[body.group(1)]
                 done = _done_in_body(body, t.operands.index(start.name))
                 if done is not None:
-                    return [(comp, i, j), (body, -1, body.instrs.index(done))]
+                    # up to the loop (the loop itself is counted by its first trip's part)
+                    return [(comp, i, j - 0.5), (body, -1, body.instrs.index(done))]
     return None
 
 

@@ -63,3 +63,24 @@ def test_cli_offers_every_comm_mode():
     from jax_sp.config import COMM_MODES
 
     assert COMM_CHOICES == COMM_MODES
+
+
+@pytest.mark.parametrize("device,dtype,why", [
+    (dict(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100"), jnp.bfloat16,
+     r"needs a Hopper GPU \(compute capability 9.x\) and the device is NVIDIA A100 \(8.0\)"),
+    (dict(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200"), jnp.float32,
+     "computes in bfloat16 or float16, not float32"),
+    (dict(platform="gpu", compute_capability="9.0", device_kind="NVIDIA H200"), jnp.bfloat16,
+     "must span every device of the process in id order"),
+])
+def test_each_reason_the_kernel_cannot_run_is_named(device, dtype, why):
+    """The checks run in order on the mesh's devices (described here, since this machine has no
+    GPU); the last case is a mesh of GPUs this process does not own."""
+    from types import SimpleNamespace
+
+    from sharding.mosaic import check_mesh
+
+    devices = np.array([SimpleNamespace(id=i, **device) for i in range(2)])
+    mesh = SimpleNamespace(devices=devices, shape={"tp": 2})
+    with pytest.raises(ValueError, match=why + r".*use comm='ring'"):
+        check_mesh(mesh, dtype)

@@ -12,7 +12,9 @@ from jax_sp.runtime import Runtime
 from sharding.hlo import census
 from sharding.schedule import format_overlap, overlaps, summarize_overlap
 
-# XLA:GPU's forms, in schedule order: an all-gather pair with a cuBLAS GEMM between start and
+# XLA:GPU's forms, in schedule order: a synchronous collective-permute issued while a GEMM runs
+# on another stream (custom-call-start/-done, as the multi-streamed windowed einsum issues
+# them); an all-gather pair with a cuBLAS GEMM between start and
 # done; a reduce-scatter wrapped in async-start/async-done with only an elementwise fusion
 # between; an all-reduce pair the scheduler made synchronous; a synchronous collective-permute;
 # a windowed-einsum loop of 8 trips whose permute is started in one trip and finished in the
@@ -63,6 +65,9 @@ HloModule jit_layer, is_scheduled=true, num_partitions=8
 ENTRY %main (p.0: bf16[8,32], p.1: bf16[32,32]) -> bf16[8,32] {
   %p.0 = bf16[8,32]{1,0} parameter(0)
   %p.1 = bf16[32,32]{1,0} parameter(1)
+  %gemm-start = ((bf16[8,32]{1,0}, bf16[32,32]{1,0}), bf16[8,32]{1,0}) custom-call-start(%p.0, %p.1), async_execution_thread="parallel", custom_call_target="__cublas$lt$matmul"
+  %cp.side = bf16[8,32]{1,0} collective-permute(%p.0), channel_id=8, source_target_pairs={{0,1},{1,0}}
+  %gemm-done = bf16[8,32]{1,0} custom-call-done(%gemm-start)
   %all-gather-start = (bf16[8,32]{1,0}, bf16[64,32]{1,0}) all-gather-start(%p.0), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, use_global_device_ids=true
   %gemm.1 = bf16[8,32]{1,0} custom-call(%p.0, %p.1), custom_call_target="__cublas$gemm"
   %all-gather-done = bf16[64,32]{1,0} all-gather-done(%all-gather-start)
@@ -91,8 +96,10 @@ def _by_name(found):
 
 def test_hand_written_gpu_schedule_is_read_pair_by_pair():
     found = _by_name(overlaps(GPU_HLO))
-    assert set(found) == {"all-gather-start", "reduce-scatter.1", "ar-start", "cp.0",
+    assert set(found) == {"cp.side", "all-gather-start", "reduce-scatter.1", "ar-start", "cp.0",
                           "cp-first", "cp-start", "ar2-start"}
+    side = found["cp.side"]  # synchronous, but a GEMM on the other stream runs meanwhile
+    assert not side.asynchronous and side.overlapped and side.beside == ["gemm-start"]
     ag = found["all-gather-start"]
     assert ag.asynchronous and ag.overlapped and ag.beside == ["gemm.1"]
     rs = found["reduce-scatter.1"]  # the wrapped form: start and done are the async pair
@@ -116,7 +123,7 @@ def test_hand_written_summary_and_report():
     assert outside["all-gather"] == {"overlapped": 1, "exposed": 0, "windowed": 0}
     assert outside["reduce-scatter"]["exposed"] == 1
     assert outside["all-reduce"] == {"overlapped": 1, "exposed": 1, "windowed": 0}
-    assert outside["collective-permute"] == {"overlapped": 1, "exposed": 1, "windowed": 0}
+    assert outside["collective-permute"] == {"overlapped": 2, "exposed": 1, "windowed": 0}
     assert layer["collective-permute"] == {"overlapped": 8, "exposed": 0, "windowed": 8}
     text = format_overlap(found)
     assert "synchronous" in text and "[windowed einsum]" in text and "gemm.1" in text
