@@ -41,6 +41,7 @@ from jax_sp.generate import (  # noqa: E402
     Static, abstract_decode_step_args, decode_step_fn, decode_unroll)
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
+from sharding.mesh import tp_mesh  # noqa: E402
 from sharding.hlo import census, summarize, windowed_einsum_loops  # noqa: E402
 from sharding.schedule import overlaps, summarize_overlap  # noqa: E402
 from sharding.xla_options import (  # noqa: E402
@@ -95,7 +96,9 @@ def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=Fa
     # "ring" and switched, and the kernel compiles its multi-process variant here.
     rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm),
                  dtype="bfloat16")
-    rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
+    if comm == "mosaic":
+        rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
+        rt.mesh = tp_mesh(rt.mesh)  # what the runtime does after check_mesh
     options = {k: v for k, v in {**collective_matmul_options("gpu", comm, sp == "on"),
                                  **extra}.items() if v is not None}
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "tokens": tokens, "case": name,

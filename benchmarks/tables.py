@@ -87,7 +87,8 @@ def schedule() -> str:
                  if r["comm"] == "xla" else "—")
         kinds = ", ".join(f"{k} {v['overlapped']} / {v['exposed']}"
                           for k, v in sorted(r["layer_overlap"].items()))
-        out.append(f"| {r['model']} | {r['case']} | {loops} | {kinds} |")
+        case = r["case"] + (f" ({r['ring_kernel']})" if "ring_kernel" in r else "")
+        out.append(f"| {r['model']} | {case} | {loops} | {kinds} |")
     return "\n".join(out)
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from jax_sp.config import ModelConfig, ParallelConfig, check_parallel
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from sharding.layout import ShardedLayout
-from sharding.mesh import make_mesh
+from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
 from sharding.padding import pad_param, plan_padding
 from sharding.rules import RULES, named
@@ -79,8 +79,9 @@ class Runtime:
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
         self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
-        if parallel.comm == "mosaic":
+        if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
+            self.mesh = tp_mesh(self.mesh)
         self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
                                  cfg.intermediate_size, parallel.tp)
         self.padded_cfg = dataclasses.replace(

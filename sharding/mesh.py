@@ -27,6 +27,13 @@ def make_mesh(tp: int, pp: int = 1, devices=None) -> Mesh:
     return Mesh(grid, AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
+def tp_mesh(mesh: Mesh) -> Mesh:
+    """The mesh's tp axis alone, for a mesh whose other axes have size 1: Mosaic GPU's collective
+    kernels address their peers by one device index and refuse a mesh of more axes."""
+    assert mesh.devices.size == mesh.shape["tp"], mesh.shape
+    return Mesh(mesh.devices.reshape(-1), ("tp",), axis_types=(AxisType.Auto,))
+
+
 def stage_mesh(mesh: Mesh, stage: int) -> Mesh:
     """The one-row sub-mesh that runs pipeline stage `stage` (shape (1, tp))."""
     return Mesh(mesh.devices[stage: stage + 1], AXES, axis_types=(AxisType.Auto, AxisType.Auto))

@@ -14,8 +14,10 @@ never turns on.
 Where the kernel applies (`check_mesh`): a GPU of compute capability 9.x (its wgmma pipeline is
 Hopper's), bfloat16 or float16, one process owning every device of the mesh, the tp axis spanning
 them all in device-id order. Per call it needs D % 64 == 0 and F_tp % 256 == 0 (the tiles of
-`TILES`); token rows are padded here to a multiple of 128 per device. A projection that does not
-fit (the LM head's vocabulary shard, a few sampled rows) runs on the ring instead.
+`TILE_*`); token rows are padded here to a multiple of 128 per device. A projection that does
+not fit (the LM head's vocabulary shard, a few sampled rows) runs on the ring instead. The
+kernel addresses its peers by one device index, so the runtime runs comm="mosaic" programs on a
+mesh of the tp axis alone (`sharding.mesh.tp_mesh`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ def mosaic_column(mesh, spec: str, x_td, w, kernel=kernel_all_gather_matmul):
         return y.reshape(y.shape[0], *[w_local.shape[rhs.index(c)] for c in out[1:]])
 
     specs = lambda letters: P(*("tp" if c == feature else None for c in letters))  # noqa: E731
+    # the kernel addresses its peers by one device index: the runtime gives comm="mosaic" a
+    # mesh of the tp axis alone (sharding.mesh.tp_mesh), and a program has one mesh
     return jax.shard_map(body, mesh=mesh, in_specs=(P("tp", None), specs(rhs)),
                          out_specs=specs(out), check_vma=False)(x_td, w)
 

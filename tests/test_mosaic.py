@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import random_prompts
 from jax_sp import LLM, ParallelConfig
-from sharding.mesh import make_mesh
+from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import TILE_M, mosaic_column, projection_fits
 
 
@@ -25,7 +25,7 @@ def _gather_then_matmul(x_ld, w_df, axis):
 @pytest.mark.parametrize("spec,w_shape", [("TD,DKCH->TKCH", (12, 8, 3, 4)),
                                           ("TD,DCF->TCF", (12, 2, 40))])
 def test_wrapper_pads_rows_and_reshapes_weights_like_the_einsum(tp, rows, spec, w_shape):
-    mesh = make_mesh(tp)
+    mesh = tp_mesh(make_mesh(tp))  # the runtime's mesh for comm="mosaic"
     rng = np.random.default_rng(tp * rows)
     x = jnp.asarray(rng.standard_normal((tp * rows, w_shape[0])), jnp.float32)
     w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
@@ -84,3 +84,20 @@ def test_each_reason_the_kernel_cannot_run_is_named(device, dtype, why):
     mesh = SimpleNamespace(devices=devices, shape={"tp": 2})
     with pytest.raises(ValueError, match=why + r".*use comm='ring'"):
         check_mesh(mesh, dtype)
+
+
+def test_the_model_runs_on_the_one_axis_mesh_mosaic_uses(hf_models):
+    """comm="mosaic" runs its programs on a mesh of the tp axis alone: the rest of the model (here
+    with the ring in the kernel's place) gives HF's logits on it."""
+    from bridges.hf import load_module
+    from conftest import hf_logits
+    from jax_sp.runtime import Runtime
+
+    model = hf_models("llama")
+    cfg, params = load_module(model)
+    rt = Runtime(cfg, ParallelConfig(tp=4, sp="on", comm="ring"), mesh=tp_mesh(make_mesh(4)))
+    (prompt,) = random_prompts(cfg.vocab_size, (12,))
+    ids = np.asarray([prompt], np.int32)
+    pos, lengths = np.arange(12, dtype=np.int32)[None], np.asarray([12], np.int32)
+    logits, _ = rt.prefill_logits(True)(rt.place(params), ids, pos, lengths)
+    np.testing.assert_allclose(np.asarray(logits), hf_logits(model, [prompt])[0], atol=1e-4)

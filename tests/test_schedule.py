@@ -157,3 +157,57 @@ def test_inspect_reports_the_schedule():
     off, on = inspect_modes(cfg, 2, 32)
     assert on.overlap_summary(2)["layer"]["all-gather"]["exposed"] == 2
     assert off.overlap_summary(2)["layer"]["all-reduce"]["exposed"] == 2
+
+
+def test_xla_gpu_windowed_einsum_program_as_compiled():
+    """A program XLA:GPU (jax 0.11.2) compiled for a mocked 8-GPU topology
+    (benchmarks/mock_gpu_compile.py --hlo-dir, case sp-xla: Llama-3-8B layers, tp 8, SP, 4096
+    tokens). Read by hand: in the q/k/v all-gather loop the first permute is issued before any
+    GEMM (exposed); the second runs while the GEMMs of the local and first received chunks run
+    on the other stream; in the o_proj reduce-scatter loop a permute issued right after its
+    chain's GEMM finished, with no other GEMM started yet, is exposed."""
+    import gzip
+    import os
+
+    from sharding.hlo import windowed_einsum_loops
+
+    path = os.path.join(os.path.dirname(__file__), "data", "llama3-8b_sp-xla.hlo.txt.gz")
+    with gzip.open(path, "rt") as f:
+        text = f.read()
+    assert windowed_einsum_loops(text) == {"windowed_dot_general_body_ag": 2,
+                                           "windowed_dot_general_body_rs": 2}
+    found = _by_name(overlaps(text, 2))
+    first, second = found["collective-permute.74.2"], found["collective-permute.75.2"]
+    assert first.windowed and not first.asynchronous and not first.overlapped
+    assert not second.asynchronous and second.beside == ["custom-call-start.16",
+                                                         "custom-call-start.17"]
+    assert found["collective-permute-start.3"].beside == ["custom-call-start.4"]
+    assert not found["collective-permute.36.2"].overlapped
+    layer = summarize_overlap(list(found.values()), 2)["layer"]["collective-permute"]
+    # per layer: the two all-gather loops' 8 permutes each, the two reduce-scatter loops' 7
+    # (one moves two buffers) and one permute of each reduce-scatter in the layer body
+    assert layer["overlapped"] + layer["exposed"] == 32 and layer["windowed"] == 30
+
+
+def test_xla_gpu_ring_program_as_compiled():
+    """The ring (comm="ring", SCHEDULE_OVERLAP's two transfers in flight) as XLA:GPU (jax 0.11.2)
+    scheduled it for a mocked 8-GPU topology (benchmarks/mock_gpu_compile.py, case
+    sp-ring-overlap, Llama-3-8B layers, tp 8, 4096 tokens). Read by hand: each step starts its two
+    transfers (one per direction), issues the products of the chunks in hand, then waits for
+    both; the first step's transfers run beside the product of the device's own chunk."""
+    import gzip
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "data",
+                        "llama3-8b_sp-ring-overlap.hlo.txt.gz")
+    with gzip.open(path, "rt") as f:
+        found = overlaps(f.read(), 2)
+    layer = [o for o in found if o.collective.scope == "layer"]
+    # 4 kernels a layer, 7 hops each (4 forward, 3 backward): as async pairs of one chunk
+    assert len(layer) == 28 and all(o.asynchronous for o in layer)
+    assert {o.collective.dims for o in layer} == {(512, 4096)}
+    assert all(o.overlapped for o in layer)
+    first = _by_name(found)
+    assert first["collective-permute-start"].beside == ["dynamic_slice_fusion"]
+    assert first["collective-permute-start.3"].beside == ["dynamic_slice_fusion.1",
+                                                          "dynamic_slice_fusion.2"]
