@@ -445,7 +445,10 @@ class LazyParams:
             del host
             _release_freed_memory()
             shards.append(shard)
-        out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards)
+        # dtype: a process that holds none of the sharding's devices has no shard to infer it
+        # from (a pipeline stage, or a mesh, on other processes)
+        out = jax.make_array_from_single_device_arrays(tuple(shape), sharding, shards,
+                                                       dtype=dtype)
         keys = e["keys"][layer_offset: layer_offset + shape[0]] if stacked else e["keys"]
         self.progress.step(self._bytes(keys))
         return out

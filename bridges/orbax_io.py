@@ -130,8 +130,17 @@ class OrbaxParams:
 
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
         start, end = layers
+        # a parameter whose devices all belong to other processes (a pipeline stage held
+        # elsewhere) is not read here: this process only makes its (shard-less) global array
+        out = {path: jax.make_array_from_single_device_arrays(tuple(shape), sharding, [],
+                                                              dtype=dtype)
+               for path, (_, shape, sharding) in targets.items()
+               if not sharding.addressable_devices}
+        needed = {p for path in targets if path not in out
+                  for p in (self.fused[path][:2] if path in self.fused else (path,))}
         abstract, direct = {}, {}
-        for path, m in self.meta.items():
+        for path in needed:
+            m = self.meta[path]
             shape, stored = tuple(m.shape), np.dtype(m.dtype)
             want = targets.get(path)
             whole = want is not None and (not want[0] or want[0][0] != "layers" or (
@@ -139,10 +148,18 @@ class OrbaxParams:
             direct[path] = want is not None and whole and tuple(want[1]) == shape
             sharding = want[2] if direct[path] else cpu
             abstract[path] = jax.ShapeDtypeStruct(shape, stored, sharding=sharding)
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = _flatten(ckpt.restore(self.directory, _nest(abstract)))
-        out = {}
+        if not abstract:  # every process restores (Orbax synchronises them): the smallest
+            path = min(self.meta, key=lambda p: np.prod(self.meta[p].shape))  # one, if no other
+            abstract[path] = jax.ShapeDtypeStruct(tuple(self.meta[path].shape),
+                                                  np.dtype(self.meta[path].dtype), sharding=cpu)
+        tree = _nest(abstract)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckpt:
+            restored = _flatten(ckpt.restore(self.directory, args=ocp.args.PyTreeRestore(
+                item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+                partial_restore=True)))
         for path, (names, shape, sharding) in targets.items():
+            if path in out:
+                continue
             if path in self.fused:  # format 2: q [.., N, H] and k/v [.., 2, K, H]
                 q_path, kv_path, axis = self.fused[path]
                 q, kv = np.asarray(restored.pop(q_path)), np.asarray(restored.pop(kv_path))

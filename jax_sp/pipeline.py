@@ -85,7 +85,7 @@ class Pipeline:
 
     def to_host(self, x) -> np.ndarray:
         """An output as numpy, the same on every process (see runtime.to_host)."""
-        return to_host(x, [st.runtime.mesh for st in self.stages])
+        return to_host(x)
 
     # -- prefill logits -----------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
 from sharding.padding import pad_param, plan_padding
 from sharding.rules import RULES, named
-from sharding.transfer import move
 from sharding.xla_options import collective_matmul_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -284,30 +283,28 @@ class Runtime:
         return fn.compile(self.abstract_state(), inputs, ids, lengths)
 
 
-def to_host(x, meshes=()) -> np.ndarray:
+def to_host(x) -> np.ndarray:
     """A device array as numpy on this process. Under jax.distributed an output may span other
-    processes' devices or live on other hosts only (a last pipeline stage's): it is replicated
-    over its own devices and then copied to each mesh in `meshes` (every process makes the same
-    calls), so every process gets the same value."""
+    processes' devices or live on some processes only (a last pipeline stage's, or a mesh that
+    leaves a process out): it is replicated over its own devices and, when some process holds
+    none of them, broadcast from the lowest process that does. Every process makes the same
+    calls (multi-controller), so every process gets the same value."""
     if not isinstance(x, jax.Array) or jax.process_count() == 1:
         return np.asarray(x)
-    replicated = jax.sharding.PartitionSpec()
     owners = {d.process_index for d in x.sharding.device_set}
-    if len(owners) == jax.process_count():  # every process holds part of it
-        if not x.is_fully_replicated:
-            x = jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh, replicated))
-        return np.asarray(x.addressable_shards[0].data)
     if not x.is_fully_replicated:
-        raise ValueError("an output that lives on some processes only must be replicated over "
-                         "its devices before it can be shared")
-    # every process makes the same copies, in the same order (multi-controller)
-    copies = [x] + [move(x, jax.sharding.NamedSharding(m, replicated))
-                    for m in meshes if set(m.devices.flat) != set(x.sharding.device_set)]
-    for c in copies:
-        if c.addressable_shards:
-            return np.asarray(c.addressable_shards[0].data)
-    raise RuntimeError("this process holds none of the output's devices and no mesh to copy "
-                       "it to; every process must own devices of some pipeline stage")
+        x = jax.device_put(x, jax.sharding.NamedSharding(x.sharding.mesh,
+                                                         jax.sharding.PartitionSpec()))
+    if len(owners) == jax.process_count():  # every process holds a copy now
+        return np.asarray(x.addressable_shards[0].data)
+    from jax.experimental import multihost_utils
+
+    local = (np.asarray(x.addressable_shards[0].data) if x.addressable_shards
+             else np.zeros(x.shape, x.dtype))
+    wire = np.uint8 if local.dtype == np.bool_ else local.dtype  # broadcast adds: no bools
+    out = multihost_utils.broadcast_one_to_all(local.astype(wire),
+                                               is_source=jax.process_index() == min(owners))
+    return np.asarray(out).astype(local.dtype)
 
 
 def input_key(args) -> tuple:

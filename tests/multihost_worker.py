@@ -1,13 +1,16 @@
-"""One process of a 2-process jax.distributed test job (see test_multihost.py).
+"""One process of a jax.distributed test job (see test_multihost.py).
 
-argv: PORT NUM_PROCESSES PROCESS_ID SCENARIO OUT_JSON. Builds the same tiny HF model in every
-process, runs the scenario and writes its results (logits, greedy and sampled tokens) to OUT_JSON."""
+argv: PORT NUM_PROCESSES PROCESS_ID SCENARIO OUT_JSON [DEVICES_PER_PROCESS (4)].
+Scenarios tp8, tp4pp2, die: build the same tiny HF model in every process, run it and write the
+results (logits, greedy and sampled tokens) to OUT_JSON. Scenario ckpt: load each checkpoint of
+the JSON in $MH_CKPT ({"tp", "pp", "paths": {format: path}, "prompts"}) with from_pretrained and
+write each one's greedy tokens."""
 
 import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[6] if len(sys.argv) > 6 else 4}"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,8 +29,26 @@ import jax  # noqa: E402
 
 jax.devices()  # start the backend with 4 devices before conftest's flags are imported
 
-from conftest import SAMPLED, _build, random_prompts  # noqa: E402
 from jax_sp import LLM, ParallelConfig, SamplingParams  # noqa: E402
+
+if scenario == "ckpt":  # no torch here: every format through from_pretrained
+    job = json.loads(os.environ["MH_CKPT"])
+    parallel = ParallelConfig(tp=job["tp"], pp=job["pp"], sp="on")
+    tokens, first = {}, None
+    for fmt, path in job["paths"].items():
+        llm = LLM.from_pretrained(path, parallel=parallel)
+        tokens[fmt] = [c.token_ids for c in llm.generate(job["prompts"],
+                                                         SamplingParams(max_new_tokens=5))]
+        first = first or llm
+    sampling = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=-3)  # SAMPLED
+    json.dump({"process": jax.process_index(), "devices": len(jax.devices()),
+               "local": len(jax.local_devices()), "tokens": tokens,
+               "logits": [x.tolist() for x in first.logits(job["prompts"])],
+               "sampled": [c.token_ids for c in first.generate(job["prompts"], sampling)]},
+              open(out, "w"))
+    sys.exit(0)
+
+from conftest import SAMPLED, _build, random_prompts  # noqa: E402
 
 if scenario == "die" and pid == 1:
     os._exit(3)

@@ -18,12 +18,12 @@ from jax_sp.distributed import free_port, wait_all
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 
-def run_job(tmp_path, scenario, n=2, timeout=240):
+def run_job(tmp_path, scenario, n=2, timeout=240, devices=4, env=None):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-u", str(WORKER), str(port), str(n), str(i),
-                               scenario, str(tmp_path / f"out{i}.json")],
+                               scenario, str(tmp_path / f"out{i}.json"), str(devices)],
                               stdout=open(tmp_path / f"log{i}.txt", "w"),
-                              stderr=subprocess.STDOUT) for i in range(n)]
+                              stderr=subprocess.STDOUT, env=env) for i in range(n)]
     code = wait_all(procs, timeout)
     logs = "\n".join((tmp_path / f"log{i}.txt").read_text()[-2000:] for i in range(n))
     return code, [json.load(open(tmp_path / f"out{i}.json")) if code == 0 else None
@@ -53,22 +53,58 @@ def test_tp8_across_two_processes_matches_hf_and_one_process(tmp_path):
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
 
 
-def test_one_pipeline_stage_per_process_gives_the_same_greedy_tokens(tmp_path):
-    """tp 4 x pp 2: stage 0 on process 0's devices, stage 1 on process 1's; the stage hops and
-    the tokens fed back to stage 0 cross processes."""
-    code, outs, logs = run_job(tmp_path, "tp4pp2")
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One odd-sized model (6 query / 2 KV heads, vocabulary 101, 3 layers) as a safetensors
+    folder, a GGUF file and an Orbax checkpoint, with HF's greedy tokens for two prompts."""
+    import torch
+    import transformers
+
+    from gguf_writer import write_gguf
+    from jax_sp.cli import main as cli
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=8)).eval()
+    root = tmp_path_factory.mktemp("mh_ckpt")
+    model.save_pretrained(root / "hf", max_shard_size="60KB")
+    write_gguf(model, str(root / "model.gguf"))
+    assert cli(["convert", str(root / "hf"), str(root / "orbax")]) == 0
+    prompts = random_prompts(101, (6, 13), seed=11)
+    paths = {"safetensors": str(root / "hf"), "gguf": str(root / "model.gguf"),
+             "orbax": str(root / "orbax")}
+    return paths, prompts, hf_greedy(model, prompts, 5)
+
+
+# (processes, devices per process, tp, pp): one device of a tp-4 mesh per process; one pipeline
+# stage per process; single-device stages on two processes
+LAYOUTS = {"tp4": (4, 1, 4, 1), "tp2pp2": (2, 2, 2, 2), "tp1pp2": (2, 1, 1, 2)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_checkpoint_format_loads_on_every_process_layout(checkpoints, layout, tmp_path):
+    """Each process builds only the shards of its own devices, also of a stage it holds none of
+    (it used to fail there), and every process returns HF's greedy tokens. The stage hops and
+    the tokens fed back to stage 0 cross processes: logits and seeded samples are the same on
+    every process and as in one process."""
+    import os
+
+    paths, prompts, want = checkpoints
+    n, devices, tp, pp = LAYOUTS[layout]
+    env = {**os.environ, "MH_CKPT": json.dumps({"tp": tp, "pp": pp, "paths": paths,
+                                                "prompts": prompts})}
+    code, outs, logs = run_job(tmp_path, "ckpt", n=n, devices=devices, env=env)
     assert code == 0, logs
-    assert outs[0]["tokens"] == outs[1]["tokens"] and outs[0]["logits"] == outs[1]["logits"]
-    model = _build("llama")
-    prompts = random_prompts(model.config.vocab_size, (5, 11), seed=7)
-    assert outs[0]["tokens"] == hf_greedy(model, prompts, 6)
-    single = LLM.from_torch(model, parallel=ParallelConfig(tp=4, pp=2, sp="on"))
-    assert outs[0]["tokens"] == [c.token_ids for c in single.generate(
-        prompts, SamplingParams(max_new_tokens=6))]
-    assert outs[0]["sampled"] == outs[1]["sampled"] != outs[0]["tokens"]
+    assert [(o["devices"], o["local"]) for o in outs] == [(n * devices, devices)] * n
+    for o in outs:
+        assert o["tokens"] == {fmt: want for fmt in paths}, o["process"]
+        assert o["logits"] == outs[0]["logits"] and o["sampled"] == outs[0]["sampled"]
+    single = LLM.from_pretrained(paths["safetensors"], parallel=ParallelConfig(tp=tp, pp=pp,
+                                                                              sp="on"))
     assert outs[0]["sampled"] == [c.token_ids for c in single.generate(prompts, SAMPLED)]
-    for got, want in zip(outs[0]["logits"], hf_logits(model, prompts)):
-        np.testing.assert_allclose(np.array(got), want, atol=1e-4, rtol=1e-4)
+    for got, ref in zip(outs[0]["logits"], single.logits(prompts)):
+        np.testing.assert_allclose(np.array(got), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_a_dying_process_fails_the_job_without_hanging(tmp_path):
