@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import types
+from typing import NamedTuple
 
 import jax
 import ml_dtypes
@@ -184,39 +185,49 @@ def _gguf_to_hf(name: str) -> str | None:
     return GGUF_NAMES.get(name)
 
 
-class GGUFSource(TensorSource):
-    """A GGUF file read with the `gguf` package (memory-mapped by it), dequantized a block of
-    rows at a time: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K and the other types
-    `gguf.quants` knows. llama.cpp stores Llama q/k rows permuted for its RoPE; rows are mapped
-    back to Hugging Face order on read."""
+class _GGUFTensor(NamedTuple):
+    name: str
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray  # memory-mapped: elements, or bytes per row for block-quantized types
 
-    def __init__(self, path: str):
+
+class GGUFSource(TensorSource):
+    """A GGUF file, memory-mapped, dequantized a block of rows at a time: F32, F16, BF16, Q8_0,
+    Q4_0, Q4_1, Q4_K, Q6_K and the other types `gguf.quants` knows. llama.cpp stores Llama q/k
+    rows permuted for its RoPE; rows are mapped back to Hugging Face order on read.
+
+    The metadata and tensor table come from `gguf.GGUFReader` the first time a file is read and
+    from `bridges.cache` after that (`table`): the reader's parse of the vocabulary arrays is
+    most of a small model's load time, and nothing here needs them."""
+
+    def __init__(self, path: str, table: dict | None = None):
         import gguf
 
         self.gguf = gguf
         self.description = path
-        try:
-            self.reader = gguf.GGUFReader(path)
-        except Exception as e:  # noqa: BLE001 - the gguf package raises plain errors
-            raise CheckpointError(f"could not read GGUF file {path}: {type(e).__name__}: {e} "
-                                  f"(truncated or corrupted?)") from None
+        if table is None:
+            table = self.read_table(path)
+        self.table = table
+        self.fields = table["fields"]
+        self._mm = np.memmap(path, np.uint8, "r")
         self.arch = self.field("general.architecture")
         if self.arch not in GGUF_ARCHITECTURES:
             raise CheckpointError(f"{path}: unsupported GGUF architecture {self.arch!r}; "
                                   f"supported: {', '.join(GGUF_ARCHITECTURES)}")
         self.shapes, self.dtypes, self._tensors = {}, {}, {}
         unknown = []
-        for t in self.reader.tensors:
-            key = _gguf_to_hf(t.name)
+        for name, type_id, dims, offset in table["tensors"]:
+            key = _gguf_to_hf(name)
             if key is None:
-                unknown.append(t.name)
+                unknown.append(name)
                 continue
-            shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists ne0 (columns) first
+            qtype = gguf.GGMLQuantizationType(type_id)
+            shape = tuple(int(n) for n in reversed(dims))  # GGUF lists ne0 (columns) first
             self.shapes[key] = shape
             self.dtypes[key] = np.dtype(np.float32)  # dequantized (F16 kept as F16)
-            if t.tensor_type == gguf.GGMLQuantizationType.F16:
+            if qtype == gguf.GGMLQuantizationType.F16:
                 self.dtypes[key] = np.dtype(np.float16)
-            self._tensors[key] = t
+            self._tensors[key] = _GGUFTensor(name, qtype, self._view(qtype, shape, offset))
         if unknown:
             raise CheckpointError(f"{path}: {len(unknown)} GGUF tensor(s) not in the key table: "
                                   f"{', '.join(unknown[:5])}")
@@ -224,14 +235,45 @@ class GGUFSource(TensorSource):
         self.num_kv_heads = int(self.field(f"{self.arch}.attention.head_count_kv",
                                            self.num_heads))
 
+    @staticmethod
+    def read_table(path: str) -> dict:
+        """{"fields": every scalar and string of the metadata, "tensors": [name, type, dims,
+        absolute data offset]} through gguf.GGUFReader (JSON, for the cache)."""
+        import gguf
+
+        try:
+            reader = gguf.GGUFReader(path)
+        except Exception as e:  # noqa: BLE001 - the gguf package raises plain errors
+            raise CheckpointError(f"could not read GGUF file {path}: {type(e).__name__}: {e} "
+                                  f"(truncated or corrupted?)") from None
+        fields = {}
+        for name, f in reader.fields.items():
+            if f.types and f.types[0] != gguf.GGUFValueType.ARRAY:
+                value = f.contents()
+                fields[name] = value.item() if hasattr(value, "item") else value
+        tensors = [[t.name, int(t.tensor_type), [int(n) for n in t.shape], int(t.data_offset)]
+                   for t in reader.tensors]
+        return {"fields": fields, "tensors": tensors}
+
+    def _view(self, qtype, shape, offset) -> np.ndarray:
+        """The tensor's bytes in the file as the array gguf.GGUFReader gives: elements for
+        F32/F16/BF16-like types, [rows, bytes] for block-quantized ones."""
+        q = self.gguf.GGMLQuantizationType
+        block, size = self.gguf.GGML_QUANT_SIZES[qtype]
+        n_bytes = int(np.prod(shape)) * size // block
+        raw = self._mm[offset: offset + n_bytes]
+        if qtype == q.F32:
+            return raw.view(np.float32).reshape(shape)
+        if qtype == q.F16:
+            return raw.view(np.float16).reshape(shape)
+        return raw.reshape(self.gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
     def field(self, name, default=None):
-        f = self.reader.fields.get(name)
-        if f is None:
+        if name not in self.fields:
             if default is None:
                 raise CheckpointError(f"{self.description}: GGUF metadata {name!r} is missing")
             return default
-        value = f.contents()
-        return value
+        return self.fields[name]
 
     def config(self) -> ModelConfig:
         a = self.arch

@@ -106,6 +106,9 @@ def _convert(args) -> int:
     from bridges.orbax_io import save
     from bridges.pretrained import load_pretrained
 
+    if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):
+        raise ValueError(f"{args.dst} exists and is not empty (or is a file); choose a new "
+                         f"folder for the converted checkpoint")  # before reading anything
     t0 = time.perf_counter()
     cfg, params, tokenizer, stored = load_pretrained(args.src, progress=True)
     try:

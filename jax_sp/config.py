@@ -13,7 +13,8 @@ import numpy as np
 
 from models.config import ModelConfig, RopeScaling
 
-__all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_parallel"]
+__all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_devices",
+           "check_parallel"]
 
 SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring", "mosaic")
@@ -114,11 +115,20 @@ class ParallelConfig:
         return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}{pp}"
 
 
-def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
-    if parallel.tp * parallel.pp > num_devices:
+def check_devices(parallel: ParallelConfig, num_devices: int) -> None:
+    need = parallel.tp * parallel.pp
+    if need > num_devices:
+        cpu = jax.devices()[0].platform == "cpu"
         raise ValueError(
-            f"tp*pp = {parallel.tp}*{parallel.pp} = {parallel.tp * parallel.pp} devices are needed "
-            f"but {num_devices} are present; choose tp*pp <= {num_devices}")
+            f"tp*pp = {parallel.tp}*{parallel.pp} = {need} devices are needed but {num_devices} "
+            f"are present; choose tp*pp <= {num_devices}"
+            + (f", or simulate {need} CPU devices: set XLA_FLAGS="
+               f"--xla_force_host_platform_device_count={need} in the environment before jax "
+               f"is imported (the jax-sp CLI does this itself)" if cpu else ""))
+
+
+def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
+    check_devices(parallel, num_devices)
     if parallel.pp > model.num_layers:
         raise ValueError(
             f"pp={parallel.pp} stages cannot split {model.num_layers} layers; use "

@@ -19,14 +19,21 @@ import jax
 import numpy as np
 
 from jax_sp import generate as generate_programs
-from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
+from jax_sp.config import (ModelConfig, ParallelConfig, SamplingParams, check_devices,
+                           check_parallel)
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.pipeline import Pipeline
-from jax_sp.runtime import round_up
+from jax_sp.runtime import resolve_dtype, round_up
 from sharding.tokens import place_token_rows, tp_rank_rows
 
 MIN_BUCKET = 16
 EMBED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_max_seq_len(max_seq_len) -> None:
+    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be a positive integer (prompt plus new tokens), "
+                         f"got {max_seq_len!r}; e.g. max_seq_len=2048")
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:
@@ -40,6 +47,37 @@ def bucket(num_tokens: int, tp: int) -> int:
     """Compile bucket for a per-sequence length: the next power of two (>= MIN_BUCKET), rounded up
     to a multiple of tp, so nearby lengths share one compiled function."""
     return round_up(pow2_at_least(num_tokens, MIN_BUCKET), tp)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def _is_conversation(p) -> bool:
+    return isinstance(p, (list, tuple)) and len(p) > 0 and all(isinstance(m, dict) for m in p)
+
+
+def _check_conversation(i: int, messages) -> None:
+    for j, m in enumerate(messages):
+        if m.get("role") not in ROLES or not isinstance(m.get("content"), str) or set(m) - {
+                "role", "content"}:
+            raise ValueError(f"prompt {i}, message {j} is {m!r}; a message is {{'role': one of "
+                             f"{ROLES}, 'content': a string}}")
+
+
+def _token_ids(i: int, p) -> np.ndarray:
+    """Prompt i's token ids as an integer array: any integer type, never bools or floats (which
+    would be truncated silently)."""
+    if p is None or isinstance(p, (dict, bytes)) or not hasattr(p, "__len__"):
+        raise TypeError(f"prompt {i} is {type(p).__name__}; a prompt is a string, a list of "
+                        f"token ids or a conversation (a list of {{'role', 'content'}} messages)")
+    if isinstance(p, np.ndarray) and p.dtype.kind in "iu":
+        return p.reshape(-1)
+    ids = np.asarray(p).reshape(-1) if isinstance(p, np.ndarray) else list(p)
+    for t in (ids.tolist() if isinstance(ids, np.ndarray) else ids):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise TypeError(f"prompt {i} has the token id {t!r} ({type(t).__name__}); token "
+                            f"ids are integers, e.g. [1, 2, 3]")
+    return np.asarray([int(t) for t in ids])  # int64, or object beyond it
 
 
 @dataclasses.dataclass
@@ -84,6 +122,7 @@ class LLM:
                  dtype="float32", max_seq_len: int = 2048, tokenizer=None):
         self.cfg = cfg
         self.parallel = parallel or ParallelConfig()
+        check_max_seq_len(max_seq_len)
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
         self.pipeline = Pipeline(cfg, self.parallel, dtype, host_params)
@@ -115,7 +154,16 @@ class LLM:
         stderr is a terminal)."""
         from bridges.pretrained import load_pretrained
 
-        cfg, params, tokenizer, stored = load_pretrained(name_or_path, progress)
+        # what can be checked before reading anything is, and the rest as soon as the
+        # configuration is read: before the tokenizer and the weights
+        parallel = parallel or ParallelConfig()
+        check_max_seq_len(max_seq_len)
+        if dtype is not None:
+            resolve_dtype(dtype)
+        check_devices(parallel, len(jax.devices()))
+        cfg, params, tokenizer, stored = load_pretrained(
+            name_or_path, progress,
+            check=lambda cfg: check_parallel(parallel, cfg, len(jax.devices())))
         try:
             return cls(cfg, params, parallel=parallel, dtype=dtype or stored,
                        max_seq_len=max_seq_len, tokenizer=tokenizer)
@@ -127,33 +175,53 @@ class LLM:
     # -- inputs --------------------------------------------------------------------------------
 
     def encode(self, prompt, chat: bool = True) -> list[int]:
-        """Text -> ids through the tokenizer (its chat template when chat and it has one)."""
+        """Text -> ids through the tokenizer (its chat template when chat and it has one). A
+        conversation, a list of {"role", "content"} messages, always goes through the chat
+        template."""
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer; pass token ids instead, e.g. [[1, 2]]")
-        if chat and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        return list(self.tokenizer.encode(prompt))
+        template = getattr(self.tokenizer, "chat_template", None)
+        if isinstance(prompt, str) and not (chat and template):
+            return list(self.tokenizer.encode(prompt))
+        if not template:
+            raise ValueError("a conversation needs a tokenizer with a chat template; this one "
+                             "has none: pass the text itself with chat=False")
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _check_ids(self, prompts, chat: bool = True) -> list[np.ndarray]:
-        if isinstance(prompts, (str, bytes)) or not len(prompts):
-            raise ValueError("expected a non-empty list of prompts: strings (with a tokenizer) "
-                             "or token-id lists, e.g. [[1, 2, 3]]")
+        """The API's edge for prompts: each a string, a conversation or token ids, checked once
+        (the compiled programs trust what passes)."""
+        if isinstance(prompts, (str, bytes, dict)) or not hasattr(prompts, "__len__") or not len(
+                prompts):
+            raise ValueError("expected a non-empty list of prompts: strings (with a tokenizer), "
+                             "token-id lists, e.g. [[1, 2, 3]], or conversations, lists of "
+                             "{'role', 'content'} messages")
+        if all(isinstance(p, dict) for p in prompts):  # one conversation, given alone
+            prompts = [list(prompts)]
         out = []
         for i, p in enumerate(prompts):
-            ids = np.asarray(self.encode(p, chat) if isinstance(p, str) else p).reshape(-1)
+            if isinstance(p, str):
+                if not p:
+                    raise ValueError(f"prompt {i} is an empty string; give it some text")
+                ids = np.asarray(self.encode(p, chat), np.int64)
+            elif _is_conversation(p):
+                _check_conversation(i, p)
+                ids = np.asarray(self.encode(p), np.int64)
+            else:
+                ids = _token_ids(i, p)
             if not ids.size:
                 raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
             if ids.dtype.kind in "iu":
                 bad = ids[(ids < 0) | (ids >= self.cfg.vocab_size)].tolist()
-            else:  # what int() takes, one by one (slow, but rare); any size of int checked
-                ids = [int(t) for t in ids]
-                bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            else:  # Python ints beyond int64: compared one by one
+                bad = [int(t) for t in ids if not 0 <= int(t) < self.cfg.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside "
                                  f"[0, {self.cfg.vocab_size})")
-            ids = np.asarray(ids, np.int32)
+            ids = ids.astype(np.int32)
             if len(ids) > self.max_seq_len:
                 raise ValueError(f"prompt {i} has {len(ids)} tokens, more than max_seq_len="
                                  f"{self.max_seq_len}")
@@ -175,6 +243,12 @@ class LLM:
             if len(x) > self.max_seq_len:
                 raise ValueError(f"prompt_embeds[{i}] has {len(x)} rows, more than max_seq_len="
                                  f"{self.max_seq_len}")
+            finite = np.isfinite(x)
+            if not finite.all():
+                row, col = map(int, np.argwhere(~finite)[0])
+                raise ValueError(f"prompt_embeds[{i}] holds {x[row, col]} at [{row}, {col}] "
+                                 f"({int((~finite).sum())} values are not finite); embeddings "
+                                 f"must be finite numbers")
             out.append(x)
         return out
 
@@ -274,6 +348,22 @@ class LLM:
         return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
                      decode_sp, prompts is None)
 
+    def _sampling(self, sampling) -> SamplingParams:
+        """The API's edge for sampling settings: a SamplingParams (None: the defaults) whose
+        stop ids are in the vocabulary."""
+        if sampling is None:
+            return SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            hint = (f"SamplingParams(**{sampling!r})" if isinstance(sampling, dict)
+                    else "SamplingParams(max_new_tokens=32, temperature=0.0)")
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}; "
+                            f"use {hint}")
+        bad = [t for t in sampling.stop_token_ids or () if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.stop_token_ids has {bad[:5]} outside the "
+                             f"vocabulary [0, {self.cfg.vocab_size})")
+        return sampling
+
     def _stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:
         if sampling.stop_token_ids is not None:
             return sampling.stop_token_ids
@@ -325,7 +415,7 @@ class LLM:
         """Generate for a batch of prompts (strings, token-id lists) or of prompt_embeds
         ([T_i, D] arrays). Strings go through the tokenizer's chat template unless chat=False.
         Returns one Completion per prompt."""
-        sampling = sampling or SamplingParams()
+        sampling = self._sampling(sampling)
         job = self._prepare(prompts, prompt_embeds, sampling, chat)
         stop = self._stop_ids(sampling)
         c0, t0 = self._compile_s(), time.perf_counter()
@@ -372,8 +462,11 @@ class LLM:
         printed."""
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer; use generate() for token ids")
-        sampling = sampling or SamplingParams()
-        job = self._prepare([prompt], None, sampling, chat)
+        sampling = self._sampling(sampling)
+        job = self._prepare([prompt], None, sampling, chat)  # bad input fails here, not later
+        return self._stream(job, sampling)
+
+    def _stream(self, job: Batch, sampling: SamplingParams):
         stop = self._stop_ids(sampling)
         c0, t0, t1, c1 = self._compile_s(), time.perf_counter(), None, None
         ids, shown = [], ""

@@ -6,6 +6,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                            + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# GGUF metadata and converted tokenizers (bridges/cache.py) go to a folder of this test session,
+# shared with the processes tests start, never to the user's cache
+os.environ.setdefault("JAX_SP_CACHE", __import__("tempfile").mkdtemp(prefix="jax-sp-cache-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -274,6 +274,9 @@ def test_convert_refuses_a_non_empty_destination(odd_model, tmp_path, capsys):
     assert cli(["convert", folder, str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+    # checked before the source is read: a source that would fail to load is never opened
+    assert cli(["convert", str(tmp_path / "keep.txt"), str(tmp_path)]) == 2
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_orbax_checkpoint_of_format_2_is_fused_on_load(hf_models, tmp_path):
@@ -318,3 +321,62 @@ def test_orbax_checkpoint_of_an_older_format_asks_for_a_new_convert(odd_model, t
                                          r"convert"):
         LLM.from_pretrained(str(dst))
     assert json.loads(marker.read_text())["format"] == 1
+
+
+def test_gguf_metadata_and_tokenizer_come_from_the_cache_after_a_first_load(smollm2, monkeypatch):
+    """After one load of a GGUF file, its metadata and tokenizer come from the cache: neither
+    gguf's reader nor transformers' GGUF conversion runs again, and the cached tokenizer encodes,
+    templates and decodes as transformers' conversion does."""
+    import gguf
+
+    from bridges import cache
+
+    cfg, params, tokenizer, _ = smollm2
+    from bridges.pretrained import embedded_gguf
+
+    first = LLM.from_pretrained("smollm2")
+    path = embedded_gguf("smollm2")  # the first load (here or earlier) stored its entry
+    assert cache.read_table(path) and cache.tokenizer_folder(path).startswith(cache.root())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cache was not used")
+
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    cached = LLM.from_pretrained("smollm2")
+    chats = ["What is the capital of France?", "Write the word café and the emoji 🎉."]
+    assert [cached.encode(c) for c in chats] == [
+        list(tokenizer.apply_chat_template([{"role": "user", "content": c}],
+                                           add_generation_prompt=True, tokenize=True)
+             ["input_ids"]) for c in chats]
+    ids = tokenizer.encode(chats[1])
+    assert cached.tokenizer.encode(chats[1]) == ids
+    assert cached.tokenizer.decode(ids) == tokenizer.decode(ids)
+    assert cached.tokenizer.eos_token_id == tokenizer.eos_token_id
+    prompts = random_prompts(cfg.vocab_size, (7,), seed=9)
+    np.testing.assert_array_equal(cached.logits(prompts)[0], first.logits(prompts)[0])
+
+
+def test_a_changed_gguf_file_is_read_again_and_an_unwritable_cache_only_warns(
+        tmp_path, monkeypatch, caplog):
+    from bridges import cache
+
+    model = tiny_llama()
+    path = tmp_path / "tiny.gguf"
+    write_gguf(model, str(path))
+    monkeypatch.setenv("JAX_SP_CACHE", str(tmp_path / "cache"))
+    prompts = random_prompts(96, (5,), seed=1)
+    want = LLM.from_pretrained(str(path)).logits(prompts)[0]
+    entry = cache.entry(str(path))
+    assert os.path.isfile(os.path.join(entry, "table.json"))
+    write_gguf(tiny_llama(seed=1), str(path))  # same name and size, new weights and mtime
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10**9))
+    assert cache.entry(str(path)) != entry
+    other = LLM.from_pretrained(str(path)).logits(prompts)[0]
+    assert not np.allclose(other, want)
+    (tmp_path / "blocked").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("JAX_SP_CACHE", str(tmp_path / "blocked"))
+    with caplog.at_level("WARNING", logger="jax_sp"):
+        again = LLM.from_pretrained(str(path)).logits(prompts)[0]
+    assert "could not write the cache entry" in caplog.text
+    np.testing.assert_array_equal(again, other)

