@@ -357,20 +357,24 @@ def _flat_index(maps: list[np.ndarray], sizes: list[int]) -> np.ndarray:
 
 
 class Progress:
-    """One line on stderr: tensors and bytes done."""
+    """The weights' progress on stderr: tensors and bytes done. mode "live": one line updated
+    in place (a terminal); "line": one line when done, if that took a second or more (stderr
+    is not a terminal); "off": nothing."""
 
-    def __init__(self, total_tensors: int, total_bytes: int, enabled: bool):
+    def __init__(self, total_tensors: int, total_bytes: int, mode: str):
         self.n, self.total, self.bytes, self.total_bytes = 0, total_tensors, 0, total_bytes
-        self.enabled, self.t0 = enabled, time.perf_counter()
+        self.mode, self.t0 = mode, time.perf_counter()
 
     def step(self, nbytes: int):
         self.n += 1
         self.bytes += nbytes
-        if self.enabled:
-            end = "\n" if self.n == self.total else ""
-            sys.stderr.write(f"\rloading weights: {self.n}/{self.total} tensors, "
-                             f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB, "
-                             f"{time.perf_counter() - self.t0:.1f} s{end}")
+        seconds = time.perf_counter() - self.t0
+        done = self.n == self.total
+        if self.mode == "live" or (self.mode == "line" and done and seconds >= 1.0):
+            sys.stderr.write(f"{'' if self.mode == 'line' else chr(13)}jax-sp: loading weights: "
+                             f"{self.n}/{self.total} tensors, {self.bytes / 1e9:.2f}/"
+                             f"{self.total_bytes / 1e9:.2f} GB, {seconds:.1f} s"
+                             f"{chr(10) if done else ''}")
             sys.stderr.flush()
 
 
@@ -401,9 +405,9 @@ class LazyParams:
         for e in self.entries.values():
             e["keys"] = list(e["keys"].values())
         self.total_bytes = sum(self._bytes(e["keys"]) for e in self.entries.values())
-        if progress is None:
-            progress = sys.stderr.isatty()
-        self.progress = Progress(len(self.entries), self.total_bytes, progress)
+        mode = {True: "live", False: "off"}.get(progress) or (
+            "live" if sys.stderr.isatty() else "line")
+        self.progress = Progress(len(self.entries), self.total_bytes, mode)
 
     def _bytes(self, keys) -> int:
         return sum(math.prod(self.source.shapes[k]) * self.source.dtypes[k].itemsize

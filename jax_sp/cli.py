@@ -82,7 +82,7 @@ def _generate(args) -> int:
         print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
           f"{s.prompt_tokens} tokens {s.prefill_s * 1e3:.0f} ms (sp={'on' if s.prefill_sp else 'off'})"
           f" | decode {s.decode_s * 1e3:.0f} ms (sp={'on' if s.decode_sp else 'off'}) | compile "
-          f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.runtime.mesh.size} "
+          f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.pipeline.mesh.size} "
           f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s){hosts}]", flush=True)
     return 0
 
@@ -121,57 +121,85 @@ def _convert(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jax-sp", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+_Help = argparse.ArgumentDefaultsHelpFormatter  # every option's help ends with its default
 
-    ins = sub.add_parser("inspect", help="HLO collective census and memory of each SP mode")
+
+def _layout_options(p, tp_default: int) -> None:
+    p.add_argument("--tp", type=_positive, default=tp_default,
+                   help="tensor-parallel devices per pipeline stage")
+    p.add_argument("--pp", type=_positive, default=1, help="pipeline stages (tp*pp devices)")
+    p.add_argument("--comm", default="xla", choices=COMM_CHOICES,
+                   help="how SP's all-gathers and reduce-scatters run: xla (sharding "
+                        "constraints), ring (explicit collective matmul) or mosaic (Hopper GPUs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jax-sp", description=__doc__.splitlines()[0],
+                                formatter_class=_Help)
+    sub = p.add_subparsers(dest="command", required=True)
+    add = lambda name, **kw: sub.add_parser(name, formatter_class=_Help, **kw)  # noqa: E731
+
+    ins = add("inspect", help="HLO collective census, schedule and memory of each SP mode",
+              description="Compile a prefill for sp off and on (no weights are allocated) and "
+                          "print what each communicates, where, and its memory.")
     ins.add_argument("--model", default="smollm2",
                      help="model shape: smollm2, llama3.2-1b, llama3-8b, llama3-70b")
-    ins.add_argument("--tp", type=_positive, default=4)
-    ins.add_argument("--pp", type=_positive, default=1)
-    ins.add_argument("--tokens", type=_positive, default=1024, help="tokens per sequence")
-    ins.add_argument("--batch", type=_positive, default=1)
-    ins.add_argument("--layers", type=int, default=0, help="override the layer count")
-    ins.add_argument("--comm", default="xla", choices=COMM_CHOICES)
+    _layout_options(ins, 4)
+    ins.add_argument("--tokens", type=_positive, default=1024,
+                     help="tokens per sequence (rounded up to a multiple of tp)")
+    ins.add_argument("--batch", type=_positive, default=1, help="sequences in the prefill")
+    ins.add_argument("--layers", type=int, default=0,
+                     help="override the layer count (0: the model's)")
     ins.set_defaults(run=_inspect)
 
-    gen = sub.add_parser("generate", help="stream a completion of one prompt")
-    gen.add_argument("prompt")
-    gen.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file or an "
-                     "HF folder")
-    gen.add_argument("--tp", type=_positive, default=1)
-    gen.add_argument("--pp", type=_positive, default=1)
-    gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"))
-    gen.add_argument("--comm", default="xla", choices=COMM_CHOICES)
+    gen = add("generate", help="stream a completion of one prompt",
+              description="Load a model onto tp*pp devices (simulated CPU devices when no "
+                          "accelerator is present) and stream the answer, then a stats line.")
+    gen.add_argument("prompt", help="the text; the chat template wraps it unless --no-chat")
+    gen.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file, an "
+                     "HF folder or a folder written by `jax-sp convert`")
+    _layout_options(gen, 1)
+    gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"),
+                     help="sequence parallelism: on, off, or auto (for long prefills only)")
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                     help="default: the checkpoint's (GGUF: float32)")
-    gen.add_argument("--max-new-tokens", type=_positive, default=64)
-    gen.add_argument("--max-seq-len", type=_positive, default=2048)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+                     help="compute dtype (None: the checkpoint's; GGUF: float32)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64,
+                     help="tokens to generate at most")
+    gen.add_argument("--max-seq-len", type=_positive, default=2048,
+                     help="prompt plus new tokens at most (the KV cache's length)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="keep the likeliest tokens up to this probability mass (1: all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host)")
-    gen.add_argument("--num-processes", type=int, default=None)
-    gen.add_argument("--process-id", type=int, default=None)
+    gen.add_argument("--coordinator", default=None,
+                     help="HOST:PORT of process 0 of a multi-process job (with the next two)")
+    gen.add_argument("--num-processes", type=int, default=None,
+                     help="processes in the multi-process job")
+    gen.add_argument("--process-id", type=int, default=None, help="this process's index")
     gen.set_defaults(run=_generate)
 
-    ll = sub.add_parser("launch-local", help="run a jax-sp command as N processes of one "
-                        "jax.distributed job on this machine (for testing)")
-    ll.add_argument("processes", type=_positive)
+    ll = add("launch-local", help="run a jax-sp command as N processes of one "
+             "jax.distributed job on this machine (for testing)",
+             description="jax-sp launch-local N [options] -- COMMAND ...: process 0's output is "
+                         "shown; if one process fails, the others are stopped.")
+    ll.add_argument("processes", type=_positive, help="number of processes")
     ll.add_argument("--devices-per-process", type=int, default=None,
-                    help="simulated CPU devices for each process")
-    ll.add_argument("--timeout", type=float, default=None, help="seconds before all are stopped")
+                    help="simulated CPU devices for each process (None: as the environment "
+                         "says, one without XLA_FLAGS)")
+    ll.add_argument("--timeout", type=float, default=None,
+                    help="seconds before all are stopped (None: no limit)")
     ll.add_argument("argv", nargs="*", help="after --: the command, e.g. -- generate \"Hi\"")
     ll.set_defaults(run=_launch_local)
 
-    conv = sub.add_parser("convert", help="write a model as an Orbax checkpoint")
+    conv = add("convert", help="write a model as an Orbax checkpoint",
+               description="Read a model (each tensor once, shard by shard) and write it as an "
+                           "Orbax checkpoint that from_pretrained and --model load.")
     conv.add_argument("src", help="smollm2 (embedded), a GGUF file or an HF folder")
-    conv.add_argument("dst", help="a new folder")
+    conv.add_argument("dst", help="a new (or empty) folder")
     conv.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                      help="default: the source's (GGUF: float32)")
+                      help="stored dtype (None: the source's; GGUF: float32)")
     conv.set_defaults(run=_convert)
     return p
 

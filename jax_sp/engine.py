@@ -150,8 +150,9 @@ class LLM:
         """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face folder
         (config.json + *.safetensors) or a folder written by `jax-sp convert` (Orbax). Each
         device reads its own shard from disk; dtype None keeps the checkpoint's (bfloat16 stays
-        bfloat16; GGUF dequantizes to float32). progress: a line on stderr (default: when
-        stderr is a terminal)."""
+        bfloat16; GGUF dequantizes to float32). progress: stages of a second or more on
+        stderr (True: the weights' counter updated in place; None, the default: so on a
+        terminal, else a line per stage when it ends; False: silent)."""
         from bridges.pretrained import load_pretrained
 
         # what can be checked before reading anything is, and the rest as soon as the

@@ -53,8 +53,12 @@ class PaddingPlan:
     def describe(self) -> str:
         return (f"query heads {self.num_heads}->{self.padded_heads}, KV heads "
                 f"{self.num_kv_heads}->{self.padded_kv_heads} ({self.kv_groups - self.num_kv_heads}"
-                f" zero groups, each KV head x{self.kv_repeat}), vocab {self.vocab_size}->"
+                f" zero group{'s' * (self.kv_groups - self.num_kv_heads != 1)}, each KV head "
+                f"x{self.kv_repeat}), vocab {self.vocab_size}->"
                 f"{self.padded_vocab}, MLP {self.mlp_size}->{self.padded_mlp}")
+
+
+_NOTED: set = set()
 
 
 def plan_padding(num_heads: int, num_kv_heads: int, vocab_size: int, mlp_size: int,
@@ -72,6 +76,9 @@ def plan_padding(num_heads: int, num_kv_heads: int, vocab_size: int, mlp_size: i
     _, kv_groups, repeat = best  # kv_groups = a multiple of tp with repeat 1 always qualifies
     plan = PaddingPlan(num_heads, num_kv_heads, vocab_size, kv_groups, repeat,
                        -(-vocab_size // tp) * tp, mlp_size, -(-mlp_size // tp) * tp)
+    if (plan, tp) in _NOTED:  # one notice a process, not one per pipeline stage or program
+        return plan
+    _NOTED.add((plan, tp))
     if plan.padded_heads != num_heads:
         log.warning("tp=%d: %s; attention does %.2fx the work and the KV cache holds %.2fx the "
                     "heads", tp, plan.describe(), plan.padded_heads / num_heads,

@@ -146,7 +146,7 @@ def test_gguf_file_equals_from_torch(tmp_path, qtype, tp):
 
 
 def test_embedded_gguf_read_directly_equals_transformers(smollm2):
-    """The real Q8_0 file: our reader (gguf dequantization, llama.cpp q/k order undone) gives
+    """The real file (210 Q4_1 tensors, one Q8_0, 61 F32): our reader (gguf dequantization, llama.cpp q/k order undone) gives
     the logits of transformers' own GGUF loader."""
     cfg, params, _, module = smollm2
     prompts = random_prompts(cfg.vocab_size, (9,), seed=5)

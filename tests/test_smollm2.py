@@ -41,15 +41,19 @@ def test_stream_yields_the_same_text_as_generate(smollm2, chat, cut):
 
 
 def test_cli_generate_streams_the_answer_and_a_stats_line():
+    """Two pipeline stages of tp 2: the stats line counts all 4 devices, and the notice of the
+    heads tp 2 pads (9 -> 12) is printed once, not once per stage."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # the CLI sets device count
     run = subprocess.run([sys.executable, "-m", "jax_sp.cli", "generate",
-                          "What is the capital of France?", "--tp", "2", "--sp", "on",
-                          "--max-new-tokens", "16"], capture_output=True, text=True, env=env,
-                         timeout=300)
+                          "What is the capital of France?", "--tp", "2", "--pp", "2", "--sp",
+                          "on", "--max-new-tokens", "16"], capture_output=True, text=True,
+                         env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     answer, stats = run.stdout.strip().splitlines()[-2:]
     assert answer == "The capital of France is Paris."
-    assert "tokens/s" in stats and "tp=2 pp=1 sp=on comm=xla on 2 CPU device(s)" in stats
+    assert "tokens/s" in stats and "tp=2 pp=2 sp=on comm=xla" in stats
+    assert "on 4 CPU device(s)" in stats
+    assert run.stderr.count("query heads 9->12") == 1, run.stderr
 
 
 def test_missing_embedded_model_says_the_pip_command(monkeypatch):
