@@ -10,6 +10,7 @@ Tables:
             measured per-layer times (multi_gpu_*.jsonl): how much overlap can win at each size
   schedule  mock_gpu_compile_prefill_*.jsonl: per comm path, XLA's windowed-einsum loops and
             each layer's collectives overlapped by compute or exposed in the schedule
+  load      load_time_*.jsonl: loading the embedded GGUF, jax-sp against transformers
 """
 
 from __future__ import annotations
@@ -92,7 +93,27 @@ def schedule() -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "schedule": schedule}
+def load() -> str:
+    rows = _rows("load_time_*.jsonl")
+    summary = [r for r in rows if r.get("case") == "summary"]
+    if not summary:
+        return "(no load_time results)"
+    out = ["| loading the embedded SmolLM2 GGUF (imports included) | median s | vs transformers |",
+           "| --- | --- | --- |"]
+    for s in summary:
+        med = s["median_s"]
+        for case in ("transformers", "jax-sp cold", "jax-sp cached"):
+            label = {"transformers": "transformers (tokenizer + model)",
+                     "jax-sp cold": "jax-sp, first load of the file",
+                     "jax-sp cached": "jax-sp, every later load"}[case]
+            out.append(f"| {label} | {med[case]:.1f} | {med[case] / med['transformers']:.2f}x |")
+        out.append("")
+        out.append(f"{s['machine']}, {s['repeats']} alternating rounds, each load a fresh "
+                   f"process (`benchmarks/load_time.py`).")
+    return "\n".join(out)
+
+
+TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load}
 _BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 

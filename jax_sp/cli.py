@@ -73,10 +73,17 @@ def _generate(args) -> int:
     import jax
 
     show = jax.process_index() == 0  # every process computes; one prints
+    warm = 0.0
+    if multi:  # gloo announces each new communicator on stderr: let that happen before the
+        # answer streams, not in the middle of it (one silent step compiles what the stream uses)
+        for _ in llm.stream(args.prompt, dataclasses.replace(sampling, max_new_tokens=2),
+                            chat=not args.no_chat):
+            pass
+        warm = llm.last_stats.compile_s
     for piece in llm.stream(args.prompt, sampling, chat=not args.no_chat):
         if show:
             print(piece, end="", flush=True)
-    s = llm.last_stats
+    s = dataclasses.replace(llm.last_stats, compile_s=llm.last_stats.compile_s + warm)
     hosts = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
     if show:
         print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
