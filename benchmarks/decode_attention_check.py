@@ -26,6 +26,8 @@ def main():
     from flax import nnx
 
     from jax_sp.presets import preset
+    from jax_sp.attention import Cudnn, PallasDecode
+    from models.attention import XLA
     from models.cache import KVCache
     from models.llama import Llama
 
@@ -42,12 +44,14 @@ def main():
         return nnx.merge(graphdef, state)(positions, kv_len, tokens_bt=ids, cache=cache,
                                           fresh=True).cache
 
+    backends = {"xla": XLA, "cudnn": Cudnn(), "pallas": PallasDecode()}
+
     def step(impl):
         @jax.jit
         def run(state, cache, token_b, pos_b):
             out = nnx.merge(graphdef, state)(pos_b[:, None], pos_b + 1,
                                              tokens_bt=token_b[:, None], cache=cache,
-                                             attention=impl)
+                                             attention=backends[impl])
             return out.logits.astype(jnp.float32), out.cache
         return run
 

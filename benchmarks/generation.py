@@ -146,7 +146,7 @@ def run_model(b: Bench, name: str):
     import torch
 
     import jax_sp.generate as gen
-    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from peers_torch import FastLlama, fast_generate, hf_eager_generate, hf_static_generate
 
@@ -169,10 +169,10 @@ def run_model(b: Bench, name: str):
     max_len = max(2048, prompt_len + new_tokens) + 64
     llms = {"jax-sp": LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
                                      max_seq_len=max_len)}
-    if llms["jax-sp"].runtime.attention != "xla" and args.compare_attention:  # the same model with XLA's attention
-        llms["jax-sp/xla-attention"] = LLM.from_torch(
-            module, parallel=ParallelConfig(tp=1, attention="xla"), dtype=args.dtype,
-            max_seq_len=max_len)
+    if llms["jax-sp"].runtime.attention.name != "xla" and args.compare_attention:
+        llms["jax-sp/xla-attention"] = LLM.from_torch(  # the same model with XLA's attention
+            module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
+            options=CompileOptions(attention="xla"))
     rng = np.random.default_rng(0)
     common = {"model": name, "dtype": args.dtype, "params": params}
 
@@ -201,7 +201,7 @@ def run_model(b: Bench, name: str):
                 continue
             firsts[impl] = [c.token_ids[0] for c in out]
             report(impl, *timed(lambda: llm.generate(ids.tolist(), one), args.repeats,
-                                lambda _: None), first_s, attention=llm.runtime.attention)
+                                lambda _: None), first_s, attention=llm.runtime.attention.name)
         x = torch.tensor(ids, device=b.device)
         with torch.no_grad():
             forward = lambda: module(x, logits_to_keep=1).logits  # noqa: E731
@@ -231,13 +231,19 @@ def run_model(b: Bench, name: str):
 
     # -- decode ----------------------------------------------------------------------------------
     limit = b.bandwidth / weight_bytes  # steps/s if a step did nothing but read the weights once
-    saved_unroll = gen.DECODE_UNROLL
-    unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [saved_unroll]
-    decoders = {"jax-sp": llms["jax-sp"]}  # side by side: other attention modes' decode
-    for mode in [m for m in args.decode_attention.split(",") if m and m != "auto"]:
-        decoders[f"jax-sp/attention={mode}"] = LLM.from_torch(
-            module, parallel=ParallelConfig(tp=1, attention=mode), dtype=args.dtype,
-            max_seq_len=max_len)
+    unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [None]
+    # side by side: other attention modes' decode, other unroll factors (None: the default's)
+    decoders = {"jax-sp": "auto"}
+    decoders.update({f"jax-sp/attention={m}": m for m in args.decode_attention.split(",")
+                     if m and m != "auto"})
+    engines = {("auto", None): llms["jax-sp"]}
+
+    def engine(mode, unroll):
+        if (mode, unroll) not in engines:
+            engines[mode, unroll] = LLM.from_torch(
+                module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
+                options=CompileOptions(attention=mode, decode_unroll=unroll))
+        return engines[mode, unroll]
     for batch in decode_batches:
         ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
         sp = SamplingParams(max_new_tokens=new_tokens)
@@ -252,8 +258,8 @@ def run_model(b: Bench, name: str):
                     "spread_ms_per_token": [s * 1e3 for s in spread],
                     "of_bandwidth_limit": (1 / per) / limit, "first_call_s": first_s, **extra})
 
-        for (impl, llm), setting in itertools.product(decoders.items(), unrolls):
-            gen.DECODE_UNROLL = setting
+        for (impl, mode), setting in itertools.product(decoders.items(), unrolls):
+            llm = engine(mode, setting)
             unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
             tokens[f"{impl}/unroll={unroll}"] = [c.token_ids for c in out]
@@ -267,14 +273,13 @@ def run_model(b: Bench, name: str):
             prefill = statistics.median(prefills)  # spread on the same footing as the peers'
             spread = tuple((t - prefill) / (new_tokens - 1) for t in (min(totals), max(totals)))
             report(impl, statistics.median(totals), prefill, spread, first_s, unroll=unroll,
-                   decode_attention=llm.runtime.decode_attention,
+                   decode_attention=llm.runtime.decode_attention.name,
                    xla_options=llm.runtime.xla_options(False),
                    decode_loop_ms_per_token=statistics.median(decodes) * 1e3)
             if args.dump_hlo and batch in (decode_batches[0], decode_batches[-1]):
                 with open(os.path.join(args.dump_hlo, f"decode_{name}_b{batch}_u{unroll}.hlo"),
                           "w") as f:
                     f.write(llm.programs.hlo("decode"))
-        gen.DECODE_UNROLL = saved_unroll
 
         x = torch.tensor(ids, device=b.device)
         fast = None

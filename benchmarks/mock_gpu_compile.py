@@ -36,7 +36,7 @@ import jax
 jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jax_sp.config import ParallelConfig  # noqa: E402
+from jax_sp.config import CompileOptions, ParallelConfig  # noqa: E402
 from jax_sp.generate import (  # noqa: E402
     Static, abstract_decode_step_args, decode_step_fn, decode_unroll)
 from jax_sp.presets import preset  # noqa: E402
@@ -143,11 +143,12 @@ def analyse(row, hlo, layers):
 
 
 def decode_case(model, cfg, attention, batch=8, max_len=1024):
-    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off", attention=attention), dtype="bfloat16")
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off"), dtype="bfloat16",
+                 options=CompileOptions(attention=attention))
     c = rt.padded_cfg
     args = abstract_decode_step_args(rt, batch, max_len)
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
-           "cache": max_len, "attention": rt.decode_attention, "unroll": decode_unroll(rt),
+           "cache": max_len, "attention": rt.decode_attention.name, "unroll": decode_unroll(rt),
            "jax": jax.__version__}
     try:
         fn = decode_step_fn(rt, Static(sp=False, greedy=True, top_k=0, unroll=row["unroll"]))

@@ -83,7 +83,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers (CPU plumbing)")
     ap.add_argument("--top", type=int, default=12)
-    ap.add_argument("--attention", default="auto", help="ParallelConfig.attention")
+    ap.add_argument("--attention", default="auto", help="CompileOptions.attention")
     ap.add_argument("--out", default=None)
     ap.add_argument("--sliced-cache", action="store_true",
                     help="cuDNN decode reads a copy of each layer's cache slice (the old path)")
@@ -93,8 +93,8 @@ def main():
     ap.add_argument("--torch-first", action="store_true",
                     help="let PyTorch create the CUDA context before XLA does, as "
                          "benchmarks/generation.py does")
-    ap.add_argument("--pad-rows-min-weight", type=int, default=None,
-                    help="sharding.layout.PAD_ROWS_MIN_WEIGHT: projections of weights from this "
+    ap.add_argument("--pad-rows-min-weight", type=int, default=1 << 20,
+                    help="CompileOptions.pad_rows_min_weight: projections of weights from this "
                          "many elements up run on a multiple of 8 rows on GPU")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
@@ -113,9 +113,7 @@ def main():
     import numpy as np
 
     import jax_sp.generate as gen
-    import models.llama as llama
-    import sharding.layout as sharding_layout
-    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
 
@@ -123,23 +121,23 @@ def main():
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
     options = parse_options(args.xla_option)
-    parallel = ParallelConfig(tp=1, xla_options=options or None, attention=args.attention)
+    parallel = ParallelConfig(tp=1)
+    compile_options = CompileOptions(
+        attention=args.attention, decode_unroll=args.unroll, xla_options=options or None,
+        pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
         from generation import hf_module
 
         device = "cuda" if jax.default_backend() == "gpu" else "cpu"
         llm = LLM.from_torch(hf_module(cfg, args.dtype, device), parallel=parallel,
-                             dtype=args.dtype, max_seq_len=max_len)
+                             dtype=args.dtype, max_seq_len=max_len, options=compile_options)
     else:
         llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
-                  max_seq_len=max_len)
-    gen.DECODE_UNROLL = args.unroll
+                  max_seq_len=max_len, options=compile_options)
     args.unroll = gen.decode_unroll(llm.runtime)  # recorded as resolved
-    if args.pad_rows_min_weight is not None:
-        sharding_layout.PAD_ROWS_MIN_WEIGHT = args.pad_rows_min_weight
-    llama.PAGED_DECODE = not args.sliced_cache
-    attention = f"{llm.runtime.attention}-{llm.runtime.decode_attention}"  # prefill-decode
+    # prefill-decode
+    attention = f"{llm.runtime.attention.name}-{llm.runtime.decode_attention.name}"
     # what sets this run apart, in every file name it writes
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
@@ -165,9 +163,10 @@ def main():
         busy = sum(t for t, _ in totals.values())
         top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
-               "unroll": args.unroll, "attention": llm.runtime.attention, "wall_ms": wall * 1e3,
-               "decode_attention": llm.runtime.decode_attention, "paged_cache": llama.PAGED_DECODE,
-               "pad_rows_min_weight": sharding_layout.PAD_ROWS_MIN_WEIGHT,
+               "unroll": args.unroll, "attention": llm.runtime.attention.name,
+               "wall_ms": wall * 1e3, "decode_attention": llm.runtime.decode_attention.name,
+               "paged_cache": not args.sliced_cache,
+               "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",
                "decode_ms_per_token": stats.decode_s / steps * 1e3,

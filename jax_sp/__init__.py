@@ -3,9 +3,9 @@
     from jax_sp import LLM, ParallelConfig, SamplingParams
 """
 
-from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams
+from jax_sp.config import CompileOptions, ModelConfig, ParallelConfig, SamplingParams
 from jax_sp.engine import LLM, Completion
 from models.llama import IntermediateTensors
 
-__all__ = ["LLM", "Completion", "IntermediateTensors", "ModelConfig", "ParallelConfig",
-           "SamplingParams"]
+__all__ = ["LLM", "CompileOptions", "Completion", "IntermediateTensors", "ModelConfig",
+           "ParallelConfig", "SamplingParams"]

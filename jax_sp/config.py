@@ -1,4 +1,5 @@
-"""Frozen, validated configs: ModelConfig (from models/), ParallelConfig, SamplingParams.
+"""Frozen, validated configs: ModelConfig (from models/), ParallelConfig, CompileOptions,
+SamplingParams.
 
 Each config checks itself in `__post_init__`; `check_parallel` checks a ParallelConfig against a
 model and the devices present. Errors name the value and say what would work.
@@ -13,8 +14,8 @@ import numpy as np
 
 from models.config import ModelConfig, RopeScaling
 
-__all__ = ["ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams", "check_devices",
-           "check_parallel"]
+__all__ = ["CompileOptions", "ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams",
+           "check_devices", "check_parallel"]
 
 SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring", "mosaic")
@@ -39,23 +40,17 @@ def _positive_int(owner, name, value):
 
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
-    """tp: tensor-parallel degree (devices per stage); pp: pipeline stages; sp: "off" (Megatron
-    TP), "on" (TP + sequence parallelism), "auto" (SP for forwards of >= sp_min_tokens padded
-    tokens, TP otherwise; default: `sp_threshold`); comm: "xla" (sharding annotations, XLA's
-    collectives and its windowed einsums on GPU), "ring" (explicit shard_map collective matmul)
-    or "mosaic" (SP's all-gathers inside JAX's Mosaic GPU all-gather matmul kernel, the
-    reduce-scatters as "ring"; Hopper GPUs, 16-bit, one process owning every device).
-    Pipeline: pp_layers (layer count of each stage;
-    default vLLM's even split with the remainder on the stages before the last), pp_boundary
+    """How the model is split over devices. tp: tensor-parallel degree (devices per stage); pp:
+    pipeline stages; sp: "off" (Megatron TP), "on" (TP + sequence parallelism), "auto" (SP for
+    forwards of >= sp_min_tokens padded tokens, TP otherwise; default: `sp_threshold`); comm:
+    "xla" (sharding annotations, XLA's collectives and its windowed einsums on GPU), "ring"
+    (explicit shard_map collective matmul) or "mosaic" (SP's all-gathers inside JAX's Mosaic
+    GPU all-gather matmul kernel, the reduce-scatters as "ring"; Hopper GPUs, 16-bit, one
+    process owning every device). Pipeline: pp_layers (layer count of each stage; default
+    vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
-    i+1 runs while stage k+1 of micro-batch i does). attention: how prefill and one-token
-    decode steps attend, "xla" (einsums and a softmax, Q_CHUNK queries at a time), "cudnn"
-    (cuDNN flash attention; GPU, bfloat16/float16; decode steps of sliding-window models stay on
-    xla), "pallas" (decode steps run jax-sp's fused kernel, models/decode_attention.py: RoPE,
-    cache write and attention in one launch; interpreted off GPU; prefill as "auto") or "auto"
-    (on GPU in 16-bit: cudnn prefill and pallas decode, cudnn decode where the kernel does not
-    apply; xla elsewhere)."""
+    i+1 runs while stage k+1 of micro-batch i does)."""
 
     tp: int = 1
     pp: int = 1
@@ -65,8 +60,6 @@ class ParallelConfig:
     pp_layers: tuple[int, ...] | None = None
     pp_boundary: str = "scattered"
     microbatches: int = 1
-    xla_options: tuple | None = None  # per-compile XLA options; None: jax-sp's defaults
-    attention: str = "auto"
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
@@ -81,11 +74,6 @@ class ParallelConfig:
             raise ValueError(f"ParallelConfig.pp_boundary must be one of {BOUNDARIES}, got "
                              f"{self.pp_boundary!r}")
         _positive_int("ParallelConfig", "microbatches", self.microbatches)
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"ParallelConfig.attention must be one of {ATTENTION_MODES}, got "
-                             f"{self.attention!r}")
-        if self.xla_options is not None:
-            object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
         if self.pp_layers is not None:
             object.__setattr__(self, "pp_layers", tuple(self.pp_layers))
             if len(self.pp_layers) != self.pp or any(
@@ -137,6 +125,46 @@ def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: in
         raise ValueError(
             f"pp_layers={parallel.pp_layers} adds up to {sum(parallel.pp_layers)} layers but the "
             f"model has {model.num_layers}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """How the programs are compiled, apart from the parallel layout; the defaults are what
+    measurements chose (README, "Generation speed").
+
+    attention: how prefill and one-token decode steps attend: "xla" (einsums and a softmax,
+    Q_CHUNK queries at a time), "cudnn" (cuDNN flash attention; GPU, bfloat16/float16; decode
+    steps of sliding-window models stay on xla), "pallas" (decode steps through jax-sp's fused
+    kernel, models/decode_attention.py: RoPE, cache write and attention in one launch;
+    interpreted off GPU; prefill as "auto") or "auto" (on GPU in 16-bit: cudnn prefill and
+    pallas decode, cudnn decode where the kernel does not apply; xla elsewhere).
+    paged_decode: cuDNN decode steps read the stacked cache as a paged pool (False: slice the
+    layer out first). decode_unroll / prefill_unroll: the layer loop's unroll factor in decode /
+    prefill programs (>= the layer count unrolls it; decode None: every layer on GPU, a loop
+    elsewhere). row_multiple: projections onto weights of at least pad_rows_min_weight elements
+    run on a multiple of this many rows (None: 8 on GPU, 1 elsewhere; sharding/layout.py).
+    xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
+    {}: none)."""
+
+    attention: str = "auto"
+    paged_decode: bool = True
+    decode_unroll: int | None = None
+    prefill_unroll: int = 1
+    row_multiple: int | None = None
+    pad_rows_min_weight: int = 1 << 20
+    xla_options: tuple | None = None
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"CompileOptions.attention must be one of {ATTENTION_MODES}, got "
+                             f"{self.attention!r}")
+        for name in ("decode_unroll", "row_multiple"):
+            if getattr(self, name) is not None:
+                _positive_int("CompileOptions", name, getattr(self, name))
+        _positive_int("CompileOptions", "prefill_unroll", self.prefill_unroll)
+        _positive_int("CompileOptions", "pad_rows_min_weight", self.pad_rows_min_weight)
+        if self.xla_options is not None:
+            object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,8 +19,8 @@ import jax
 import numpy as np
 
 from jax_sp import generate as generate_programs
-from jax_sp.config import (ModelConfig, ParallelConfig, SamplingParams, check_devices,
-                           check_parallel)
+from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
+                           check_devices, check_parallel)
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
 from jax_sp.pipeline import Pipeline
 from jax_sp.runtime import resolve_dtype, round_up
@@ -119,13 +119,14 @@ class GenerationStats:
 
 class LLM:
     def __init__(self, cfg: ModelConfig, host_params, *, parallel: ParallelConfig | None = None,
-                 dtype="float32", max_seq_len: int = 2048, tokenizer=None):
+                 dtype="float32", max_seq_len: int = 2048, tokenizer=None,
+                 options: CompileOptions | None = None):
         self.cfg = cfg
         self.parallel = parallel or ParallelConfig()
         check_max_seq_len(max_seq_len)
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
-        self.pipeline = Pipeline(cfg, self.parallel, dtype, host_params)
+        self.pipeline = Pipeline(cfg, self.parallel, dtype, host_params, options=options)
         first = self.pipeline.stages[0]  # the whole model when pp=1
         self.runtime, self.state, self.programs = first.runtime, first.state, first.programs
         self.last_stats: GenerationStats | None = None
@@ -135,18 +136,20 @@ class LLM:
 
     @classmethod
     def from_torch(cls, module, tokenizer=None, *, parallel: ParallelConfig | None = None,
-                   dtype="float32", max_seq_len: int = 2048):
+                   dtype="float32", max_seq_len: int = 2048,
+                   options: CompileOptions | None = None):
         """From an HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM module."""
         from bridges.hf import load_module  # torch is imported only on this path
 
         cfg, params = load_module(module)
         return cls(cfg, params, parallel=parallel, dtype=dtype, max_seq_len=max_seq_len,
-                   tokenizer=tokenizer)
+                   tokenizer=tokenizer, options=options)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2", *,
                         parallel: ParallelConfig | None = None, dtype: str | None = None,
-                        max_seq_len: int = 2048, progress: bool | None = None):
+                        max_seq_len: int = 2048, progress: bool | None = None,
+                        options: CompileOptions | None = None):
         """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face folder
         (config.json + *.safetensors) or a folder written by `jax-sp convert` (Orbax). Each
         device reads its own shard from disk; dtype None keeps the checkpoint's (bfloat16 stays
@@ -167,7 +170,7 @@ class LLM:
             check=lambda cfg: check_parallel(parallel, cfg, len(jax.devices())))
         try:
             return cls(cfg, params, parallel=parallel, dtype=dtype or stored,
-                       max_seq_len=max_seq_len, tokenizer=tokenizer)
+                       max_seq_len=max_seq_len, tokenizer=tokenizer, options=options)
         finally:
             source = getattr(params, "source", None)
             if source is not None:
@@ -384,7 +387,7 @@ class LLM:
             inputs, kv_len = self._put((job.inputs, job.kv_len))
         rest = (kv_len, *self._constants(sampling.key_seed(), np.int32(0), *sampling.scalars()))
         static = Static(job.prefill_sp, sampling.temperature == 0, sampling.top_k,
-                        generate_programs.prefill_unroll(self.runtime))
+                        self.runtime.options.prefill_unroll)
         feed = "embeds" if job.embeds else "tokens"
         token, cache, key = self.programs.run(
             "prefill", lambda: prefill_fn(self.runtime, static, feed, job.cache_len), static,

@@ -28,34 +28,20 @@ from jax_sp.sampling import row_keys, sample
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
-# Unroll factor of the layer loop in decode programs (an int; >= the layer count unrolls it
-# fully); None: `decode_unroll` picks. See README "Generation speed" for what was measured.
-DECODE_UNROLL: int | None = None
-
-
 def decode_unroll(rt: Runtime) -> int:
-    """The layer loop's unroll factor in decode programs: DECODE_UNROLL when set, else every
-    layer unrolled on GPU and a loop elsewhere. On GPU a rolled loop slices each layer's weights
-    at a loop-dependent offset, and the dynamic-slice fusion that lets cuBLAS read them in place
-    does host work per call (per projection, per layer): with SmolLM2-sized layers the host
-    cannot keep up (an H100 busy 1.28 ms of a 2.2 ms step at batch 8). Unrolled, the slices
-    are static. Measured side by side (benchmarks/generation.py --unroll 1,L): Llama-3.2-1B
-    1.67/1.58/1.84 -> 1.63/1.42/1.61 ms/token at batch 1/8/32, SmolLM2-135M batch 8 and 32
-    1.62 -> 1.09 and 1.95 -> 1.28 (batch 1 1.30 -> 1.43 in that run, 1.21 both ways in
-    benchmarks/profile_decode.py); a first call, compile included, took 2-5 s either way."""
-    if DECODE_UNROLL is not None:
-        return DECODE_UNROLL
+    """The layer loop's unroll factor in decode programs: CompileOptions.decode_unroll when
+    set, else every layer unrolled on GPU and a loop elsewhere. On GPU a rolled loop slices each
+    layer's weights at a loop-dependent offset, and the dynamic-slice fusion that lets cuBLAS
+    read them in place does host work per call (per projection, per layer): with SmolLM2-sized
+    layers the host cannot keep up (an H100 busy 1.28 ms of a 2.2 ms step at batch 8).
+    Unrolled, the slices are static. Measured side by side (benchmarks/generation.py --unroll
+    1,L): Llama-3.2-1B 1.67/1.58/1.84 -> 1.63/1.42/1.61 ms/token at batch 1/8/32, SmolLM2-135M
+    batch 8 and 32 1.62 -> 1.09 and 1.95 -> 1.28 (batch 1 1.30 -> 1.43 in that run, 1.21 both
+    ways in benchmarks/profile_decode.py); a first call, compile included, took 2-5 s either
+    way."""
+    if rt.options.decode_unroll is not None:
+        return rt.options.decode_unroll
     return rt.cfg.num_layers if rt.mesh.devices.flat[0].platform == "gpu" else 1
-
-
-# Unroll factor of the layer loop in prefill programs; None: `prefill_unroll` picks.
-PREFILL_UNROLL: int | None = None
-
-
-def prefill_unroll(rt: Runtime) -> int:
-    """The layer loop's unroll factor in generation prefills: PREFILL_UNROLL when set, else 1
-    (a rolled loop: one layer's program, compiled once)."""
-    return 1 if PREFILL_UNROLL is None else PREFILL_UNROLL
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 
 from jax_sp import generate as generate_programs
-from jax_sp.config import ModelConfig, ParallelConfig, SamplingParams, check_parallel
+from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
+                           check_parallel)
 from jax_sp.generate import Programs, Static, decode_step_fn, prefill_fn
 from jax_sp.runtime import Runtime, Stage, to_host
 from sharding.boundary import receive, send
@@ -61,7 +62,7 @@ def stage_params(host_params: dict, rt: Runtime) -> dict:
 
 class Pipeline:
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype, host_params,
-                 devices=None):
+                 devices=None, options: CompileOptions | None = None):
         devices = jax.devices() if devices is None else devices
         check_parallel(parallel, cfg, len(devices))
         self.cfg, self.parallel = cfg, parallel
@@ -70,7 +71,7 @@ class Pipeline:
         self.stages: list[StageRunner] = []
         for s, (start, end) in enumerate(self.ranges):
             rt = Runtime(cfg, parallel, dtype, mesh=stage_mesh(self.mesh, s),
-                         stage=Stage(s, parallel.pp, start, end))
+                         stage=Stage(s, parallel.pp, start, end), options=options)
             state = rt.place(stage_params(host_params, rt)) if host_params is not None else None
             self.stages.append(StageRunner(rt, state, Programs(rt)))
         # receive-side hooks, so tests can replay vLLM's two bugs (see sharding/boundary.py)
@@ -117,7 +118,7 @@ class Pipeline:
 
         tokens = []
         pre = Static(job.prefill_sp, greedy, sampling.top_k,
-                     generate_programs.prefill_unroll(self.stages[0].runtime))
+                     self.stages[0].runtime.options.prefill_unroll)
         for i, r in enumerate(rows):
             host = (job.kv_len[r], sampling.key_seed(), np.int32(r.start))
             if job.embeds:

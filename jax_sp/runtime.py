@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_sp.config import ModelConfig, ParallelConfig, check_parallel
+from jax_sp.attention import choose
+from jax_sp.config import CompileOptions, ModelConfig, ParallelConfig, check_parallel
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
@@ -69,7 +70,7 @@ class Runtime:
     """One pipeline stage (by default the whole model, pp=1) on its (1, tp) mesh."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None,
-                 stage: Stage | None = None):
+                 stage: Stage | None = None, options: CompileOptions | None = None):
         if stage is None:
             check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
             if parallel.pp > 1:
@@ -77,6 +78,7 @@ class Runtime:
                                  "stage")
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
+        self.options = options or CompileOptions()
         self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
@@ -94,43 +96,18 @@ class Runtime:
         # Parameters are laid out by the TP table; SP changes activations only.
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
                             for p, v in nnx.to_flat_state(self._abstract_state)}
-        self.attention, self.decode_attention = self._attention(parallel.attention)
-        # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
-        self.row_multiple = 8 if self.mesh.devices.flat[0].platform == "gpu" else 1
-
-    def _attention(self, mode: str) -> tuple[str, str]:
-        """The attention implementations of (prefill, one-token decode steps) for this mesh and
-        dtype: the model's "xla", "cudnn" or "pallas" (models/llama.py ATTENTION)."""
-        from models.decode_attention import supported
-
         platform = self.mesh.devices.flat[0].platform
-        sixteen = self.dtype in (jnp.bfloat16, jnp.float16)
-        h = self.cfg.head_dim
-        fits = platform == "gpu" and sixteen and h % 8 == 0 and h <= 128
-        if mode == "cudnn" and not fits:
-            raise ValueError(f"attention='cudnn' needs a GPU, dtype bfloat16 or float16 and "
-                             f"head_dim a multiple of 8 up to 128 (have {platform}, "
-                             f"{jnp.dtype(self.dtype).name}, head_dim {h}); "
-                             f"use attention='auto' or 'xla'")
-        # on GPU its dots are tensor-core dots of 16-bit values (fp32 would run as tf32); it
-        # compiles for GPU or runs interpreted as the default backend is one or not
-        gpu = platform == "gpu"
-        kernel = (supported(h, interpret=not gpu) and (sixteen or not gpu)
-                  and gpu == (jax.default_backend() == "gpu"))
-        if mode == "pallas" and not kernel:
-            raise ValueError(f"attention='pallas' needs head_dim a power of two, and on GPU at "
-                             f"least 32 with dtype bfloat16 or float16 (have head_dim {h}, "
-                             f"{jnp.dtype(self.dtype).name} on {platform}); use attention='auto' "
-                             f"or 'xla'")
-        prefill = "cudnn" if mode == "cudnn" or (mode in ("auto", "pallas") and fits) else "xla"
-        if mode == "pallas" or (mode == "auto" and fits and kernel):
-            return prefill, "pallas"
-        return prefill, prefill
+        # the attention backends of prefills and of one-token decode steps (jax_sp/attention.py)
+        self.attention, self.decode_attention = choose(
+            self.options.attention, platform, self.dtype, cfg.head_dim, self.options.paged_decode)
+        # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
+        self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
 
     # -- layouts and parameters ---------------------------------------------------------------
 
     def layout(self, sp: bool) -> ShardedLayout:
-        return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple)
+        return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple,
+                             self.options.pad_rows_min_weight)
 
     def sharding_of(self, names, sp: bool = False):
         return named(self.mesh, names, RULES["on" if sp else "off"])
@@ -185,7 +162,7 @@ class Runtime:
 
     def xla_options(self, sp: bool) -> dict:
         return collective_matmul_options(self.mesh.devices.flat[0].platform, self.parallel.comm,
-                                         sp, self.parallel.xla_options)
+                                         sp, self.options.xla_options)
 
     def compile(self, fn, args, sp: bool, donate=()):
         """AOT-compile fn for args with this program's XLA options; if XLA fails with them,

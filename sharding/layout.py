@@ -30,20 +30,16 @@ from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import RULES, named, spec as partition_spec
 
 
-# Weights from this many elements up get the row padding of `_einsum` (see there).
-PAD_ROWS_MIN_WEIGHT = 1 << 20
-
-
-def padded_rows(rows: int, weight_size: int, row_multiple: int) -> int:
+def padded_rows(rows: int, weight_size: int, row_multiple: int, min_weight: int) -> int:
     """The rows `_einsum` runs a projection of `rows` input rows onto a weight of
     `weight_size` elements on."""
-    return rows + (-rows % row_multiple if weight_size >= PAD_ROWS_MIN_WEIGHT else 0)
+    return rows + (-rows % row_multiple if weight_size >= min_weight else 0)
 
 
-def _einsum(spec, x_td, w, row_multiple):
+def _einsum(spec, x_td, w, row_multiple, min_weight):
     """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
-    (8 on GPU) when w has at least PAD_ROWS_MIN_WEIGHT elements; the padding's results are
-    dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
+    (8 on GPU) when w has at least `min_weight` elements (CompileOptions.pad_rows_min_weight,
+    2^20); the padding's results are dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
     into multiply + reduce fusions (no option turns that off). For Llama-3.2-1B's q, k, v and
     o_proj (1M-4M elements) at batch 1 those ran below bandwidth and o_proj materialised its
     [N, H, D] product: with 8 rows they stay cuBLAS GEMVs (2.62 -> 1.83 ms/token on an H100,
@@ -57,7 +53,7 @@ def _einsum(spec, x_td, w, row_multiple):
     SmolLM2 (fused gate/up: 1.77M elements) that runs every projection on 8 rows, 0.86 -> 0.80
     ms/token on an H100 against a pad before the large ones."""
     rows = x_td.shape[0]
-    pad = padded_rows(rows, w.size, row_multiple) - rows
+    pad = padded_rows(rows, w.size, row_multiple, min_weight) - rows
     if not pad:
         return jnp.einsum(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
@@ -81,6 +77,7 @@ class ShardedLayout:
     sp: bool
     comm: str = "xla"
     row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
+    pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
 
     @property
     def rules(self):
@@ -119,16 +116,19 @@ class ShardedLayout:
         # sees token-sharded x, so XLA:GPU can decompose gather + dot into a windowed einsum.
         # Pinning x gathered before the dot left the partitioner nothing to window (a plain
         # all-gather, then the dot).
-        return [self._constrain(_einsum(spec, x_td, w, self._rows()), _column_out(spec))
+        return [self._constrain(self._einsum(spec, x_td, w), _column_out(spec))
                 for spec, w in projections]
+
+    def _einsum(self, spec, x_td, w):
+        return _einsum(spec, x_td, w, self._rows(), self.pad_rows_min_weight)
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0]):
             return ring_row(self.mesh, spec, h, w)
-        return self.residual(_einsum(spec, h, w, self._rows()))
+        return self.residual(self._einsum(spec, h, w))
 
     def rows(self, rows, weight_size):
-        return padded_rows(rows, weight_size, self._rows())
+        return padded_rows(rows, weight_size, self._rows(), self.pad_rows_min_weight)
 
     def local(self, fn, in_names, out_names, *args):
         """fn per device on the shards the logical names give (a kernel that XLA cannot

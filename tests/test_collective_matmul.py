@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from jax.sharding import PartitionSpec as P
 
 from conftest import hf_greedy, hf_logits, random_prompts
-from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from jax_sp.inspect import inspect_modes
 from jax_sp.presets import preset
 from sharding.collective_matmul import all_gather_matmul, matmul_reduce_scatter
@@ -119,8 +119,8 @@ def test_bf16_activations_are_gathered_as_bf16(comm):
 def test_xla_options_that_fail_to_compile_fall_back_with_a_warning(hf_models, caplog):
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (7, 20))
-    bad = ParallelConfig(tp=2, sp="on", xla_options={"xla_no_such_option_for_jax_sp": 1})
-    llm = LLM.from_torch(model, parallel=bad)
+    bad = CompileOptions(xla_options={"xla_no_such_option_for_jax_sp": 1})
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), options=bad)
     with caplog.at_level("WARNING", logger="jax_sp"):
         got = llm.logits(prompts)
     assert "could not compile this program" in caplog.text

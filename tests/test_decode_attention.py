@@ -11,23 +11,24 @@ import transformers
 from jax.experimental import pallas as pl
 
 import models.decode_attention as da
-import sharding.layout
 from conftest import hf_greedy, random_prompts
-from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+from jax_sp.attention import PallasDecode
+from models.attention import XLA, Forward
 from models.cache import KVCache
-from models.llama import apply_rope, attend_cached
+from models.layout import DENSE
 from sharding.hlo import census
+
+PALLAS = CompileOptions(attention="pallas")
 
 
 def _xla_step(qkv, cos, sin, k_cache, v_cache, layer, positions, kv_len):
-    """The same step through the model's XLA path, in fp32: rotate, write, attend."""
+    """The same step through the XLA backend (models/attention.py), in fp32: rotate, write,
+    attend."""
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    qkv, rope = f32(qkv)[:, None], (f32(cos)[:, None], f32(sin)[:, None])  # T = 1
-    g = qkv.shape[3] - 2
-    q = apply_rope(qkv[:, :, :, :g].reshape(*qkv.shape[:2], -1, qkv.shape[-1]), *rope)
-    k, v = apply_rope(qkv[:, :, :, g], *rope), qkv[:, :, :, g + 1]
-    cache = KVCache(f32(k_cache), f32(v_cache)).write(layer, k, v, positions)
-    out = attend_cached(q, cache, layer, positions[:, None], kv_len)
+    fwd = Forward(positions[:, None], kv_len, (f32(cos)[:, None], f32(sin)[:, None]), False,
+                  DENSE, XLA)  # T = 1
+    out, cache = XLA(f32(qkv), fwd, KVCache(f32(k_cache), f32(v_cache)), layer, 0)
     return out[:, 0], cache.k, cache.v
 
 
@@ -74,6 +75,28 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits
         assert changed.tolist() == [[1, 0, 0], [1, 1, 21], [1, 2, 70]]  # one slot per sequence
 
 
+def test_pallas_backend_equals_the_xla_backend_on_its_own():
+    """The backend object (jax_sp/attention.py) against XLA's, on one layer's step of 3
+    sequences (a dense layout): the same output and cache; a prefill (fresh) and a sliding-window
+    layer fall back to XLA's."""
+    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 2, 64, rows=8)
+    cache = KVCache(kc, vc)
+    positions = jnp.asarray([[5], [0], [40]])
+    fwd = Forward(positions, positions[:, 0] + 1, (cos[:, None], sin[:, None]), False, DENSE,
+                  None)
+    pallas = PallasDecode()
+    out, got = jax.jit(lambda c: pallas(qkv, fwd, c, 1, 0))(cache)
+    want_out, want = XLA(qkv, fwd, cache, 1, 0)
+    np.testing.assert_allclose(out, want_out[:, 0], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.k, want.k, atol=1e-6)
+    np.testing.assert_allclose(got.v, want.v, atol=1e-6)
+    for fallback in (fwd._replace(fresh=True), fwd):
+        window = 0 if fallback.fresh else 4
+        same = [pallas(qkv, fallback, cache, 1, window), XLA(qkv, fallback, cache, 1, window)]
+        for a, b in zip(jax.tree.leaves(same[0]), jax.tree.leaves(same[1])):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_no_visible_key_gives_zeros_with_or_without_splits():
     qkv, cos, sin, kc, vc = _inputs(1, 1, 2, 16, 1, 32)
     for max_splits in (1, 4):
@@ -117,10 +140,9 @@ GREEDY = SamplingParams(max_new_tokens=10)
 def test_pallas_decode_gives_hf_tokens(llama16, parallel):
     """Decode steps through the kernel: each reads the keys earlier steps wrote, at tp 2 per
     device on its own KV head, and no collective gathers the cache."""
-    parallel = ParallelConfig(**{**parallel.__dict__, "attention": "pallas"})
     prompts = random_prompts(llama16.config.vocab_size, (5, 17, 3), seed=2)
-    llm = LLM.from_torch(llama16, parallel=parallel)
-    assert (llm.runtime.attention, llm.runtime.decode_attention) == ("xla", "pallas")
+    llm = LLM.from_torch(llama16, parallel=parallel, options=PALLAS)
+    assert (llm.runtime.attention.name, llm.runtime.decode_attention.name) == ("xla", "pallas")
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
     if parallel.pp == 1:
@@ -131,7 +153,7 @@ def test_pallas_decode_gives_hf_tokens(llama16, parallel):
 
 def test_token_by_token_pallas_decode_samples_what_the_decode_loop_samples(llama16):
     """stream's path (one compiled step per token) through the kernel, sampled with a seed."""
-    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2, attention="pallas"))
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2), options=PALLAS)
     prompt = random_prompts(llama16.config.vocab_size, (11,), seed=3)
     params = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=30, seed=5,
                             stop_token_ids=())
@@ -144,25 +166,24 @@ def test_pallas_decode_at_tp3_with_a_cache_of_no_power_of_two(llama16):
     """tp 3 pads the KV groups and rounds a 17-token prompt's bucket to 33 tokens; the cache is
     then 48 slots (a multiple of 16, three blocks of keys) and decode still gives HF's tokens."""
     prompts = random_prompts(llama16.config.vocab_size, (17, 6), seed=8)
-    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=3, sp="off", attention="pallas"))
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=3, sp="off"), options=PALLAS)
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
     assert ",48," in llm.programs.hlo("decode")  # [L, B, 48, K, H]
 
 
-def test_pallas_decode_reads_padded_projection_rows(llama16, monkeypatch):
+def test_pallas_decode_reads_padded_projection_rows(llama16):
     """On GPU the q/k/v projection runs on 8 rows and the kernel reads the first B in place;
     the same padding here, for every weight, gives HF's tokens."""
-    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
     prompts = random_prompts(llama16.config.vocab_size, (9, 4, 12), seed=5)
-    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2, attention="pallas"))
-    llm.runtime.row_multiple = 8
+    options = CompileOptions(attention="pallas", row_multiple=8, pad_rows_min_weight=1)
+    llm = LLM.from_torch(llama16, parallel=ParallelConfig(tp=2), options=options)
     got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
     assert got == hf_greedy(llama16, prompts, GREEDY.max_new_tokens)
 
 
 def test_pallas_needs_a_head_size_it_takes(hf_models):
     with pytest.raises(ValueError, match=r"attention='pallas' needs head_dim a power of two"):
-        LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(attention="pallas"))
+        LLM.from_torch(hf_models("llama"), options=PALLAS)
     llm = LLM.from_torch(hf_models("llama"))  # auto on CPU: XLA everywhere
-    assert (llm.runtime.attention, llm.runtime.decode_attention) == ("xla", "xla")
+    assert (llm.runtime.attention.name, llm.runtime.decode_attention.name) == ("xla", "xla")

@@ -26,6 +26,16 @@ def test_bad_parallel_values(field, value):
         ParallelConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field,value", [("attention", "flash"), ("decode_unroll", 0),
+                                         ("prefill_unroll", -1), ("row_multiple", 2.0),
+                                         ("pad_rows_min_weight", 0)])
+def test_bad_compile_options(field, value):
+    from jax_sp import CompileOptions
+
+    with pytest.raises(ValueError, match=f"CompileOptions.{field}.*{value!r}"):
+        CompileOptions(**{field: value})
+
+
 @pytest.mark.parametrize("field,value", [("max_new_tokens", 0), ("temperature", -0.5),
                                          ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
                                          ("seed", 1.5), ("seed", "7"), ("seed", True)])

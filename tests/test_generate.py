@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import sharding.layout
 from conftest import hf_greedy, random_prompts
-from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from sharding.hlo import census
 
 GREEDY = SamplingParams(max_new_tokens=12)
@@ -30,19 +29,18 @@ def test_greedy_matches_hf_on_tiny_model(hf_models, tp, sp):
 
 
 @pytest.mark.parametrize("kind,tp", [("llama", 1), ("llama", 2), ("qwen2", 2), ("mistral", 1)])
-def test_gpu_row_padding_changes_nothing(hf_models, kind, tp, monkeypatch):
+def test_gpu_row_padding_changes_nothing(hf_models, kind, tp):
     """GPU runs projections of large weights on a multiple of 8 rows (sharding/layout.py
     `_einsum`), and one-token steps carry their whole residual stream on those rows
     (models/llama.py); here the same padding runs on CPU for every weight: one-row decode steps,
     3-row batches and the LM head's sampled rows give HF's tokens and the unpadded logits, with
     q/k/v biases (qwen2: the padding rows' q/k/v are the bias, never attended) and a sliding
     window (mistral)."""
-    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
     model = hf_models(kind)
     prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=11)
     plain = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
-    padded = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"))
-    padded.runtime.row_multiple = 8
+    padded = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp="off"),
+                            options=CompileOptions(row_multiple=8, pad_rows_min_weight=1))
     for batch in (prompts[:1], prompts):
         got = [c.token_ids for c in padded.generate(batch, GREEDY)]
         assert got == hf_greedy(model, batch, GREEDY.max_new_tokens)
@@ -55,7 +53,7 @@ def test_gpu_row_padding_changes_nothing(hf_models, kind, tp, monkeypatch):
 
 @pytest.mark.parametrize("fresh,attention", [(False, "xla"), (False, "pallas"), (True, "xla")],
                          ids=["decode-xla", "decode-pallas", "one-token-prefill"])
-def test_one_token_forward_on_padded_rows_equals_the_plain_one(fresh, attention, monkeypatch):
+def test_one_token_forward_on_padded_rows_equals_the_plain_one(fresh, attention):
     """The model alone, one token for each of 3 sequences: with every projection on 8 rows the
     stream is carried padded through the layers, and the logits, the cache, the per-layer
     residual stream and a pipeline stage's carry equal the unpadded forward's."""
@@ -67,7 +65,9 @@ def test_one_token_forward_on_padded_rows_equals_the_plain_one(fresh, attention,
     from sharding.layout import ShardedLayout
     from sharding.mesh import make_mesh, stage_mesh
 
-    monkeypatch.setattr(sharding.layout, "PAD_ROWS_MIN_WEIGHT", 1)
+    from jax_sp.attention import PallasDecode
+    from models.attention import XLA
+
     cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=40, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=16)
     rng = np.random.default_rng(7)
@@ -78,11 +78,11 @@ def test_one_token_forward_on_padded_rows_equals_the_plain_one(fresh, attention,
     mesh = stage_mesh(make_mesh(1), 0)
     outs = []
     for row_multiple in (1, 8):
-        layout = ShardedLayout(mesh, sp=False, row_multiple=row_multiple)
+        layout = ShardedLayout(mesh, sp=False, row_multiple=row_multiple, pad_rows_min_weight=1)
         full = Llama(cfg, rngs=nnx.Rngs(0))
         stage = Llama(cfg, rngs=nnx.Rngs(0), last=False)
         args = dict(tokens_bt=tokens, cache=cache, layout=layout, fresh=fresh,
-                    attention=attention)
+                    attention=PallasDecode() if attention == "pallas" else XLA)
         outs.append((full(positions, positions[:, 0] + 1, collect_residuals=True, **args),
                      stage(positions, positions[:, 0] + 1, **args).carry))
     for plain, padded in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
@@ -106,18 +106,18 @@ def test_decode_is_one_call_and_new_lengths_reuse_the_bucket(hf_models):
     assert llm.last_stats.compile_s == 0 and llm.last_stats.new_tokens == 12
 
 
-def test_unrolled_decode_equals_the_layer_loop(hf_models, monkeypatch):
+def test_unrolled_decode_equals_the_layer_loop(hf_models):
     """GPU decode programs unroll the layer loop (jax_sp/generate.py `decode_unroll`); unrolled
     on a split mesh, decode gives HF's tokens with no layer loop left in the program."""
     import jax_sp.generate as gen
 
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=4)
-    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
-    assert gen.decode_unroll(llm.runtime) == 1  # CPU: the rolled loop
+    assert gen.decode_unroll(LLM.from_torch(model).runtime) == 1  # CPU: the rolled loop
     loops = {}
-    for unroll in (1, llm.runtime.cfg.num_layers):
-        monkeypatch.setattr(gen, "DECODE_UNROLL", unroll)
+    for unroll in (1, model.config.num_hidden_layers):
+        llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2),
+                             options=CompileOptions(decode_unroll=unroll))
         assert gen.decode_unroll(llm.runtime) == unroll
         got = [c.token_ids for c in llm.generate(prompts, GREEDY)]
         assert got == hf_greedy(model, prompts, GREEDY.max_new_tokens)
@@ -154,20 +154,17 @@ def test_prefill_makes_a_cache_sharded_over_kv_heads_and_the_rows_keys(hf_models
     assert np.array_equal(keys, [jax.random.fold_in(base, b) for b in range(job.batch)])
 
 
-def test_unrolled_prefill_equals_the_layer_loop(hf_models, monkeypatch):
-    """jax_sp.generate.PREFILL_UNROLL unrolls the generation prefill's layer loop: the same
+def test_unrolled_prefill_equals_the_layer_loop(hf_models):
+    """CompileOptions.prefill_unroll unrolls the generation prefill's layer loop: the same
     tokens as HF, with the layer loop gone from the prefill program."""
-    import jax_sp.generate as gen
-
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=6)
-    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"))
-    assert gen.prefill_unroll(llm.runtime) == 1
+    assert LLM.from_torch(model).runtime.options.prefill_unroll == 1
     want = hf_greedy(model, prompts, 4)
     loops = {}
-    for unroll in (1, llm.runtime.cfg.num_layers):
-        monkeypatch.setattr(gen, "PREFILL_UNROLL", unroll)
-        assert gen.prefill_unroll(llm.runtime) == unroll
+    for unroll in (1, model.config.num_hidden_layers):
+        llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"),
+                             options=CompileOptions(prefill_unroll=unroll))
         got = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=4))]
         assert got == want
         loops[unroll] = llm.programs.hlo("prefill").count(" while(")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_greedy, hf_logits, random_prompts
-from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from jax_sp.pipeline import split_layers
 from sharding.tokens import tp_rank_rows
 
@@ -44,16 +44,14 @@ def test_pipeline_matches_hf(hf_models, pp, tp, sp, boundary):
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
-def test_unrolled_decode_steps_on_uneven_stages(hf_models, monkeypatch):
+def test_unrolled_decode_steps_on_uneven_stages(hf_models):
     """GPU decode programs unroll every layer (jax_sp.generate.decode_unroll gives the model's
     layer count, more than a stage holds): stages of 3 and 2 layers decode HF's tokens with no
     layer loop left in either stage's step."""
-    import jax_sp.generate as gen
-
     model = hf_models("llama5")
-    monkeypatch.setattr(gen, "DECODE_UNROLL", model.config.num_hidden_layers)
     prompts = random_prompts(model.config.vocab_size, LENGTHS, seed=9)
-    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, pp=2))
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, pp=2),
+                         options=CompileOptions(decode_unroll=model.config.num_hidden_layers))
     want = hf_greedy(model, prompts, GREEDY.max_new_tokens)
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
     assert [st.programs.hlo("decode_step").count(" while(") for st in llm.pipeline.stages] == [0, 0]
