@@ -110,12 +110,11 @@ def main():
             states = {n: device_state(rt) for n, rt in stages.items()}
             for t in (int(x) for x in args.tokens.split(",")):
                 ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)).astype("int32")
-                pos = np.arange(t, dtype="int32")[None]
                 lengths = np.array([t], "int32")
                 got = {}
                 for n, rt in stages.items():
-                    fn = rt.prefill_logits(False, False, True)
-                    got[n] = timed(lambda: fn(states[n], ids, pos, lengths),  # noqa: B023
+                    got[n] = timed(lambda: rt.logits(states[n], ids, lengths,  # noqa: B023
+                                                     False, out="last"),
                                    args.repeats, args.burst)[1]
                 sec = (got[hi] - got[lo]) / (hi - lo)
                 flops = layer_flops(cfg, t)
@@ -125,7 +124,7 @@ def main():
                        # difference is noise (as multi_gpu.py marks its rows)
                        "host_bound": got[hi] < 1.25 * got[lo], "layer_tflop": flops / 1e12,
                        "tflops": flops / sec / 1e12, "matmul_peak_tflops": peak,
-                       "attention": stages[hi].attention, "stage_ms": [got[lo] * 1e3,
+                       "attention": stages[hi].attention.name, "stage_ms": [got[lo] * 1e3,
                                                                         got[hi] * 1e3],
                        "machine": machine, "jax": jax.__version__}
                 rows.append(row)

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jax_sp.config import CompileOptions, ParallelConfig  # noqa: E402
 from jax_sp.generate import (  # noqa: E402
-    Static, abstract_decode_step_args, decode_step_fn, decode_unroll)
+    Static, abstract_decode_step_args, decode_step_fn, decode_unroll, prefill_fn)
 from jax_sp.presets import preset  # noqa: E402
 from jax_sp.runtime import Runtime  # noqa: E402
 from sharding.mesh import tp_mesh  # noqa: E402
@@ -110,11 +110,12 @@ def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=Fa
             row.update(json.load(f))  # where it was compiled: devices, jax
         with gzip.open(saved, "rt") as f:
             return analyse(row, f.read(), cfg.num_layers)
-    fn = rt.prefill_logits(sp == "on", False, True)
+    static = Static.of(rt, "prefill", sp == "on")
     ids = jax.ShapeDtypeStruct((1, tokens), "int32")
     lengths = jax.ShapeDtypeStruct((1,), "int32")
     try:
-        lowered = jax.jit(fn.fn).lower(rt.abstract_state(), ids, ids, lengths)
+        lowered = jax.jit(prefill_fn(rt, static, "tokens", "last")).lower(
+            rt.abstract_state(), ids, lengths)
         hlo = lowered.compile({**options, "xla_gpu_autotune_level": 0}).as_text()
     except Exception as e:  # noqa: BLE001
         return {**row, "compiled": False, "error": str(e).splitlines()[0][:1000]}

@@ -93,12 +93,11 @@ def jax_rows(args):
             for t in (int(x) for x in args.tokens.split(",")):
                 t = -(-t // args.tp) * args.tp
                 ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, t)).astype("int32")
-                pos = np.arange(t, dtype="int32")[None]
                 lengths = np.array([t], "int32")
                 got = {}
                 for key, rt in ((lo, stages[lo]), (hi, stages[hi]), ("end_to_end", whole)):
-                    fn = rt.prefill_logits(sp == "on", False, True)
-                    got[key] = timed(lambda: fn(states[key], ids, pos, lengths),  # noqa: B023
+                    got[key] = timed(lambda: rt.logits(states[key], ids, lengths,  # noqa: B023
+                                                       sp == "on", out="last"),
                                      args.repeats, args.burst)
                 per_layer = (got[hi][1] - got[lo][1]) / (hi - lo)
                 # twice the layers not even 25% slower: the call's fixed (host) cost dominates

@@ -82,6 +82,14 @@ def _record_compiles():
     def compile_and_record(self, *args, **kwargs):
         out = compile_(self, *args, **kwargs)
         COMPILED.append(out.as_text())
+        if os.environ.get("FINGERPRINT_DUMP"):  # each program's text, by its place in the run
+            import traceback
+
+            caller = [f.name for f in traceback.extract_stack() if "jax_sp" in f.filename]
+            path = os.path.join(os.environ["FINGERPRINT_DUMP"], f"{len(COMPILED):02d}-"
+                                f"{'-'.join(caller[-2:])}.txt")
+            with open(path, "w") as f:
+                f.write(canonical(COMPILED[-1]))
         return out
 
     jax.stages.Lowered.compile = compile_and_record
@@ -93,7 +101,10 @@ def collect() -> dict:
     _record_compiles()
     specs, run, build = cases()
     prints = {}
+    only = os.environ.get("FINGERPRINT_ONLY")
     for name, kind, kwargs in specs:
+        if only and name != only:
+            continue
         if kind == "llama16":  # head_dim 16: a size the Pallas kernel takes
             import transformers
 

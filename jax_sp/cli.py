@@ -89,7 +89,7 @@ def _generate(args) -> int:
         print(f"\n[{s.new_tokens} tokens, {s.decode_tokens_per_s:.1f} tokens/s decode | prefill "
           f"{s.prompt_tokens} tokens {s.prefill_s * 1e3:.0f} ms (sp={'on' if s.prefill_sp else 'off'})"
           f" | decode {s.decode_s * 1e3:.0f} ms (sp={'on' if s.decode_sp else 'off'}) | compile "
-          f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.pipeline.mesh.size} "
+          f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.runner.mesh.size} "
           f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s){hosts}]", flush=True)
     return 0
 

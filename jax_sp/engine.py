@@ -18,13 +18,11 @@ import time
 import jax
 import numpy as np
 
-from jax_sp import generate as generate_programs
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
                            check_devices, check_parallel)
-from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
-from jax_sp.pipeline import Pipeline
-from jax_sp.runtime import resolve_dtype, round_up
-from sharding.tokens import place_token_rows, tp_rank_rows
+from jax_sp.runner import Runner, pow2_at_least
+from jax_sp.runtime import resolve_dtype, round_up, to_host
+from sharding.tokens import tp_rank_rows
 
 MIN_BUCKET = 16
 EMBED_DTYPES = ("float32", "bfloat16", "float16")
@@ -34,13 +32,6 @@ def check_max_seq_len(max_seq_len) -> None:
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer (prompt plus new tokens), "
                          f"got {max_seq_len!r}; e.g. max_seq_len=2048")
-
-
-def pow2_at_least(n: int, floor: int = 1) -> int:
-    size = floor
-    while size < n:
-        size *= 2
-    return size
 
 
 def bucket(num_tokens: int, tp: int) -> int:
@@ -126,13 +117,11 @@ class LLM:
         check_max_seq_len(max_seq_len)
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
-        self.pipeline = Pipeline(cfg, self.parallel, dtype, host_params, options=options)
-        first = self.pipeline.stages[0]  # the whole model when pp=1
+        self.runner = Runner(cfg, self.parallel, dtype, host_params, options=options)
+        first = self.runner.stages[0]  # the whole model when pp=1
         self.runtime, self.state, self.programs = first.runtime, first.state, first.programs
         self.last_stats: GenerationStats | None = None
         self._embed = jax.jit(lambda table, ids: table[ids])
-        self._replicated = self.runtime.sharding_of(())
-        self._constant_cache: dict[tuple, jax.Array] = {}
 
     @classmethod
     def from_torch(cls, module, tokenizer=None, *, parallel: ParallelConfig | None = None,
@@ -257,40 +246,20 @@ class LLM:
         return out
 
     def _pack(self, prompts: list[np.ndarray]):
-        """Right-pad to a shared bucket: tokens [B, T], positions [B, T], lengths [B]."""
+        """Right-pad to a shared bucket: tokens [B, T], lengths [B]."""
         t = bucket(max(len(p) for p in prompts), self.parallel.tp)
         tokens = np.zeros((len(prompts), t), np.int32)
         for b, ids in enumerate(prompts):
             tokens[b, : len(ids)] = ids
-        positions = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape).copy()
-        lengths = np.array([len(p) for p in prompts], np.int32)
-        return tokens, positions, lengths
-
-    def _put(self, x):
-        return jax.device_put(x, self._replicated)
-
-    def _constants(self, *values) -> list:
-        """Small host values that repeat from call to call (the seed, the sampling scalars, the
-        stop ids) as replicated device arrays, each copied to the devices once: every array in
-        a host-to-device copy costs the host about 50 us on an H100 machine
-        (benchmarks/host_overhead.py)."""
-        keys = [(v.dtype.str, v.shape, v.tobytes()) for v in map(np.asarray, values)]
-        new = {k: v for k, v in zip(keys, values) if k not in self._constant_cache}
-        if len(self._constant_cache) + len(new) > 256:
-            self._constant_cache.clear()
-            new = dict(zip(keys, values))
-        self._constant_cache.update(zip(new, self._put(tuple(new.values()))))
-        return [self._constant_cache[k] for k in keys]
+        return tokens, np.array([len(p) for p in prompts], np.int32)
 
     # -- forwards ------------------------------------------------------------------------------
 
     def logits(self, prompts) -> list[np.ndarray]:
         """Full prefill logits of each prompt: a list of float32 arrays [T_i, V]."""
-        prompts = self._check_ids(prompts, chat=False)
-        tokens, positions, lengths = self._pack(prompts)
+        tokens, lengths = self._pack(self._check_ids(prompts, chat=False))
         sp = self.parallel.use_sp(tokens.size)
-        logits = self.pipeline.to_host(self.pipeline.logits(tokens, positions, lengths, sp))
-        logits = logits.reshape(*tokens.shape, -1)
+        logits = to_host(self.runner.logits(tokens, lengths, sp)).reshape(*tokens.shape, -1)
         return [logits[b, :n] for b, n in enumerate(lengths)]
 
     def embed(self, prompts) -> list[np.ndarray]:
@@ -298,7 +267,7 @@ class LLM:
         `generate(prompt_embeds=...)` takes."""
         prompts = self._check_ids(prompts, chat=False)
         table = self.state["embed_vd"][...]
-        return [self.pipeline.to_host(self._embed(table, self._put(np.array(p, np.int32))))
+        return [to_host(self._embed(table, self.runner.put(0, np.array(p, np.int32))))
                 for p in prompts]
 
     def residual_stream(self, prompts, sp: bool):
@@ -306,8 +275,8 @@ class LLM:
         inspecting layouts; pp=1)."""
         if self.parallel.pp > 1:
             raise ValueError("residual_stream inspects a single-stage model (pp=1)")
-        tokens, positions, lengths = self._pack(self._check_ids(prompts, chat=False))
-        return self.runtime.prefill_logits(sp, True)(self.state, tokens, positions, lengths)[1]
+        tokens, lengths = self._pack(self._check_ids(prompts, chat=False))
+        return self.runtime.logits(self.state, tokens, lengths, sp, out="residuals")
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -374,71 +343,25 @@ class LLM:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
 
-    def _prefill(self, job: Batch, sampling: SamplingParams, rows_for_rank=tp_rank_rows):
-        """Single-stage prefill: -> (first tokens [B], cache, the rows' keys), all on device.
-        One host-to-device copy of the inputs and one launch (the program makes the cache and
-        the keys); the first tokens start back to the host as soon as they are computed."""
-        if job.embeds:  # each device keeps its own rows of the padded embeddings
-            t = job.inputs.shape[1]
-            inputs = place_token_rows(job.inputs.reshape(job.batch * t, -1), self.runtime.mesh,
-                                      job.prefill_sp, rows_for_rank)
-            kv_len = self._put(job.kv_len)
-        else:
-            inputs, kv_len = self._put((job.inputs, job.kv_len))
-        rest = (kv_len, *self._constants(sampling.key_seed(), np.int32(0), *sampling.scalars()))
-        static = Static(job.prefill_sp, sampling.temperature == 0, sampling.top_k,
-                        self.runtime.options.prefill_unroll)
-        feed = "embeds" if job.embeds else "tokens"
-        token, cache, key = self.programs.run(
-            "prefill", lambda: prefill_fn(self.runtime, static, feed, job.cache_len), static,
-            (self.state, inputs, *rest), donate=(), variant=(feed, job.cache_len))
-        if token.is_fully_addressable:
-            token.copy_to_host_async()
-        return token, cache, key
-
-    def _compile_s(self) -> float:
-        return sum(st.programs.total_compile_s() for st in self.pipeline.stages)
-
-    def _decode_loop(self, job: Batch, sampling: SamplingParams, token, cache, key, stop):
-        """Single stage: every new token after the first in one on-device loop -> [B, n]."""
-        steps = pow2_at_least(sampling.max_new_tokens - 1)
-        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
-                        generate_programs.decode_unroll(self.runtime))
-        active = np.arange(job.batch) < job.rows
-        pos, active = self._put((job.kv_len, active))
-        n_steps, stop_ids, temperature, top_p = self._constants(
-            np.int32(sampling.max_new_tokens - 1), np.array(stop or (-1,), np.int32),
-            *sampling.scalars())
-        args = (self.state, cache, token, pos, active, n_steps, stop_ids, key, temperature, top_p)
-        out, _ = self.programs.run("decode", lambda: decode_loop_fn(
-            self.runtime, static, steps), static, args, variant=steps)
-        return self.pipeline.to_host(out)
-
     def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
                  prompt_embeds=None, chat: bool = True, _rows_for_rank=tp_rank_rows):
-        """Generate for a batch of prompts (strings, token-id lists) or of prompt_embeds
-        ([T_i, D] arrays). Strings go through the tokenizer's chat template unless chat=False.
-        Returns one Completion per prompt."""
+        """Generate for a batch of prompts (strings, token-id lists, conversations) or of
+        prompt_embeds ([T_i, D] arrays). Strings go through the tokenizer's chat template unless
+        chat=False. Returns one Completion per prompt."""
         sampling = self._sampling(sampling)
         job = self._prepare(prompts, prompt_embeds, sampling, chat)
         stop = self._stop_ids(sampling)
-        c0, t0 = self._compile_s(), time.perf_counter()
-        if self.parallel.pp == 1:
-            token, cache, key = self._prefill(job, sampling, _rows_for_rank)
-            token.block_until_ready()
-            t1, c1 = time.perf_counter(), self._compile_s()
-            out = np.zeros((job.batch, 0), np.int32)
-            if sampling.max_new_tokens > 1:
-                out = self._decode_loop(job, sampling, token, cache, key, stop)
-            first = self.pipeline.to_host(token)
-        else:
-            steps = self.pipeline.steps(job, sampling, _rows_for_rank)
-            firsts = jax.block_until_ready(next(steps))
-            t1, c1 = time.perf_counter(), self._compile_s()
-            rest = [np.concatenate([self.pipeline.to_host(t) for t in step]) for step in steps]
-            first = np.concatenate([self.pipeline.to_host(t) for t in firsts])
-            out = np.array(rest, np.int32).T.reshape(job.batch, len(rest))
-        t2, c2 = time.perf_counter(), self._compile_s()
+        c0, t0 = self.runner.compile_s(), time.perf_counter()
+        run = self.runner.prefill(job, sampling, _rows_for_rank)
+        if run.tokens[0].is_fully_addressable:  # start the first tokens' copy to the host
+            run.tokens[0].copy_to_host_async()
+        jax.block_until_ready(run.tokens)
+        t1, c1 = time.perf_counter(), self.runner.compile_s()
+        out = np.zeros((job.batch, 0), np.int32)
+        if sampling.max_new_tokens > 1:
+            out = self.runner.decode(run, job, sampling, stop)
+        first = np.concatenate([to_host(t) for t in run.tokens])
+        t2, c2 = time.perf_counter(), self.runner.compile_s()
 
         completions = []
         for b in range(job.rows):
@@ -472,12 +395,12 @@ class LLM:
 
     def _stream(self, job: Batch, sampling: SamplingParams):
         stop = self._stop_ids(sampling)
-        c0, t0, t1, c1 = self._compile_s(), time.perf_counter(), None, None
+        c0, t0, t1, c1 = self.runner.compile_s(), time.perf_counter(), None, None
         ids, shown = [], ""
         for token in self._token_stream(job, sampling):
             ids.append(token)
             if t1 is None:
-                t1, c1 = time.perf_counter(), self._compile_s()
+                t1, c1 = time.perf_counter(), self.runner.compile_s()
             text = self._detok(ids, stop)
             if len(text) > len(shown) and not text.endswith("\ufffd"):
                 yield text[len(shown):]
@@ -486,25 +409,14 @@ class LLM:
                 break
         if len(text) > len(shown):  # what the last token left half a character of
             yield text[len(shown):]
-        t2, c2 = time.perf_counter(), self._compile_s()
+        t2, c2 = time.perf_counter(), self.runner.compile_s()
         self.last_stats = GenerationStats(job.lengths[0], len(ids), t1 - t0 - (c1 - c0),
                                           t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,
                                           job.decode_sp)
 
     def _token_stream(self, job: Batch, sampling: SamplingParams):
         """Row 0's tokens one at a time, as host ints."""
-        if self.parallel.pp > 1:
-            for step in self.pipeline.steps(job, sampling):
-                yield int(self.pipeline.to_host(step[0])[0])
-            return
-        token, cache, key = self._prefill(job, sampling)
-        static = Static(job.decode_sp, sampling.temperature == 0, sampling.top_k,
-                        generate_programs.decode_unroll(self.runtime))
-        pos = self._put(job.kv_len)
-        step, temperature, top_p = self._constants(np.int32(1), *sampling.scalars())
-        yield int(self.pipeline.to_host(token)[0])
-        for _ in range(1, sampling.max_new_tokens):
-            args = (self.state, cache, token, pos, key, step, temperature, top_p)
-            token, cache, pos, step = self.programs.run("decode_step", lambda: decode_step_fn(
-                self.runtime, static), static, args)
-            yield int(self.pipeline.to_host(token)[0])
+        run = self.runner.prefill(job, sampling)
+        yield int(to_host(run.tokens[0])[0])
+        for step in self.runner.steps(run, job, sampling):
+            yield int(to_host(step[0])[0])

@@ -1,27 +1,27 @@
-"""Compiled generation programs: prefill, one decode step, and the on-device decode loop.
+"""The programs: prefill, one decode step, and the on-device decode loop.
 
-Each program is a pure function of (parameter state, KV cache, inputs) built for one Runtime and
-compiled ahead of time per static setting and input shape, so compile time is measured apart
-from run time and the executables that ran can be inspected (`Programs.compiled`). The prefill
-makes the cache (and the positions and the rows' sampling keys) itself, so it is one launch;
-every later program takes the cache donated and returns it updated.
+Each is a pure function of (parameter state, KV cache, inputs) built for one stage's Runtime and
+compiled ahead of time per static setting and input shape by the runtime's program cache
+(`jax_sp.runtime.Programs`), so compile time is measured apart from run time and the
+executables that ran can be inspected. The prefill (one program, in a generation form and three
+logits forms) makes the cache, the positions and the rows' sampling keys itself, so it is one
+launch; every later program takes the cache donated and returns it updated.
 
-Decode in `generate` is one call for all new tokens: a `lax.while_loop` that stops when every
-row has hit a stop token or the budget. `stream` calls the one-step program once per token.
+A one-stage generation decodes every new token in one call: a `lax.while_loop` that stops when
+every row has hit a stop token or the budget. Streaming and pipeline stages call the one-step
+program once per token.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_sp.runtime import Runtime, input_key
+from jax_sp.runtime import Runtime
 from jax_sp.sampling import row_keys, sample
 
 # XLA:CPU cannot reuse donated buffers and says so on every call; donation still matters on GPU.
@@ -53,50 +53,87 @@ class Static:
     top_k: int
     unroll: int = 1  # the layer loop's unroll factor (an int: 1 == True would alias keys)
 
+    @classmethod
+    def of(cls, rt: Runtime, phase: str, sp: bool, sampling=None) -> "Static":
+        """The settings of a "prefill" or "decode" program (the layer loop's unroll factor
+        from the runtime's CompileOptions), sampling as `sampling` says (None: greedy)."""
+        unroll = rt.options.prefill_unroll if phase == "prefill" else decode_unroll(rt)
+        if sampling is None:
+            return cls(sp, True, 0, unroll)
+        return cls(sp, sampling.temperature == 0, sampling.top_k, unroll)
+
 
 def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None,
-             fresh=False, **inputs):
+             fresh=False, collect_residuals=False, **inputs):
     model = nnx.merge(rt.graphdef, state)
-    out = model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r, layout=rt.layout(st.sp),
-                fresh=fresh, attention=rt.attention if fresh else rt.decode_attention,
-                unroll=st.unroll, **inputs)
-    if out.carry is not None:
-        return rt.constrain_carry(out.carry), out.cache
-    return out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32), out.cache
+    return model(positions_bt, kv_len_b, cache=cache, rows_r=rows_r, layout=rt.layout(st.sp),
+                 fresh=fresh, attention=rt.attention if fresh else rt.decode_attention,
+                 unroll=st.unroll, collect_residuals=collect_residuals, **inputs)
+
+
+def _logits(rt: Runtime, out):
+    """The f32 logits of the real vocabulary."""
+    return out.logits[:, : rt.cfg.vocab_size].astype(jnp.float32)
 
 
 FEEDS = {"tokens": "tokens_bt", "embeds": "embeds_td", "carry": "carry"}
+OUTS = ("token", "last", "all", "residuals")
 
 
-def prefill_fn(rt: Runtime, st: Static, feed: str, cache_len: int):
-    """(state, inputs, kv_len_b, seed, first_row, temperature, top_p) -> (out, cache, keys_b).
-    inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed), every
-    row starting at position 0; out: the first new token [B] on the last stage, else this
-    stage's carry. The program makes the positions, its cache (cache_len slots) and the
-    sampling keys of its rows (rows first_row.. of the whole batch, from `key_seed`)
-    itself: a prefill is one launch after one batched host-to-device copy."""
-    def run(state, inputs, kv_len_b, seed, first_row, temperature, top_p):
+def prefill_fn(rt: Runtime, st: Static, feed: str, out: str = "token", cache_len: int = 0):
+    """The prefill program: every row starts at position 0 and the program makes the positions
+    itself. inputs: token ids [B, T], embeddings [B*T, D] or the previous stage's carry (feed).
+    A stage that is not the last returns its carry (with the cache and keys for "token"). On
+    the last stage, `out`:
+
+    - "token": (state, inputs, kv_len_b, seed, first_row, temperature, top_p) -> (the first new
+      token [B], cache, keys_b): a generation's prefill. It makes its cache (cache_len slots)
+      and its rows' sampling keys (rows first_row.. of the whole batch, from `key_seed`), so a
+      prefill is one launch after one batched host-to-device copy.
+    - "last" / "all": (state, inputs, kv_len_b) -> f32 logits of each sequence's last token
+      [B, V] / of every row [B*T, V], replicated (every process can be handed the same copy).
+    - "residuals": (state, inputs, kv_len_b) -> the stream after each layer [L, B*T, D], as
+      sharded."""
+    def run(state, inputs, kv_len_b, seed=None, first_row=None, temperature=None, top_p=None):
         b = kv_len_b.shape[0]
         x = jax.tree.leaves(inputs)[0]
         t = x.shape[1] if feed == "tokens" else x.shape[0] // b
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        keys = row_keys(seed, b, first_row)
-        rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
-        out, cache = _forward(rt, st, state, rt.empty_cache(b, cache_len), positions_bt,
-                              kv_len_b, rows if rt.stage.last else None, fresh=True,
-                              **{FEEDS[feed]: inputs})
-        if rt.stage.last:
-            out = sample(out, keys, 0, temperature, top_p, greedy=st.greedy, top_k=st.top_k)
-        return out, cache, keys
+        if out == "token":
+            keys = row_keys(seed, b, first_row)
+        rows = None
+        if rt.stage.last and out in ("token", "last"):
+            rows = jnp.arange(b) * t + kv_len_b - 1  # each sequence's last real token
+        cache = rt.empty_cache(b, cache_len) if cache_len else None
+        result = _forward(rt, st, state, cache, positions_bt, kv_len_b, rows, fresh=True,
+                          collect_residuals=out == "residuals", **{FEEDS[feed]: inputs})
+        if out == "residuals":
+            return result.residuals
+        if out == "token":
+            if not rt.stage.last:
+                return rt.constrain_carry(result.carry), result.cache, keys
+            token = sample(_logits(rt, result), keys, 0, temperature, top_p, greedy=st.greedy,
+                           top_k=st.top_k)
+            return token, result.cache, keys
+        if not rt.stage.last:
+            return rt.constrain_carry(result.carry)
+        # vocab-parallel first, so that the replication below gathers the [T, V] logits and
+        # not the [D, V] LM head
+        logits = jax.lax.with_sharding_constraint(result.logits,
+                                                  rt.sharding_of((None, "vocab")))
+        logits = logits[:, : rt.cfg.vocab_size].astype(jnp.float32)
+        return jax.lax.with_sharding_constraint(logits, rt.sharding_of(()))
     return run
 
 
 def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
     feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
-    out, cache = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
+    out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
     if not rt.stage.last:
-        return out, cache
-    return sample(out, key, step, temperature, top_p, greedy=st.greedy, top_k=st.top_k), cache
+        return rt.constrain_carry(out.carry), out.cache
+    token = sample(_logits(rt, out), key, step, temperature, top_p, greedy=st.greedy,
+                   top_k=st.top_k)
+    return token, out.cache
 
 
 def decode_step_fn(rt: Runtime, st: Static):
@@ -145,36 +182,3 @@ def decode_loop_fn(rt: Runtime, st: Static, max_steps: int):
         _, out, _, _, _, cache = jax.lax.while_loop(cond, body, carry)
         return out, cache
     return run
-
-
-class Programs:
-    """AOT-compiled programs of one Runtime, keyed by (name, static, variant, input shapes);
-    variant holds what the input shapes do not show (a prefill's feed and cache length, a
-    decode loop's step budget)."""
-
-    def __init__(self, rt: Runtime):
-        self.rt = rt
-        self.compiled: dict[tuple, jax.stages.Compiled] = {}
-        self.compile_seconds: dict[tuple, float] = {}
-        self.last: dict[str, tuple] = {}  # program name -> key of the executable last run
-        self.calls: collections.Counter = collections.Counter()  # executions per program name
-
-    def run(self, name: str, make, static: Static, args, donate=(1,), variant=None):
-        """Run program `name` (built by `make()` unless already compiled for this static
-        setting, variant and these input shapes) on args; args[donate] (the cache) are
-        donated."""
-        key = (name, static, variant, input_key(args[1:]))
-        if key not in self.compiled:
-            t0 = time.perf_counter()
-            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
-            self.compile_seconds[key] = time.perf_counter() - t0
-        self.last[name] = key
-        self.calls[name] += 1
-        return self.compiled[key](*args)
-
-    def total_compile_s(self) -> float:
-        return sum(self.compile_seconds.values())
-
-    def hlo(self, name: str) -> str:
-        """Optimized HLO of the executable that last ran under `name`."""
-        return self.compiled[self.last[name]].as_text()

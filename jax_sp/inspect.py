@@ -71,7 +71,7 @@ def boundary_report(cfg: ModelConfig, tp: int, pp: int, tokens: int, batch: int 
     import jax
     import jax.numpy as jnp
 
-    from jax_sp.pipeline import split_layers
+    from jax_sp.runner import split_layers
     from jax_sp.runtime import resolve_dtype
     from sharding.boundary import vllm_receive_fn
     from sharding.mesh import make_mesh, stage_mesh

@@ -7,9 +7,10 @@ so `jax-sp inspect` can lower them with abstract parameters and never allocate a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import functools
 import logging
+import time
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +75,7 @@ class Runtime:
         if stage is None:
             check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
             if parallel.pp > 1:
-                raise ValueError("pp > 1 runs through jax_sp.pipeline.Pipeline, one Runtime a "
+                raise ValueError("pp > 1 runs through jax_sp.runner.Runner, one Runtime a "
                                  "stage")
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
@@ -102,6 +103,7 @@ class Runtime:
             self.options.attention, platform, self.dtype, cfg.head_dim, self.options.paged_decode)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
+        self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------
 
@@ -180,10 +182,6 @@ class Runtime:
                         str(e).splitlines()[0][:300])
             return lowered.compile()
 
-    def jit(self, fn, sp: bool):
-        """Like jax.jit, compiled through `compile` once per input shapes."""
-        return _Jitted(self, fn, sp)
-
     # -- caches --------------------------------------------------------------------------------
 
     def carry_sharding(self):
@@ -210,44 +208,29 @@ class Runtime:
         c = self.padded_cfg  # [L, B, S, K, H]
         return (self.stage.end - self.stage.start, batch, max_len, c.num_kv_heads, c.head_dim)
 
-    # -- compiled forwards ---------------------------------------------------------------------
-
-    @functools.cache
-    def prefill_logits(self, sp: bool, collect_residuals: bool = False, last_only: bool = False,
-                       feed: str = "tokens", unroll: int = 1):
-        """jit: (state, inputs, positions_bt, kv_len_b) -> (out, residuals); inputs are token ids
-        [B, T] (feed="tokens") or the previous stage's carry (feed="carry"); out is the carry
-        on a stage that is not the last, else f32 logits of every row [B*T, V] or, with
-        last_only, of each sequence's last token [B, V]. unroll: the layer loop's unroll
-        factor."""
-        layout = self.layout(sp)
-        vocab = self.cfg.vocab_size
-
-        def run(state, inputs, positions_bt, kv_len_b):
-            model = nnx.merge(self.graphdef, state)
-            b, t = positions_bt.shape
-            rows = jnp.arange(b) * t + kv_len_b - 1 if last_only else None
-            out = model(positions_bt, kv_len_b, rows_r=rows, layout=layout,
-                        collect_residuals=collect_residuals, fresh=True,
-                        attention=self.attention, unroll=unroll,
-                        **({"carry": inputs} if feed == "carry" else {"tokens_bt": inputs}))
-            if out.carry is not None:
-                return self.constrain_carry(out.carry), out.residuals
-            # vocab-parallel first, so that the replication below gathers the [T, V] logits and
-            # not the [D, V] LM head; replicated: every process can then be handed the same copy
-            logits = jax.lax.with_sharding_constraint(out.logits, self.sharding_of((None, "vocab")))
-            logits = logits[:, :vocab].astype(jnp.float32)
-            return jax.lax.with_sharding_constraint(logits, self.sharding_of(())), out.residuals
-
-        return self.jit(run, sp)
-
     def constrain_carry(self, carry) -> IntermediateTensors:
         return IntermediateTensors(*(jax.lax.with_sharding_constraint(c, self.carry_sharding())
                                      for c in carry))
 
+    # -- the prefill in its logits forms (jax_sp/generate.py prefill_fn) ------------------------
+
+    def logits(self, state, inputs, kv_len_b, sp: bool, out: str = "all"):
+        """Run the prefill program in a logits form: out "all" (f32 logits of every row), "last"
+        (of each sequence's last token) or "residuals" (the stream after each layer); inputs:
+        token ids [B, T] on a first stage, else the previous stage's carry, every row from
+        position 0. A stage that is not the last returns its carry."""
+        from jax_sp.generate import Static, prefill_fn
+
+        feed = "tokens" if self.stage.first else "carry"
+        static = Static.of(self, "prefill", sp)
+        return self.programs.run("logits", lambda: prefill_fn(self, static, feed, out), static,
+                                 (state, inputs, kv_len_b), donate=(), variant=(feed, out))
+
     def compile_prefill(self, sp: bool, batch: int, tokens: int, last_only: bool = True):
-        """Compile `prefill_logits` for [batch, tokens] without any weights (abstract state);
+        """Compile the logits prefill for [batch, tokens] without any weights (abstract state);
         by default the generation form, which needs logits of each sequence's last token only."""
+        from jax_sp.generate import Static, prefill_fn
+
         ids = jax.ShapeDtypeStruct((batch, tokens), jnp.int32)
         lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
         if self.stage.first:
@@ -256,8 +239,49 @@ class Runtime:
             row = jax.ShapeDtypeStruct((batch * tokens, self.cfg.hidden_size), self.dtype,
                                        sharding=self.carry_sharding())
             inputs = (row, row)
-        fn = self.prefill_logits(sp, False, last_only, "tokens" if self.stage.first else "carry")
-        return fn.compile(self.abstract_state(), inputs, ids, lengths)
+        feed, out = ("tokens" if self.stage.first else "carry"), ("last" if last_only else "all")
+        static = Static.of(self, "prefill", sp)
+        return self.programs.compile("logits", lambda: prefill_fn(self, static, feed, out),
+                                     static, (self.abstract_state(), inputs, lengths), donate=(),
+                                     variant=(feed, out))
+
+
+class Programs:
+    """AOT-compiled programs of one Runtime, keyed by (name, static, variant, input shapes);
+    variant holds what the input shapes do not show (a prefill's feed, output form and cache
+    length, a decode loop's step budget). The only program cache: every program of a stage is
+    compiled here, through `Runtime.compile`."""
+
+    def __init__(self, rt: Runtime):
+        self.rt = rt
+        self.compiled: dict[tuple, jax.stages.Compiled] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+        self.last: dict[str, tuple] = {}  # program name -> key of the executable last run
+        self.calls: collections.Counter = collections.Counter()  # executions per program name
+
+    def compile(self, name: str, make, static, args, donate=(1,), variant=None):
+        """The executable of program `name` for these arguments (built by `make()` and
+        compiled unless already); args[donate] (the cache) are donated."""
+        key = (name, static, variant, input_key(args[1:]))
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
+            self.compile_seconds[key] = time.perf_counter() - t0
+        self.last[name] = key
+        return self.compiled[key]
+
+    def run(self, name: str, make, static, args, donate=(1,), variant=None):
+        """Run program `name` on args (compiled on first use for these input shapes)."""
+        compiled = self.compile(name, make, static, args, donate, variant)
+        self.calls[name] += 1
+        return compiled(*args)
+
+    def total_compile_s(self) -> float:
+        return sum(self.compile_seconds.values())
+
+    def hlo(self, name: str) -> str:
+        """Optimized HLO of the executable that last ran under `name`."""
+        return self.compiled[self.last[name]].as_text()
 
 
 def to_host(x) -> np.ndarray:
@@ -288,20 +312,6 @@ def input_key(args) -> tuple:
     """Shapes and dtypes of a call's array arguments: what a compiled program is specific to."""
     return tuple((getattr(a, "shape", ()), str(getattr(a, "dtype", type(a).__name__)))
                  for a in jax.tree.leaves(args))
-
-
-class _Jitted:
-    def __init__(self, rt: Runtime, fn, sp: bool):
-        self.rt, self.fn, self.sp, self.compiled = rt, fn, sp, {}
-
-    def compile(self, *args):
-        key = input_key(args[1:])
-        if key not in self.compiled:
-            self.compiled[key] = self.rt.compile(self.fn, args, self.sp)
-        return self.compiled[key]
-
-    def __call__(self, *args):
-        return self.compile(*args)(*args)
 
 
 def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -141,7 +141,8 @@ def test_prefill_makes_a_cache_sharded_over_kv_heads_and_the_rows_keys(hf_models
     job = llm._prepare(None if embeds else prompts, llm.embed(prompts) if embeds else None,
                        sampling, chat=False)
     assert job.prefill_sp == (sp == "on")
-    _, cache, keys = llm._prefill(job, sampling)
+    run = llm.runner.prefill(job, sampling)
+    cache, keys = run.caches[0][0], run.keys[0][0]
     t = job.inputs.shape[1]
     assert job.cache_len > t
     for kv in (cache.k, cache.v):
@@ -301,20 +302,21 @@ def test_row_keys_made_in_a_program_are_prngkey_of_the_seed_folded_with_the_row(
 
 def test_repeated_sampling_values_are_copied_to_the_devices_once(hf_models):
     """The seed, sampling scalars and stop ids go to the devices once per distinct value
-    (LLM._constants); the cache of them stays bounded and hands back the right values."""
+    (Runner.constants); the cache of them stays bounded and hands back the right values."""
     model = hf_models("llama")
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2))
     prompts = random_prompts(model.config.vocab_size, (9, 4), seed=1)
     params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=3)
     first = [c.token_ids for c in llm.generate(prompts, params)]
-    held = dict(llm._constant_cache)
+    cache = llm.runner.stages[0].constants
+    held = dict(cache)
     assert [c.token_ids for c in llm.generate(prompts, params)] == first
-    assert llm._constant_cache.keys() == held.keys()
-    assert all(llm._constant_cache[k] is v for k, v in held.items())  # the same device arrays
+    assert cache.keys() == held.keys()
+    assert all(cache[k] is v for k, v in held.items())  # the same device arrays
     for i in range(300):
-        (got,) = llm._constants(np.uint32(i))
+        (got,) = llm.runner.constants(0, np.uint32(i))
         assert int(got) == i and got.sharding.is_fully_replicated
-        assert len(llm._constant_cache) <= 256
+        assert len(cache) <= 256
 
 
 @pytest.mark.parametrize("parallel", [ParallelConfig(tp=2), ParallelConfig(tp=2, pp=2)])
@@ -372,8 +374,7 @@ def test_a_first_token_that_is_a_stop_id_ends_the_row_before_decode(hf_models):
     stop = free[0][0]
     assert stop not in free[1]  # what the test needs of its prompts
     job = llm._prepare(prompts, None, GREEDY, chat=False)
-    token, cache, key = llm._prefill(job, GREEDY)
-    out = llm._decode_loop(job, GREEDY, token, cache, key, (stop,))
+    out = llm.runner.decode(llm.runner.prefill(job, GREEDY), job, GREEDY, (stop,))
     assert (out[0] == -1).all() and (out[2:] == -1).all()  # row 0 and the padding rows
     assert out[1, : GREEDY.max_new_tokens - 1].tolist() == free[1][1:]
     done = llm.generate(prompts, dataclasses.replace(GREEDY, stop_token_ids=(stop,)))

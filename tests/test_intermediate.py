@@ -62,10 +62,9 @@ def test_first_stage_output_is_the_hf_stream_for_a_pytorch_peer(hf_models):
     model = hf_models("llama5")
     prompt = random_prompts(model.config.vocab_size, (16,))
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, pp=2, sp="on"))
-    stage = llm.pipeline.stages[0]
-    tokens, positions, lengths = llm._pack(prompt)
-    carry, _ = stage.runtime.prefill_logits(True, feed="tokens")(stage.state, tokens, positions,
-                                                                 lengths)
+    stage = llm.runner.stages[0]
+    tokens, lengths = llm._pack(prompt)
+    carry = stage.runtime.logits(stage.state, tokens, lengths, sp=True)
     ranks = to_torch_ranks(*carry, tp=2, residual="scattered")
     hidden = torch.cat([d["hidden_states"] for d in ranks])  # all_gather_group receive
     residual = torch.cat([d["residual"] for d in ranks])  # sync_and_gather_intermediate_tensors

@@ -98,6 +98,5 @@ def test_the_model_runs_on_the_one_axis_mesh_mosaic_uses(hf_models):
     rt = Runtime(cfg, ParallelConfig(tp=4, sp="on", comm="ring"), mesh=tp_mesh(make_mesh(4)))
     (prompt,) = random_prompts(cfg.vocab_size, (12,))
     ids = np.asarray([prompt], np.int32)
-    pos, lengths = np.arange(12, dtype=np.int32)[None], np.asarray([12], np.int32)
-    logits, _ = rt.prefill_logits(True)(rt.place(params), ids, pos, lengths)
+    logits = rt.logits(rt.place(params), ids, np.asarray([12], np.int32), sp=True)
     np.testing.assert_allclose(np.asarray(logits), hf_logits(model, [prompt])[0], atol=1e-4)

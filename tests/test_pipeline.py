@@ -8,7 +8,7 @@ import pytest
 
 from conftest import hf_greedy, hf_logits, random_prompts
 from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
-from jax_sp.pipeline import split_layers
+from jax_sp.runner import split_layers
 from sharding.tokens import tp_rank_rows
 
 GREEDY = SamplingParams(max_new_tokens=8)
@@ -38,7 +38,7 @@ def test_pipeline_matches_hf(hf_models, pp, tp, sp, boundary):
     prompts = random_prompts(model.config.vocab_size, LENGTHS, seed=pp * tp)
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, pp=pp, sp=sp,
                                                         pp_boundary=boundary))
-    assert [e - s for s, e in llm.pipeline.ranges] == ([3, 2] if pp == 2 else [2, 2, 2, 1])
+    assert [e - s for s, e in llm.runner.ranges] == ([3, 2] if pp == 2 else [2, 2, 2, 1])
     assert _max_diff(llm.logits(prompts), hf_logits(model, prompts)) <= 1e-4
     want = hf_greedy(model, prompts, GREEDY.max_new_tokens)
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
@@ -54,7 +54,7 @@ def test_unrolled_decode_steps_on_uneven_stages(hf_models):
                          options=CompileOptions(decode_unroll=model.config.num_hidden_layers))
     want = hf_greedy(model, prompts, GREEDY.max_new_tokens)
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
-    assert [st.programs.hlo("decode_step").count(" while(") for st in llm.pipeline.stages] == [0, 0]
+    assert [st.programs.hlo("decode_step").count(" while(") for st in llm.runner.stages] == [0, 0]
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -76,12 +76,12 @@ def test_vllm_pp_sp_bugs_change_the_output(hf_models, tp):
                                                         pp_boundary="gather"))
     want = hf_logits(model, prompts)
     assert _max_diff(llm.logits(prompts), want) <= 1e-4
-    llm.pipeline.receive_rows_for_rank = lambda rank, local_len: slice(0, local_len)
+    llm.runner.receive_rows_for_rank = lambda rank, local_len: slice(0, local_len)
     assert _max_diff(llm.logits(prompts), want) > 1e-2  # rank-agnostic [0:local_len]
-    llm.pipeline.receive_rows_for_rank = tp_rank_rows
-    llm.pipeline.gather_residual = False
+    llm.runner.receive_rows_for_rank = tp_rank_rows
+    llm.runner.gather_residual = False
     assert _max_diff(llm.logits(prompts), want) > 1e-2  # slicing instead of gathering
-    llm.pipeline.gather_residual = True
+    llm.runner.gather_residual = True
     assert _max_diff(llm.logits(prompts), want) <= 1e-4
 
 
@@ -96,9 +96,10 @@ def test_microbatches_give_the_same_tokens_and_never_wait_on_the_host(hf_models)
     # device-to-host transfer at all: no stage waits on the host.
     job = many._prepare(prompts, None, GREEDY, chat=False)
     with jax.transfer_guard_device_to_host("disallow"):
-        steps = list(many.pipeline.steps(job, GREEDY))
+        run = many.runner.prefill(job, GREEDY)
+        steps = [run.tokens] + list(many.runner.steps(run, job, GREEDY))
     assert len(steps) == GREEDY.max_new_tokens and len(steps[0]) == 4
-    for st in many.pipeline.stages:  # and no compiled stage program talks to the host
+    for st in many.runner.stages:  # and no compiled stage program talks to the host
         for compiled in st.programs.compiled.values():
             hlo = compiled.as_text()
             assert not any(op in hlo for op in ("outfeed", "infeed", "host_callback",
@@ -144,7 +145,7 @@ def test_bad_pipeline_configs(hf_models):
     with pytest.raises(ValueError, match="pp_boundary must be one of"):
         ParallelConfig(pp=2, pp_boundary="allreduce")
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=1, pp=2, pp_layers=(1, 4)))
-    assert llm.pipeline.ranges == [(0, 1), (1, 5)]
+    assert llm.runner.ranges == [(0, 1), (1, 5)]
 
 
 def test_inspect_shows_stages_and_boundary_bytes(capsys):
