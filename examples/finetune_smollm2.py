@@ -34,7 +34,7 @@ def main(argv=None):
     ensure_devices(args.tp)
     import numpy as np
 
-    from bridges.orbax_io import save
+    from bridges.orbax_source import save
     from jax_sp import LLM, ParallelConfig
     from jax_sp.train import TrainConfig, Trainer, unpadded_params
 

@@ -110,7 +110,7 @@ def _convert(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     import time
 
-    from bridges.orbax_io import save
+    from bridges.orbax_source import save
     from bridges.pretrained import load_pretrained
 
     if os.path.exists(args.dst) and (not os.path.isdir(args.dst) or os.listdir(args.dst)):

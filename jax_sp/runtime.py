@@ -23,8 +23,9 @@ from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
-from sharding.padding import pad_param, plan_padding
+from sharding.padding import plan_padding
 from sharding.rules import RULES, named
+from sharding.weights import Target, as_weights, check_keys
 from sharding.xla_options import collective_matmul_options
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -120,40 +121,18 @@ class Runtime:
             var.get_value().shape, var.get_value().dtype,
             sharding=self.sharding_of(self.param_names[path])))
 
-    def place(self, host_params):
-        """Pad (plan), cast and put each host parameter straight onto its target sharding.
-        host_params: unpadded arrays by parameter path, or a lazy checkpoint
-        (`bridges.checkpoint.LazyParams`) that builds each device's block from disk."""
-        expected = set(self.param_names)
-        missing, unexpected = expected - set(host_params), set(host_params) - expected
-        if hasattr(host_params, "build") or hasattr(host_params, "restore"):
-            unexpected = set()  # a checkpoint holds every stage's parameters
-        if missing or unexpected:
-            raise ValueError(f"parameters do not match the model: missing {sorted(missing)}, "
-                             f"unexpected {sorted(unexpected)}")
-        if hasattr(host_params, "restore"):  # an Orbax checkpoint (bridges/orbax_io.py)
-            targets = {path: (self.param_names[path], var.get_value().shape,
-                              self.sharding_of(self.param_names[path]))
-                       for path, var in ((path_str(p), v) for p, v in
-                                         nnx.to_flat_state(self._abstract_state))}
-            arrays = host_params.restore(targets, self.plan, self.dtype,
-                                         (self.stage.start, self.stage.end))
-            return self._map_state(lambda path, var: arrays[path])
-
-        def put(path, var):
-            names = self.param_names[path]
-            if hasattr(host_params, "build"):  # a lazy checkpoint (bridges/checkpoint.py)
-                return host_params.build(path, names, self.plan, var.get_value().shape,
-                                         self.sharding_of(names), self.dtype,
-                                         layer_offset=self.stage.start)
-            x = pad_param(np.asarray(host_params[path]), names, self.plan)
-            want = var.get_value().shape
-            if x.shape != want:
-                raise ValueError(f"parameter {path} has shape {x.shape} after padding; the model "
-                                 f"needs {want}")
-            return jax.device_put(x.astype(self.dtype), self.sharding_of(names))
-
-        return self._map_state(put)
+    def place(self, weights):
+        """This stage's parameters from a weight source (sharding/weights.py: a dict of unpadded
+        host arrays by path, a streamed checkpoint, an Orbax checkpoint), padded by the plan,
+        cast and put straight onto their target shardings."""
+        source = as_weights(weights)
+        check_keys(source, self.param_names, whole_model=self.stage.count == 1)
+        targets = {path: Target(self.param_names[path], var.get_value().shape,
+                                self.sharding_of(self.param_names[path]))
+                   for path, var in ((path_str(p), v) for p, v in
+                                     nnx.to_flat_state(self._abstract_state))}
+        arrays = source.place(targets, self.plan, self.dtype, (self.stage.start, self.stage.end))
+        return self._map_state(lambda path, var: arrays[path])
 
     def _map_state(self, fn):
         flat = [(p, v.replace(fn(path_str(p), v)))

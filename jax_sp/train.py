@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 
 from jax_sp.runtime import Runtime, path_str
-from sharding.padding import unpad_qkv
+from sharding.padding import unpad_param
 
 REMAT = ("none", "full", "selective")
 
@@ -178,23 +178,7 @@ class Trainer:
 
 def unpadded_params(rt: Runtime, state) -> dict[str, np.ndarray]:
     """The model's parameters without tp padding (first replica of each KV head), as host
-    arrays keyed by path: what `LLM(cfg, params)` and `bridges.orbax_io.save` take."""
-    plan = rt.plan
-    out = {}
-    for p, v in nnx.to_flat_state(state):
-        path = path_str(p)
-        x = np.asarray(jax.device_get(v.get_value()))
-        for axis, name in enumerate(rt.param_names[path]):
-            if name == "qkv_heads":
-                x = unpad_qkv(x, axis, plan)
-                continue
-            index = [slice(None)] * x.ndim
-            if name == "heads":
-                index[axis] = slice(0, plan.num_heads)
-            elif name == "vocab":
-                index[axis] = slice(0, plan.vocab_size)
-            elif name == "mlp":
-                index[axis] = slice(0, plan.mlp_size)
-            x = x[tuple(index)]
-        out[path] = x
-    return out
+    arrays keyed by path: what `LLM(cfg, params)` and `bridges.orbax_source.save` take."""
+    return {path_str(p): unpad_param(np.asarray(jax.device_get(v.get_value())),
+                                     rt.param_names[path_str(p)], rt.plan)
+            for p, v in nnx.to_flat_state(state)}

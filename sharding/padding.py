@@ -88,48 +88,85 @@ def plan_padding(num_heads: int, num_kv_heads: int, vocab_size: int, mlp_size: i
     return plan
 
 
-def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
-    if x.shape[axis] == size:
+def unpadded_size(name: str, size: int, plan: PaddingPlan) -> int:
+    """The length of axis `name` before padding (`size`: its padded length)."""
+    return {"heads": plan.num_heads, "kv_heads": plan.num_kv_heads, "qkv_heads":
+            plan.num_kv_heads, "vocab": plan.vocab_size, "mlp": plan.mlp_size}.get(name, size)
+
+
+def index_map(name: str, size: int, plan: PaddingPlan | None) -> np.ndarray:
+    """The padding of one axis: for each position of axis `name` after padding, the position of
+    the unpadded axis (of length `size`) that it copies, or -1 where it holds zeros.
+
+    The one description of the padding: `pad_param`, `unpad_param` and the checkpoint streamer
+    (bridges/streaming.py, which reads each device's rows of a padded parameter straight from
+    disk) all read it. "qkv_heads" maps the flattened [K, G + 2] of the fused q/k/v weight to
+    the flattened [K'', G / r + 2]: replica j of KV group g holds the group's query heads
+    j*G/r ... (j+1)*G/r - 1, then the group's k and v."""
+    if plan is None:
+        return np.arange(size)
+    group = plan.num_heads // plan.num_kv_heads
+    if name == "heads":
+        at = np.arange(plan.kv_groups * group)
+        return np.where(at < plan.num_heads, at, -1)
+    if name == "kv_heads":
+        g = np.repeat(np.arange(plan.kv_groups), plan.kv_repeat)
+        return np.where(g < plan.num_kv_heads, g, -1)
+    if name in ("vocab", "mlp"):
+        at = np.arange(plan.padded_vocab if name == "vocab" else plan.padded_mlp)
+        return np.where(at < size, at, -1)
+    if name == "qkv_heads":
+        r, per = plan.kv_repeat, group // plan.kv_repeat
+        g, j = np.divmod(np.arange(plan.padded_kv_heads), r)  # replica kk = g * r + j
+        c = np.arange(per + 2)
+        part = np.where(c < per, j[:, None] * per + c, group + c - per)  # within [G + 2]
+        flat = g[:, None] * (group + 2) + part
+        return np.where((g < plan.num_kv_heads)[:, None], flat, -1).reshape(-1)
+    return np.arange(size)
+
+
+def _take(x: np.ndarray, axis: int, index: np.ndarray) -> np.ndarray:
+    """x's positions `index` along axis, zeros where index is -1."""
+    if len(index) == x.shape[axis] and np.array_equal(index, np.arange(len(index))):
         return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return np.pad(x, widths)
+    out = np.take(x, np.maximum(index, 0), axis=axis)
+    if (index < 0).any():
+        shape = [1] * x.ndim
+        shape[axis] = len(index)
+        out = np.where((index >= 0).reshape(shape), out, np.zeros((), x.dtype))
+    return out
 
 
-def pad_qkv(x: np.ndarray, axis: int, plan: PaddingPlan) -> np.ndarray:
-    """[..., K, G + 2, ...] (axis: K) -> [..., K'', G / r + 2, ...]: zero groups appended, each
-    group's query heads split over its r KV replicas in order (replica j of group g takes query
-    heads g*G + j*G/r ... + G/r - 1, as `heads`/`kv_heads` padding orders them)."""
-    group, r = plan.num_heads // plan.num_kv_heads, plan.kv_repeat
-    q, kv = np.split(_pad_axis(x, axis, plan.kv_groups), [group], axis=axis + 1)
-    q = q.reshape(*q.shape[:axis], plan.kv_groups * r, group // r, *q.shape[axis + 2:])
-    return np.concatenate([q, np.repeat(kv, r, axis=axis)], axis=axis + 1)
-
-
-def unpad_qkv(x: np.ndarray, axis: int, plan: PaddingPlan) -> np.ndarray:
-    """The inverse of `pad_qkv`: [..., K'', G / r + 2, ...] -> [..., K, G + 2, ...] (the first
-    replica's k and v)."""
-    group, r = plan.num_heads // plan.num_kv_heads, plan.kv_repeat
-    q, kv = np.split(x, [group // r], axis=axis + 1)
-    q = q.reshape(*q.shape[:axis], plan.kv_groups, group, *q.shape[axis + 2:])
-    kv = np.take(kv, np.arange(0, plan.kv_groups * r, r), axis=axis)
-    keep = np.arange(plan.num_kv_heads)
-    return np.concatenate([np.take(q, keep, axis=axis), np.take(kv, keep, axis=axis)],
-                          axis=axis + 1)
+def _first_copies(index: np.ndarray, size: int) -> np.ndarray:
+    """For each of `size` unpadded positions, the first padded position that copies it."""
+    values, first = np.unique(index, return_index=True)
+    out = np.full(size, -1)
+    out[values[values >= 0]] = first[values >= 0]
+    return out
 
 
 def pad_param(x: np.ndarray, names: tuple, plan: PaddingPlan) -> np.ndarray:
-    """Apply the plan to one parameter, axis by axis, by its logical names."""
+    """Apply the plan to one parameter, axis by axis, by its logical names (`index_map`)."""
+    for axis, name in enumerate(names):
+        if name == "qkv_heads":  # [K, G + 2] -> [K'', G / r + 2], one map over both axes
+            index = index_map(name, x.shape[axis], plan)
+            flat = _take(x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:]), axis, index)
+            x = flat.reshape(*x.shape[:axis], plan.padded_kv_heads, -1, *x.shape[axis + 2:])
+        else:
+            x = _take(x, axis, index_map(name, x.shape[axis], plan))
+    return x
+
+
+def unpad_param(x: np.ndarray, names: tuple, plan: PaddingPlan) -> np.ndarray:
+    """The inverse of `pad_param`: each unpadded position from the first padded position that
+    copies it (a replicated KV head's first replica)."""
     group = plan.num_heads // plan.num_kv_heads
     for axis, name in enumerate(names):
+        size = unpadded_size(name, x.shape[axis], plan)
         if name == "qkv_heads":
-            x = pad_qkv(x, axis, plan)
-        elif name == "heads":
-            x = _pad_axis(x, axis, plan.kv_groups * group)
-        elif name == "kv_heads":
-            x = np.repeat(_pad_axis(x, axis, plan.kv_groups), plan.kv_repeat, axis=axis)
-        elif name == "vocab":
-            x = _pad_axis(x, axis, plan.padded_vocab)
-        elif name == "mlp":
-            x = _pad_axis(x, axis, plan.padded_mlp)
+            first = _first_copies(index_map(name, size, plan), size * (group + 2))
+            flat = np.take(x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:]), first, axis)
+            x = flat.reshape(*x.shape[:axis], size, group + 2, *x.shape[axis + 2:])
+        elif size != x.shape[axis] or name in ("kv_heads", "heads"):
+            x = np.take(x, _first_copies(index_map(name, size, plan), size), axis)
     return x

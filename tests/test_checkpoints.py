@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from bridges.checkpoint import CheckpointError
+from bridges.streaming import CheckpointError
 from conftest import random_prompts
 from gguf_writer import quantize_like_gguf, write_gguf
 from jax_sp import LLM, ParallelConfig

@@ -69,7 +69,7 @@ def test_fused_qkv_padding_matches_separate_head_padding(heads, kv_heads, tp):
     query head j of the padded model still reads replica j // (G / r) of its KV head, zero
     groups stay zero, and unpadding gives back the original weight."""
     from bridges.hf import group_qkv
-    from sharding.padding import pad_param, plan_padding, unpad_qkv
+    from sharding.padding import pad_param, plan_padding, unpad_param
 
     plan = plan_padding(heads, kv_heads, 32, 32, tp)
     rng = np.random.default_rng(heads * tp)
@@ -82,7 +82,28 @@ def test_fused_qkv_padding_matches_separate_head_padding(heads, kv_heads, tp):
                      pad_param(k, ("embed", "kv_heads", "head_dim"), plan),
                      pad_param(v, ("embed", "kv_heads", "head_dim"), plan), 1)
     np.testing.assert_array_equal(fused, want)
-    np.testing.assert_array_equal(unpad_qkv(fused, 1, plan), group_qkv(q, k, v, 1))
+    names = ("embed", "qkv_heads", None, "head_dim")
+    np.testing.assert_array_equal(unpad_param(fused, names, plan), group_qkv(q, k, v, 1))
+
+
+@pytest.mark.parametrize("tp", [2, 3, 8])
+def test_one_index_map_pads_and_unpads_every_axis(tp):
+    """sharding/padding.py's per-axis index maps describe the padding the streamer, pad_param
+    and unpad_param all apply: padding puts x[map[i]] at i and zeros where map[i] is -1 (9 query
+    heads, 3 KV heads, vocab 37, MLP 21), and unpadding gives x back."""
+    from sharding.padding import index_map, pad_param, plan_padding, unpad_param
+
+    plan = plan_padding(9, 3, 37, 21, tp)
+    rng = np.random.default_rng(tp)
+    for name, size in (("heads", 9), ("kv_heads", 3), ("vocab", 37), ("mlp", 21)):
+        x = rng.standard_normal((2, size, 3)) + 1.0  # no zeros of its own
+        names = ("layers", name, None)
+        padded = pad_param(x, names, plan)
+        index = index_map(name, size, plan)
+        assert padded.shape == (2, len(index), 3) and len(index) % tp == 0
+        np.testing.assert_array_equal(padded[:, index >= 0], x[:, index[index >= 0]])
+        assert not padded[:, index < 0].any()
+        np.testing.assert_array_equal(unpad_param(padded, names, plan), x)
 
 
 @pytest.mark.parametrize("sp", [False, True])

@@ -1,4 +1,5 @@
-"""jax-sp checkpoints in Orbax: `jax-sp convert SRC DST` writes one, `from_pretrained` reads it.
+"""jax-sp checkpoints in Orbax: `jax-sp convert SRC DST` writes one, `from_pretrained` reads it
+(a weight source, sharding/weights.py).
 
 Layout of DST: `jax_sp.json` (the ModelConfig and the parameter dtype), `params/` (an Orbax
 StandardCheckpointer tree of the unpadded, layer-stacked parameters, nested by path), and
@@ -24,6 +25,7 @@ import numpy as np
 from bridges.hf import group_qkv
 from models.config import ModelConfig, RopeScaling
 from sharding.padding import pad_param
+from sharding.weights import Target, as_weights, stage_slice
 
 MARKER = "jax_sp.json"
 FORMAT = 3  # 2: k/v and gate/up stored fused; 3: q/k/v fused by KV group (w_qkv_dkch)
@@ -56,24 +58,19 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None:
-    """Write `params` (a LazyParams or a dict of unpadded arrays) as an Orbax checkpoint in dst,
-    one parameter at a time through the host's CPU device."""
+    """Write `params` (a weight source, or a dict of unpadded arrays) as an Orbax checkpoint in
+    dst, one parameter at a time through the host's CPU device."""
     import orbax.checkpoint as ocp
 
     if os.path.exists(dst) and os.listdir(dst):
         raise ValueError(f"{dst} exists and is not empty; choose a new folder")
     os.makedirs(dst, exist_ok=True)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    np_dtype = np.dtype(jax.numpy.dtype(dtype))
-    flat = {}
-    for path in params.keys():
-        if hasattr(params, "build"):
-            e = params.entries[path]
-            shape = params.unpadded_shape(path)
-            names = ("layers",) * e["stacked"] + tuple(e["dims"])
-            flat[path] = params.build(path, names, None, shape, cpu, np_dtype)
-        else:
-            flat[path] = jax.device_put(np.asarray(params[path]).astype(np_dtype), cpu)
+    source = as_weights(params)
+    # unpadded, every layer, on the host: stacked parameters are the "layers/..." paths
+    targets = {path: Target(("layers",) if path.startswith("layers/") else (),
+                            source.shape(path), cpu) for path in source.keys()}
+    flat = source.place(targets, None, np.dtype(jax.numpy.dtype(dtype)), (0, cfg.num_layers))
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.abspath(os.path.join(dst, "params")), _nest(flat))
     config = dataclasses.asdict(cfg)
@@ -101,7 +98,7 @@ def open_checkpoint(path: str):
 
 
 class OrbaxParams:
-    """The parameters of an Orbax checkpoint, restored by `Runtime.place` through `restore`."""
+    """The parameters of an Orbax checkpoint: a weight source (sharding/weights.py)."""
 
     def __init__(self, directory: str, fuse_qkv: bool = False):
         import orbax.checkpoint as ocp
@@ -124,8 +121,16 @@ class OrbaxParams:
     def __iter__(self):
         return iter(self.paths)
 
-    def restore(self, targets: dict, plan, dtype, layers: tuple[int, int]) -> dict:
-        """targets: path -> (names, padded shape, sharding) -> {path: device array}."""
+    def shape(self, path: str) -> tuple[int, ...]:
+        if path in self.fused:  # format 2: q [.., N, H] and k/v [.., 2, K, H] -> [.., K, C, H]
+            q_path, kv_path, axis = self.fused[path]
+            q, kv = tuple(self.meta[q_path].shape), tuple(self.meta[kv_path].shape)
+            k = kv[axis + 1]
+            return (*q[:axis], k, q[axis] // k + 2, *q[axis + 1:])
+        return tuple(self.meta[path].shape)
+
+    def place(self, targets: dict, plan, dtype, layers: tuple[int, int]) -> dict:
+        """targets: path -> Target(names, padded shape, sharding) -> {path: device array}."""
         import orbax.checkpoint as ocp
 
         cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
@@ -172,7 +177,6 @@ class OrbaxParams:
                     continue
                 host = np.asarray(x)
                 del x
-            if names and names[0] == "layers":
-                host = host[start:end]
+            host = stage_slice(host, names, layers)
             out[path] = jax.device_put(pad_param(host, names, plan).astype(dtype), sharding)
         return out
