@@ -1,13 +1,10 @@
-"""LLM: the public engine. Loads weights onto a mesh, runs forwards and generation.
+"""LLM: the public engine. Loads weights onto a mesh, checks what users give it, and returns
+completions, logits and stats.
 
-The engine knows token ids, batches and padding; the tokenizer (optional) turns text into ids
-and back, and the parallel layout is the rules table's. A forward's tokens are right-padded per
-sequence to a compile bucket that is a multiple of tp (so SP splits B*T rows evenly); pad tokens
-sit after the real ones, are masked as keys, and their outputs are dropped. Batches are padded to
-a power of two (and to a multiple of tp when decode runs with SP) with inactive rows.
-
-SP gating: a prefill of B*T padded tokens runs with SP when `parallel.use_sp(B*T)`; decode steps
-(B tokens) run plain TP unless sp="on" forces SP everywhere.
+The engine is the API's edge: prompts (strings through the optional tokenizer, conversations,
+token ids, embeddings) and sampling settings are checked here, once, with errors that say what
+would work; what passes is handed to the runner (jax_sp/runner.py), which pads it into a batch
+and runs the compiled programs on the stages, trusting its input. The engine never sees a mesh.
 """
 
 from __future__ import annotations
@@ -20,11 +17,10 @@ import numpy as np
 
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
                            check_devices, check_parallel)
-from jax_sp.runner import Runner, pow2_at_least
-from jax_sp.runtime import resolve_dtype, round_up, to_host
+from jax_sp.runner import Batch, Runner, bucket
+from jax_sp.runtime import resolve_dtype, to_host
 from sharding.tokens import tp_rank_rows
 
-MIN_BUCKET = 16
 EMBED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -32,12 +28,6 @@ def check_max_seq_len(max_seq_len) -> None:
     if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
         raise ValueError(f"max_seq_len must be a positive integer (prompt plus new tokens), "
                          f"got {max_seq_len!r}; e.g. max_seq_len=2048")
-
-
-def bucket(num_tokens: int, tp: int) -> int:
-    """Compile bucket for a per-sequence length: the next power of two (>= MIN_BUCKET), rounded up
-    to a multiple of tp, so nearby lengths share one compiled function."""
-    return round_up(pow2_at_least(num_tokens, MIN_BUCKET), tp)
 
 
 ROLES = ("system", "user", "assistant")
@@ -76,21 +66,6 @@ class Completion:
     token_ids: list[int]
     text: str | None
     finish_reason: str  # "stop" (a stop token, included in token_ids) or "length"
-
-
-@dataclasses.dataclass
-class Batch:
-    """A validated, padded generation batch: `rows` real sequences padded to `batch`."""
-
-    rows: int
-    lengths: list[int]
-    batch: int
-    inputs: np.ndarray  # token ids [B, T] or embeddings [B, T, D]
-    kv_len: np.ndarray  # [B]: real tokens per row (1 for padding rows)
-    cache_len: int  # S
-    prefill_sp: bool
-    decode_sp: bool
-    embeds: bool
 
 
 @dataclasses.dataclass
@@ -285,41 +260,16 @@ class LLM:
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompts and prompt_embeds"
                              + (", not both" if prompts is not None else ""))
-        if prompts is not None:
-            rows = self._check_ids(prompts, chat)
-            lengths = [len(r) for r in rows]
-        else:
-            rows = self._check_embeds(prompt_embeds)
-            lengths = [len(r) for r in rows]
-        for i, n in enumerate(lengths):
+        rows = (self._check_ids(prompts, chat) if prompts is not None
+                else self._check_embeds(prompt_embeds))
+        for i, n in enumerate(len(r) for r in rows):
             if n + sampling.max_new_tokens > self.max_seq_len:
                 fix = (f"lower max_new_tokens to {self.max_seq_len - n}" if n < self.max_seq_len
                        else "raise max_seq_len (LLM(..., max_seq_len=...))")
                 raise ValueError(
                     f"prompt {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
                     f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or {fix}")
-        tp, pp = self.parallel.tp, self.parallel.pp
-        m = self.parallel.microbatches if pp > 1 else 1  # one stage runs the batch whole
-        decode_sp = self.parallel.sp == "on" and tp > 1
-        # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
-        # gets the same share
-        unit = tp if (decode_sp or pp > 1) else 1
-        batch = round_up(pow2_at_least(len(rows)), unit * m)
-        t = bucket(max(lengths), tp)
-        prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
-        kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
-        kv_len[: len(rows)] = lengths
-        if prompts is not None:
-            inputs = np.zeros((batch, t), np.int32)
-        else:
-            inputs = np.zeros((batch, t, self.cfg.hidden_size), self.runtime.dtype)
-        for b, x in enumerate(rows):
-            inputs[b, : len(x)] = x
-        # a multiple of 16: the Pallas decode kernel's blocks of keys tile the cache
-        cache_len = max(-(-t // 16) * 16,
-                        pow2_at_least(max(lengths) + sampling.max_new_tokens, MIN_BUCKET))
-        return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
-                     decode_sp, prompts is None)
+        return self.runner.batch(rows, sampling.max_new_tokens, prompts is None)
 
     def _sampling(self, sampling) -> SamplingParams:
         """The API's edge for sampling settings: a SamplingParams (None: the defaults) whose

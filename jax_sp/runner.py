@@ -12,6 +12,13 @@ decode-step launch per stage and token (streaming, and pipelines, whose stages l
 different meshes). Every call is dispatched asynchronously and nothing waits on the host inside
 a step, so stage k of micro-batch i+1 runs while stage k+1 of micro-batch i does. A pipeline
 runs the whole token budget; the caller cuts each row at its first stop token.
+
+Batches: a forward's tokens are right-padded per sequence to a compile bucket that is a
+multiple of tp (so SP splits B*T rows evenly); pad tokens sit after the real ones, are masked
+as keys, and their outputs are dropped. Batches are padded to a power of two (and to a
+multiple of tp, times the micro-batches, when decode runs with SP or through a pipeline) with
+inactive rows. A prefill of B*T padded tokens runs with SP when `parallel.use_sp(B*T)`; decode
+steps (B tokens) run plain TP unless sp="on" forces SP everywhere.
 """
 
 from __future__ import annotations
@@ -24,11 +31,12 @@ import numpy as np
 from jax_sp.config import CompileOptions, ModelConfig, ParallelConfig, SamplingParams
 from jax_sp.config import check_parallel
 from jax_sp.generate import Static, decode_loop_fn, decode_step_fn, prefill_fn
-from jax_sp.runtime import Runtime, Stage, to_host
+from jax_sp.runtime import Runtime, Stage, round_up, to_host
 from sharding.boundary import receive, send
 from sharding.mesh import make_mesh, stage_mesh
 from sharding.tokens import place_token_rows, tp_rank_rows
 from sharding.transfer import move
+from sharding.weights import as_weights, check_keys
 
 
 def split_layers(num_layers: int, pp: int, counts=None) -> list[tuple[int, int]]:
@@ -45,14 +53,28 @@ def split_layers(num_layers: int, pp: int, counts=None) -> list[tuple[int, int]]
     return [(int(e - n), int(e)) for e, n in zip(ends, counts)]
 
 
-def stage_params(host_params, rt: Runtime):
-    """The host parameters stage `rt.stage` needs: its slice of the stacked layers, plus the
-    embedding / final norm / head where it has them (a checkpoint serves every stage)."""
-    if hasattr(host_params, "build") or hasattr(host_params, "restore"):
-        return host_params
-    start, end = rt.stage.start, rt.stage.end
-    return {path: (host_params[path][start:end] if path.startswith("layers/")
-                   else host_params[path]) for path in rt.param_names}
+MIN_BUCKET = 16
+
+
+def bucket(num_tokens: int, tp: int) -> int:
+    """Compile bucket for a per-sequence length: the next power of two (>= MIN_BUCKET), rounded up
+    to a multiple of tp, so nearby lengths share one compiled function."""
+    return round_up(pow2_at_least(num_tokens, MIN_BUCKET), tp)
+
+
+@dataclasses.dataclass
+class Batch:
+    """A padded generation batch: `rows` real sequences padded to `batch`."""
+
+    rows: int
+    lengths: list[int]
+    batch: int
+    inputs: np.ndarray  # token ids [B, T] or embeddings [B, T, D]
+    kv_len: np.ndarray  # [B]: real tokens per row (1 for padding rows)
+    cache_len: int  # S
+    prefill_sp: bool
+    decode_sp: bool
+    embeds: bool
 
 
 @dataclasses.dataclass
@@ -88,8 +110,13 @@ class Runner:
         for s, (start, end) in enumerate(self.ranges):
             rt = Runtime(cfg, parallel, dtype, mesh=stage_mesh(self.mesh, s),
                          stage=Stage(s, parallel.pp, start, end), options=options)
-            state = rt.place(stage_params(host_params, rt)) if host_params is not None else None
-            self.stages.append(StageRunner(rt, state))
+            self.stages.append(StageRunner(rt, None))
+        if host_params is not None:  # every stage reads its part of one source
+            weights = as_weights(host_params)
+            check_keys(weights, {p for st in self.stages for p in st.runtime.param_names},
+                       whole_model=True)
+            for st in self.stages:
+                st.state = st.runtime.place(weights)
         # receive-side hooks, so tests can replay vLLM's two bugs (see sharding/boundary.py)
         self.receive_rows_for_rank, self.gather_residual = tp_rank_rows, True
 
@@ -117,6 +144,29 @@ class Runner:
             new = dict(zip(keys, values))
         cache.update(zip(new, self.put(s, tuple(new.values()))))
         return [cache[k] for k in keys]
+
+    def batch(self, rows: list, max_new_tokens: int, embeds: bool) -> Batch:
+        """Checked prompts (token ids [T_i] or embeddings [T_i, D]) padded into one batch."""
+        tp, m = self.parallel.tp, self.parallel.microbatches if len(self.stages) > 1 else 1
+        lengths = [len(r) for r in rows]
+        decode_sp = self.parallel.sp == "on" and tp > 1
+        # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
+        # gets the same share
+        unit = tp if (decode_sp or len(self.stages) > 1) else 1
+        batch = round_up(pow2_at_least(len(rows)), unit * m)
+        t = bucket(max(lengths), tp)
+        prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
+        kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
+        kv_len[: len(rows)] = lengths
+        inputs = (np.zeros((batch, t, self.cfg.hidden_size), self.stages[0].runtime.dtype)
+                  if embeds else np.zeros((batch, t), np.int32))
+        for b, x in enumerate(rows):
+            inputs[b, : len(x)] = x
+        # a multiple of 16: the Pallas decode kernel's blocks of keys tile the cache
+        cache_len = max(-(-t // 16) * 16, pow2_at_least(max(lengths) + max_new_tokens,
+                                                         MIN_BUCKET))
+        return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
+                     decode_sp, embeds)
 
     def compile_s(self) -> float:
         return sum(st.programs.total_compile_s() for st in self.stages)
