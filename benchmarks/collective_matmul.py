@@ -16,11 +16,11 @@ Prints JSON lines and writes a PNG.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import time
+
+from common import Results, machine, pyplot  # (and the repository on the import path)
 
 SHAPES = {"tiny": (256, 896), "llama3-8b": (4096, 14336), "llama3-70b": (8192, 28672)}
 
@@ -35,7 +35,6 @@ def main():
     ap.add_argument("--cpu-devices", type=int, default=0, help="simulate N CPU devices")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from jax_sp.cli import ensure_devices  # before the backend starts
 
     if args.cpu_devices:
@@ -52,7 +51,7 @@ def main():
     n = len(jax.devices())
     mesh = make_mesh(n)
     platform = jax.devices()[0].platform
-    machine = f"{n}x {jax.devices()[0].device_kind}"
+    machine_name = machine()
     dtype = jnp.dtype(args.dtype)
     rows_s, cols_s = NamedSharding(mesh, P("tp", None)), NamedSharding(mesh, P(None, "tp"))
     full = NamedSharding(mesh, P())
@@ -83,14 +82,8 @@ def main():
         variants["xla-windowed"] = WINDOWED_EINSUM
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"collective_matmul_{platform}_{n}dev")
-    sink = open(stem + ".jsonl", "w")  # written as it goes: a cut-off run keeps its rows
-    rows = []
-
-    def emit(row):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        sink.write(json.dumps(row) + "\n")
-        sink.flush()
+    results = Results(stem + ".jsonl")  # written as it goes: a cut-off run keeps its rows
+    emit, rows = results.emit, results.rows
 
     for shape in args.shapes.split(","):
         d, f = SHAPES[shape]
@@ -134,19 +127,14 @@ def main():
                            "tflops_per_device": flops / n / med / 1e12,
                            "compile_s": compile_s, "max_rel_err": err,
                            "windowed_einsum": ("windowed_dot_general_body" in hlo),
-                           "machine": machine}
+                           "machine": machine_name}
                     emit(row)
-    sink.close()
-    plot([r for r in rows if "median_us" in r], stem + ".png", machine)
+    plot([r for r in rows if "median_us" in r], stem + ".png", machine_name)
 
 
 def plot(rows, path, machine):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     keys = sorted({(r["shape"], r["op"]) for r in rows})
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 4), squeeze=False)

@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine, timed_bursts  # noqa: E402  (and the repository on the path)
 
 
 def shard_config(cfg, tp: int):
@@ -56,7 +53,7 @@ def device_state(rt, seed: int = 0):
     return jax.tree.unflatten(tree, [draw(k, s) for k, s in zip(keys, leaves)])
 
 
-def matmul_peak(timed, repeats: int, burst: int) -> float:
+def matmul_peak(repeats: int, burst: int) -> float:
     """bf16 TFLOP/s of an 8192^3 dot on this device, in this run."""
     import jax
     import jax.numpy as jnp
@@ -65,7 +62,7 @@ def matmul_peak(timed, repeats: int, burst: int) -> float:
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (n, n), jnp.bfloat16)
     dot = jax.jit(lambda a, b: a @ b)
-    _, sec = timed(lambda: dot(a, b), repeats, burst)
+    _, sec = timed_bursts(lambda: dot(a, b), repeats, burst)
     return 2 * n**3 / sec / 1e12
 
 
@@ -85,7 +82,6 @@ def main():
     from jax_sp.config import ParallelConfig
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime, Stage
-    from multi_gpu import timed
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama3-8b,llama3-70b")
@@ -97,8 +93,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
-    machine = f"{len(jax.devices())}x {jax.devices()[0].device_kind}"
-    peak = matmul_peak(timed, args.repeats, args.burst)
+    machine_name = machine()
+    peak = matmul_peak(args.repeats, args.burst)
     rows = []
     hi, lo = args.layers, args.layers // 2
     for shape in args.shapes.split(","):
@@ -113,7 +109,7 @@ def main():
                 lengths = np.array([t], "int32")
                 got = {}
                 for n, rt in stages.items():
-                    got[n] = timed(lambda: rt.logits(states[n], ids, lengths,  # noqa: B023
+                    got[n] = timed_bursts(lambda: rt.logits(states[n], ids, lengths,  # noqa: B023
                                                      False, out="last"),
                                    args.repeats, args.burst)[1]
                 sec = (got[hi] - got[lo]) / (hi - lo)
@@ -126,10 +122,10 @@ def main():
                        "tflops": flops / sec / 1e12, "matmul_peak_tflops": peak,
                        "attention": stages[hi].attention.name, "stage_ms": [got[lo] * 1e3,
                                                                         got[hi] * 1e3],
-                       "machine": machine, "jax": jax.__version__}
+                       "machine": machine_name, "jax": jax.__version__}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            del states
+            states.clear()
     if args.out:
         with open(args.out, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401  (the repository on the import path)
 
 
 def main():

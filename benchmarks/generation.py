@@ -14,7 +14,7 @@ implementation; tokens_per_s_e2e is batch * new tokens / whole time.
 
     python benchmarks/generation.py [--models llama3.2-1b,smollm2] [--dtype bfloat16]
     python benchmarks/generation.py --tiny      # CPU plumbing: a 2-layer model, short runs
-    python benchmarks/generation.py --plot benchmarks/results/generation_h100.jsonl
+    python benchmarks/generation.py --plot benchmarks/results/generation_h200_llama3.2-1b.jsonl
 """
 
 from __future__ import annotations
@@ -25,12 +25,10 @@ import itertools
 import json
 import os
 import statistics
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import pyplot, timed  # noqa: E402  (and the repository on the import path)
 
 PEERS = ("hf-eager", "hf-static-compiled", "gpt-fast-eager", "gpt-fast-compiled")
 
@@ -52,16 +50,6 @@ def hf_module(cfg, dtype, device):
         model = transformers.AutoModelForCausalLM.from_config(hc, dtype=getattr(torch, dtype))
     model.config.eos_token_id = model.generation_config.eos_token_id = None
     return model.eval()
-
-
-def timed(fn, repeats, sync):
-    """(median, min, max) seconds of fn() over repeats, each synchronised by sync(result)."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
 
 
 def first_call(fn, sync):
@@ -318,10 +306,9 @@ def run_model(b: Bench, name: str):
 
 
 def plot(path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     rows = [json.loads(line) for line in open(path)]
     limits = next(r for r in rows if r["bench"] == "limits")
@@ -387,7 +374,7 @@ def main():
     ap.add_argument("--compare-attention", type=int, default=1,
                     help="also run prefill with XLA attention where cuDNN's is the default")
     ap.add_argument("--decode-attention", default="auto",
-                    help="ParallelConfig.attention values whose decode jax-sp runs side by side "
+                    help="CompileOptions.attention values whose decode jax-sp runs side by side "
                          "(auto: the default's, impl 'jax-sp'; others 'jax-sp/attention=MODE')")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")

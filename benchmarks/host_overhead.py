@@ -21,15 +21,12 @@ Times, untraced (median of --repeats, microseconds), each piece of host work a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Results, write_jsonl  # noqa: E402  (and the repository on the path)
 
 
 def median_us(fn, repeats: int) -> dict:
@@ -66,17 +63,13 @@ def main():
     from jax_sp import LLM, ParallelConfig, SamplingParams
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
-    from profile_decode import kernel_times, write_jsonl
+    from profile_decode import kernel_times
 
     device = jax.devices()[0]
     where = jax.sharding.SingleDeviceSharding(device)
-    rows = []
-
-    def emit(row):
-        row = {"bench": "host-overhead", "device": device.device_kind, "jax": jax.__version__,
-               **row}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    results = Results(None, bench="host-overhead", device=device.device_kind,
+                      jax=jax.__version__)
+    emit, rows = results.emit, results.rows
 
     want = lambda group: args.only in (None, group)  # noqa: E731
     b = args.batch
@@ -124,7 +117,8 @@ def main():
               "tokens": n, "ms_per_token": timing["median_us"] / n / 1e3,
               "min_ms_per_token": timing["min_us"] / n / 1e3})
     if args.out:
-        write_jsonl(args.out, f"host_overhead_{args.tag or args.model}.jsonl", rows)
+        name = f"host_overhead_{args.tag or args.model}.jsonl"
+        write_jsonl(os.path.join(args.out, name), rows)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,11 @@ import dataclasses
 import gzip
 import json
 import os
-import sys
 
 import jax
 
 jax.config.update("jax_mock_gpu_topology", "1x8x1")  # before first use
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401  (the repository on the import path)
 
 from jax_sp.config import CompileOptions, ParallelConfig  # noqa: E402
 from jax_sp.generate import (  # noqa: E402

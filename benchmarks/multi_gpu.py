@@ -28,10 +28,9 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import machine, pyplot, timed_bursts  # noqa: E402  (and the repository on the path)
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
                ("NVSHMEM_DISABLE_NVLS", "1")):
     os.environ.setdefault(_k, _v)
@@ -39,36 +38,18 @@ for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "
 MODES = {"tp": ("off", "xla"), "sp-xla": ("on", "xla"), "sp-ring": ("on", "ring")}
 
 
-def timed(call, repeats: int, burst: int) -> tuple[float, float]:
-    """(first call's seconds, median seconds per call): `repeats` rounds of `burst` calls
-    launched back to back and waited for once, so the host's dispatch overlaps device work."""
-    import jax
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(call())
-    first = time.perf_counter() - t0
-    rounds = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        outs = [call() for _ in range(burst)]
-        jax.block_until_ready(outs)
-        rounds.append((time.perf_counter() - t0) / burst)
-    return first, statistics.median(rounds)
-
-
 def jax_rows(args):
     """per_layer: a first pipeline stage (embedding + layers, no LM head) compiled with
     `--layers` and with half as many; the difference of the two times over the difference of
     layers is one layer's time, free of the embedding and the call's fixed costs.
     end_to_end: a whole `--layers`-layer model's prefill with last-token logits."""
-    import jax
     import numpy as np
 
     from jax_sp.config import ParallelConfig
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime, Stage, random_params
 
-    machine = f"{len(jax.devices())}x {jax.devices()[0].device_kind}"
+    machine_name = machine()
     hi = args.layers
     lo = hi // 2
     if lo < 1:
@@ -96,7 +77,7 @@ def jax_rows(args):
                 lengths = np.array([t], "int32")
                 got = {}
                 for key, rt in ((lo, stages[lo]), (hi, stages[hi]), ("end_to_end", whole)):
-                    got[key] = timed(lambda: rt.logits(states[key], ids, lengths,  # noqa: B023
+                    got[key] = timed_bursts(lambda: rt.logits(states[key], ids, lengths,  # noqa: B023
                                                        sp == "on", out="last"),
                                      args.repeats, args.burst)
                 per_layer = (got[hi][1] - got[lo][1]) / (hi - lo)
@@ -104,7 +85,7 @@ def jax_rows(args):
                 # and the difference is noise
                 host_bound = got[hi][1] < 1.25 * got[lo][1]
                 common = {"bench": "multi_gpu", "side": "jax-sp", "mode": mode, "shape": shape,
-                          "tp": args.tp, "tokens": t, "machine": machine}
+                          "tp": args.tp, "tokens": t, "machine": machine_name}
                 yield {**common, "what": "per_layer", "layers": [lo, hi],
                        "median_ms": per_layer * 1e3, "tokens_per_s": t / per_layer,
                        "stage_ms": [got[lo][1] * 1e3, got[hi][1] * 1e3],
@@ -285,12 +266,8 @@ def plot(rows, path):
     """Per-layer time relative to plain TP (jax-sp's "tp" row of the same shape and T), one
     panel per shape; lines for every other jax-sp mode and PyTorch plan. Host-bound jax-sp rows
     (whose per-layer time is noise) are left out."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     layer = [r for r in rows if r.get("what") == "per_layer" and "median_ms" in r
              and not r.get("host_bound")]

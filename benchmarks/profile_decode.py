@@ -15,12 +15,10 @@ import collections
 import glob
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (and the repository on the import path)
 
 
 def kernel_times(trace_dir: str):
@@ -53,13 +51,6 @@ def step_sequence(events, per_step: int):
     window = events[mid: mid + 2 * per_step]
     return [(n, d / 1e3, (s - (p[0] + p[2])) / 1e3 if p else 0.0)
             for p, (s, n, d) in zip([None] + window[:-1], window)]
-
-
-def write_jsonl(folder: str, name: str, rows) -> None:
-    """One JSON object per line, in folder/name (the folder made if missing)."""
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, name), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def parse_options(pairs) -> dict:
@@ -198,8 +189,8 @@ def main():
         tag = "".join(f"_{k.removeprefix('xla_gpu_')}-{v}" for k, v in options.items())
         if args.pad_rows_min_weight is not None:
             tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
-        write_jsonl(args.out, f"profile_decode_{args.model}_u{args.unroll}_{attention}{variant}"
-                              f"{tag}.jsonl", rows)
+        name = f"profile_decode_{args.model}_u{args.unroll}_{attention}{variant}{tag}.jsonl"
+        common.write_jsonl(os.path.join(args.out, name), rows)
 
 
 if __name__ == "__main__":

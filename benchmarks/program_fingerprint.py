@@ -24,7 +24,7 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401  (the repository on the import path)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
 
@@ -44,7 +44,7 @@ def fingerprint(text: str) -> str:
 def cases():
     """(name, build LLM, exercise it) for every configuration fingerprinted."""
     from conftest import SAMPLED, _build, random_prompts
-    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+    from jax_sp import CompileOptions, ParallelConfig, SamplingParams
 
     greedy = SamplingParams(max_new_tokens=5)
 

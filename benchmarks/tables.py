@@ -11,6 +11,23 @@ Tables:
   schedule  mock_gpu_compile_prefill_*.jsonl: per comm path, XLA's windowed-einsum loops and
             each layer's collectives overlapped by compute or exposed in the schedule
   load      load_time_*.jsonl: loading the embedded GGUF, jax-sp against transformers
+  generation GPU MODEL
+            generation_*.jsonl of that GPU and model shape: jax-sp and every peer measured, decode
+            ms/token at each batch and prefill ms per case, ratio to the best peer, jax-sp's share
+            of the copy bandwidth and its prefill TFLOP/s, the run's limits in the caption
+  generation_summary
+            generation_*.jsonl: one row per GPU and model shape, jax-sp against the best PyTorch
+            peer for each decode batch and prefill case (the README's results table)
+  numerics  generation_*.jsonl prefill-parity rows: last-token logits of a 1x2048 prefill, jax-sp
+            and transformers-bf16 against an fp32 reference, and against each other
+  sp_vs_tp TP
+            multi_gpu_tp<TP>_*.jsonl: plain TP's per-layer ms and SP's speed against it (TP / SP)
+            per layer and for the whole model, per comm path and token count
+
+A block may name arguments after the table's name (`<!-- table:generation H100 smollm2 -->`); the
+closing marker is `<!-- /table:NAME -->`. Generation tables take one result file per GPU and model
+shape (the latest run; older ones are retired, git history keeps them) and stop with an error
+when there are several.
 """
 
 from __future__ import annotations
@@ -113,12 +130,206 @@ def load() -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load}
-_BLOCK = re.compile(r"(<!-- table:(\w+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+# -- generation.py: jax-sp against its PyTorch peers -------------------------------------------
+
+IMPL_LABELS = {
+    "jax-sp": "**jax-sp** (defaults)",
+    "jax-sp/attention=cudnn": 'jax-sp, `attention="cudnn"`',
+    "jax-sp/xla-attention": 'jax-sp, `attention="xla"`',
+    "gpt-fast-compiled": "gpt-fast-style, compiled",
+    "gpt-fast-eager": "gpt-fast-style, eager",
+    "hf-static-compiled": "transformers static cache + compile",
+    "hf-compiled": "`torch.compile(model)`",
+    "hf-eager": "transformers eager",
+}
+MODEL_LABELS = {"llama3.2-1b": "Llama-3.2-1B", "smollm2": "SmolLM2-135M"}
+DECODE_BATCHES = (1, 8, 32)
+PREFILL_CASES = ((1, 2048), (8, 2048))
+
+
+def _is_peer(impl: str) -> bool:
+    return not impl.startswith("jax-sp")
+
+
+def _generation_runs() -> dict[tuple[str, str], list[dict]]:
+    """(GPU, model) -> the rows of its one generation file."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    files: dict[tuple[str, str], set[str]] = {}
+    for r in _rows("generation_*.jsonl"):
+        if "model" in r:
+            key = (_gpu(r.get("machine", "")), r["model"])
+            files.setdefault(key, set()).add(r["_file"])
+    for key, names in files.items():
+        if len(names) > 1:
+            raise SystemExit(f"several generation results for {key[0]} {key[1]}: "
+                             f"{', '.join(sorted(names))}; keep the latest only")
+        runs[key] = _rows(next(iter(names)))
+    return runs
+
+
+def _run_cells(rows: list[dict]):
+    """decode[(impl, batch)] -> row, prefill[(impl, batch, tokens)] -> row, limits row."""
+    decode = {(r["impl"], r["batch"]): r for r in rows if r.get("bench") == "decode"}
+    prefill = {(r["impl"], r["batch"], r["tokens"]): r for r in rows
+               if r.get("bench") == "prefill"}
+    limits = next((r for r in rows if r.get("bench") == "limits"), {})
+    return decode, prefill, limits
+
+
+def _best_peer(cells: dict, key_rest: tuple, value: str):
+    peers = [(r[value], impl) for (impl, *rest), r in cells.items()
+             if _is_peer(impl) and tuple(rest) == key_rest]
+    return min(peers) if peers else None
+
+
+def _order(impls) -> list[str]:
+    known = list(IMPL_LABELS)
+    return sorted(impls, key=lambda i: (known.index(i) if i in known else len(known), i))
+
+
+def generation(gpu: str, model: str) -> str:
+    runs = _generation_runs()
+    rows = runs.get((gpu, model))
+    if rows is None:
+        return f"(no generation results for {gpu} {model})"
+    decode, prefill, limits = _run_cells(rows)
+    head = ([f"decode batch {b}, ms/token" if i == 0 else f"batch {b}"
+             for i, b in enumerate(DECODE_BATCHES)]
+            + [f"prefill {b}×{t}, ms" if i == 0 else f"{b}×{t}"
+               for i, (b, t) in enumerate(PREFILL_CASES)])
+    out = [f"| {gpu}, {MODEL_LABELS.get(model, model)} shape | " + " | ".join(head) + " |",
+           "| --- |" + " --- |" * len(head)]
+    impls = _order({i for i, _ in decode} | {i for i, _, _ in prefill})
+    for impl in impls:
+        cells = [f"{decode[impl, b]['ms_per_token']:.2f}" if (impl, b) in decode else ""
+                 for b in DECODE_BATCHES]
+        cells += [f"{prefill[impl, b, t]['median_ms']:.1f}" if (impl, b, t) in prefill else ""
+                  for b, t in PREFILL_CASES]
+        if impl == "jax-sp":
+            cells = [f"**{c}**" if c else c for c in cells]
+        out.append(f"| {IMPL_LABELS.get(impl, impl)} | " + " | ".join(cells) + " |")
+    ratio, share = [], []
+    for b in DECODE_BATCHES:
+        best, own = _best_peer(decode, (b,), "ms_per_token"), decode.get(("jax-sp", b))
+        ratio.append(f"{best[0] / own['ms_per_token']:.2f}×" if best and own else "")
+        share.append(f"{own['of_bandwidth_limit']:.0%}"
+                     if own and "of_bandwidth_limit" in own else "")
+    for b, t in PREFILL_CASES:
+        best, own = _best_peer(prefill, (b, t), "median_ms"), prefill.get(("jax-sp", b, t))
+        ratio.append(f"{best[0] / own['median_ms']:.2f}×" if best and own else "")
+        share.append(f"{own['tflops']:.0f}" if own and "tflops" in own else "")
+    out.append("| jax-sp vs best peer (peer time / jax-sp time) | " + " | ".join(ratio) + " |")
+    out.append("| jax-sp: decode, of the copy bandwidth; prefill, TFLOP/s | " + " | ".join(share)
+               + " |")
+    d = next(iter(decode.values()), {})
+    machine = limits.get("machine", rows[0].get("machine", ""))
+    out.append("")
+    out.append(f"`benchmarks/results/{rows[0]['_file']}` ({machine}): random weights in the "
+               f"model's shape, {d.get('dtype', 'bfloat16')}, one GPU; decode after a "
+               f"{d.get('prompt', '?')}-token prompt, {d.get('new_tokens', '?')} greedy new "
+               f"tokens, ms/token = (generation − its prefill) / {d.get('new_tokens', 1) - 1}; "
+               f"prefill to the first token; medians, compile excluded. Limits measured in the "
+               f"same run: copy {limits.get('copy_gb_s', float('nan')) / 1000:.2f} TB/s, "
+               f"8192³ bf16 matmul {limits.get('matmul_tflops', float('nan')):.0f} TFLOP/s.")
+    return "\n".join(out)
+
+
+def generation_summary() -> str:
+    runs = _generation_runs()
+    if not runs:
+        return "(no generation results)"
+    head = ([f"decode batch {b}" for b in DECODE_BATCHES]
+            + [f"prefill {b}×{t}" for b, t in PREFILL_CASES])
+    out = ["| GPU, model shape | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
+    for gpu, model in sorted(runs, key=lambda k: (k[0], k[1])):
+        decode, prefill, _ = _run_cells(runs[gpu, model])
+        cells = []
+        for b in DECODE_BATCHES:
+            best, own = _best_peer(decode, (b,), "ms_per_token"), decode.get(("jax-sp", b))
+            cells.append(f"{own['ms_per_token']:.2f} / {best[0]:.2f}: "
+                         f"**{best[0] / own['ms_per_token']:.2f}×**" if best and own else "")
+        for b, t in PREFILL_CASES:
+            best, own = _best_peer(prefill, (b, t), "median_ms"), prefill.get(("jax-sp", b, t))
+            cells.append(f"{own['median_ms']:.1f} / {best[0]:.1f}: "
+                         f"**{best[0] / own['median_ms']:.2f}×**" if best and own else "")
+        out.append(f"| {gpu}, {MODEL_LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("jax-sp / the best PyTorch peer measured in the same run (decode: ms per token; "
+               "prefill: ms to the first token) and how many times faster jax-sp is; one GPU, "
+               "bf16, random weights in the model's shape (`benchmarks/generation.py`).")
+    return "\n".join(out)
+
+
+def numerics() -> str:
+    runs = _generation_runs()
+    out = ["| GPU, model shape | jax-sp vs fp32 | transformers-bf16 vs fp32 | jax-sp vs "
+           "transformers-bf16 | first token equal |", "| --- | --- | --- | --- | --- |"]
+    for gpu, model in sorted(runs, key=lambda k: (k[0], k[1])):
+        p = next((r for r in runs[gpu, model] if r.get("bench") == "prefill-parity"), None)
+        if p is None:
+            continue
+        fp32, hf = p["last_logits_rel_l2_vs_fp32"], p["last_logits_rel_l2_vs_hf"]
+        same = p.get("first_token_equal_to_hf", {}).get("jax-sp")
+        out.append(f"| {gpu}, {MODEL_LABELS.get(model, model)} | {fp32['jax-sp']:.1%} | "
+                   f"{fp32['hf-eager']:.1%} | {hf['jax-sp']:.1%} | "
+                   f"{'yes' if same else 'no' if same is not None else ''} |")
+    out.append("")
+    out.append("Relative L2 distance of the last-token logits of a 1×2048 prefill, bf16; the "
+               "fp32 reference evaluates the same bf16 weights in fp32 (`benchmarks/"
+               "generation.py`, prefill-parity rows).")
+    return "\n".join(out)
+
+
+# -- multi_gpu.py: SP against plain TP ---------------------------------------------------------
+
+def sp_vs_tp(tp: str) -> str:
+    rows = [r for r in _rows(f"multi_gpu_tp{tp}_*.jsonl")
+            if r.get("side") == "jax-sp" and not r["_file"].endswith("_cpu.jsonl")]
+    if not rows:
+        return f"(no multi_gpu results at tp {tp})"
+    cell = {(r["shape"], r["mode"], r["what"], r["tokens"]): r for r in rows}  # last row wins
+    tokens = sorted({r["tokens"] for r in rows})
+    out = ["| padded tokens | " + " | ".join(str(t) for t in tokens) + " |",
+           "| --- |" + " --- |" * len(tokens)]
+
+    def ms(shape, mode, what, t):
+        r = cell.get((shape, mode, what, t))
+        return None if r is None or r.get("host_bound") else r["median_ms"]
+
+    def speed(shape, mode, what, t):
+        base, other = ms(shape, "tp", what, t), ms(shape, mode, what, t)
+        return f"{base / other:.2f}" if base and other else "—"
+
+    for shape in sorted({r["shape"] for r in rows}, reverse=True):
+        label = {"llama3-70b": "Llama-3-70B", "llama3-8b": "Llama-3-8B"}.get(shape, shape)
+        tp_ms = [ms(shape, "tp", "per_layer", t) for t in tokens]
+        out.append(f"| {label} layer, TP ms | "
+                   + " | ".join(f"{v:.2f}" if v else "—" for v in tp_ms) + " |")
+        for mode, name in (("sp-xla", "SP + xla"), ("sp-ring", "SP + ring")):
+            out.append(f"| per layer, {name} | "
+                       + " | ".join(speed(shape, mode, "per_layer", t) for t in tokens) + " |")
+        layers = next((r["layers"] for r in rows if r["what"] == "end_to_end"), "?")
+        whole = [f"{speed(shape, 'sp-xla', 'end_to_end', t)} / "
+                 f"{speed(shape, 'sp-ring', 'end_to_end', t)}" for t in tokens]
+        out.append(f"| {layers}-layer model, SP + xla / ring | " + " | ".join(whole) + " |")
+    files = sorted({r["_file"] for r in rows})
+    machines = sorted({r.get("machine", "") for r in rows})
+    out.append("")
+    cited = ", ".join(f"`benchmarks/results/{f}`" for f in files)
+    out.append(f"SP's speed against plain TP (TP time / SP time; below 1: SP slower), bf16, "
+               f"{', '.join(machines)} ({cited}); —: not timed, or too short to time per layer "
+               f"(`host_bound`).")
+    return "\n".join(out)
+
+
+TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load, "generation": generation,
+          "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
+_BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 
 def render(text: str) -> str:
-    return _BLOCK.sub(lambda m: m.group(1) + TABLES[m.group(2)]() + "\n" + m.group(4), text)
+    return _BLOCK.sub(lambda m: m.group(1) + TABLES[m.group(2)](*m.group(3).split()) + "\n"
+                      + m.group(5), text)
 
 
 def main() -> int:

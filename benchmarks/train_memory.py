@@ -17,9 +17,8 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import pyplot, write_jsonl  # noqa: E402  (and the repository on the path)
 
 
 def paper_bytes(s, b, h, a, t, layers, sp, remat):
@@ -74,16 +73,14 @@ def main():
                 print(json.dumps(row), flush=True)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train_memory_tp{args.tp}_cpu")
-    with open(stem + ".jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+    write_jsonl(stem + ".jsonl", rows)
     plot(rows, stem + ".png")
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:
+        return
 
     tokens = sorted({r["tokens"] for r in rows})
     fig, axes = plt.subplots(1, len(tokens), figsize=(6 * len(tokens), 4), squeeze=False)

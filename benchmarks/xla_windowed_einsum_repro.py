@@ -18,12 +18,10 @@ Autotuning is off (`xla_gpu_autotune_level=0`): under a mocked topology it hangs
 import argparse
 import collections
 import json
-import os
-import sys
 
 import jax
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401  (the repository on the import path)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--threshold-mib", type=int, default=0)

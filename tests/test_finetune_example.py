@@ -4,11 +4,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import finetune_smollm2  # noqa: E402
 
 from jax_sp import LLM, ParallelConfig  # noqa: E402
+
+pytestmark = pytest.mark.slow  # runs the example script end to end
 
 
 def test_finetune_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path, smollm2):

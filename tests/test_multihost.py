@@ -15,6 +15,8 @@ from conftest import SAMPLED, _build, hf_greedy, hf_logits, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
 from jax_sp.distributed import free_port, wait_all
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 WORKER = Path(__file__).with_name("multihost_worker.py")
 
 

@@ -1,0 +1,103 @@
+"""What the benchmark scripts share: the repository on the import path, the machine's name, results
+as JSON lines, timing and plots.
+
+A script in benchmarks/ starts with `import common` (Python puts the script's own folder on the
+path, so it is found from any working directory). Importing it puts the repository root on the
+path and imports nothing heavy, so a script can still set XLA_FLAGS or jax's configuration
+before jax is first imported.
+
+Results: one JSON object per line, printed as each result comes and written to
+benchmarks/results/<script>_<machine>[_<variant>].jsonl (`Results`), so a run cut off by a time
+limit keeps what it measured; a PNG beside it where a curve says more than a table (`pyplot`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def machine() -> str:
+    """'4x NVIDIA H200': the devices jax sees, counted, and their kind."""
+    import jax
+
+    devices = jax.devices()
+    return f"{len(devices)}x {devices[0].device_kind}"
+
+
+class Results:
+    """Rows printed as JSON lines as they come and written to `path` at once (None: printed
+    only); `rows` keeps them for a plot or a summary."""
+
+    def __init__(self, path: str | None = None, **common):
+        self.path, self.common, self.rows = path, common, []
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(path, "w").close()
+
+    def emit(self, row: dict) -> dict:
+        row = {**self.common, **row}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        if self.path:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+
+def write_jsonl(path: str, rows) -> None:
+    """rows, one JSON object per line, in path (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def timed(fn, repeats: int, sync) -> tuple[float, float, float]:
+    """(median, min, max) seconds of fn() over repeats, each synchronised by sync(result)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sync(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def timed_bursts(call, repeats: int, burst: int) -> tuple[float, float]:
+    """(first call's seconds, median seconds per call) of a jax call: `repeats` rounds of
+    `burst` calls launched back to back and waited for once, so the host's dispatch overlaps
+    device work."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(call())
+    first = time.perf_counter() - t0
+    rounds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = [call() for _ in range(burst)]
+        jax.block_until_ready(outs)
+        rounds.append((time.perf_counter() - t0) / burst)
+    return first, statistics.median(rounds)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed (the
+    `bench` extra): the JSON lines are the result, the plot is a view of them."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')",
+              file=sys.stderr)
+        return None
+    return plt
