@@ -24,9 +24,9 @@ ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
-# else DEFAULT_SP_MIN_TOKENS. See README, "Choosing sp_min_tokens", for the measurements.
+# else DEFAULT_SP_MIN_TOKENS. See docs/modes.md, "Choosing sp_min_tokens", for the measurements.
 DEFAULT_SP_MIN_TOKENS = 256  # 4 simulated CPU devices: where SP starts to save memory
-# 2 H100s over NVLink: SP with comm="xla" 1-13% slower per layer below 4096 tokens, 0.97-1.02x
+# 2 H100s over NVLink: SP with comm="xla" 0.66-0.96x of TP per layer below 4096 tokens, 0.97-1.02x
 # from there, and whole 4-layer models 2-25% slower at every size up to 16384. 4 H200s over
 # NVLink (Llama-3-8B layers): SP 0.60-0.78x per layer (xla; ring 0.76-0.82x) and whole models
 # 0.60-0.81x at 1024-16384 tokens. None: auto never uses SP at that tp.
@@ -130,7 +130,7 @@ def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: in
 @dataclasses.dataclass(frozen=True)
 class CompileOptions:
     """How the programs are compiled, apart from the parallel layout; the defaults are what
-    measurements chose (README, "Generation speed").
+    measurements chose (docs/performance.md).
 
     attention: how prefill and one-token decode steps attend: "xla" (einsums and a softmax,
     Q_CHUNK queries at a time), "cudnn" (cuDNN flash attention; GPU, bfloat16/float16; decode

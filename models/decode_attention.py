@@ -15,8 +15,7 @@ then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
-interpreter (any backend; the tests use it on CPU). Measurements: benchmarks/README.md, "The
-fused decode kernel".
+interpreter (any backend; the tests use it on CPU). Measurements: docs/performance.md.
 """
 
 from __future__ import annotations

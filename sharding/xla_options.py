@@ -6,7 +6,7 @@ XLA decomposes an all-gather feeding a dot (and a dot feeding a reduce-scatter) 
 runs the permutes and dots on separate streams so they overlap. jax-sp passes these per
 compilation (`jax.jit(..., compiler_options=...)`) for comm="xla" programs that use SP on GPU:
 XLA_FLAGS is never touched, and a flag the user already set in XLA_FLAGS wins over ours.
-`ParallelConfig(xla_options={...})` replaces the defaults ({} turns them off).
+`CompileOptions(xla_options={...})` replaces the defaults ({} turns them off).
 
 If XLA fails to compile with them (it has failed the HLO verifier after
 `windowed-einsum-handler`, see benchmarks/xla_windowed_einsum_repro.py), the runtime warns and
@@ -24,7 +24,7 @@ WINDOWED_EINSUM = {
 }
 
 
-# Scheduling for overlap (opt-in: `ParallelConfig(xla_options={**defaults, **SCHEDULE_OVERLAP})`
+# Scheduling for overlap (opt-in: `CompileOptions(xla_options={**defaults, **SCHEDULE_OVERLAP})`
 # until multi-GPU timings show they slow nothing). XLA:GPU's latency-hiding scheduler is off by
 # flag but runs anyway on Hopper and newer when its speed-of-light cost model covers every
 # collective of the module (gpu_hlo_schedule.cc IsLHSEnabled); the flag makes it unconditional.
@@ -37,8 +37,8 @@ SCHEDULE_OVERLAP = {
 
 
 # Inference programs on GPU (prefill and decode; the layer loop slices each layer's weights out of
-# the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape (benchmarks/profile_decode.py,
-# benchmarks/profile_prefill.py; README "Generation speed"):
+# the stacked [L, ...] arrays). Measured on an H100, Llama-3.2-1B shape (benchmarks/profile_decode.py
+# and a prefill profile since retired; docs/performance.md):
 # - XLA's Triton gemms cannot read a slice in place, so each decode step copied the MLP weights
 #   (~1 ms/token of memcpy) and a 1x2048 prefill spent 1.4 ms in copies; cuBLAS with
 #   dynamic-slice fusion reads them where they lie (prefill 1x2048 9.43 -> 8.32 ms, 8x2048
