@@ -161,6 +161,11 @@ def run_model(b: Bench, name: str):
         llms["jax-sp/xla-attention"] = LLM.from_torch(  # the same model with XLA's attention
             module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
             options=CompileOptions(attention="xla"))
+    quantizations = [q for q in args.quantization.split(",") if q]
+    for q in quantizations:  # the same model with its projections quantized
+        llms[f"jax-sp/{q}"] = LLM.from_torch(module, parallel=ParallelConfig(tp=1),
+                                             dtype=args.dtype, max_seq_len=max_len,
+                                             quantization=q)
     rng = np.random.default_rng(0)
     common = {"model": name, "dtype": args.dtype, "params": params}
 
@@ -218,36 +223,45 @@ def run_model(b: Bench, name: str):
                     "first_token_equal_to_hf": {k: v == ref for k, v in firsts.items()}})
 
     # -- decode ----------------------------------------------------------------------------------
-    limit = b.bandwidth / weight_bytes  # steps/s if a step did nothing but read the weights once
     unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [None]
     # side by side: other attention modes' decode, other unroll factors (None: the default's)
-    decoders = {"jax-sp": "auto"}
-    decoders.update({f"jax-sp/attention={m}": m for m in args.decode_attention.split(",")
+    decoders = {"jax-sp": ("auto", None)}
+    decoders.update({f"jax-sp/attention={m}": (m, None) for m in args.decode_attention.split(",")
                      if m and m != "auto"})
-    engines = {("auto", None): llms["jax-sp"]}
+    decoders.update({f"jax-sp/{q}": ("auto", q) for q in quantizations})
+    engines = {("auto", None, q): llms[f"jax-sp/{q}"] for q in quantizations}
+    engines["auto", None, None] = llms["jax-sp"]
 
-    def engine(mode, unroll):
-        if (mode, unroll) not in engines:
-            engines[mode, unroll] = LLM.from_torch(
+    def engine(mode, unroll, quantization):
+        if (mode, unroll, quantization) not in engines:
+            engines[mode, unroll, quantization] = LLM.from_torch(
                 module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
-                options=CompileOptions(attention=mode, decode_unroll=unroll))
-        return engines[mode, unroll]
+                options=CompileOptions(attention=mode, decode_unroll=unroll),
+                quantization=quantization)
+        return engines[mode, unroll, quantization]
+
+    def state_bytes(llm):  # what a decode step reads: every parameter once
+        import jax
+
+        return sum(x.nbytes for x in jax.tree.leaves(llm.state))
+
     for batch in decode_batches:
         ids = rng.integers(0, cfg.vocab_size, (batch, prompt_len))
         sp = SamplingParams(max_new_tokens=new_tokens)
         tokens = {}
 
-        def report(impl, total, prefill, spread, first_s, **extra):
+        def report(impl, total, prefill, spread, first_s, wbytes=weight_bytes, **extra):
             per = (total - prefill) / (new_tokens - 1)
             b.emit({"bench": "decode", **common, "impl": impl, "batch": batch,
                     "prompt": prompt_len, "new_tokens": new_tokens, "ms_per_token": per * 1e3,
                     "tokens_per_s": batch / per, "tokens_per_s_e2e": batch * new_tokens / total,
                     "total_ms": total * 1e3, "prefill_ms": prefill * 1e3,
                     "spread_ms_per_token": [s * 1e3 for s in spread],
-                    "of_bandwidth_limit": (1 / per) / limit, "first_call_s": first_s, **extra})
+                    "of_bandwidth_limit": (1 / per) / (b.bandwidth / wbytes),
+                    "weight_bytes": wbytes, "first_call_s": first_s, **extra})
 
-        for (impl, mode), setting in itertools.product(decoders.items(), unrolls):
-            llm = engine(mode, setting)
+        for (impl, (mode, quant)), setting in itertools.product(decoders.items(), unrolls):
+            llm = engine(mode, setting, quant)
             unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
             tokens[f"{impl}/unroll={unroll}"] = [c.token_ids for c in out]
@@ -260,13 +274,15 @@ def run_model(b: Bench, name: str):
                 decodes.append(llm.last_stats.decode_s / (new_tokens - 1))
             prefill = statistics.median(prefills)  # spread on the same footing as the peers'
             spread = tuple((t - prefill) / (new_tokens - 1) for t in (min(totals), max(totals)))
-            report(impl, statistics.median(totals), prefill, spread, first_s, unroll=unroll,
+            report(impl, statistics.median(totals), prefill, spread, first_s,
+                   wbytes=state_bytes(llm), unroll=unroll,
                    decode_attention=llm.runtime.decode_attention.name,
                    xla_options=llm.runtime.xla_options(False),
                    decode_loop_ms_per_token=statistics.median(decodes) * 1e3)
             if args.dump_hlo and batch in (decode_batches[0], decode_batches[-1]):
-                with open(os.path.join(args.dump_hlo, f"decode_{name}_b{batch}_u{unroll}.hlo"),
-                          "w") as f:
+                tag = impl.replace("/", "_")
+                with open(os.path.join(args.dump_hlo, f"decode_{tag}_{name}_b{batch}_u{unroll}"
+                                                      ".hlo"), "w") as f:
                     f.write(llm.programs.hlo("decode"))
 
         x = torch.tensor(ids, device=b.device)
@@ -376,6 +392,8 @@ def main():
     ap.add_argument("--decode-attention", default="auto",
                     help="CompileOptions.attention values whose decode jax-sp runs side by side "
                          "(auto: the default's, impl 'jax-sp'; others 'jax-sp/attention=MODE')")
+    ap.add_argument("--quantization", default="",
+                    help="also run jax-sp with these quantizations side by side (e.g. fp8)")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name: generation_<tag>.jsonl")

@@ -72,6 +72,8 @@ def main():
                          "machine)")
     ap.add_argument("--decode-only", action="store_true")
     ap.add_argument("--prefill-only", action="store_true")
+    ap.add_argument("--quantization", default=None, help="e.g. fp8: the layers' projections in "
+                    "FP8 (models/quant.py)")
     args = ap.parse_args()
     rows = []
     for model in args.models.split(","):
@@ -79,7 +81,7 @@ def main():
         for case in ([] if args.decode_only else PREFILL_CASES):
             if case[0] in args.cases.split(","):
                 rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir,
-                                         args.from_hlo))
+                                         args.from_hlo, args.quantization))
                 print(json.dumps(rows[-1]), flush=True)
         for attention in (() if args.prefill_only else ("cudnn", "pallas")):
             rows.append(decode_case(model, cfg, attention))
@@ -89,21 +91,24 @@ def main():
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=False):
+def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=False,
+                 quantization=None):
     # The mocked topology is eight processes of one GPU each, which comm="mosaic" refuses
     # (sharding.mosaic.check_mesh: one process must own every GPU); the runtime is built as
     # "ring" and switched, and the kernel compiles its multi-process variant here.
     rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm),
-                 dtype="bfloat16")
+                 dtype="bfloat16", quantization=quantization)
     if comm == "mosaic":
         rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
         rt.mesh = tp_mesh(rt.mesh)  # what the runtime does after check_mesh
     options = {k: v for k, v in {**collective_matmul_options("gpu", comm, sp == "on"),
                                  **extra}.items() if v is not None}
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "tokens": tokens, "case": name,
+           "quantization": quantization,
            "sp": sp, "comm": comm, "options": options, "devices": f"{len(jax.devices())}x "
            f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
-    saved = os.path.join(hlo_dir, f"{model}_{name}.hlo.txt.gz") if hlo_dir else ""
+    tag = f"{name}_{quantization}" if quantization else name
+    saved = os.path.join(hlo_dir, f"{model}_{tag}.hlo.txt.gz") if hlo_dir else ""
     if from_hlo:  # analyse the program an earlier run compiled and saved
         with open(saved.replace(".hlo.txt.gz", ".json")) as f:
             row.update(json.load(f))  # where it was compiled: devices, jax
@@ -134,6 +139,11 @@ def analyse(row, hlo, layers):
     return {**row, "compiled": True, "windowed_einsum": windowed_einsum_loops(hlo),
             "layer_collectives": {k: v["count"] for k, v in
                                   summarize(census(hlo, layers), layers).get("layer", {}).items()},
+            # what each layer's collectives carry: "kind dtype[dims] x count", and the bytes
+            "layer_census": sorted(f"{c.kind} {c.dtype}{list(c.dims)} x{c.count // layers}"
+                                   for c in census(hlo, layers) if c.scope == "layer"),
+            "layer_bytes": {k: v["tensor_bytes"] for k, v in
+                            summarize(census(hlo, layers), layers).get("layer", {}).items()},
             "layer_overlap": summarize_overlap(found, layers).get("layer", {}),
             "exposed_in_layer": [f"{o.collective.kind} {o.collective.dtype}"
                                  f"{list(o.collective.dims)} x{o.collective.count // layers}"

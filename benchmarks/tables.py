@@ -11,6 +11,12 @@ Tables:
   schedule  mock_gpu_compile_prefill_*.jsonl: per comm path, XLA's windowed-einsum loops and
             each layer's collectives overlapped by compute or exposed in the schedule
   load      load_time_*.jsonl: loading the embedded GGUF, jax-sp against transformers
+  fp8_accuracy
+            fp8_accuracy_*.jsonl: FP8 logits against the same model without quantization
+  refactor  refactor_generation_*.jsonl: generation speed of the code before and after a
+            refactor, alternating in one job
+  fp8_speed generation_fp8_*.jsonl: jax-sp with and without quantization="fp8", decode and
+            prefill, side by side in one run
   generation GPU MODEL
             generation_*.jsonl of that GPU and model shape: jax-sp and every peer measured, decode
             ms/token at each batch and prefill ms per case, ratio to the best peer, jax-sp's share
@@ -130,6 +136,72 @@ def load() -> str:
     return "\n".join(out)
 
 
+def fp8_accuracy() -> str:
+    rows = [r for r in _rows("fp8_accuracy_*.jsonl") if "rel_l2_median" in r]
+    if not rows:
+        return "(no fp8_accuracy results)"
+    out = ["| model | prompts (tokens) | logits rel. L2, median / max | top-1 agreement |",
+           "| --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['model']} | {r['prompts']} ({r['tokens']}) | "
+                   f"{r['rel_l2_median'] * 100:.1f}% / {r['rel_l2_max'] * 100:.1f}% | "
+                   f"{r['top1_agreement'] * 100:.0f}% |")
+    out += ["", f"Prefill logits with `quantization=\"fp8\"` against the same model and weights "
+            f"without it ({rows[0]['dtype']}, every position of every prompt; "
+            f"`benchmarks/fp8_accuracy.py`)."]
+    return "\n".join(out)
+
+
+def fp8_speed() -> str:
+    rows = [r for r in _rows("generation_fp8_*.jsonl") if "error" not in r]
+    if not rows:
+        return "(no generation_fp8 results)"
+    cell = {(r["bench"], r["impl"], r["batch"]): r for r in rows if r["bench"] in ("decode",
+                                                                                  "prefill")}
+    limits = next(r for r in rows if r["bench"] == "limits")
+    out = ["| | 16-bit, ms | FP8, ms | FP8 speed-up | FP8, of the copy bandwidth for its bytes |",
+           "| --- | --- | --- | --- | --- |"]
+    for (bench, impl, batch), r in sorted(cell.items()):
+        q = cell.get((bench, "jax-sp/fp8", batch))
+        if impl != "jax-sp" or q is None:
+            continue
+        key = "ms_per_token" if bench == "decode" else "median_ms"
+        what = (f"decode batch {batch}, per token" if bench == "decode"
+                else f"prefill {batch}×{r['tokens']}")
+        share = f"{q['of_bandwidth_limit'] * 100:.0f}%" if bench == "decode" else ""
+        out.append(f"| {what} | {r[key]:.2f} | {q[key]:.2f} | {r[key] / q[key]:.2f}× | {share} |")
+    model = next(r["model"] for r in rows if "model" in r)
+    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
+            f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "
+            f"new tokens; medians, compile excluded; copy bandwidth measured in the same run "
+            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s."]
+    return "\n".join(out)
+
+
+def refactor() -> str:
+    rows = [r for r in _rows("refactor_generation_*.jsonl") if r.get("impl") == "jax-sp"
+            and r["bench"] in ("decode", "prefill") and "error" not in r]
+    if not rows:
+        return "(no refactor_generation results)"
+    cols = sorted({(r["bench"], r["batch"]) for r in rows}, key=lambda c: (c[0] != "decode", c))
+    head = [f"decode batch {b}, ms/token" if k == "decode" else f"prefill {b}×2048, ms"
+            for k, b in cols]
+    out = ["| code, round | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(cols)]
+    for version, rnd in sorted({(r["version"], r["round"]) for r in rows},
+                               key=lambda v: (v[1], v[0] == "after")):
+        cells = []
+        for k, b in cols:
+            r = next(r for r in rows if (r["version"], r["round"], r["bench"], r["batch"]) ==
+                     (version, rnd, k, b))
+            cells.append(f"{r['ms_per_token' if k == 'decode' else 'median_ms']:.3f}")
+        out.append(f"| {version}, {rnd} | " + " | ".join(cells) + " |")
+    machine = rows[0]["machine"]
+    out += ["", f"`benchmarks/generation.py --models llama3.2-1b --peers ''` on one machine "
+            f"({machine}), the code before and after alternating twice in one job "
+            f"(`benchmarks/results/{rows[0]['_file']}`); medians of 5, compile excluded."]
+    return "\n".join(out)
+
+
 # -- generation.py: jax-sp against its PyTorch peers -------------------------------------------
 
 IMPL_LABELS = {
@@ -156,7 +228,7 @@ def _generation_runs() -> dict[tuple[str, str], list[dict]]:
     runs: dict[tuple[str, str], list[dict]] = {}
     files: dict[tuple[str, str], set[str]] = {}
     for r in _rows("generation_*.jsonl"):
-        if "model" in r:
+        if "model" in r and not r["_file"].startswith("generation_fp8_"):  # fp8: its own table
             key = (_gpu(r.get("machine", "")), r["model"])
             files.setdefault(key, set()).add(r["_file"])
     for key, names in files.items():
@@ -322,7 +394,9 @@ def sp_vs_tp(tp: str) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load, "generation": generation,
+TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+          "fp8_speed": fp8_speed, "refactor": refactor,
+          "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 

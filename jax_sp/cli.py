@@ -69,7 +69,7 @@ def _generate(args) -> int:
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
-                              max_seq_len=args.max_seq_len)
+                              max_seq_len=args.max_seq_len, quantization=args.quantization)
     import jax
 
     show = jax.process_index() == 0  # every process computes; one prints
@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sequence parallelism: on, off, or auto (for long prefills only)")
     gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                      help="compute dtype (None: the checkpoint's; GGUF: float32)")
+    gen.add_argument("--quantization", default=None, choices=("fp8",),
+                     help="fp8: the layers' projections in FP8, activations quantized per token "
+                          "(comm xla; GPU: Hopper or newer) (default: none)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64,
                      help="tokens to generate at most")
     gen.add_argument("--max-seq-len", type=_positive, default=2048,

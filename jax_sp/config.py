@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from models.config import ModelConfig, RopeScaling
+from models.quant import QUANTIZATIONS
 
 __all__ = ["CompileOptions", "ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams",
            "check_devices", "check_parallel"]
@@ -113,6 +114,26 @@ def check_devices(parallel: ParallelConfig, num_devices: int) -> None:
             + (f", or simulate {need} CPU devices: set XLA_FLAGS="
                f"--xla_force_host_platform_device_count={need} in the environment before jax "
                f"is imported (the jax-sp CLI does this itself)" if cpu else ""))
+
+
+def check_quantization(quantization, parallel: ParallelConfig) -> None:
+    """quantization: None (the model's dtype) or "fp8" (models/quant.py), with comm="xla"."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    if quantization and parallel.comm != "xla":
+        raise ValueError(f"quantization={quantization!r} runs with comm='xla' (XLA gathers the "
+                         f"FP8 tokens); comm={parallel.comm!r} has no FP8 kernels yet")
+
+
+def check_fp8_devices(devices) -> None:
+    """FP8 matmuls on GPU need Hopper or newer (compute capability 8.9+); XLA:CPU emulates
+    them."""
+    for d in devices:
+        cc = getattr(d, "compute_capability", None)
+        if d.platform == "gpu" and cc is not None and float(cc) < 8.9:
+            raise ValueError(f"quantization='fp8' needs FP8 matmuls: {d.device_kind} (compute "
+                             f"capability {cc}) has none; use an H100/H200 or newer, or "
+                             f"quantization=None")
 
 
 def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:

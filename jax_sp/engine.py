@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
-                           check_devices, check_parallel)
+                           check_devices, check_parallel, check_quantization)
 from jax_sp.runner import Batch, Runner, bucket
 from jax_sp.runtime import resolve_dtype, to_host
 from sharding.tokens import tp_rank_rows
@@ -86,13 +86,14 @@ class GenerationStats:
 class LLM:
     def __init__(self, cfg: ModelConfig, host_params, *, parallel: ParallelConfig | None = None,
                  dtype="float32", max_seq_len: int = 2048, tokenizer=None,
-                 options: CompileOptions | None = None):
+                 options: CompileOptions | None = None, quantization: str | None = None):
         self.cfg = cfg
         self.parallel = parallel or ParallelConfig()
         check_max_seq_len(max_seq_len)
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
-        self.runner = Runner(cfg, self.parallel, dtype, host_params, options=options)
+        self.runner = Runner(cfg, self.parallel, dtype, host_params, options=options,
+                             quantization=quantization)
         first = self.runner.stages[0]  # the whole model when pp=1
         self.runtime, self.state, self.programs = first.runtime, first.state, first.programs
         self.last_stats: GenerationStats | None = None
@@ -101,19 +102,20 @@ class LLM:
     @classmethod
     def from_torch(cls, module, tokenizer=None, *, parallel: ParallelConfig | None = None,
                    dtype="float32", max_seq_len: int = 2048,
-                   options: CompileOptions | None = None):
+                   options: CompileOptions | None = None, quantization: str | None = None):
         """From an HF LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM module."""
         from bridges.hf import load_module  # torch is imported only on this path
 
         cfg, params = load_module(module)
         return cls(cfg, params, parallel=parallel, dtype=dtype, max_seq_len=max_seq_len,
-                   tokenizer=tokenizer, options=options)
+                   tokenizer=tokenizer, options=options,
+                   quantization=quantization)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str = "smollm2", *,
                         parallel: ParallelConfig | None = None, dtype: str | None = None,
                         max_seq_len: int = 2048, progress: bool | None = None,
-                        options: CompileOptions | None = None):
+                        options: CompileOptions | None = None, quantization: str | None = None):
         """"smollm2" (the embedded SmolLM2-135M-Instruct), a GGUF file, a Hugging Face folder
         (config.json + *.safetensors) or a folder written by `jax-sp convert` (Orbax). Each
         device reads its own shard from disk; dtype None keeps the checkpoint's (bfloat16 stays
@@ -128,13 +130,15 @@ class LLM:
         check_max_seq_len(max_seq_len)
         if dtype is not None:
             resolve_dtype(dtype)
+        check_quantization(quantization, parallel)
         check_devices(parallel, len(jax.devices()))
         cfg, params, tokenizer, stored = load_pretrained(
             name_or_path, progress,
             check=lambda cfg: check_parallel(parallel, cfg, len(jax.devices())))
         try:
             return cls(cfg, params, parallel=parallel, dtype=dtype or stored,
-                       max_seq_len=max_seq_len, tokenizer=tokenizer, options=options)
+                       max_seq_len=max_seq_len, tokenizer=tokenizer, options=options,
+                   quantization=quantization)
         finally:
             source = getattr(params, "source", None)
             if source is not None:

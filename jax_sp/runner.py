@@ -100,7 +100,8 @@ class Generation:
 
 class Runner:
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype, host_params,
-                 options: CompileOptions | None = None, devices=None):
+                 options: CompileOptions | None = None, devices=None,
+                 quantization: str | None = None):
         devices = jax.devices() if devices is None else devices
         check_parallel(parallel, cfg, len(devices))
         self.cfg, self.parallel = cfg, parallel
@@ -109,11 +110,12 @@ class Runner:
         self.stages: list[StageRunner] = []
         for s, (start, end) in enumerate(self.ranges):
             rt = Runtime(cfg, parallel, dtype, mesh=stage_mesh(self.mesh, s),
-                         stage=Stage(s, parallel.pp, start, end), options=options)
+                         stage=Stage(s, parallel.pp, start, end), options=options,
+                         quantization=quantization)
             self.stages.append(StageRunner(rt, None))
         if host_params is not None:  # every stage reads its part of one source
             weights = as_weights(host_params)
-            check_keys(weights, {p for st in self.stages for p in st.runtime.param_names},
+            check_keys(weights, {p for st in self.stages for p in st.runtime.weight_names},
                        whole_model=True)
             for st in self.stages:
                 st.state = st.runtime.place(weights)

@@ -18,8 +18,10 @@ import numpy as np
 from flax import nnx
 
 from jax_sp.attention import choose
-from jax_sp.config import CompileOptions, ModelConfig, ParallelConfig, check_parallel
+from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_fp8_devices,
+                           check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
+from models.quant import FP8_WEIGHTS, Fp8, quantize_weight, stored_order
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
@@ -72,7 +74,9 @@ class Runtime:
     """One pipeline stage (by default the whole model, pp=1) on its (1, tp) mesh."""
 
     def __init__(self, cfg: ModelConfig, parallel: ParallelConfig, dtype="float32", mesh=None,
-                 stage: Stage | None = None, options: CompileOptions | None = None):
+                 stage: Stage | None = None, options: CompileOptions | None = None,
+                 quantization: str | None = None):
+        check_quantization(quantization, parallel)
         if stage is None:
             check_parallel(parallel, cfg, len(jax.devices()) if mesh is None else mesh.size)
             if parallel.pp > 1:
@@ -80,8 +84,10 @@ class Runtime:
                                  "stage")
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
-        self.options = options or CompileOptions()
+        self.options, self.quantization = options or CompileOptions(), quantization
         self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
+        if quantization == "fp8":
+            check_fp8_devices(self.mesh.devices.flat)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
             self.mesh = tp_mesh(self.mesh)
@@ -93,7 +99,7 @@ class Runtime:
             head_dim=cfg.head_dim)
         abstract = nnx.eval_shape(lambda: Llama(
             self.padded_cfg, self.dtype, rngs=nnx.Rngs(0), num_layers=stage.end - stage.start,
-            first=stage.first, last=stage.last))
+            first=stage.first, last=stage.last, quantization=quantization))
         self.graphdef, self._abstract_state = nnx.split(abstract)
         # Parameters are laid out by the TP table; SP changes activations only.
         self.param_names = {path_str(p): v.get_metadata()["out_sharding"]
@@ -121,17 +127,50 @@ class Runtime:
             var.get_value().shape, var.get_value().dtype,
             sharding=self.sharding_of(self.param_names[path])))
 
+    @property
+    def weight_names(self) -> set[str]:
+        """The parameters a weight source gives: all but the FP8 scales made on load."""
+        return {p for p in self.param_names if not p.rsplit("/", 1)[-1].startswith("s_w_")}
+
     def place(self, weights):
         """This stage's parameters from a weight source (sharding/weights.py: a dict of unpadded
         host arrays by path, a streamed checkpoint, an Orbax checkpoint), padded by the plan,
         cast and put straight onto their target shardings."""
         source = as_weights(weights)
-        check_keys(source, self.param_names, whole_model=self.stage.count == 1)
+        scales = set(self.param_names) - self.weight_names
+        check_keys(source, self.weight_names, whole_model=self.stage.count == 1)
         targets = {path: Target(self.param_names[path], var.get_value().shape,
                                 self.sharding_of(self.param_names[path]))
                    for path, var in ((path_str(p), v) for p, v in
-                                     nnx.to_flat_state(self._abstract_state))}
-        arrays = source.place(targets, self.plan, self.dtype, (self.stage.start, self.stage.end))
+                                     nnx.to_flat_state(self._abstract_state)) if path not in scales}
+        layers = (self.stage.start, self.stage.end)
+        if not scales:
+            arrays = source.place(targets, self.plan, self.dtype, layers)
+            return self._map_state(lambda path, var: arrays[path])
+        # FP8: one parameter at a time in full precision on the devices, quantized there (a
+        # row-parallel weight's per-channel scale spans its shards)
+        arrays = {}
+        for path, target in targets.items():
+            head, _, name = path.rpartition("/")
+            if name not in FP8_WEIGHTS:
+                (arrays[path],) = source.place({path: target}, self.plan, self.dtype,
+                                               layers).values()
+                continue
+            # the source gives the weight in its 16-bit layout; FP8 stores it transposed
+            stacked = target.names[:1] == ("layers",)
+            axes = tuple(a + stacked for a in FP8_WEIGHTS[name][0])
+            order = stored_order(len(target.shape), axes)
+            back = np.argsort(order)
+            names = tuple(target.names[a] for a in back)
+            (x,) = source.place({path: Target(names, tuple(target.shape[a] for a in back),
+                                              self.sharding_of(names))},
+                                self.plan, self.dtype, layers).values()
+            scale_path = f"{head}/s_{name}"
+            fn = jax.jit(lambda w, axes=axes: quantize_weight(w, axes),  # noqa: E731
+                         out_shardings=Fp8(target.sharding,
+                                           self.sharding_of(self.param_names[scale_path])))
+            arrays[path], arrays[scale_path] = fn(x)
+            del x
         return self._map_state(lambda path, var: arrays[path])
 
     def _map_state(self, fn):

@@ -144,6 +144,9 @@ class Trainer:
     def __init__(self, rt: Runtime, tc: TrainConfig, sp: bool):
         if rt.stage.count > 1:
             raise ValueError("training runs with pp=1; use tp and sp")
+        if rt.quantization:
+            raise ValueError(f"training updates 16/32-bit weights; load the model without "
+                             f"quantization={rt.quantization!r}")
         self.rt, self.tc, self.sp = rt, tc, sp
         self.opt = optimizer(tc, norm_weights(rt))
         # optimizer moments sharded like their parameters, step counts replicated

@@ -29,7 +29,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
+
+from models.quant import dot
 
 
 class Layout(Protocol):
@@ -51,10 +52,10 @@ class Dense:
         return x_td
 
     def column(self, x_td, *projections):
-        return [jnp.einsum(spec, x_td, w) for spec, w in projections]
+        return [dot(spec, x_td, w) for spec, w in projections]
 
     def row(self, spec, h, w):
-        return jnp.einsum(spec, h, w)
+        return dot(spec, h, w)
 
     def rows(self, rows, weight_size):
         return rows

@@ -23,6 +23,7 @@ from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
+from models.quant import FP8, FP8_WEIGHTS, Fp8, stored_order
 
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -35,6 +36,27 @@ def _param(rngs, shape, names, dtype, scale=0.02):
 
 def _const(value, names):
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def _weight(module, name, rngs, shape, names, dtype, quantization):
+    """A projection weight `name`; with quantization="fp8" stored in FP8 beside `s_<name>`, its
+    per-output-channel scale (models/quant.py)."""
+    if quantization != "fp8":
+        setattr(module, name, _param(rngs, shape, names, dtype))
+        return
+    contracted, scale_names = FP8_WEIGHTS[name]
+    order = stored_order(len(shape), contracted)
+    setattr(module, name, _param(rngs, tuple(shape[a] for a in order),
+                                 tuple(names[a] for a in order), FP8))
+    scale_shape = tuple(n for i, n in enumerate(shape) if i not in contracted)
+    setattr(module, "s_" + name, _const(jnp.ones(scale_shape, jnp.float32), scale_names))
+
+
+def _get(module, name):
+    """A projection weight as the layout's dot takes it: an array, or Fp8 (value, scale)."""
+    w = getattr(module, name)[...]
+    scale = getattr(module, "s_" + name, None)
+    return w if scale is None else Fp8(w, scale[...])
 
 
 class RMSNorm(nnx.Module):
@@ -78,14 +100,15 @@ def _pad_rows(x_td, rows):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantization=None):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v fused by KV group (vLLM's QKVParallelLinear): C holds a group's G query
         # heads, then its k, then its v, so one matmul computes all three and splitting K over
         # tp gives each device whole groups (bridges/hf.py, sharding/padding.py)
-        self.w_qkv_dkch = _param(rngs, (d, k, n // k + 2, h),
-                                 ("embed", "qkv_heads", None, "head_dim"), dtype)
-        self.w_o_nhd = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype)
+        _weight(self, "w_qkv_dkch", rngs, (d, k, n // k + 2, h),
+                ("embed", "qkv_heads", None, "head_dim"), dtype, quantization)
+        _weight(self, "w_o_nhd", rngs, (n, h, d), ("heads", "head_dim", "embed"), dtype,
+                quantization)
         self.qkv_bias = cfg.qkv_bias
         self.window = cfg.sliding_window
         if cfg.qkv_bias:
@@ -96,30 +119,33 @@ class Attention(nnx.Module):
         """x_td may hold padding rows past the B*T tokens' (a one-token step's, see Llama); the
         output then has as many, zeros."""
         b, t = fwd.positions_bt.shape
-        (qkv_tkch,) = fwd.layout.column(x_td, ("TD,DKCH->TKCH", self.w_qkv_dkch[...]))
+        (qkv_tkch,) = fwd.layout.column(x_td, ("TD,DKCH->TKCH", _get(self, "w_qkv_dkch")))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
         n, h = out.shape[-2:]
-        w_o = self.w_o_nhd[...]
+        w_o = _get(self, "w_o_nhd")
+        w_o = (w_o._replace(q=w_o.q.reshape(-1, n * h)) if isinstance(w_o, Fp8)  # [D, N*H]
+               else w_o.reshape(n * h, -1))
         out_td = fwd.layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
-                                w_o.reshape(n * h, -1))
+                                w_o)
         return out_td, cache
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantization=None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         # gate and up fused on C (0: gate, 1: up), vLLM's gate_up_proj: one matmul
-        self.w_gate_up_dcf = _param(rngs, (d, 2, f), ("embed", None, "mlp"), dtype)
-        self.w_down_fd = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        _weight(self, "w_gate_up_dcf", rngs, (d, 2, f), ("embed", None, "mlp"), dtype,
+                quantization)
+        _weight(self, "w_down_fd", rngs, (f, d), ("mlp", "embed"), dtype, quantization)
 
     def __call__(self, x_td, layout: Layout):
-        (gate_up_tcf,) = layout.column(x_td, ("TD,DCF->TCF", self.w_gate_up_dcf[...]))
+        (gate_up_tcf,) = layout.column(x_td, ("TD,DCF->TCF", _get(self, "w_gate_up_dcf")))
         h_tf = jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
-        return layout.row("TF,FD->TD", h_tf, self.w_down_fd[...])
+        return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd"))
 
 
 class Block(nnx.Module):
@@ -127,11 +153,11 @@ class Block(nnx.Module):
     (hidden, residual) whose sum is the stream, so a pipeline stage can hand both on exactly as
     vLLM's IntermediateTensors does. Layer 0 gets (embeddings, 0)."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantization=None):
         self.attn_norm = RMSNorm(cfg, dtype)
-        self.attn = Attention(cfg, dtype, rngs)
+        self.attn = Attention(cfg, dtype, rngs, quantization)
         self.mlp_norm = RMSNorm(cfg, dtype)
-        self.mlp = MLP(cfg, dtype, rngs)
+        self.mlp = MLP(cfg, dtype, rngs, quantization)
 
     def __call__(self, hidden_td, residual_td, fwd: Forward, cache, layer):
         x_td = hidden_td + residual_td
@@ -157,10 +183,12 @@ class Output(NamedTuple):
 class Llama(nnx.Module):
     """The decoder, or one pipeline stage of it: `num_layers` consecutive layers (default: all),
     with the embedding when `first` and the final norm and LM head when `last`. A last stage of
-    a tied model that is not also first holds its own copy of the embedding, for the head."""
+    a tied model that is not also first holds its own copy of the embedding, for the head.
+    quantization="fp8": the layers' projections in FP8 (models/quant.py)."""
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs,
-                 num_layers: int | None = None, first: bool = True, last: bool = True):
+                 num_layers: int | None = None, first: bool = True, last: bool = True,
+                 quantization: str | None = None):
         self.cfg, self.first, self.last = cfg, first, last
         v, d = cfg.vocab_size, cfg.hidden_size
         if first or (last and cfg.tie_word_embeddings):
@@ -169,7 +197,7 @@ class Llama(nnx.Module):
         @nnx.split_rngs(splits=num_layers or cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def stacked(r):
-            return Block(cfg, dtype, r)
+            return Block(cfg, dtype, r, quantization)
 
         self.layers = stacked(rngs)
         if last:
@@ -194,7 +222,7 @@ class Llama(nnx.Module):
         length: unrolled).
         """
         b, t = positions_bt.shape
-        dtype = self.layers.mlp.w_down_fd.dtype
+        dtype = self.layers.attn_norm.scale.dtype
         if carry is None:
             if embeds_td is None:
                 embeds_td = self.embed_vd[...][tokens_bt.reshape(b * t)]  # vocab-parallel lookup
@@ -211,7 +239,7 @@ class Llama(nnx.Module):
             # adds the residual in the o_proj and down_proj GEMVs, as it does for 8 sequences
             # (padding rows stay zeros; attention reads the B rows and pads its output back).
             gate_up = self.layers.mlp.w_gate_up_dcf
-            rows = layout.rows(b, gate_up.size // gate_up.shape[0])
+            rows = layout.rows(b, gate_up.size // gate_up.shape[0])  # one layer's size
             hidden_td, residual_td = (_pad_rows(x, rows) for x in (hidden_td, residual_td))
 
         graphdef, layer_state = nnx.split(self.layers)

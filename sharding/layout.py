@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from models.quant import dot
 from sharding.collective_matmul import ring_column, ring_row
 from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import RULES, named, spec as partition_spec
@@ -55,9 +56,9 @@ def _einsum(spec, x_td, w, row_multiple, min_weight):
     rows = x_td.shape[0]
     pad = padded_rows(rows, w.size, row_multiple, min_weight) - rows
     if not pad:
-        return jnp.einsum(spec, x_td, w)
+        return dot(spec, x_td, w)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
-    return jax.lax.optimization_barrier(jnp.einsum(spec, padded, w))[:rows]
+    return jax.lax.optimization_barrier(dot(spec, padded, w))[:rows]
 
 
 # Logical names of a column-parallel product's dimensions, by DESIGN.md letter (C: the fused

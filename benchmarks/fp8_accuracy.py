@@ -1,0 +1,62 @@
+"""FP8 against 16/32-bit: how far the logits move when the layers' projections run in FP8.
+
+For each model, the prefill logits of a set of prompts with quantization="fp8" next to the same
+model without it, the same weights and dtype: relative L2 error of each prompt's logits and
+top-1 agreement over every position. Models: the embedded SmolLM2-135M-Instruct (real weights,
+chat prompts) and the tests' tiny Llama and Qwen2 (random weights, random token ids). Runs on
+CPU; the numbers are XLA's FP8 arithmetic, which a GPU's FP8 GEMM computes too (up to its
+accumulation order).
+
+    python benchmarks/fp8_accuracy.py --out benchmarks/results/fp8_accuracy_cpu.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+from common import ROOT, Results  # noqa: E402  (and the repository on the import path)
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+CHATS = ["What is the capital of France?", "Name three primary colours.",
+         "Write a haiku about the sea.", "Explain what a prime number is in one sentence.",
+         "Translate 'good morning' into Spanish.", "What is 12 times 12?",
+         "Give me a synonym for 'happy'.", "Who wrote Romeo and Juliet?"]
+
+
+def compare(results, name, full, fp8, prompts):
+    import numpy as np
+
+    a, b = full.logits(prompts), fp8.logits(prompts)
+    rel = [float(np.linalg.norm(x - y) / np.linalg.norm(x)) for x, y in zip(a, b)]
+    same = np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b)])
+    results.emit({"model": name, "prompts": len(prompts),
+                  "tokens": int(sum(len(p) for p in prompts)),
+                  "rel_l2_median": float(np.median(rel)), "rel_l2_max": max(rel),
+                  "top1_agreement": float(same.mean()), "dtype": str(full.runtime.dtype.__name__)})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    from conftest import _build, random_prompts
+    from jax_sp import LLM
+
+    results = Results(args.out or None, bench="fp8_accuracy")
+    llm = LLM.from_pretrained("smollm2", progress=False)
+    fp8 = LLM.from_pretrained("smollm2", progress=False, quantization="fp8")
+    compare(results, "smollm2-135m-instruct", llm, fp8, [llm.encode(c) for c in CHATS])
+    for kind in ("llama", "qwen2"):
+        model = _build(kind)
+        prompts = random_prompts(model.config.vocab_size, (9, 4, 13, 30, 61, 7, 22, 40), seed=2)
+        compare(results, f"tiny-{kind} (random)", LLM.from_torch(model),
+                LLM.from_torch(model, quantization="fp8"), prompts)
+
+
+if __name__ == "__main__":
+    main()
