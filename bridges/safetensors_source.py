@@ -1,5 +1,11 @@
 """Hugging Face safetensors folders: one `*.safetensors` file or shards listed in
-model.safetensors.index.json, read row range by row range (bridges/streaming.py places them)."""
+model.safetensors.index.json, read row range by row range (bridges/streaming.py places them).
+
+FP8 checkpoints in the common HF layout (vLLM's and llm-compressor's "fp8" format) load too:
+a `*.weight` in F8_E4M3 beside its `*.weight_scale` (one float per tensor, or one per output
+channel, [out] or [out, 1]) is dequantized row by row as it is read; a static `*.input_scale`
+is not needed (quantization="fp8" scales activations per token) and is skipped. The model
+then runs in its dtype, or in FP8 again with quantization="fp8" (requantized per channel)."""
 
 from __future__ import annotations
 
@@ -15,8 +21,9 @@ from bridges.hf import config_from_hf
 from bridges.streaming import CheckpointError, TensorSource
 from models.config import ModelConfig
 
+_FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-                       "BF16": np.dtype(ml_dtypes.bfloat16)}
+                       "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": _FP8}
 
 
 class SafetensorsSource(TensorSource):
@@ -47,6 +54,31 @@ class SafetensorsSource(TensorSource):
             for key, (shape, dtype, start) in self._header(path, fd).items():
                 self.shapes[key], self.dtypes[key] = shape, dtype
                 self._where[key] = (fd, start, path)
+        # as on disk; `shapes` and `dtypes` are what reads return (FP8 dequantized)
+        self._stored, self._stored_shapes = dict(self.dtypes), dict(self.shapes)
+        self._scales = self._fp8_scales()
+
+    def _fp8_scales(self) -> dict[str, np.ndarray]:
+        """FP8 weight key -> its scale, [1] or [out] (read whole: it is small); the scale
+        tensors themselves are no parameters and leave the key list."""
+        scales = {}
+        for key in [k for k, d in self._stored.items() if d == _FP8]:
+            name = key + "_scale"
+            if name not in self.shapes:
+                raise CheckpointError(f"{self._where[key][2]}: FP8 tensor {key} has no {name}; "
+                                      f"an FP8 checkpoint stores each weight's scale beside it")
+            out = self.shapes[key][0]
+            if math.prod(self.shapes[name]) not in (1, out):
+                raise CheckpointError(f"{self._where[name][2]}: {name} has shape "
+                                      f"{self.shapes[name]}; expected one scale, or one per "
+                                      f"output channel ({out})")
+            scales[key] = self._read(name, np.arange(self.shapes[name][0]) if
+                                     self.shapes[name] else None).astype(np.float32).reshape(-1)
+            self.dtypes[key] = np.dtype(np.float32)
+        for key in [k for k in self.shapes if k.endswith((".weight_scale", ".input_scale"))
+                    and k.rsplit(".", 1)[0] + ".weight" in self._stored]:
+            del self.shapes[key], self.dtypes[key]
+        return scales
 
     @staticmethod
     def _header(path: str, fd: int) -> dict:
@@ -78,8 +110,18 @@ class SafetensorsSource(TensorSource):
         return out
 
     def _read(self, key, sorted_rows):
+        data = self._read_stored(key, sorted_rows)
+        scale = getattr(self, "_scales", {}).get(key)
+        if scale is None:
+            return data
+        scale = scale if scale.size == 1 else scale[sorted_rows]
+        return data.astype(np.float32) * scale.reshape(-1, *[1] * (data.ndim - 1))
+
+    def _read_stored(self, key, sorted_rows):
         fd, start, path = self._where[key]
-        shape, dtype = self.shapes[key], self.dtypes[key]
+        shape, dtype = self._stored_shapes[key], self._stored[key]
+        if len(shape) == 0:
+            return np.frombuffer(os.pread(fd, dtype.itemsize, start), dtype)
         if len(shape) == 1:
             data = np.frombuffer(os.pread(fd, shape[0] * dtype.itemsize, start), dtype)
             return data[sorted_rows]

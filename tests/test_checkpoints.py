@@ -380,3 +380,53 @@ def test_a_changed_gguf_file_is_read_again_and_an_unwritable_cache_only_warns(
         again = LLM.from_pretrained(str(path)).logits(prompts)[0]
     assert "could not write the cache entry" in caplog.text
     np.testing.assert_array_equal(again, other)
+
+
+def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None):
+    """model saved in the common HF FP8 layout: each layer projection's weight in float8_e4m3fn
+    beside its weight_scale ([out, 1] per channel, or one per tensor) and a static input_scale;
+    returns the model with the weights those values dequantize to."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(folder)
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    exact = copy.deepcopy(model)
+    for key in [k for k in state if k.endswith("proj.weight")]:
+        w = state[key].float()
+        amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+        scale = amax / 448.0
+        q = (w / scale).to(torch.float8_e4m3fn)
+        state[key] = q
+        if key != drop_scale:
+            state[key + "_scale"] = scale.float()
+        state[key.replace("weight", "input_scale")] = torch.tensor(1.0)
+        exact.state_dict()[key].copy_(q.float() * scale)
+    for f in os.listdir(folder):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(folder, f))
+    save_file(state, os.path.join(folder, "model.safetensors"))
+    return exact
+
+
+@pytest.mark.parametrize("per_channel,tp", [(True, 2), (False, 4)])
+def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, per_channel, tp):
+    """F8_E4M3 weights with per-channel or per-tensor weight_scale are dequantized on read: the
+    logits of the model whose weights are those values; quantization="fp8" runs on them too."""
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    exact = _fp8_checkpoint(model, tmp_path, per_channel)
+    prompts = random_prompts(101, (7, 12), seed=4)
+    ref = LLM.from_torch(exact).logits(prompts)
+    llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp, sp="on"),
+                              progress=False)
+    logits_close(llm, ref, prompts)
+    fp8 = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp),
+                              quantization="fp8", progress=False).logits(prompts)
+    assert all(np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1 for a, b in zip(ref, fp8))
+
+
+def test_fp8_hf_checkpoint_without_a_scale_names_the_tensor(tmp_path):
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    key = "model.layers.1.mlp.down_proj.weight"
+    _fp8_checkpoint(model, tmp_path, drop_scale=key)
+    with pytest.raises(CheckpointError, match=f"FP8 tensor {key} has no {key}_scale"):
+        LLM.from_pretrained(str(tmp_path), progress=False)

@@ -34,8 +34,7 @@ def test_fp8_logits_stay_within_e4m3_rounding_of_the_full_model(hf_models, kind)
     assert top1 >= 0.85, top1
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, "off"), (2, 1, "on"), (3, 1, "on"), (4, 1, "on"),
-                                      (2, 2, "on")])
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, "off"), (3, 1, "on"), (2, 2, "on")])
 def test_fp8_gives_the_tokens_of_fp8_on_one_device_on_every_layout(hf_models, tp, pp, sp):
     """Per-token activation scales span a token's whole row, per-channel weight scales a
     channel's whole input (a row-parallel weight's across its shards): every layout quantizes
