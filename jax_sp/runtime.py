@@ -21,7 +21,7 @@ from jax_sp.attention import choose
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_fp8_devices,
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
-from models.quant import FP8_WEIGHTS, Fp8, quantize_weight, stored_order
+from models.quant import FP8_WEIGHTS, Fp8, is_scale, quantize_weight, scale_of, stored_order
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
@@ -130,7 +130,7 @@ class Runtime:
     @property
     def weight_names(self) -> set[str]:
         """The parameters a weight source gives: all but the FP8 scales made on load."""
-        return {p for p in self.param_names if not p.rsplit("/", 1)[-1].startswith("s_w_")}
+        return {p for p in self.param_names if not is_scale(p)}
 
     def place(self, weights):
         """This stage's parameters from a weight source (sharding/weights.py: a dict of unpadded
@@ -151,7 +151,7 @@ class Runtime:
         # row-parallel weight's per-channel scale spans its shards)
         arrays = {}
         for path, target in targets.items():
-            head, _, name = path.rpartition("/")
+            name = path.rpartition("/")[2]
             if name not in FP8_WEIGHTS:
                 (arrays[path],) = source.place({path: target}, self.plan, self.dtype,
                                                layers).values()
@@ -165,7 +165,7 @@ class Runtime:
             (x,) = source.place({path: Target(names, tuple(target.shape[a] for a in back),
                                               self.sharding_of(names))},
                                 self.plan, self.dtype, layers).values()
-            scale_path = f"{head}/s_{name}"
+            scale_path = scale_of(path)
             fn = jax.jit(lambda w, axes=axes: quantize_weight(w, axes),  # noqa: E731
                          out_shardings=Fp8(target.sharding,
                                            self.sharding_of(self.param_names[scale_path])))

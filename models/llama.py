@@ -23,7 +23,7 @@ from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
-from models.quant import FP8, FP8_WEIGHTS, Fp8, stored_order
+from models.quant import FP8, FP8_WEIGHTS, Fp8, scale_of, stored_order
 
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -49,13 +49,13 @@ def _weight(module, name, rngs, shape, names, dtype, quantization):
     setattr(module, name, _param(rngs, tuple(shape[a] for a in order),
                                  tuple(names[a] for a in order), FP8))
     scale_shape = tuple(n for i, n in enumerate(shape) if i not in contracted)
-    setattr(module, "s_" + name, _const(jnp.ones(scale_shape, jnp.float32), scale_names))
+    setattr(module, scale_of(name), _const(jnp.ones(scale_shape, jnp.float32), scale_names))
 
 
 def _get(module, name):
     """A projection weight as the layout's dot takes it: an array, or Fp8 (value, scale)."""
     w = getattr(module, name)[...]
-    scale = getattr(module, "s_" + name, None)
+    scale = getattr(module, scale_of(name), None)
     return w if scale is None else Fp8(w, scale[...])
 
 

@@ -43,6 +43,17 @@ FP8_WEIGHTS = {
 }
 
 
+def scale_of(path: str) -> str:
+    """The parameter an FP8 weight's scale lives in, beside it: "layers/mlp/w_down_fd" ->
+    "layers/mlp/s_w_down_fd" (a name alone works too)."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/s_{name}" if head else f"s_{name}"
+
+
+def is_scale(path: str) -> bool:
+    return path.rpartition("/")[2].startswith("s_w_")
+
+
 def stored_order(ndim: int, contracted: tuple[int, ...]) -> list[int]:
     """The axes of a weight in the order an FP8 weight stores them: output axes, contracted."""
     return [a for a in range(ndim) if a not in contracted] + list(contracted)
