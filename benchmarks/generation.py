@@ -225,20 +225,23 @@ def run_model(b: Bench, name: str):
     # -- decode ----------------------------------------------------------------------------------
     unrolls = [int(u) for u in args.unroll.split(",")] if args.unroll else [None]
     # side by side: other attention modes' decode, other unroll factors (None: the default's)
-    decoders = {"jax-sp": ("auto", None)}
-    decoders.update({f"jax-sp/attention={m}": (m, None) for m in args.decode_attention.split(",")
-                     if m and m != "auto"})
-    decoders.update({f"jax-sp/{q}": ("auto", q) for q in quantizations})
-    engines = {("auto", None, q): llms[f"jax-sp/{q}"] for q in quantizations}
-    engines["auto", None, None] = llms["jax-sp"]
+    decoders = {"jax-sp": ("auto", None, "auto")}
+    decoders.update({f"jax-sp/attention={m}": (m, None, "auto")
+                     for m in args.decode_attention.split(",") if m and m != "auto"})
+    decoders.update({f"jax-sp/{q}": ("auto", q, "auto") for q in quantizations})
+    decoders.update({f"jax-sp/{q}/fp8_gemv={g}": ("auto", q, g) for q in quantizations
+                     for g in args.fp8_gemv.split(",") if g and g != "auto"})
+    engines = {("auto", None, q, "auto"): llms[f"jax-sp/{q}"] for q in quantizations}
+    engines["auto", None, None, "auto"] = llms["jax-sp"]
 
-    def engine(mode, unroll, quantization):
-        if (mode, unroll, quantization) not in engines:
-            engines[mode, unroll, quantization] = LLM.from_torch(
+    def engine(mode, unroll, quantization, gemv):
+        key = (mode, unroll, quantization, gemv)
+        if key not in engines:
+            engines[key] = LLM.from_torch(
                 module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
-                options=CompileOptions(attention=mode, decode_unroll=unroll),
+                options=CompileOptions(attention=mode, decode_unroll=unroll, fp8_gemv=gemv),
                 quantization=quantization)
-        return engines[mode, unroll, quantization]
+        return engines[key]
 
     def state_bytes(llm):  # what a decode step reads: every parameter once
         import jax
@@ -260,8 +263,9 @@ def run_model(b: Bench, name: str):
                     "of_bandwidth_limit": (1 / per) / (b.bandwidth / wbytes),
                     "weight_bytes": wbytes, "first_call_s": first_s, **extra})
 
-        for (impl, (mode, quant)), setting in itertools.product(decoders.items(), unrolls):
-            llm = engine(mode, setting, quant)
+        for (impl, (mode, quant, gemv)), setting in itertools.product(decoders.items(),
+                                                                      unrolls):
+            llm = engine(mode, setting, quant, gemv)
             unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
             first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
             tokens[f"{impl}/unroll={unroll}"] = [c.token_ids for c in out]
@@ -394,6 +398,9 @@ def main():
                          "(auto: the default's, impl 'jax-sp'; others 'jax-sp/attention=MODE')")
     ap.add_argument("--quantization", default="",
                     help="also run jax-sp with these quantizations side by side (e.g. fp8)")
+    ap.add_argument("--fp8-gemv", default="auto",
+                    help="CompileOptions.fp8_gemv values whose FP8 decode runs side by side "
+                         "(auto: impl 'jax-sp/fp8'; others 'jax-sp/fp8/fp8_gemv=MODE')")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name: generation_<tag>.jsonl")

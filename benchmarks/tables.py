@@ -17,6 +17,8 @@ Tables:
             refactor, alternating in one job
   fp8_speed generation_fp8_*.jsonl: jax-sp with and without quantization="fp8", decode and
             prefill, side by side in one run
+  fp8_gemv  fp8_gemv_*.jsonl: decode's FP8 projections, the weight-only kernel against the
+            other paths, per row count
   generation GPU MODEL
             generation_*.jsonl of that GPU and model shape: jax-sp and every peer measured, decode
             ms/token at each batch and prefill ms per case, ratio to the best peer, jax-sp's share
@@ -140,16 +142,26 @@ def fp8_accuracy() -> str:
     rows = [r for r in _rows("fp8_accuracy_*.jsonl") if "rel_l2_median" in r]
     if not rows:
         return "(no fp8_accuracy results)"
-    out = ["| model | prompts (tokens) | logits rel. L2, median / max | top-1 agreement |",
-           "| --- | --- | --- | --- |"]
+    out = ["| model | FP8 path | prompts (tokens) | logits rel. L2, median / max | "
+           "top-1 agreement |", "| --- | --- | --- | --- | --- |"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['prompts']} ({r['tokens']}) | "
+        out.append(f"| {r['model']} | {r.get('path', 'W8A8')} | {r['prompts']} ({r['tokens']}) | "
                    f"{r['rel_l2_median'] * 100:.1f}% / {r['rel_l2_max'] * 100:.1f}% | "
                    f"{r['top1_agreement'] * 100:.0f}% |")
     out += ["", f"Prefill logits with `quantization=\"fp8\"` against the same model and weights "
             f"without it ({rows[0]['dtype']}, every position of every prompt; "
             f"`benchmarks/fp8_accuracy.py`)."]
     return "\n".join(out)
+
+
+def _read_bytes(row) -> float:
+    """The bytes a decode step of the row's model reads: its weights less the embedding table
+    (one row of it is read; a tied model reads it whole as the LM head)."""
+    from jax_sp.presets import preset
+
+    cfg = preset(row["model"])
+    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2
+    return row["weight_bytes"] - table
 
 
 def fp8_speed() -> str:
@@ -159,22 +171,56 @@ def fp8_speed() -> str:
     cell = {(r["bench"], r["impl"], r["batch"]): r for r in rows if r["bench"] in ("decode",
                                                                                   "prefill")}
     limits = next(r for r in rows if r["bench"] == "limits")
-    out = ["| | 16-bit, ms | FP8, ms | FP8 speed-up | FP8, of the copy bandwidth for its bytes |",
-           "| --- | --- | --- | --- | --- |"]
+    bandwidth = limits["copy_gb_s"] * 1e9
+    out = ["| | 16-bit, ms | FP8, ms | FP8 speed-up | FP8 W8A8 at every size, ms | FP8, of the "
+           "copy bandwidth for the bytes a step reads |",
+           "| --- | --- | --- | --- | --- | --- |"]
     for (bench, impl, batch), r in sorted(cell.items()):
         q = cell.get((bench, "jax-sp/fp8", batch))
         if impl != "jax-sp" or q is None:
             continue
+        w8a8 = cell.get((bench, "jax-sp/fp8/fp8_gemv=off", batch))
         key = "ms_per_token" if bench == "decode" else "median_ms"
         what = (f"decode batch {batch}, per token" if bench == "decode"
                 else f"prefill {batch}×{r['tokens']}")
-        share = f"{q['of_bandwidth_limit'] * 100:.0f}%" if bench == "decode" else ""
-        out.append(f"| {what} | {r[key]:.2f} | {q[key]:.2f} | {r[key] / q[key]:.2f}× | {share} |")
+        share = (f"{_read_bytes(q) / (q[key] / 1e3) / bandwidth * 100:.0f}%"
+                 if bench == "decode" else "")
+        off = f"{w8a8[key]:.2f}" if w8a8 else "(the same)"
+        out.append(f"| {what} | {r[key]:.2f} | {q[key]:.2f} | {r[key] / q[key]:.2f}× | {off} | "
+                   f"{share} |")
     model = next(r["model"] for r in rows if "model" in r)
     out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
             f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "
             f"new tokens; medians, compile excluded; copy bandwidth measured in the same run "
-            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s."]
+            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s. FP8 decode runs the weight-only kernel "
+            f"(`fp8_gemv=\"auto\"`), prefill of more than 64 rows W8A8 either way."]
+    return "\n".join(out)
+
+
+def fp8_gemv() -> str:
+    rows = [r for r in _rows("fp8_gemv_*.jsonl") if r["bench"] == "variant"
+            and "_sweep" not in r["_file"]]
+    if not rows:
+        return "(no fp8_gemv results)"
+    limits = next(r for r in _rows(rows[0]["_file"]) if r["bench"] == "limits")
+    names = {"bf16": "bf16 weights, cuBLAS", "w8a8": "W8A8, cuBLASLt FP8 GEMM",
+             "w8a16-xla": "W8A16, XLA (widens the weights in a fusion of its own)",
+             "pallas": "W8A16 kernel on each layer's slice (XLA copies it)",
+             "pallas-layer": "W8A16 kernel on the stack (jax-sp's)"}
+    counts = sorted({r["rows"] for r in rows})
+    out = ["| path | " + " | ".join(f"{n} row{'s' * (n > 1)}: ms / of copy" for n in counts)
+           + " |", "| --- |" + " --- |" * len(counts)]
+    for variant in names:
+        cells = []
+        for n in counts:
+            r = next((r for r in rows if (r["variant"], r["rows"]) == (variant, n)), None)
+            cells.append(f"{r['ms']:.3f} / {r['of_copy'] * 100:.0f}%" if r else "")
+        out.append(f"| {names[variant]} | " + " | ".join(cells) + " |")
+    layers = rows[0]["layers"]
+    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({rows[0]['machine']}, jax "
+            f"{rows[0]['jax']}): the four projections of {layers} Llama-3-8B layers, stacked and "
+            f"unrolled as decode runs them; \"of copy\" is the weight bytes over the time against "
+            f"the copy bandwidth measured in the same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s."]
     return "\n".join(out)
 
 
@@ -395,7 +441,7 @@ def sp_vs_tp(tp: str) -> str:
 
 
 TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
-          "fp8_speed": fp8_speed, "refactor": refactor,
+          "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

@@ -5,7 +5,8 @@ FP8 checkpoints in the common HF layout (vLLM's and llm-compressor's "fp8" forma
 a `*.weight` in F8_E4M3 beside its `*.weight_scale` (one float per tensor, or one per output
 channel, [out] or [out, 1]) is dequantized row by row as it is read; a static `*.input_scale`
 is not needed (quantization="fp8" scales activations per token) and is skipped. The model
-then runs in its dtype, or in FP8 again with quantization="fp8" (requantized per channel)."""
+then runs in its dtype, or in FP8 again with quantization="fp8", with the values and scales it
+stores (`scale_view`: a per-tensor scale becomes every output channel's)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,13 @@ class SafetensorsSource(TensorSource):
         scale = scale if scale.size == 1 else scale[sorted_rows]
         return data.astype(np.float32) * scale.reshape(-1, *[1] * (data.ndim - 1))
 
+    def scale_view(self) -> TensorSource | None:
+        """None without FP8 tensors; else a source of the same tensors whose values are each
+        value's FP8 scale (0 for a tensor that is not FP8): placed as the parameters are, it
+        gives every parameter value its checkpoint scale, so quantization="fp8" keeps the
+        checkpoint's FP8 values (models/quant.py quantize_weight's `scale`)."""
+        return _ScaleView(self) if self._scales else None
+
     def _read_stored(self, key, sorted_rows):
         fd, start, path = self._where[key]
         shape, dtype = self._stored_shapes[key], self._stored[key]
@@ -144,6 +152,20 @@ class SafetensorsSource(TensorSource):
             os.close(fd)
         self._fds = []
 
+
+
+class _ScaleView(TensorSource):
+    def __init__(self, source: SafetensorsSource):
+        self.source, self.shapes, self.description = source, source.shapes, source.description
+        self.dtypes = {k: np.dtype(np.float32) for k in source.shapes}
+
+    def _read(self, key, sorted_rows):
+        shape = (len(sorted_rows), *self.shapes[key][1:])
+        scale = self.source._scales.get(key)
+        if scale is None:
+            return np.zeros(shape, np.float32)
+        scale = scale if scale.size == 1 else scale[sorted_rows]
+        return np.broadcast_to(scale.reshape(-1, *[1] * (len(shape) - 1)), shape)
 
 
 def hf_folder_config(folder: str) -> ModelConfig:

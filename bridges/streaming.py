@@ -221,6 +221,12 @@ class LazyParams:
         self.progress.step(self._bytes(keys))
         return out
 
+    def fp8_scales(self) -> "LazyParams | None":
+        """The checkpoint's FP8 scale of every parameter value, placed as the parameters are
+        (TensorSource.scale_view), or None when the source stores no FP8 tensors."""
+        view = getattr(self.source, "scale_view", lambda: None)()
+        return None if view is None else LazyParams(view, self.cfg, progress=False)
+
     def place(self, targets, plan, dtype, layers):
         """The weight-source protocol (sharding/weights.py): each target built device by device,
         a stage's layers [start, end) of the stacked ones."""

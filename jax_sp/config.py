@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from models.config import ModelConfig, RopeScaling
-from models.quant import QUANTIZATIONS
+from models.quant import FP8_GEMV_MODES, QUANTIZATIONS
 
 __all__ = ["CompileOptions", "ModelConfig", "ParallelConfig", "RopeScaling", "SamplingParams",
            "check_devices", "check_parallel"]
@@ -117,12 +117,13 @@ def check_devices(parallel: ParallelConfig, num_devices: int) -> None:
 
 
 def check_quantization(quantization, parallel: ParallelConfig) -> None:
-    """quantization: None (the model's dtype) or "fp8" (models/quant.py), with comm="xla"."""
+    """quantization: None (the model's dtype) or "fp8" (models/quant.py), with comm="xla" or
+    "ring"."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
-    if quantization and parallel.comm != "xla":
-        raise ValueError(f"quantization={quantization!r} runs with comm='xla' (XLA gathers the "
-                         f"FP8 tokens); comm={parallel.comm!r} has no FP8 kernels yet")
+    if quantization and parallel.comm == "mosaic":
+        raise ValueError(f"quantization={quantization!r} runs with comm='xla' or 'ring' (their "
+                         f"gathers carry the FP8 tokens); comm='mosaic' has no FP8 kernel")
 
 
 def check_fp8_devices(devices) -> None:
@@ -164,6 +165,10 @@ class CompileOptions:
     prefill programs (>= the layer count unrolls it; decode None: every layer on GPU, a loop
     elsewhere). row_multiple: projections onto weights of at least pad_rows_min_weight elements
     run on a multiple of this many rows (None: 8 on GPU, 1 elsewhere; sharding/layout.py).
+    fp8_gemv: with quantization="fp8", how projections of at most 64 rows (decode steps, short
+    prompts) run: weight-only (16-bit activations times the widened FP8 weight) through
+    jax-sp's Pallas kernel ("pallas", models/fp8_gemv.py; interpreted off GPU) or an XLA dot
+    ("xla"), or "off": W8A8 as longer inputs run ("auto": pallas on GPU, xla elsewhere).
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 
@@ -173,12 +178,16 @@ class CompileOptions:
     prefill_unroll: int = 1
     row_multiple: int | None = None
     pad_rows_min_weight: int = 1 << 20
+    fp8_gemv: str = "auto"
     xla_options: tuple | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"CompileOptions.attention must be one of {ATTENTION_MODES}, got "
                              f"{self.attention!r}")
+        if self.fp8_gemv not in FP8_GEMV_MODES:
+            raise ValueError(f"CompileOptions.fp8_gemv must be one of {FP8_GEMV_MODES}, got "
+                             f"{self.fp8_gemv!r}")
         for name in ("decode_unroll", "row_multiple"):
             if getattr(self, name) is not None:
                 _positive_int("CompileOptions", name, getattr(self, name))

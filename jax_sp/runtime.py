@@ -110,13 +110,17 @@ class Runtime:
             self.options.attention, platform, self.dtype, cfg.head_dim, self.options.paged_decode)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
+        # FP8 projections of few rows: the Pallas weight-only kernel on GPU (models/quant.py)
+        gemv = self.options.fp8_gemv
+        self.fp8_gemv = (("pallas" if platform == "gpu" else "xla") if gemv == "auto" else gemv
+                         ) if quantization == "fp8" else "off"
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------
 
     def layout(self, sp: bool) -> ShardedLayout:
         return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple,
-                             self.options.pad_rows_min_weight)
+                             self.options.pad_rows_min_weight, self.fp8_gemv)
 
     def sharding_of(self, names, sp: bool = False):
         return named(self.mesh, names, RULES["on" if sp else "off"])
@@ -148,7 +152,9 @@ class Runtime:
             arrays = source.place(targets, self.plan, self.dtype, layers)
             return self._map_state(lambda path, var: arrays[path])
         # FP8: one parameter at a time in full precision on the devices, quantized there (a
-        # row-parallel weight's per-channel scale spans its shards)
+        # row-parallel weight's per-channel scale spans its shards); an FP8 checkpoint's own
+        # scales, placed the same way, keep its values as stored
+        checkpoint_scales = getattr(source, "fp8_scales", lambda: None)()
         arrays = {}
         for path, target in targets.items():
             name = path.rpartition("/")[2]
@@ -162,15 +168,22 @@ class Runtime:
             order = stored_order(len(target.shape), axes)
             back = np.argsort(order)
             names = tuple(target.names[a] for a in back)
-            (x,) = source.place({path: Target(names, tuple(target.shape[a] for a in back),
-                                              self.sharding_of(names))},
-                                self.plan, self.dtype, layers).values()
+            unstored = {path: Target(names, tuple(target.shape[a] for a in back),
+                                     self.sharding_of(names))}
+            (x,) = source.place(unstored, self.plan, self.dtype, layers).values()
+            given = None
+            if checkpoint_scales is not None:  # each value's scale; a channel's are all one
+                (g,) = checkpoint_scales.place(unstored, self.plan, jnp.float32,
+                                               layers).values()
+                given = jax.jit(lambda g, axes=axes: jnp.max(g, axis=axes))(g)  # noqa: E731
+                del g
             scale_path = scale_of(path)
-            fn = jax.jit(lambda w, axes=axes: quantize_weight(w, axes),  # noqa: E731
+            fn = jax.jit(lambda w, s, axes=axes: quantize_weight(w, axes, s),  # noqa: E731
                          out_shardings=Fp8(target.sharding,
                                            self.sharding_of(self.param_names[scale_path])))
-            arrays[path], arrays[scale_path] = fn(x)
-            del x
+            fp8 = fn(x, given)
+            arrays[path], arrays[scale_path] = fp8.q, fp8.scale
+            del x, given
         return self._map_state(lambda path, var: arrays[path])
 
     def _map_state(self, fn):

@@ -35,6 +35,9 @@ class Forward(NamedTuple):
     fresh: bool
     layout: Any  # models.layout.Layout
     attention: Any  # a backend: Xla() or one of jax_sp/attention.py
+    # the layers' FP8 weights stay stacked [L, ...] and each projection reads its layer's
+    # (models/quant.py Fp8.layer): what a kernel needs to read them in place
+    stacked_fp8: bool = False
 
 
 def apply_rope(x_btnh, cos_bth, sin_bth):

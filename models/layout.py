@@ -11,6 +11,9 @@ instead of inserting collectives itself:
 - `row(spec, h, w)`: exit of a row-parallel projection (o_proj, down_proj). Its partial sums are
   all-reduced under TP, reduce-scattered over tokens under SP.
 
+`stacked_fp8(rows)` says whether a forward of that many rows keeps its FP8 weights stacked over
+the layers for a kernel that reads each layer's in place (models/fp8_gemv.py).
+
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
 carry its activations on those rows instead of padding before each projection.
@@ -44,6 +47,8 @@ class Layout(Protocol):
 
     def local(self, fn, in_names: tuple, out_names: tuple, *args): ...
 
+    def stacked_fp8(self, rows: int) -> bool: ...
+
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -62,6 +67,9 @@ class Dense:
 
     def local(self, fn, in_names, out_names, *args):
         return fn(*args)
+
+    def stacked_fp8(self, rows):
+        return False
 
 
 DENSE = Dense()

@@ -23,7 +23,7 @@ from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
-from models.quant import FP8, FP8_WEIGHTS, Fp8, scale_of, stored_order
+from models.quant import FP8, FP8_WEIGHTS, Fp8, is_scale, scale_of, stored_order
 
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -52,11 +52,20 @@ def _weight(module, name, rngs, shape, names, dtype, quantization):
     setattr(module, scale_of(name), _const(jnp.ones(scale_shape, jnp.float32), scale_names))
 
 
-def _get(module, name):
-    """A projection weight as the layout's dot takes it: an array, or Fp8 (value, scale)."""
+def _get(module, name, fwd=None, layer=None):
+    """A projection weight as the layout's dot takes it: an array, or Fp8 (value, scale; with
+    fwd.stacked_fp8 every layer's, and this layer's index)."""
     w = getattr(module, name)[...]
     scale = getattr(module, scale_of(name), None)
-    return w if scale is None else Fp8(w, scale[...])
+    if scale is None:
+        return w
+    return Fp8(w, scale[...], layer if fwd is not None and fwd.stacked_fp8 else None)
+
+
+def _is_fp8(path, value) -> bool:
+    """nnx filter: an FP8 weight or its scale (by parameter name)."""
+    name = str(path[-1])
+    return name in FP8_WEIGHTS or is_scale(name)
 
 
 class RMSNorm(nnx.Module):
@@ -119,16 +128,17 @@ class Attention(nnx.Module):
         """x_td may hold padding rows past the B*T tokens' (a one-token step's, see Llama); the
         output then has as many, zeros."""
         b, t = fwd.positions_bt.shape
-        (qkv_tkch,) = fwd.layout.column(x_td, ("TD,DKCH->TKCH", _get(self, "w_qkv_dkch")))
+        (qkv_tkch,) = fwd.layout.column(
+            x_td, ("TD,DKCH->TKCH", _get(self, "w_qkv_dkch", fwd, layer)))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
         n, h = out.shape[-2:]
-        w_o = _get(self, "w_o_nhd")
-        w_o = (w_o._replace(q=w_o.q.reshape(-1, n * h)) if isinstance(w_o, Fp8)  # [D, N*H]
-               else w_o.reshape(n * h, -1))
+        w_o = _get(self, "w_o_nhd", fwd, layer)
+        w_o = (w_o._replace(q=w_o.q.reshape(*w_o.q.shape[:-2], n * h))  # [(L,) D, N*H]
+               if isinstance(w_o, Fp8) else w_o.reshape(n * h, -1))
         out_td = fwd.layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
                                 w_o)
         return out_td, cache
@@ -142,10 +152,12 @@ class MLP(nnx.Module):
                 quantization)
         _weight(self, "w_down_fd", rngs, (f, d), ("mlp", "embed"), dtype, quantization)
 
-    def __call__(self, x_td, layout: Layout):
-        (gate_up_tcf,) = layout.column(x_td, ("TD,DCF->TCF", _get(self, "w_gate_up_dcf")))
+    def __call__(self, x_td, fwd: Forward, layer):
+        layout = fwd.layout
+        (gate_up_tcf,) = layout.column(
+            x_td, ("TD,DCF->TCF", _get(self, "w_gate_up_dcf", fwd, layer)))
         h_tf = jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
-        return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd"))
+        return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd", fwd, layer))
 
 
 class Block(nnx.Module):
@@ -163,7 +175,7 @@ class Block(nnx.Module):
         x_td = hidden_td + residual_td
         attn_td, cache = self.attn(self.attn_norm(x_td), fwd, cache, layer)
         h_td = x_td + attn_td
-        return self.mlp(self.mlp_norm(h_td), fwd.layout), h_td, cache
+        return self.mlp(self.mlp_norm(h_td), fwd, layer), h_td, cache
 
 
 class IntermediateTensors(NamedTuple):
@@ -190,6 +202,7 @@ class Llama(nnx.Module):
                  num_layers: int | None = None, first: bool = True, last: bool = True,
                  quantization: str | None = None):
         self.cfg, self.first, self.last = cfg, first, last
+        self.quantized = quantization == "fp8"
         v, d = cfg.vocab_size, cfg.hidden_size
         if first or (last and cfg.tie_word_embeddings):
             self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), dtype)
@@ -230,8 +243,11 @@ class Llama(nnx.Module):
             residual_td = layout.residual(jnp.zeros_like(hidden_td))
         else:
             hidden_td, residual_td = (layout.residual(c.astype(dtype)) for c in carry)
+        # FP8 weights that a kernel reads in place stay stacked outside the layer loop (a
+        # slice of the stack passed to a kernel is a copy: models/fp8_gemv.py)
+        stacked = self.quantized and layout.stacked_fp8(b * t)
         fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
-                      layout, attention)
+                      layout, attention, stacked)
         if t == 1:
             # A one-token step carries the whole stream on the rows its projections run on (8
             # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before
@@ -242,12 +258,17 @@ class Llama(nnx.Module):
             rows = layout.rows(b, gate_up.size // gate_up.shape[0])  # one layer's size
             hidden_td, residual_td = (_pad_rows(x, rows) for x in (hidden_td, residual_td))
 
-        graphdef, layer_state = nnx.split(self.layers)
+        if stacked:
+            graphdef, fp8_state, layer_state = nnx.split(self.layers, _is_fp8, ...)
+        else:
+            (graphdef, layer_state), fp8_state = nnx.split(self.layers), None
 
         def body(carry, xs):
             hidden, residual, kv = carry
             state, layer = xs
-            hidden, residual, kv = nnx.merge(graphdef, state)(hidden, residual, fwd, kv, layer)
+            block = (nnx.merge(graphdef, fp8_state, state) if stacked
+                     else nnx.merge(graphdef, state))
+            hidden, residual, kv = block(hidden, residual, fwd, kv, layer)
             stream = (hidden + residual)[:b * t] if collect_residuals else None
             return (hidden, residual, kv), stream
 

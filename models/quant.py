@@ -11,6 +11,12 @@ the weight's other (output) dimensions. With x ~ xq · sx (sx [T], per token) an
 one FP8 matmul (accumulated in float32, written in the activations' dtype) and two scalings
 after it: XLA:GPU runs FP8 dots as cuBLASLt FP8 GEMMs on Hopper; XLA:CPU upcasts them.
 
+Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) run weight-only instead (W8A16,
+`weight_only`): the activations stay in 16 bits and the FP8 weight is widened as it is read,
+by the Pallas kernel of models/fp8_gemv.py on GPU (cuBLASLt's FP8 GEMM reaches a third of the
+copy bandwidth at such sizes, docs/fp8.md) or by XLA. Such a product is the weight rounding's
+alone, so it is closer to the 16-bit model than the W8A8 one.
+
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
 A row-parallel projection's per-token scale is the maximum over all of its input features,
@@ -20,6 +26,7 @@ quantized values as one device.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -28,6 +35,10 @@ import jax.numpy as jnp
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 QUANTIZATIONS = (None, "fp8")
+WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run weight-only (W8A16)
+# how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
+# XLA dot on the widened weight, "off" W8A8 as longer inputs; "auto": pallas on GPU, else xla
+FP8_GEMV_MODES = ("auto", "pallas", "xla", "off")
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
 # reduce over (the contracted ones) and the logical names of the scale they get. The
@@ -61,14 +72,23 @@ def stored_order(ndim: int, contracted: tuple[int, ...]) -> list[int]:
 
 class Fp8(NamedTuple):
     """A weight in FP8: value ~ q * scale, scale over the output dimensions; q stored with its
-    contracted axes last."""
+    contracted axes last. With `layer` (an int32 scalar), q [L, ...] and scale [L, ...] are
+    every layer's, and the weight is layer `layer`'s: a kernel reads it in place
+    (models/fp8_gemv.py), anything else takes `unstacked()`."""
 
-    q: jax.Array  # float8_e4m3fn, [outputs..., contracted...]
-    scale: jax.Array  # float32, the weight's output dimensions
+    q: jax.Array  # float8_e4m3fn, [(L,) outputs..., contracted...]
+    scale: jax.Array  # float32, [(L,)] the weight's output dimensions
+    layer: jax.Array | None = None
 
     @property
     def size(self) -> int:
-        return self.q.size
+        return self.q.size if self.layer is None else self.q.size // self.q.shape[0]
+
+    def unstacked(self) -> "Fp8":
+        if self.layer is None:
+            return self
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, False)  # noqa: E731
+        return Fp8(pick(self.q), pick(self.scale))
 
 
 def _scale(amax):
@@ -76,33 +96,81 @@ def _scale(amax):
     return jnp.where(amax > 0, amax / FP8_MAX, 1.0).astype(jnp.float32)
 
 
-def quantize_weight(w, contracted: tuple[int, ...]) -> Fp8:
+def quantize_weight(w, contracted: tuple[int, ...], scale=None) -> Fp8:
     """w -> FP8 with one scale per output channel (the max magnitude over `contracted`),
-    stored with the contracted axes last."""
+    stored with the contracted axes last. scale: the channels' scales where they are given
+    (> 0; an FP8 checkpoint's, so its values come back as stored), the max elsewhere."""
     w32 = w.astype(jnp.float32)
-    scale = _scale(jnp.max(jnp.abs(w32), axis=contracted))
+    amax = _scale(jnp.max(jnp.abs(w32), axis=contracted))
+    scale = amax if scale is None else jnp.where(scale > 0, scale, amax).astype(jnp.float32)
     q = jnp.clip(w32 / jnp.expand_dims(scale, contracted), -FP8_MAX, FP8_MAX).astype(FP8)
     return Fp8(jnp.transpose(q, stored_order(w.ndim, contracted)), scale)
 
 
-def quantize_tokens(x_tx):
-    """x [T, X] -> (FP8 values [T, X], scale [T]): one scale per token."""
+def quantize_tokens(x_tx, reduce=None):
+    """x [T, X] -> (FP8 values [T, X], scale [T]): one scale per token. reduce: applied to the
+    per-token maxima before they set the scale (a pmax over the devices that split X)."""
     x32 = x_tx.astype(jnp.float32)
-    scale = _scale(jnp.max(jnp.abs(x32), axis=-1))
+    amax = jnp.max(jnp.abs(x32), axis=-1)
+    scale = _scale(amax if reduce is None else reduce(amax))
     return jnp.clip(x32 / scale[:, None], -FP8_MAX, FP8_MAX).astype(FP8), scale
 
 
-def dot(spec: str, x_tx, w):
+def weight_only_rows(w, rows: int, gemv: str) -> bool:
+    """Whether a product of `rows` rows with weight w runs weight-only (`weight_only`)."""
+    return isinstance(w, Fp8) and rows <= WEIGHT_ONLY_ROWS and gemv != "off"
+
+
+def dot(spec: str, x_tx, w, gemv: str = "xla"):
     """einsum(spec, x, w) for a plain weight; for an Fp8 weight the FP8 matmul above, in x's
-    dtype."""
+    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"; "off": W8A8 always)."""
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
+    if weight_only_rows(w, x_tx.shape[0], gemv):
+        return weight_only(spec, x_tx, w, kernel=gemv == "pallas")
+    w = w.unstacked()
     xq, sx = quantize_tokens(x_tx)
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
-    stored = "".join(c for c in rhs if c not in lhs) + "".join(c for c in rhs if c in lhs)
+    stored = stored_letters(lhs, rhs)
     # accumulated in float32 and written in x's dtype (bf16 in serving): a row-parallel
     # product's partial sums then cross devices in 16 bits, as they do unquantized
     y = jnp.einsum(f"{lhs},{stored}->{out}", xq, w.q, preferred_element_type=x_tx.dtype)
     sx = sx.reshape(sx.shape + (1,) * (y.ndim - 1)).astype(x_tx.dtype)
     return y * sx * w.scale.astype(x_tx.dtype)
+
+
+def stored_letters(lhs: str, rhs: str) -> str:
+    """The letters of an FP8 weight as stored: its output letters, then the contracted ones."""
+    return "".join(c for c in rhs if c not in lhs) + "".join(c for c in rhs if c in lhs)
+
+
+def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False):
+    """einsum(spec, x, w) with x in its own dtype and w's FP8 values widened to it (exact:
+    e4m3 fits in bf16 and f16), accumulated in float32, scaled per output channel and written in
+    x's dtype. kernel: through models/fp8_gemv.py's Pallas kernel where it takes the shapes;
+    else (and off it) an XLA dot on the widened weight."""
+    ins, out = spec.split("->")
+    lhs, rhs = ins.split(",")
+    outputs = "".join(c for c in rhs if c not in lhs)
+    if out != lhs[0] + outputs or x_tx.ndim != 2:
+        raise ValueError(f"weight_only: spec {spec!r} must read [T, X] -> [T, outputs in the "
+                         f"weight's order]")
+    rows = x_tx.shape[0]
+    if kernel:
+        from models.fp8_gemv import fp8_gemv, plan
+
+        stacked = w.layer is not None
+        out_dims = w.q.shape[stacked:stacked + len(outputs)]
+        lead = w.q.shape[:1] if stacked else ()
+        q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
+        scale_n = w.scale.reshape(*lead, -1)
+        if plan(rows, *q_nk.shape[-2:], interpret=jax.default_backend() != "gpu") is not None:
+            return fp8_gemv(x_tx, q_nk, scale_n, w.layer).reshape(rows, *out_dims)
+    w = w.unstacked()
+    out_dims = w.q.shape[:len(outputs)]
+    q_nk = w.q.reshape(math.prod(out_dims), -1)
+    scale_n = w.scale.reshape(-1)
+    y = jnp.einsum("tk,nk->tn", x_tx, q_nk.astype(x_tx.dtype),
+                   preferred_element_type=jnp.float32)
+    return (y * scale_n).astype(x_tx.dtype).reshape(rows, *out_dims)

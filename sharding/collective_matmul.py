@@ -22,6 +22,12 @@ the activations move once.
 
 `matmul_reduce_scatter` sums in the order the ring visits devices, so float results differ from a
 plain all-reduce in the last bits (reassociation), as any reduce-scatter does.
+
+FP8 weights (models/quant.py `Fp8`): the column ring quantizes this device's tokens once, per
+token, and passes the FP8 values with their scales around the ring (one byte per value on the
+wire, as the XLA path's gather); the row ring quantizes each token over its whole input, the
+scale's maximum taken over tp (a [T] all-reduce), so both compute the W8A8 products one device
+computes, each chunk's an FP8 matmul written in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -30,7 +36,23 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from models.quant import Fp8, quantize_tokens, stored_letters
+
 AXIS = "tp"
+
+
+def _fp8_matmul(dtype):
+    """chunk (FP8 values [L, D], per-token scale [L]) times an Fp8 weight flattened to [F, D]
+    with its scale [F]: the scaled FP8 product [L, F] in `dtype`."""
+    def matmul(chunk, w):
+        xq, sx = chunk
+        y = jnp.einsum("ld,fd->lf", xq, w.q, preferred_element_type=dtype)
+        return y * sx[:, None].astype(dtype) * w.scale.astype(dtype)
+    return matmul
+
+
+def _send(tree, axis, perm):
+    return jax.tree.map(lambda a: jax.lax.ppermute(a, axis, perm), tree)
 
 
 def _perm(n: int, shift: int):
@@ -44,13 +66,17 @@ def _split(n: int, bidirectional: bool) -> tuple[int, int]:
     return n // 2, (n - 1) // 2
 
 
-def all_gather_matmul(x_ld, ws, *, bidirectional: bool = False, axis: str = AXIS):
+def all_gather_matmul(x_ld, ws, *, bidirectional: bool = False, axis: str = AXIS,
+                      matmul=jnp.matmul):
     """x_ld [L, D] (this device's token rows), ws: [D, F_i] local weight shards ->
-    list of [n*L, F_i]: every token times this device's features. Call inside shard_map."""
+    list of [n*L, F_i]: every token times this device's features. Call inside shard_map.
+    matmul(chunk, w): the product of a chunk (x_ld or any pytree of [L, ...] arrays, all sent
+    around the ring) and a weight; default chunk @ w."""
     n = jax.lax.axis_size(axis)
     r = jax.lax.axis_index(axis)
-    rows = x_ld.shape[0]
-    outs = [jnp.zeros((n, rows, w.shape[1]), jnp.result_type(x_ld, w)) for w in ws]
+    rows = jax.tree.leaves(x_ld)[0].shape[0]
+    outs = [jnp.zeros((n,) + o.shape, o.dtype)
+            for o in (jax.eval_shape(matmul, x_ld, w) for w in ws)]
     fwd, bwd = _split(n, bidirectional)
     ahead, behind = x_ld, x_ld
     in_hand = [(x_ld, r)]  # (chunk, the rank whose token rows it holds)
@@ -59,10 +85,10 @@ def all_gather_matmul(x_ld, ws, *, bidirectional: bool = False, axis: str = AXIS
         # of chunk `src` goes to rows [src*L, (src+1)*L)); the barrier makes this step's
         # transfers and products one group, so the next transfers wait for these products:
         # without it XLA's scheduler ran every transfer of the ring before any matmul
-        sends = ([jax.lax.ppermute(ahead, axis, _perm(n, 1))] if step <= fwd else []) + (
-            [jax.lax.ppermute(behind, axis, _perm(n, -1))] if step <= bwd else [])
+        sends = ([_send(ahead, axis, _perm(n, 1))] if step <= fwd else []) + (
+            [_send(behind, axis, _perm(n, -1))] if step <= bwd else [])
         for chunk, src in in_hand:
-            outs = [o.at[src].set(chunk @ w) for o, w in zip(outs, ws)]
+            outs = [o.at[src].set(matmul(chunk, w)) for o, w in zip(outs, ws)]
         sends, outs = jax.lax.optimization_barrier((sends, outs))
         in_hand = []  # after s hops forward we hold rank r - s's chunk, backward r + s's
         if step <= fwd:
@@ -72,19 +98,22 @@ def all_gather_matmul(x_ld, ws, *, bidirectional: bool = False, axis: str = AXIS
             behind = sends.pop(0)
             in_hand.append((behind, (r + step) % n))
     for chunk, src in in_hand:
-        outs = [o.at[src].set(chunk @ w) for o, w in zip(outs, ws)]
+        outs = [o.at[src].set(matmul(chunk, w)) for o, w in zip(outs, ws)]
     return [o.reshape(n * rows, -1) for o in outs]
 
 
-def matmul_reduce_scatter(x_tf, w_fd, *, bidirectional: bool = False, axis: str = AXIS):
+def matmul_reduce_scatter(x_tf, w_fd, *, bidirectional: bool = False, axis: str = AXIS,
+                          matmul=jnp.matmul):
     """x_tf [n*L, F/n], w_fd [F/n, D] -> [L, D]: this device's token rows of x @ w summed over
-    all devices. Call inside shard_map."""
+    all devices. Call inside shard_map. matmul(rows of x, w) as in `all_gather_matmul` (x_tf
+    any pytree of [n*L, ...] arrays)."""
     n = jax.lax.axis_size(axis)
     r = jax.lax.axis_index(axis)
-    rows = x_tf.shape[0] // n
+    rows = jax.tree.leaves(x_tf)[0].shape[0] // n
 
     def part(c):  # this device's contribution to token chunk c
-        return jax.lax.dynamic_slice_in_dim(x_tf, c * rows, rows) @ w_fd
+        return matmul(jax.tree.map(
+            lambda a: jax.lax.dynamic_slice_in_dim(a, c * rows, rows), x_tf), w_fd)
 
     fwd, bwd = _split(n, bidirectional)
     # The forward accumulator of chunk c starts on rank c - fwd and gathers one contribution
@@ -111,40 +140,64 @@ def _specs(letters: str, sharded: str):
 
 def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True):
     """Column-parallel projections of token-sharded x as one ring, e.g. spec "TD,DNH->TNH" for
-    q with w [D, N, H] split over N. `more`: further (spec, w) pairs sharing the gathered x."""
+    q with w [D, N, H] split over N. `more`: further (spec, w) pairs sharing the gathered x.
+    FP8 weights (all of them or none): the ring carries x quantized per token."""
     projections = [(spec, w), *more]
+    fp8 = isinstance(w, Fp8)
     parsed = []
     for s, weight in projections:
         ins, out = s.split("->")
-        rhs = ins.split(",")[1]
+        lhs, rhs = ins.split(",")
         feature = next(c for c in rhs if c not in "DC")  # the dimension tp splits (C: fused
         # parts, e.g. "DCF" for gate/up, stay whole on every device)
-        parsed.append((rhs, out, feature))
+        parsed.append((stored_letters(lhs, rhs) if fp8 else rhs, out, feature))
 
     def body(x_ld, *ws):
-        flat = [(jnp.moveaxis(wl, rhs.index("D"), 0)).reshape(wl.shape[rhs.index("D")], -1)
-                for wl, (rhs, _, _) in zip(ws, parsed)]
-        ys = all_gather_matmul(x_ld, flat, bidirectional=bidirectional)
-        return tuple(y.reshape(y.shape[0], *[wl.shape[rhs.index(c)] for c in out[1:]])
-                     for y, wl, (rhs, out, _) in zip(ys, ws, parsed))
+        if fp8:  # stored [outputs..., D]: flattened to [F, D]
+            flat = [Fp8(wl.q.reshape(-1, wl.q.shape[-1]), wl.scale.reshape(-1)) for wl in ws]
+            ys = all_gather_matmul(quantize_tokens(x_ld), flat, bidirectional=bidirectional,
+                                   matmul=_fp8_matmul(x_ld.dtype))
+            dims = [wl.q.shape[:-1] for wl in ws]
+        else:
+            flat = [jnp.moveaxis(wl, rhs.index("D"), 0).reshape(wl.shape[rhs.index("D")], -1)
+                    for wl, (rhs, _, _) in zip(ws, parsed)]
+            ys = all_gather_matmul(x_ld, flat, bidirectional=bidirectional)
+            dims = [[wl.shape[rhs.index(c)] for c in out[1:]]
+                    for wl, (rhs, out, _) in zip(ws, parsed)]
+        return tuple(y.reshape(y.shape[0], *d) for y, d in zip(ys, dims))
+
+    def weight_spec(letters, feature):
+        if fp8:  # the scale has the weight's output letters
+            return Fp8(_specs(letters, feature), _specs(letters[:-1], feature))
+        return _specs(letters, feature)
 
     fn = jax.shard_map(
-        body, mesh=mesh, in_specs=(P("tp", None), *[_specs(rhs, f) for rhs, _, f in parsed]),
+        body, mesh=mesh,
+        in_specs=(P("tp", None), *[weight_spec(letters, f) for letters, _, f in parsed]),
         out_specs=tuple(_specs(out, f) for _, out, f in parsed), check_vma=False)
     return list(fn(x_td, *[p[1] for p in projections]))
 
 
 def ring_row(mesh, spec: str, h, w, *, bidirectional: bool = True):
-    """Row-parallel projection ending token-sharded, e.g. "TNH,NHD->TD" with h split over N."""
+    """Row-parallel projection ending token-sharded, e.g. "TNH,NHD->TD" with h split over N.
+    An FP8 weight (stored [D, F]) takes h quantized per token over all of its features."""
     lhs, rhs = spec.split("->")[0].split(",")
     feature = lhs[1]
+    fp8 = isinstance(w, Fp8)
 
     def body(h_local, w_local):
         rows = h_local.shape[0]
-        return matmul_reduce_scatter(h_local.reshape(rows, -1),
-                                     w_local.reshape(-1, w_local.shape[-1]),
+        h_local = h_local.reshape(rows, -1)
+        if fp8:
+            chunk = quantize_tokens(h_local, reduce=lambda a: jax.lax.pmax(a, AXIS))
+            flat = Fp8(w_local.q.reshape(w_local.q.shape[0], -1), w_local.scale)
+            return matmul_reduce_scatter(chunk, flat, bidirectional=bidirectional,
+                                         matmul=_fp8_matmul(h_local.dtype))
+        return matmul_reduce_scatter(h_local, w_local.reshape(-1, w_local.shape[-1]),
                                      bidirectional=bidirectional)
 
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(_specs(lhs, feature), _specs(rhs, feature)),
+    w_spec = (Fp8(_specs(stored_letters(lhs, rhs), feature), P(None)) if fp8
+              else _specs(rhs, feature))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(_specs(lhs, feature), w_spec),
                        out_specs=P("tp", None), check_vma=False)
     return fn(h, w)

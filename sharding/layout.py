@@ -23,9 +23,10 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec as P
 
-from models.quant import dot
+from models.quant import (WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
+                          weight_only_rows)
 from sharding.collective_matmul import ring_column, ring_row
 from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import RULES, named, spec as partition_spec
@@ -37,7 +38,7 @@ def padded_rows(rows: int, weight_size: int, row_multiple: int, min_weight: int)
     return rows + (-rows % row_multiple if weight_size >= min_weight else 0)
 
 
-def _einsum(spec, x_td, w, row_multiple, min_weight):
+def _einsum(spec, x_td, w, row_multiple, min_weight, gemv="xla"):
     """einsum(spec, x_td, w), with x's rows padded with zeros to a multiple of `row_multiple`
     (8 on GPU) when w has at least `min_weight` elements (CompileOptions.pad_rows_min_weight,
     2^20); the padding's results are dropped. XLA:GPU rewrites a vector-matrix product whose operands total under 10M elements
@@ -56,15 +57,21 @@ def _einsum(spec, x_td, w, row_multiple, min_weight):
     rows = x_td.shape[0]
     pad = padded_rows(rows, w.size, row_multiple, min_weight) - rows
     if not pad:
-        return dot(spec, x_td, w)
+        return dot(spec, x_td, w, gemv)
     padded = jnp.pad(x_td, ((0, pad),) + ((0, 0),) * (x_td.ndim - 1))
-    return jax.lax.optimization_barrier(dot(spec, padded, w))[:rows]
+    return jax.lax.optimization_barrier(dot(spec, padded, w, gemv))[:rows]
 
 
 # Logical names of a column-parallel product's dimensions, by DESIGN.md letter (C: the fused
 # q/k/v or gate/up parts, whole on every device).
 _COLUMN_OUT = {"T": "act_gathered", "K": "qkv_heads", "N": "heads", "C": None, "H": "head_dim",
                "F": "mlp", "V": "vocab"}
+
+
+# Logical names of a weight's dimensions by letter (a row-parallel F is o_proj's N*H or mlp, both
+# split over tp alike).
+_WEIGHT = {"T": None, "D": "embed", "K": "qkv_heads", "N": "heads", "C": None, "H": "head_dim",
+           "F": "mlp", "V": "vocab"}
 
 
 def _column_out(spec: str) -> tuple:
@@ -79,6 +86,7 @@ class ShardedLayout:
     comm: str = "xla"
     row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
     pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
+    fp8_gemv: str = "xla"  # FP8 projections of few rows: models/quant.py FP8_GEMV_MODES, resolved
 
     @property
     def rules(self):
@@ -90,8 +98,11 @@ class ShardedLayout:
     def residual(self, x_td):
         return self._constrain(x_td, ("act_tokens", "act_embed"))
 
-    def _ring(self, rows: int) -> bool:
-        return self.comm in ("ring", "mosaic") and self.sp and rows % self.mesh.shape["tp"] == 0
+    def _ring(self, rows: int, *weights) -> bool:
+        # a few rows of an FP8 weight run weight-only, not through the ring (whose FP8 products
+        # are W8A8): every layout then computes what one device does
+        return (self.comm in ("ring", "mosaic") and self.sp and rows % self.mesh.shape["tp"] == 0
+                and not any(weight_only_rows(w, rows, self.fp8_gemv) for w in weights))
 
     def _mosaic(self, projections) -> bool:
         tp = self.mesh.shape["tp"]
@@ -99,15 +110,17 @@ class ShardedLayout:
                                              for spec, w in projections)
 
     def _rows(self) -> int:
-        # SP forwards are long (and token-sharded): nothing to pad there
-        return 1 if self.sp else self.row_multiple
+        # SP forwards are long (and token-sharded): nothing to pad there; the FP8 kernel takes
+        # any row count (one row runs on CUDA cores: models/fp8_gemv.py)
+        return 1 if self.sp or self.fp8_gemv == "pallas" else self.row_multiple
 
     def column(self, x_td, *projections):
-        if self._ring(x_td.shape[0]):
+        if self._ring(x_td.shape[0], *(w for _, w in projections)):
             if self._mosaic(projections):
                 return [mosaic_column(self.mesh, spec, self.residual(x_td), w)
                         for spec, w in projections]
-            (spec, w), *more = projections
+            (spec, w), *more = [(s, w.unstacked() if isinstance(w, Fp8) else w)
+                                for s, w in projections]
             return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
         if self.sp:
             # Gather exactly what the caller computed: without the barrier XLA:CPU moved the
@@ -120,12 +133,42 @@ class ShardedLayout:
         return [self._constrain(self._einsum(spec, x_td, w), _column_out(spec))
                 for spec, w in projections]
 
+    def stacked_fp8(self, rows: int) -> bool:
+        """Whether a forward of `rows` rows keeps its FP8 weights stacked for the kernel."""
+        return self.fp8_gemv == "pallas" and rows <= WEIGHT_ONLY_ROWS
+
     def _einsum(self, spec, x_td, w):
-        return _einsum(spec, x_td, w, self._rows(), self.pad_rows_min_weight)
+        if self.fp8_gemv == "pallas" and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):
+            return self._weight_only_kernel(spec, x_td, w)
+        if isinstance(w, Fp8):
+            w = w.unstacked()
+        return _einsum(spec, x_td, w, self._rows(), self.pad_rows_min_weight, self.fp8_gemv)
+
+    def _weight_only_kernel(self, spec, x_td, w: Fp8):
+        """The Pallas weight-only FP8 product per device on its weight shard (GSPMD cannot
+        partition a kernel): x whole on every device; a row-parallel product's partial sums
+        are added over tp, in x's dtype as the XLA path adds them."""
+        ins, out = spec.split("->")
+        lhs, rhs = ins.split(",")
+        stored = stored_letters(lhs, rhs)
+        outputs = stored[:len(stored) - len(lhs) + 1]
+        lead = (None,) if w.layer is not None else ()  # a stack's layer axis
+        pspec = lambda letters, lead=(): partition_spec(  # noqa: E731
+            lead + tuple(_WEIGHT[c] for c in letters), self.rules)
+        summed = tuple(sorted({a for a in pspec(lhs[1:]) if a is not None}))
+
+        def body(x, w):
+            y = weight_only(spec, x, w, kernel=True)
+            return jax.lax.psum(y, summed) if summed else y
+
+        w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
+                     None if w.layer is None else P())
+        return jax.shard_map(body, mesh=self.mesh, in_specs=(pspec(lhs), w_spec),
+                             out_specs=pspec(out), check_vma=False)(x_td, w)
 
     def row(self, spec, h, w):
-        if self._ring(h.shape[0]):
-            return ring_row(self.mesh, spec, h, w)
+        if self._ring(h.shape[0], w):
+            return ring_row(self.mesh, spec, h, w.unstacked() if isinstance(w, Fp8) else w)
         return self.residual(self._einsum(spec, h, w))
 
     def rows(self, rows, weight_size):

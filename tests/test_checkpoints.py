@@ -420,8 +420,23 @@ def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, per_channel,
                               progress=False)
     logits_close(llm, ref, prompts)
     fp8 = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp),
-                              quantization="fp8", progress=False).logits(prompts)
-    assert all(np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1 for a, b in zip(ref, fp8))
+                              quantization="fp8", progress=False)
+    assert all(np.linalg.norm(a - b) / np.linalg.norm(a) < 0.1
+               for a, b in zip(ref, fp8.logits(prompts)))
+    # quantization="fp8" keeps the checkpoint's FP8 values: its weights dequantize to exactly
+    # what the checkpoint's do (a per-tensor scale becomes each channel's); requantizing per
+    # channel from their maxima would round every channel but the tensor's largest again
+    from jax_sp.train import unpadded_params
+
+    params = unpadded_params(fp8.runtime, fp8.state)
+    hf = exact.state_dict()
+    for path, key in [("layers/mlp/w_down_fd", "mlp.down_proj.weight"),
+                      ("layers/attn/w_o_nhd", "self_attn.o_proj.weight")]:
+        q, scale = params[path].astype(np.float32), params[path.replace("/w_", "/s_w_")]
+        got = q * scale.reshape(*scale.shape, *[1] * (q.ndim - scale.ndim))  # [L, D, ...]
+        for layer in range(got.shape[0]):
+            want = hf[f"model.layers.{layer}.{key}"].numpy()  # [D, F] / [D, N*H]
+            np.testing.assert_array_equal(got[layer].reshape(want.shape), want)
 
 
 def test_fp8_hf_checkpoint_without_a_scale_names_the_tensor(tmp_path):

@@ -1,0 +1,165 @@
+"""Weight-only FP8 matmul for few rows (decode): y = x @ (wq * scale)^T with x in 16 bits and
+wq in float8_e4m3fn, as one Pallas (Triton) kernel that reads each FP8 weight once and widens it
+in registers.
+
+Why: a decode step is a matrix-vector product per projection, bound by the bytes of the weights.
+cuBLASLt's FP8 GEMM (what XLA emits for an FP8 dot) reaches about a third of the copy bandwidth
+at 1-32 rows on an H200 (docs/fp8.md), so FP8 decode ran slower than bf16 although it reads
+half the bytes. Here program (n, p) owns BLOCK_N output channels and split p of the contracted
+axis: it walks its split in blocks of BLOCK_K, widens the weight block to the activations' dtype
+and accumulates x_block @ w_block^T in float32 on tensor cores (x padded to 16 rows, their
+smallest tile). The splits' partial sums are added and scaled per output channel in XLA (one
+small fusion). Splitting the contracted axis keeps every multiprocessor busy when a projection
+has few output blocks (a tp shard of o_proj or down_proj).
+
+The activations stay in 16 bits (W8A16), so this is more accurate than the W8A8 path it serves
+beside (models/quant.py `dot` picks it for few rows). `interpret=True` runs the same kernel
+through Pallas' interpreter (the tests use it on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MAX_ROWS = 64  # the kernel serves at most this many rows
+FMA_ROWS = 1  # up to this many rows: CUDA-core multiply-adds; more: tensor cores on 16-row tiles
+TARGET_PROGRAMS = 264  # split the contracted axis while there are fewer programs (2 per SM)
+# tiles (channels, contracted) and pipeline stages, by the sweep of benchmarks/fp8_gemv.py on
+# an H200 (benchmarks/results/fp8_gemv_h200.jsonl)
+BLOCK_N, BLOCK_K, STAGES = 64, 128, 4
+FMA_BLOCK_N, FMA_BLOCK_K, FMA_STAGES = 32, 512, 3
+NUM_WARPS = 4
+
+
+def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | None = None,
+         interpret: bool = False):
+    """(tile rows, block_n, block_k, splits) for an [rows, k] x [n, k] product, or None when
+    the kernel does not take it: more than MAX_ROWS rows, or n or k without a power-of-two
+    divisor of 16 on GPU. Tile rows: `rows` itself up to FMA_ROWS (CUDA cores, one row at a
+    time), else rows rounded up to a multiple of 16 (tensor cores). The contracted axis is split
+    over programs until there are about TARGET_PROGRAMS of them."""
+    if rows > MAX_ROWS:
+        return None
+    fma = rows <= FMA_ROWS
+    block_n = block_n or (FMA_BLOCK_N if fma else BLOCK_N)
+    block_k = block_k or (FMA_BLOCK_K if fma else BLOCK_K)
+    bn, bk = min(n & -n, block_n), min(k & -k, block_k)
+    if not interpret and (bn < 16 or bk < 16):
+        return None
+    tile = rows if fma else -(-rows // 16) * 16
+    blocks_n, blocks_k = n // bn, k // bk
+    want = max(1, TARGET_PROGRAMS // blocks_n)
+    splits = next(s for s in range(min(want, blocks_k), 0, -1) if blocks_k % s == 0)
+    return tile, bn, bk, splits
+
+
+def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
+             block_k: int | None = None, num_warps: int = NUM_WARPS,
+             num_stages: int | None = None, fma: str = "reduce",
+             interpret: bool | None = None):
+    """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype:
+    sum_k x[m, k] * wq[n, k] * scale[n], accumulated in float32. With `layer` (an int or an
+    int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights and the
+    kernel reads layer `layer` where it lies: XLA copies a slice of a stack that it passes to a
+    kernel, so a decode step's layers share the stacked weights this way (as
+    models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan`
+    refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its
+    products, "reduce" (each block's across its columns) or "tile" (per column over the whole
+    loop, summed once at the end)."""
+    from jax.experimental import pallas as pl
+
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    m, k = x.shape
+    if layer is None:
+        wq, scale = wq[None], scale[None]
+    n, kw = wq.shape[1:]
+    if kw != k or scale.shape != wq.shape[:2]:
+        raise ValueError(f"fp8_gemv: x {x.shape}, weight {wq.shape} and scale {scale.shape} "
+                         f"do not fit (want [M, K], [(L,) N, K], [(L,) N])")
+    shape = plan(m, n, k, block_n, block_k, interpret)
+    if shape is None:
+        raise ValueError(f"fp8_gemv: takes at most {MAX_ROWS} rows and N, K with a "
+                         f"power-of-two divisor >= 16, not x {x.shape}, weight {wq.shape}")
+    rows, bn, bk, splits = shape
+    xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plgpu
+        params = plgpu.CompilerParams(
+            num_warps=num_warps,
+            num_stages=num_stages or (FMA_STAGES if m <= FMA_ROWS else STAGES))
+    # one split: scaled and written in x's dtype by the kernel; several: float32 partial sums,
+    # added and scaled by XLA
+    out = (jax.ShapeDtypeStruct((rows, n), x.dtype) if splits == 1
+           else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
+    kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
+                               splits=splits, fma=fma if m <= FMA_ROWS else False)
+    index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+    y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
+                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale)
+    if splits > 1:
+        y = (jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
+             ).astype(x.dtype)
+    return y if rows == m else y[:m]
+
+
+def _kernel(layer_ref, x_ref, w_ref, s_ref, out_ref, *, bn, bk, per_split, splits, fma):
+    """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
+    [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
+    products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
+    False: one tensor-core dot of the row tile."""
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plgpu
+
+    ni, pi = pl.program_id(0), pl.program_id(1)
+    layer = layer_ref[0]
+    rows = x_ref.shape[0]
+    channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
+    f32 = jnp.float32
+
+    def cols(i):
+        return pl.ds(pl.multiple_of((pi * per_split + i) * bk, bk), bk)
+
+    if fma == "tile":  # products kept per (channel, column) over the loop, summed once
+        def step(i, acc):
+            c = cols(i)
+            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
+            return tuple(a + wb * x_ref[r, c].astype(f32)[None, :] for r, a in enumerate(acc))
+
+        acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((bn, bk), f32)
+                                                          for _ in range(rows)))
+        acc = tuple(jnp.sum(a, axis=1) for a in acc)
+    elif fma:
+        def step(i, acc):
+            c = cols(i)
+            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
+            return tuple(a + jnp.sum(wb * x_ref[r, c].astype(f32)[None, :], axis=1)
+                         for r, a in enumerate(acc))
+
+        acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((bn,), f32)
+                                                          for _ in range(rows)))
+    if fma:
+        for r, a in enumerate(acc):
+            if splits == 1:
+                out_ref[r, channels] = (a * s_ref[layer, channels]).astype(out_ref.dtype)
+            else:
+                out_ref[pi, r, channels] = a
+        return
+
+    every = pl.ds(0, rows)
+
+    def step(i, acc):
+        c = cols(i)
+        xb = x_ref[every, c]
+        wb = w_ref[layer, channels, c].astype(xb.dtype)  # exact: e4m3 fits in 16 bits
+        return acc + plgpu.dot(xb, wb, trans_b=True)
+
+    acc = jax.lax.fori_loop(0, per_split, step, jnp.zeros((rows, bn), f32))
+    if splits == 1:
+        out_ref[every, channels] = (acc * s_ref[layer, channels][None, :]).astype(out_ref.dtype)
+    else:
+        out_ref[pi, every, channels] = acc

@@ -1,0 +1,56 @@
+"""The weight-only FP8 kernel (models/fp8_gemv.py), interpreted on CPU, against the product it
+computes: x times the widened FP8 weight times its channel scales, in float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.fp8_gemv import fp8_gemv, plan
+from models.quant import quantize_weight
+
+
+def reference(x, q, scale):
+    return np.asarray(x, np.float32) @ (np.asarray(q.astype(jnp.float32)) * np.asarray(scale)[:, None]).T
+
+
+@pytest.mark.parametrize("rows,n,k,block_k,splits", [
+    (1, 96, 1536, 128, 12), (5, 40, 384, 128, 3), (17, 128, 256, 512, 1), (64, 48, 80, 512, 5),
+    (1, 8192, 256, 64, 1), (6, 8192, 256, 64, 2)])
+def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block_k, splits):
+    """Odd row counts (one on CUDA cores, more padded to a 16-row tensor-core tile), odd
+    channel blocks, the contracted axis split over programs (few channel blocks) or not (one
+    block of it; n = 8192 on CUDA cores: 256 channel blocks)."""
+    kx, kw = jax.random.split(jax.random.key(rows))
+    x = jax.random.normal(kx, (rows, k), jnp.bfloat16)
+    w = quantize_weight(jax.random.normal(kw, (k, n), jnp.float32), (0,))
+    assert plan(rows, n, k, block_k=block_k, interpret=True)[3] == splits
+    y = fp8_gemv(x, w.q, w.scale, block_k=block_k, interpret=True)
+    assert y.shape == (rows, n) and y.dtype == jnp.bfloat16
+    want = reference(x, w.q, w.scale)
+    # bf16 output: one rounding of 2^-9 relative on top of float32 accumulation
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
+def test_a_stacked_weight_is_read_at_the_layer_given():
+    kx, kw = jax.random.split(jax.random.key(7))
+    x = jax.random.normal(kx, (3, 256), jnp.float16)
+    ws = [quantize_weight(w, (0,)) for w in jax.random.normal(kw, (4, 256, 64), jnp.float32)]
+    stack, scales = jnp.stack([w.q for w in ws]), jnp.stack([w.scale for w in ws])
+    for layer in (0, 3):
+        y = jax.jit(lambda x, q, s, layer: fp8_gemv(x, q, s, layer, interpret=True))(
+            x, stack, scales, jnp.int32(layer))
+        want = reference(x, ws[layer].q, ws[layer].scale)
+        np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
+                                   atol=1e-2 * np.abs(want).max())
+
+
+def test_shapes_the_kernel_does_not_take_are_refused():
+    x = jnp.zeros((65, 64), jnp.bfloat16)
+    w = quantize_weight(jnp.ones((64, 32)), (0,))
+    assert plan(65, 32, 64) is None and plan(1, 24, 64) is None  # > 64 rows; N % 16 != 0
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        fp8_gemv(x, w.q, w.scale, interpret=True)
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_gemv(x[:, :32], w.q, w.scale, interpret=True)
