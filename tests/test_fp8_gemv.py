@@ -33,6 +33,17 @@ def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block
                                atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("fma", ["reduce", "tile"])
+def test_both_ways_of_summing_one_row_on_cuda_cores_agree(fma):
+    kx, kw = jax.random.split(jax.random.key(11))
+    x = jax.random.normal(kx, (1, 768), jnp.bfloat16)
+    w = quantize_weight(jax.random.normal(kw, (768, 96), jnp.float32), (0,))
+    y = fp8_gemv(x, w.q, w.scale, block_k=128, fma=fma, interpret=True)
+    want = reference(x, w.q, w.scale)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+
+
 def test_a_stacked_weight_is_read_at_the_layer_given():
     kx, kw = jax.random.split(jax.random.key(7))
     x = jax.random.normal(kx, (3, 256), jnp.float16)
