@@ -1,0 +1,264 @@
+"""Continuous batching: requests join and leave a running decode batch.
+
+`Engine(llm, max_batch=N)` keeps N decode slots and one KV cache for them ([L, N, S, K, H],
+S = the LLM's max_seq_len rounded up to 16). A background thread loops:
+
+1. admit: each waiting request, while a slot is free, is prefilled on its own (the LLM's
+   prefill program: its bucket, SP by `sp` as `generate` decides, its first token sampled with
+   its own settings) and its cache row is written into the free slot (one in-place update of
+   the slot's rows of the shared cache);
+2. step: one decode step of every slot (one compiled program for the N slots; free slots
+   compute on whatever their rows hold and are ignored), each row sampled with its own
+   temperature, top-k, top-p, seed and step (`jax_sp.sampling.sample_rows`);
+3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once.
+
+A request's row draws with the key `generate` gives row 0 of a batch with its seed, at the same
+step numbers, so a request decodes the tokens `generate` gives its prompt alone, whatever else
+shares the batch (tests/test_serving.py). `submit` checks a request at the API's edge (the same
+checks as `generate`) and raises there; nothing a request does stops the loop.
+
+Not yet: pipelines (pp > 1), chunked prefill of long prompts, stop strings, logprobs, the HTTP
+server (docs/serving.md says what is built).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+
+import jax
+import numpy as np
+
+from jax_sp.config import SamplingParams
+from jax_sp.generate import Static, _forward, _logits, prefill_fn
+from jax_sp.runner import pow2_at_least
+from jax_sp.runtime import to_host
+from jax_sp.sampling import sample_rows
+from models.cache import KVCache
+
+_DONE = object()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One request in the engine: iterate it for its new token ids as they come (blocks), or
+    `result()` for all of them."""
+
+    id: int
+    prompt: list[int]
+    sampling: SamplingParams
+    stop_ids: tuple[int, ...]
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    submitted: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_s: float | None = None  # time to the first token
+    _out: queue.Queue = dataclasses.field(default_factory=queue.Queue, repr=False)
+    _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    def __iter__(self):
+        while True:
+            item = self._out.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} has not finished after {timeout} s")
+        if isinstance(self.finish_reason, BaseException):
+            raise self.finish_reason
+        return list(self.token_ids)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _emit(self, token: int):
+        if self.first_token_s is None:
+            self.first_token_s = time.perf_counter() - self.submitted
+        self.token_ids.append(token)
+        self._out.put(token)
+
+    def _finish(self, reason):
+        self.finish_reason = reason
+        self._out.put(reason if isinstance(reason, BaseException) else _DONE)
+        self._done.set()
+
+
+def slots_step_fn(rt, st: Static):
+    """(state, cache, tokens_b, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
+    -> (next tokens [B], cache): one decode step of every slot at its own position, each row
+    sampled with its own settings."""
+    def run(state, cache, tokens_b, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+        out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1,
+                       tokens_bt=tokens_b[:, None])
+        token = sample_rows(_logits(rt, out), keys_b, step_b, temperature_b, top_k_b, top_p_b)
+        return token, out.cache
+    return run
+
+
+def _insert(cache: KVCache, rows: KVCache, slot):
+    """Row 0 of a prefill's cache into slot `slot` of the engine's (in place: donated)."""
+    put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+        big, small[:, :1].astype(big.dtype), slot, axis=1)
+    return KVCache(put(cache.k, rows.k), put(cache.v, rows.v))
+
+
+class Engine:
+    """Continuous batching over an LLM's compiled programs (see the module docstring)."""
+
+    def __init__(self, llm, max_batch: int = 8):
+        runner = llm.runner
+        if len(runner.stages) > 1:
+            raise ValueError("Engine serves one-stage models (pp=1) for now; use "
+                             "ParallelConfig(pp=1), or LLM.generate for a pipeline")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.llm, self.runner = llm, runner
+        self.rt = runner.stages[0].runtime
+        tp = llm.parallel.tp
+        self.decode_sp = llm.parallel.sp == "on" and tp > 1
+        # slots: a power of two, a multiple of tp when SP splits the decode batch
+        self.slots = max(pow2_at_least(max_batch), tp if self.decode_sp else 1)
+        self.cache_len = -(-llm.max_seq_len // 16) * 16
+        self.cache = jax.jit(lambda: self.rt.empty_cache(self.slots, self.cache_len),
+                             out_shardings=KVCache(self.rt.cache_sharding(),
+                                                   self.rt.cache_sharding()))()
+        self._insert = jax.jit(_insert, donate_argnums=0)
+        self.static = dataclasses.replace(Static.of(self.rt, "decode", self.decode_sp),
+                                          greedy=False, top_k=0)
+        b = self.slots
+        self.tokens = np.zeros(b, np.int32)
+        self.pos = np.zeros(b, np.int32)
+        self.step = np.zeros(b, np.int32)
+        self.keys = np.zeros((b, 2), np.uint32)
+        self.temperature = np.zeros(b, np.float32)
+        self.top_k = np.zeros(b, np.int32)
+        self.top_p = np.ones(b, np.float32)
+        self.active: list[Request | None] = [None] * b
+        self.waiting: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._wake = threading.Condition()
+        self._stop = False
+        self.steps = 0  # decode steps run
+        self._thread = threading.Thread(target=self._loop, name="jax-sp-engine", daemon=True)
+        self._thread.start()
+
+    # -- the API's edge ------------------------------------------------------------------------
+
+    def submit(self, prompt, sampling: SamplingParams | None = None, *,
+               chat: bool = True) -> Request:
+        """Queue one prompt (a string, token ids or a conversation, as `generate` takes);
+        returns its Request at once. Bad input raises here."""
+        if self._stop:
+            raise RuntimeError("the engine is shut down")
+        sampling = self.llm._sampling(sampling)
+        job = self.llm._prepare([prompt], None, sampling, chat)  # checks length and ids
+        request = Request(next(self._ids), [int(t) for t in job.inputs[0, :job.lengths[0]]],
+                          sampling, tuple(self.llm._stop_ids(sampling)))
+        self.waiting.put(request)
+        with self._wake:
+            self._wake.notify()
+        return request
+
+    def shutdown(self, drain: bool = True):
+        """Stop the loop: after every queued and running request ends (drain) or at once
+        (the unfinished ones end with finish_reason "abort")."""
+        if drain:
+            while not self.waiting.empty() or any(self.active):
+                time.sleep(0.005)
+        self._stop = True
+        with self._wake:
+            self._wake.notify()
+        self._thread.join()
+        for r in [r for r in self.active if r is not None] + list(self.waiting.queue):
+            r._finish("abort")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown(drain=exc[0] is None)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _loop(self):
+        while not self._stop:
+            self._admit()
+            if not any(self.active):
+                with self._wake:
+                    self._wake.wait_for(lambda: self._stop or not self.waiting.empty(), 0.1)
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
+                for slot, r in enumerate(self.active):
+                    if r is not None:
+                        r._finish(e)
+                        self.active[slot] = None
+
+    def _admit(self):
+        while None in self.active and not self.waiting.empty():
+            request = self.waiting.get()
+            slot = self.active.index(None)
+            try:
+                self._prefill(request, slot)
+            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+                request._finish(e)
+                continue
+            if not self._ended(request, slot):
+                self.active[slot] = request
+
+    def _prefill(self, request: Request, slot: int):
+        s = request.sampling
+        job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
+        st = self.runner.stages[0]
+        static = Static.of(self.rt, "prefill", job.prefill_sp, s)
+        x, kv_len = self.runner.put(0, (job.inputs, job.kv_len))
+        args = (st.state, x, kv_len, *self.runner.constants(0, s.key_seed(), np.int32(0)),
+                *self.runner._sampling(0, s))
+        token, rows, keys = st.programs.run(
+            "prefill", lambda: prefill_fn(self.rt, static, "tokens", "token", self.cache_len),
+            static, args, donate=(), variant=("tokens", "token", self.cache_len))
+        self.cache = self._insert(self.cache, rows, np.int32(slot))
+        first = int(to_host(token)[0])
+        self.tokens[slot], self.pos[slot], self.step[slot] = first, len(request.prompt), 1
+        self.keys[slot] = to_host(keys)[0]
+        self.temperature[slot] = s.temperature
+        self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
+        request._emit(first)
+
+    def _ended(self, request: Request, slot: int) -> bool:
+        """Finish `request` if its last token ends it; frees its slot."""
+        if request.token_ids[-1] in request.stop_ids:
+            reason = "stop"
+        elif len(request.token_ids) >= request.sampling.max_new_tokens:
+            reason = "length"
+        else:
+            return False
+        request._finish(reason)
+        self.active[slot] = None
+        return True
+
+    def _step(self):
+        st = self.runner.stages[0]
+        host = (self.tokens, self.pos, self.keys, self.step, self.temperature, self.top_k,
+                self.top_p)
+        args = (st.state, self.cache, *self.runner.put(0, host))
+        token, self.cache = st.programs.run(
+            "slots_step", lambda: slots_step_fn(self.rt, self.static), self.static, args)
+        self.steps += 1
+        token = to_host(token)
+        for slot, request in enumerate(self.active):
+            if request is None:
+                continue
+            self.tokens[slot] = token[slot]
+            self.pos[slot] += 1
+            self.step[slot] += 1
+            request._emit(int(token[slot]))
+            self._ended(request, slot)

@@ -1,0 +1,97 @@
+"""Continuous batching (jax_sp/serving.py): requests that join and leave a running decode batch
+get the tokens `generate` gives each prompt alone."""
+
+import pytest
+
+from conftest import random_prompts
+from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp.serving import Engine
+
+
+def alone(llm, prompt, sampling):
+    return llm.generate([prompt], sampling)[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def tiny(hf_models):
+    model = hf_models("llama")
+    return model, LLM.from_torch(model, max_seq_len=96)
+
+
+def test_concurrent_requests_get_what_generate_gives_each_alone(tiny):
+    """Six requests of odd lengths over four slots (two wait for a free slot), greedy."""
+    _, llm = tiny
+    prompts = random_prompts(llm.cfg.vocab_size, (5, 17, 2, 30, 9, 12), seed=5)
+    settings = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in (7, 3, 12, 5, 1, 9)]
+    with Engine(llm, max_batch=4) as engine:
+        requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+        got = [r.result(timeout=120) for r in requests]
+    assert got == [alone(llm, p, s) for p, s in zip(prompts, settings)]
+    assert [r.finish_reason for r in requests] == ["length"] * 6
+
+
+def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
+    _, llm = tiny
+    long_prompt, short_prompt = random_prompts(llm.cfg.vocab_size, (11, 6), seed=6)
+    long_s = SamplingParams(max_new_tokens=60, stop_token_ids=())
+    short_s = SamplingParams(max_new_tokens=3, stop_token_ids=())
+    with Engine(llm, max_batch=2) as engine:
+        long_r = engine.submit(long_prompt, long_s)
+        tokens = iter(long_r)
+        next(tokens), next(tokens)  # the long one is decoding
+        short_r = engine.submit(short_prompt, short_s)
+        short_ids = short_r.result(timeout=60)
+        assert not long_r.done  # it finished while the long one still decodes
+        long_ids = long_r.result(timeout=120)
+    assert short_ids == alone(llm, short_prompt, short_s)
+    assert long_ids == alone(llm, long_prompt, long_s)  # the join changed none of its tokens
+
+
+def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
+    _, llm = tiny
+    prompt, *others = random_prompts(llm.cfg.vocab_size, (8, 13, 4, 21), seed=7)
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, seed=11,
+                             stop_token_ids=())
+    with Engine(llm, max_batch=4) as engine:
+        by_itself = engine.submit(prompt, sampled).result(timeout=60)
+        crowd = [engine.submit(p, SamplingParams(max_new_tokens=12, temperature=1.3, seed=i,
+                                                 stop_token_ids=())) for i, p in enumerate(others)]
+        shared = engine.submit(prompt, sampled)
+        assert shared.result(timeout=60) == by_itself
+        [r.result(timeout=60) for r in crowd]
+    assert by_itself == alone(llm, prompt, sampled)
+
+
+def test_stop_ids_end_a_request_and_bad_input_is_refused_at_submit(tiny):
+    _, llm = tiny
+    prompt = random_prompts(llm.cfg.vocab_size, (9,), seed=8)[0]
+    free = alone(llm, prompt, SamplingParams(max_new_tokens=8, stop_token_ids=()))
+    stop = SamplingParams(max_new_tokens=8, stop_token_ids=(free[3],))
+    with Engine(llm, max_batch=2) as engine:
+        with pytest.raises(ValueError, match="exceeds max_seq_len=96"):
+            engine.submit(prompt, SamplingParams(max_new_tokens=90))
+        with pytest.raises(TypeError, match="sampling must be a SamplingParams"):
+            engine.submit(prompt, {"max_new_tokens": 3})
+        r = engine.submit(prompt, stop)  # the engine kept serving
+        assert r.result(timeout=60) == free[: free.index(free[3]) + 1] == alone(llm, prompt, stop)
+        assert r.finish_reason == "stop"
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.submit(prompt, stop)
+
+
+def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
+    model, llm = tiny
+    sharded = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), max_seq_len=96)
+    prompts = random_prompts(llm.cfg.vocab_size, (7, 19, 3), seed=9)
+    s = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    with Engine(sharded, max_batch=2) as engine:
+        got = [r.result(timeout=120) for r in [engine.submit(p, s) for p in prompts]]
+    assert got == [alone(llm, p, s) for p in prompts]
+
+
+def test_pipelines_and_bad_slot_counts_are_refused(hf_models):
+    model = hf_models("llama")
+    with pytest.raises(ValueError, match=r"one-stage models \(pp=1\)"):
+        Engine(LLM.from_torch(model, parallel=ParallelConfig(tp=1, pp=2)))
+    with pytest.raises(ValueError, match="max_batch must be a positive integer, got 0"):
+        Engine(LLM.from_torch(model), max_batch=0)
