@@ -1,4 +1,4 @@
-"""The `jax-sp` command line: generate, inspect, convert, launch-local.
+"""The `jax-sp` command line: generate, serve, inspect, convert, launch-local.
 
 On a CPU-only machine, simulated devices must be requested before jax is imported, so this
 module parses arguments first and imports jax (through jax_sp) only afterwards.
@@ -91,6 +91,30 @@ def _generate(args) -> int:
           f" | decode {s.decode_s * 1e3:.0f} ms (sp={'on' if s.decode_sp else 'off'}) | compile "
           f"{s.compile_s:.1f} s | {parallel.describe()} on {llm.runner.mesh.size} "
           f"{llm.runtime.mesh.devices.flat[0].platform.upper()} device(s){hosts}]", flush=True)
+    return 0
+
+
+def _serve(args) -> int:
+    ensure_devices(args.tp * args.pp)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+    except ImportError:
+        raise ValueError("jax-sp serve needs starlette and uvicorn: pip install -e '.[serve]'"
+                         ) from None
+    from jax_sp import LLM, ParallelConfig
+    from jax_sp.server import serve
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
+    llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
+                              max_seq_len=args.max_seq_len, quantization=args.quantization)
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({parallel.describe()}, "
+          f"{args.max_batch} slots)", flush=True)
+    serve(llm, args.host, args.port, args.max_batch, name)
     return 0
 
 
@@ -189,6 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="processes in the multi-process job")
     gen.add_argument("--process-id", type=int, default=None, help="this process's index")
     gen.set_defaults(run=_generate)
+
+    srv = add("serve", help="serve a model over an OpenAI-compatible HTTP API",
+              description="Load a model and serve /v1/completions, /v1/chat/completions, "
+                          "/v1/models, /health and /metrics with continuous batching "
+                          "(docs/serving.md). Needs the serve extra: pip install -e '.[serve]'.")
+    srv.add_argument("--model", default="smollm2", help="as for generate")
+    _layout_options(srv, 1)
+    srv.add_argument("--sp", default="auto", choices=("auto", "on", "off"),
+                     help="sequence parallelism: on, off, or auto (for long prefills only)")
+    srv.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                     help="compute dtype (None: the checkpoint's; GGUF: float32)")
+    srv.add_argument("--quantization", default=None, choices=("fp8",),
+                     help="fp8: the layers' projections in FP8 (default: none)")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (loopback; 0.0.0.0 serves every interface)")
+    srv.add_argument("--port", type=_positive, default=8000)
+    srv.add_argument("--max-batch", type=_positive, default=8,
+                     help="decode slots: requests decoded together")
+    srv.add_argument("--max-seq-len", type=_positive, default=2048,
+                     help="prompt plus new tokens at most, per request")
+    srv.add_argument("--served-model-name", default=None,
+                     help="the name clients pass as `model` (default: the model's file name)")
+    srv.set_defaults(run=_serve)
 
     ll = add("launch-local", help="run a jax-sp command as N processes of one "
              "jax.distributed job on this machine (for testing)",

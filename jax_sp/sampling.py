@@ -43,19 +43,29 @@ def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: 
 def sample_rows(logits_bv, keys_b, step_b, temperature_b, top_k_b, top_p_b):
     """`sample` with every setting per row (continuous batching: each row a request of its
     own): temperature 0 is greedy, top_k 0 keeps every token. A row draws exactly what `sample`
-    draws for it with the same key, step and settings."""
+    draws for it with the same key, step and settings. The filters run only when some row
+    samples (the top-k sort only when some row sets top_k), as `sample` skips them statically."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     vocab = logits_bv.shape[-1]
-    logits = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
-    kth = jnp.take_along_axis(jnp.sort(logits, axis=-1)[:, ::-1],
-                              jnp.clip(top_k_b - 1, 0, vocab - 1)[:, None], axis=-1)
-    cut_k = ((top_k_b > 0) & (top_k_b < vocab))[:, None] & (logits < kth)
-    logits = jnp.where(cut_k, -jnp.inf, logits)
-    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-    keep = jnp.sum(cum - jax.nn.softmax(sorted_desc, axis=-1) < top_p_b[:, None], axis=-1)
-    cutoff = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    keys = jax.vmap(jax.random.fold_in)(keys_b, step_b)
-    drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    def top_k(logits):
+        kth = jnp.take_along_axis(jnp.sort(logits, axis=-1)[:, ::-1],
+                                  jnp.clip(top_k_b - 1, 0, vocab - 1)[:, None], axis=-1)
+        cut = ((top_k_b > 0) & (top_k_b < vocab))[:, None] & (logits < kth)
+        return jnp.where(cut, -jnp.inf, logits)
+
+    def draw(logits):
+        logits = logits / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+        limited = (top_k_b > 0) & (top_k_b < vocab)
+        logits = jax.lax.cond(jnp.any(limited), top_k, lambda x: x, logits)
+        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
+        keep = jnp.sum(cum - jax.nn.softmax(sorted_desc, axis=-1) < top_p_b[:, None], axis=-1)
+        cutoff = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+        keys = jax.vmap(jax.random.fold_in)(keys_b, step_b)
+        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+    drawn = jax.lax.cond(jnp.any(temperature_b > 0), draw,
+                         lambda logits: jnp.zeros(logits.shape[0], jnp.int32), logits_bv)
     return jnp.where(temperature_b > 0, drawn, greedy)

@@ -4,12 +4,13 @@
 S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 
 1. admit: each waiting request, while a slot is free, is prefilled on its own (the LLM's
-   prefill program: its bucket, SP by `sp` as `generate` decides, its first token sampled with
-   its own settings) and its cache row is written into the free slot (one in-place update of
-   the slot's rows of the shared cache);
-2. step: one decode step of every slot (one compiled program for the N slots; free slots
-   compute on whatever their rows hold and are ignored), each row sampled with its own
-   temperature, top-k, top-p, seed and step (`jax_sp.sampling.sample_rows`);
+   prefill through every pipeline stage: its bucket, SP by `sp` as `generate` decides, its
+   first token sampled with its own settings) and each stage's cache row is written into the
+   free slot (one in-place update of the slot's rows of that stage's cache);
+2. step: one decode step of every slot (one compiled program per stage for the N slots, the
+   carry handed from stage to stage as `generate` hands it; free slots compute on whatever
+   their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
+   seed and step (`jax_sp.sampling.sample_rows`);
 3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once.
 
 A request's row draws with the key `generate` gives row 0 of a batch with its seed, at the same
@@ -17,8 +18,8 @@ step numbers, so a request decodes the tokens `generate` gives its prompt alone,
 shares the batch (tests/test_serving.py). `submit` checks a request at the API's edge (the same
 checks as `generate`) and raises there; nothing a request does stops the loop.
 
-Not yet: pipelines (pp > 1), chunked prefill of long prompts, stop strings, logprobs, the HTTP
-server (docs/serving.md says what is built).
+Stop strings are met on the decoded text by the HTTP server (jax_sp/server.py). Not yet:
+chunked prefill of long prompts, logprobs, multi-host serving (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax
 import numpy as np
 
 from jax_sp.config import SamplingParams
-from jax_sp.generate import Static, _forward, _logits, prefill_fn
+from jax_sp.generate import Static, _forward, _logits
 from jax_sp.runner import pow2_at_least
 from jax_sp.runtime import to_host
 from jax_sp.sampling import sample_rows
@@ -57,6 +58,8 @@ class Request:
     first_token_s: float | None = None  # time to the first token
     _out: queue.Queue = dataclasses.field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+    _async: tuple | None = dataclasses.field(default=None, repr=False)  # (loop, asyncio.Queue)
 
     def __iter__(self):
         while True:
@@ -66,6 +69,32 @@ class Request:
             if isinstance(item, BaseException):
                 raise item
             yield item
+
+    async def stream(self):
+        """The new token ids as they come, for asyncio code: the engine's thread hands each
+        one to this event loop (no thread per wait). Iterate it or `stream` it, not both."""
+        import asyncio
+
+        feed: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # what came before this call, then everything after it
+            while not self._out.empty():
+                feed.put_nowait(self._out.get_nowait())
+            self._async = (asyncio.get_running_loop(), feed)
+        while True:
+            item = await feed.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _put(self, item):
+        with self._lock:
+            if self._async is None:
+                self._out.put(item)
+            else:
+                loop, feed = self._async
+                loop.call_soon_threadsafe(feed.put_nowait, item)
 
     def result(self, timeout: float | None = None) -> list[int]:
         if not self._done.wait(timeout):
@@ -82,21 +111,24 @@ class Request:
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.submitted
         self.token_ids.append(token)
-        self._out.put(token)
+        self._put(token)
 
     def _finish(self, reason):
         self.finish_reason = reason
-        self._out.put(reason if isinstance(reason, BaseException) else _DONE)
         self._done.set()
+        self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
 def slots_step_fn(rt, st: Static):
-    """(state, cache, tokens_b, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
-    -> (next tokens [B], cache): one decode step of every slot at its own position, each row
-    sampled with its own settings."""
-    def run(state, cache, tokens_b, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
-        out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1,
-                       tokens_bt=tokens_b[:, None])
+    """(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
+    -> (out, cache): one decode step of every slot at its own position through this stage.
+    inputs: the slots' tokens [B] (first stage) or the previous stage's carry; out: the next
+    tokens, each row sampled with its own settings (last stage), or this stage's carry."""
+    def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+        feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
+        out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
+        if not rt.stage.last:
+            return rt.constrain_carry(out.carry), out.cache
         token = sample_rows(_logits(rt, out), keys_b, step_b, temperature_b, top_k_b, top_p_b)
         return token, out.cache
     return run
@@ -114,23 +146,23 @@ class Engine:
 
     def __init__(self, llm, max_batch: int = 8):
         runner = llm.runner
-        if len(runner.stages) > 1:
-            raise ValueError("Engine serves one-stage models (pp=1) for now; use "
-                             "ParallelConfig(pp=1), or LLM.generate for a pipeline")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.llm, self.runner = llm, runner
-        self.rt = runner.stages[0].runtime
-        tp = llm.parallel.tp
+        tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1
-        # slots: a power of two, a multiple of tp when SP splits the decode batch
-        self.slots = max(pow2_at_least(max_batch), tp if self.decode_sp else 1)
+        # slots: a power of two, a multiple of tp when SP splits the decode batch or pipeline
+        # hops carry it (as Runner.batch pads a batch)
+        unit = tp if (self.decode_sp or len(stages) > 1) else 1
+        self.slots = max(pow2_at_least(max_batch), unit)
         self.cache_len = -(-llm.max_seq_len // 16) * 16
-        self.cache = jax.jit(lambda: self.rt.empty_cache(self.slots, self.cache_len),
-                             out_shardings=KVCache(self.rt.cache_sharding(),
-                                                   self.rt.cache_sharding()))()
+        # one cache per stage, its layers' rows of every slot
+        self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
+                               out_shardings=KVCache(st.runtime.cache_sharding(),
+                                                     st.runtime.cache_sharding()))()
+                       for st in stages]
         self._insert = jax.jit(_insert, donate_argnums=0)
-        self.static = dataclasses.replace(Static.of(self.rt, "decode", self.decode_sp),
+        self.static = dataclasses.replace(Static.of(stages[0].runtime, "decode", self.decode_sp),
                                           greedy=False, top_k=0)
         b = self.slots
         self.tokens = np.zeros(b, np.int32)
@@ -145,6 +177,7 @@ class Engine:
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._stop = False
+        self._cancelled: dict[int, str] = {}  # request id -> finish reason, from any thread
         self.steps = 0  # decode steps run
         self._thread = threading.Thread(target=self._loop, name="jax-sp-engine", daemon=True)
         self._thread.start()
@@ -165,6 +198,13 @@ class Engine:
         with self._wake:
             self._wake.notify()
         return request
+
+    def cancel(self, request: Request, reason: str = "abort"):
+        """End a request early (a client gone, a stop string met): its slot is freed before the
+        next decode step; a request still waiting never runs."""
+        self._cancelled[request.id] = reason
+        with self._wake:
+            self._wake.notify()
 
     def shutdown(self, drain: bool = True):
         """Stop the loop: after every queued and running request ends (drain) or at once
@@ -189,6 +229,7 @@ class Engine:
 
     def _loop(self):
         while not self._stop:
+            self._drop_cancelled()
             self._admit()
             if not any(self.active):
                 with self._wake:
@@ -202,9 +243,18 @@ class Engine:
                         r._finish(e)
                         self.active[slot] = None
 
+    def _drop_cancelled(self):
+        for slot, r in enumerate(self.active):
+            if r is not None and r.id in self._cancelled:
+                r._finish(self._cancelled.pop(r.id))
+                self.active[slot] = None
+
     def _admit(self):
         while None in self.active and not self.waiting.empty():
             request = self.waiting.get()
+            if request.id in self._cancelled:
+                request._finish(self._cancelled.pop(request.id))
+                continue
             slot = self.active.index(None)
             try:
                 self._prefill(request, slot)
@@ -215,20 +265,17 @@ class Engine:
                 self.active[slot] = request
 
     def _prefill(self, request: Request, slot: int):
+        """The request's prefill on its own (the runner's: every stage, SP as `generate`
+        decides), each stage's cache row written into the slot."""
         s = request.sampling
         job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
-        st = self.runner.stages[0]
-        static = Static.of(self.rt, "prefill", job.prefill_sp, s)
-        x, kv_len = self.runner.put(0, (job.inputs, job.kv_len))
-        args = (st.state, x, kv_len, *self.runner.constants(0, s.key_seed(), np.int32(0)),
-                *self.runner._sampling(0, s))
-        token, rows, keys = st.programs.run(
-            "prefill", lambda: prefill_fn(self.rt, static, "tokens", "token", self.cache_len),
-            static, args, donate=(), variant=("tokens", "token", self.cache_len))
-        self.cache = self._insert(self.cache, rows, np.int32(slot))
-        first = int(to_host(token)[0])
+        job = dataclasses.replace(job, cache_len=self.cache_len)
+        run = self.runner.prefill(job, s)
+        for i, rows in enumerate(run.caches):
+            self.caches[i] = self._insert(self.caches[i], rows[0], np.int32(slot))
+        first = int(to_host(run.tokens[0])[0])
         self.tokens[slot], self.pos[slot], self.step[slot] = first, len(request.prompt), 1
-        self.keys[slot] = to_host(keys)[0]
+        self.keys[slot] = to_host(run.keys[-1][0])[0]
         self.temperature[slot] = s.temperature
         self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
         request._emit(first)
@@ -246,14 +293,18 @@ class Engine:
         return True
 
     def _step(self):
-        st = self.runner.stages[0]
-        host = (self.tokens, self.pos, self.keys, self.step, self.temperature, self.top_k,
-                self.top_p)
-        args = (st.state, self.cache, *self.runner.put(0, host))
-        token, self.cache = st.programs.run(
-            "slots_step", lambda: slots_step_fn(self.rt, self.static), self.static, args)
+        """One decode step of every slot through every stage."""
+        x = self.runner.put(0, self.tokens)
+        rows = (self.pos, self.keys, self.step, self.temperature, self.top_k, self.top_p)
+        for i, st in enumerate(self.runner.stages):
+            args = (st.state, self.caches[i], x, *self.runner.put(i, rows))
+            x, self.caches[i] = st.programs.run(
+                "slots_step", lambda: slots_step_fn(st.runtime, self.static),  # noqa: B023
+                self.static, args)
+            if i + 1 < len(self.runner.stages):
+                x = self.runner.hop(x, i + 1, self.decode_sp)
         self.steps += 1
-        token = to_host(token)
+        token = to_host(x)
         for slot, request in enumerate(self.active):
             if request is None:
                 continue

@@ -1,0 +1,170 @@
+"""Continuous batching against static batches: a mixed-length workload arriving at several
+request rates, served by jax_sp.serving.Engine and by `generate` on batches of whatever has
+arrived (the static way: a batch starts when the previous one ends and returns when its
+longest request ends).
+
+Per mode and rate: output tokens per second over the whole run, time to the first token and
+time per output token (p50 / p99 over the requests), and the engine's mean slot occupancy.
+Static batches are credited with their first tokens at the end of their prefill
+(`last_stats.prefill_s`), although `generate` returns them only with the rest. The limit,
+measured in the same run: every slot busy, tokens per second of back-to-back decode steps.
+Random weights in the model's shape, greedy, no stop ids (each request decodes exactly its
+output length). Result: benchmarks/results/serving_<machine>_<model>.jsonl.
+
+    python benchmarks/serving.py --model llama3-8b --rates 1,4,16 --requests 128   # GPU
+    python benchmarks/serving.py --tiny                                            # CPU plumbing
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+
+import common
+
+
+def workload(rng, n, rate, prompt_lens, output_lens, vocab):
+    """n requests: (arrival s, prompt ids, output length), Poisson arrivals at `rate`/s."""
+    t, out = 0.0, []
+    for _ in range(n):
+        t += rng.exponential(1 / rate)
+        prompt = rng.integers(0, vocab, rng.integers(*prompt_lens, endpoint=True)).tolist()
+        out.append((t, prompt, int(rng.integers(*output_lens, endpoint=True))))
+    return out
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def continuous(llm, jobs, max_batch):
+    from jax_sp import SamplingParams
+    from jax_sp.serving import Engine
+
+    with Engine(llm, max_batch=max_batch) as engine:
+        # warm: one request of each prompt bucket compiles its prefill, and the step
+        for _, prompt, _ in jobs[:4]:
+            engine.submit(prompt, SamplingParams(max_new_tokens=2, stop_token_ids=())).result()
+        steps0 = engine.steps
+        start, requests = time.perf_counter(), []
+        for arrival, prompt, n in jobs:
+            delay = start + arrival - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            requests.append(engine.submit(prompt, SamplingParams(max_new_tokens=n,
+                                                                 stop_token_ids=())))
+        ends = {}  # request id -> when its last token came (polled: results end in any order)
+        while len(ends) < len(requests):
+            for r in requests:
+                if r.id not in ends and r.done:
+                    ends[r.id] = time.perf_counter()
+            time.sleep(0.001)
+        finish = time.perf_counter()
+        steps = engine.steps - steps0
+    tokens = sum(len(r.token_ids) for r in requests)
+    ttft = [r.first_token_s for r in requests]
+    tpot = [(ends[r.id] - r.submitted - r.first_token_s) / (len(r.token_ids) - 1)
+            for r in requests if len(r.token_ids) > 1]
+    return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
+            "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots}
+
+
+def static(llm, jobs, max_batch):
+    from jax_sp import SamplingParams
+
+    llm.generate([jobs[0][1]], SamplingParams(max_new_tokens=2, stop_token_ids=()))  # warm
+    start, i, ttft, tpot, tokens = time.perf_counter(), 0, [], [], 0
+    while i < len(jobs):
+        now = time.perf_counter() - start
+        if jobs[i][0] > now:
+            time.sleep(jobs[i][0] - now)
+            now = jobs[i][0]
+        batch = [j for j in jobs[i:i + max_batch] if j[0] <= now] or [jobs[i]]
+        i += len(batch)
+        longest = max(n for _, _, n in batch)
+        t0 = time.perf_counter() - start
+        llm.generate([p for _, p, _ in batch],
+                     SamplingParams(max_new_tokens=longest, stop_token_ids=()))
+        t1 = time.perf_counter() - start
+        first = t0 + llm.last_stats.prefill_s
+        for arrival, _, n in batch:
+            ttft.append(first - arrival)
+            if n > 1:
+                tpot.append((t1 - first) / (longest - 1))
+            tokens += n
+    return {"tokens": tokens, "seconds": time.perf_counter() - start, "ttft": ttft,
+            "tpot": tpot, "occupancy": None}
+
+
+def ceiling(llm, max_batch, steps=32):
+    """Tokens per second with every slot decoding: the throughput limit of the engine."""
+    from jax_sp import SamplingParams
+    from jax_sp.serving import Engine
+
+    with Engine(llm, max_batch=max_batch) as engine:
+        sampling = SamplingParams(max_new_tokens=steps, stop_token_ids=())
+        [engine.submit([1, 2, 3], dataclasses.replace(sampling, max_new_tokens=2)).result()]
+        t0 = time.perf_counter()
+        requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
+        [r.result() for r in requests]
+        return engine.slots * steps / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--rates", default="1,4,16", help="requests per second")
+    ap.add_argument("--requests", type=int, default=128)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--prompt-lens", default="16,1024")
+    ap.add_argument("--output-lens", default="16,256")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.tiny:
+        args.rates, args.requests, args.max_batch = "20,80", 24, 8
+        args.prompt_lens, args.output_lens, args.dtype = "4,40", "2,16", "float32"
+
+    import jax
+    import numpy as np
+
+    from generation import hf_module
+    from jax_sp import LLM, ParallelConfig
+    from jax_sp.presets import preset
+
+    cfg = preset(args.model)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, num_layers=2, vocab_size=1024, hidden_size=64,
+                                  intermediate_size=128, num_heads=4, num_kv_heads=2,
+                                  head_dim=16)
+    device = "cuda" if jax.default_backend() == "gpu" else "cpu"
+    module = hf_module(cfg, args.dtype, device)
+    plens = [int(x) for x in args.prompt_lens.split(",")]
+    olens = [int(x) for x in args.output_lens.split(",")]
+    llm = LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
+                         max_seq_len=plens[1] + olens[1] + 16)
+    del module
+    tag = common.machine().split(" ", 1)[1].split()[-1].lower()
+    out = args.out or os.path.join(common.RESULTS,
+                                   f"serving_{tag}_{'tiny' if args.tiny else args.model}.jsonl")
+    res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
+                         max_batch=args.max_batch)
+    res.emit({"bench": "limits", "all_slots_tokens_per_s": ceiling(llm, args.max_batch)})
+    for rate in [float(r) for r in args.rates.split(",")]:
+        jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
+                        cfg.vocab_size)
+        for mode, run in (("continuous", continuous), ("static", static)):
+            r = run(llm, jobs, args.max_batch)
+            res.emit({"bench": "serving", "mode": mode, "rate": rate,
+                      "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
+                      "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
+                      "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),
+                      "occupancy": r["occupancy"], "seconds": r["seconds"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (jax_sp/serving.py),
+on Starlette and uvicorn (`pip install -e ".[serve]"`).
+
+Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
+(streamed as server-sent events with `"stream": true`, whole otherwise) and `GET /metrics`
+(Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
+(`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
+away mid-stream has its request cancelled and its slot freed. `stop` strings are met on the
+decoded text: the text ends before the first one and the request ends there (finish_reason
+"stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
+open ones; then the engine drains what is left.
+
+    jax-sp serve --model smollm2 --port 8000
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+import uuid
+
+from jax_sp.config import SamplingParams
+from jax_sp.serving import Engine
+
+_METRICS = ("requests", "request_errors", "prompt_tokens", "generation_tokens")
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+def _error(message, param=None, code=None, status=400):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
+                                   "param": param, "code": code}}, status_code=status)
+
+
+def _number(body, name, default, low, high, integer=False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        kind = "an integer" if integer else "a number"
+        raise BadRequest(f"'{name}' must be {kind} in [{low}, {high}], got {value!r}", name)
+    return value
+
+
+class Server:
+    """The app's state: the LLM, its engine, the served name, the metrics."""
+
+    def __init__(self, llm, engine: Engine, model_name: str):
+        if llm.tokenizer is None:
+            raise ValueError("the server needs a model with a tokenizer (text in and out)")
+        self.llm, self.engine, self.model_name = llm, engine, model_name
+        self.counters = dict.fromkeys(_METRICS, 0)
+        # (count, sum of seconds): time to the first token, per output token after the first
+        self.ttft, self.tpot = [0, 0.0], [0, 0.0]
+        self.created = int(time.time())
+
+    # -- parsing -------------------------------------------------------------------------------
+
+    def parse(self, body, chat: bool):
+        """(prompt for Engine.submit, SamplingParams, stop strings, stream) or BadRequest."""
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        model = body.get("model")
+        if model != self.model_name:
+            raise BadRequest(f"model {model!r} is not served here; this server serves "
+                             f"{self.model_name!r}", "model", "model_not_found")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str) for m in messages):
+                raise BadRequest("'messages' must be a non-empty list of {\"role\": str, "
+                                 "\"content\": str}", "messages")
+            prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                prompt = prompt[0]
+            if not (isinstance(prompt, str) and prompt) and not (
+                    isinstance(prompt, list) and prompt
+                    and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+                raise BadRequest("'prompt' must be a non-empty string or a list of token ids "
+                                 "(one prompt per request)", "prompt")
+        if _number(body, "n", 1, 1, 1, integer=True) != 1:
+            raise BadRequest("'n' must be 1", "n")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else (stop or [])
+        if not isinstance(stop, list) or len(stop) > 4 or not all(
+                isinstance(s, str) and s for s in stop):
+            raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings",
+                             "stop")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+        limit = self.llm.max_seq_len
+        max_tokens = _number(body, "max_completion_tokens" if chat and
+                             "max_completion_tokens" in body else "max_tokens",
+                             None, 1, limit, integer=True)
+        sampling = SamplingParams(
+            max_new_tokens=max_tokens or (16 if not chat else 1),
+            temperature=float(_number(body, "temperature", 1.0, 0, 2)),
+            top_p=float(_number(body, "top_p", 1.0, 1e-6, 1)),
+            top_k=_number(body, "top_k", 0, 0, self.llm.cfg.vocab_size, integer=True),
+            seed=_number(body, "seed", 0, -2 ** 63, 2 ** 64 - 1, integer=True))
+        if chat and max_tokens is None:  # as much as the context leaves
+            room = limit - len(self.llm.encode(prompt))
+            if room < 1:
+                raise BadRequest(f"the messages take {limit - room} tokens, the whole context "
+                                 f"of {limit}", "messages", "context_length_exceeded")
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        return prompt, sampling, stop, stream
+
+    # -- one request ---------------------------------------------------------------------------
+
+    def submit(self, prompt, sampling, chat: bool):
+        try:  # a completion's text goes in as it is, a chat's through the chat template
+            return self.engine.submit(prompt, sampling, chat=chat)
+        except (ValueError, TypeError) as e:
+            code = "context_length_exceeded" if "max_seq_len" in str(e) else None
+            raise BadRequest(str(e), None, code) from None
+
+    async def pieces(self, request, stop: list[str]):
+        """(text piece, finish_reason or None) as the request's tokens come; the text ends
+        before the first stop string, which ends the request."""
+        ids, shown, text = [], "", ""
+        hold = max((len(s) for s in stop), default=1) - 1
+        try:
+            async for token in request.stream():
+                ids.append(token)
+                text = self.llm._detok(ids, request.stop_ids)
+                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    self.engine.cancel(request, "stop")
+                    if cut > len(shown):
+                        yield text[len(shown):cut], None
+                    yield "", "stop"
+                    return
+                ready = len(text) - hold if stop else len(text)
+                if ready > len(shown) and not text[:ready].endswith("\ufffd"):
+                    yield text[len(shown):ready], None
+                    shown = text[:ready]
+            if len(text) > len(shown):
+                yield text[len(shown):], None
+            yield "", request.finish_reason
+        finally:
+            if not request.done:  # the client went away: free the slot
+                self.engine.cancel(request)
+            self.finished(request)
+
+    def finished(self, request):
+        n = len(request.token_ids)
+        self.counters["generation_tokens"] += n
+        self.counters["prompt_tokens"] += len(request.prompt)
+        if request.first_token_s is not None:
+            self.ttft[0] += 1
+            self.ttft[1] += request.first_token_s
+            if n > 1:
+                total = time.perf_counter() - request.submitted
+                self.tpot[0] += 1
+                self.tpot[1] += (total - request.first_token_s) / (n - 1)
+
+    def usage(self, request):
+        p, c = len(request.prompt), len(request.token_ids)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def metrics(self) -> str:
+        lines = []
+        for name, value in self.counters.items():
+            lines += [f"# TYPE jax_sp_{name}_total counter", f"jax_sp_{name}_total {value}"]
+        gauges = {"queue": self.engine.waiting.qsize(),
+                  "running": sum(r is not None for r in self.engine.active),
+                  "slots": self.engine.slots}
+        for name, value in gauges.items():
+            lines += [f"# TYPE jax_sp_{name} gauge", f"jax_sp_{name} {value}"]
+        for name, (count, total) in (("time_to_first_token_seconds", self.ttft),
+                                     ("time_per_output_token_seconds", self.tpot)):
+            lines += [f"# TYPE jax_sp_{name} summary", f"jax_sp_{name}_count {count}",
+                      f"jax_sp_{name}_sum {total}"]
+        return "\n".join(lines) + "\n"
+
+
+def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
+               max_batch: int = 8):
+    """The Starlette app serving `llm` (an engine of max_batch slots unless one is given)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request as HttpRequest
+    from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.routing import Route
+
+    server = Server(llm, engine or Engine(llm, max_batch=max_batch), model_name)
+
+    async def health(_):
+        return JSONResponse({"status": "ok"})
+
+    async def models(_):
+        return JSONResponse({"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": server.created,
+             "owned_by": "jax-sp", "max_model_len": llm.max_seq_len}]})
+
+    async def metrics(_):
+        return PlainTextResponse(server.metrics(), media_type="text/plain; version=0.0.4")
+
+    def handler(chat: bool):
+        kind = "chat.completion" if chat else "text_completion"
+
+        async def handle(http: HttpRequest):
+            server.counters["requests"] += 1
+            try:
+                try:
+                    body = json.loads(await http.body())
+                except ValueError as e:
+                    raise BadRequest(f"the request body is not valid JSON ({e})") from None
+                prompt, sampling, stop, stream = server.parse(body, chat)
+                request = server.submit(prompt, sampling, chat)
+            except BadRequest as e:
+                server.counters["request_errors"] += 1
+                return _error(str(e), e.param, e.code)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            head = {"id": rid, "created": int(time.time()), "model": model_name}
+
+            def choice(text, reason, delta):
+                if not chat:
+                    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+                key = "delta" if delta else "message"
+                return {"index": 0, key: ({"content": text} if delta else
+                                          {"role": "assistant", "content": text}),
+                        "logprobs": None, "finish_reason": reason}
+
+            if not stream:
+                text, reason = "", None
+                async for piece, end in server.pieces(request, stop):
+                    text, reason = text + piece, end or reason
+                return JSONResponse({**head, "object": kind, "choices": [choice(text, reason,
+                                                                               False)],
+                                     "usage": server.usage(request)})
+
+            async def events():
+                obj = kind + ".chunk" if chat else kind
+                if chat:
+                    first = {"index": 0, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}
+                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
+                async for piece, end in server.pieces(request, stop):
+                    if piece or end:
+                        chunk = {**head, "object": obj, "choices": [choice(piece, end, True)]}
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        return handle
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        server.engine.shutdown(drain=True)  # after uvicorn has closed every connection
+
+    app = Starlette(routes=[
+        Route("/health", health), Route("/v1/models", models), Route("/metrics", metrics),
+        Route("/v1/completions", handler(False), methods=["POST"]),
+        Route("/v1/chat/completions", handler(True), methods=["POST"])],
+        lifespan=lifespan)
+    app.state.server = server
+    return app
+
+
+def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
+          model_name: str = "jax-sp"):
+    """Serve until SIGTERM / Ctrl-C (in-flight requests drain first)."""
+    import uvicorn
+
+    uvicorn.run(create_app(llm, model_name=model_name, max_batch=max_batch), host=host,
+                port=port, log_level="info")

@@ -1,0 +1,150 @@
+"""The OpenAI-compatible server (jax_sp/server.py) on loopback, driven by the real `openai`
+client: each greedy answer is what `generate` gives the same prompt alone, stop strings cut
+where the text would, bad requests get HTTP 400 and the server keeps serving."""
+
+import concurrent.futures
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from jax_sp import LLM, SamplingParams
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="module")
+def served(smollm2):
+    from jax_sp.server import create_app
+
+    cfg, params, tokenizer, _ = smollm2
+    llm = LLM(cfg, params, tokenizer=tokenizer, max_seq_len=192)
+    app = create_app(llm, model_name=MODEL, max_batch=4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    yield llm, app.state.server, base, openai.OpenAI(base_url=base + "/v1", api_key="none")
+    server.should_exit = True
+    thread.join(timeout=60)
+
+
+def text_alone(llm, prompt, n, chat):
+    return llm.generate([prompt], SamplingParams(max_new_tokens=n), chat=chat)[0].text
+
+
+def test_concurrent_chat_and_completions_streamed_or_not_match_generate(served):
+    llm, _, _, client = served
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "system", "content": "You answer in one word."},
+              {"role": "user", "content": "Name a colour."},
+              {"role": "assistant", "content": "Blue."},
+              {"role": "user", "content": "Another one?"}]]
+    texts = ["The three primary colours are", "Once upon a time"]
+
+    def chat(messages, stream):
+        kw = dict(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+        if not stream:
+            return client.chat.completions.create(**kw).choices[0].message.content
+        return "".join(c.choices[0].delta.content or "" for c in
+                       client.chat.completions.create(stream=True, **kw))
+
+    def complete(prompt, stream):
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=10, temperature=0)
+        if not stream:
+            return client.completions.create(**kw).choices[0].text
+        return "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw))
+
+    jobs = [(chat, m, s) for m in chats for s in (False, True)] + [
+        (complete, t, s) for t in texts for s in (False, True)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda j: j[0](j[1], j[2]), jobs))
+    want = [text_alone(llm, m, 12, True) for m in chats for _ in (0, 1)] + [
+        text_alone(llm, t, 10, False) for t in texts for _ in (0, 1)]
+    assert got == want
+
+
+def test_stop_strings_cut_the_text_where_it_meets_them(served):
+    llm, _, _, client = served
+    prompt = "The three primary colours are"
+    full = text_alone(llm, prompt, 24, False)
+    word = full.split()[3]
+    stop = full[full.index(word):][:3]
+    for stream in (False, True):
+        kw = dict(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop])
+        if stream:
+            chunks = list(client.completions.create(stream=True, **kw))
+            text = "".join(c.choices[0].text for c in chunks)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            out = client.completions.create(**kw).choices[0]
+            text, reason = out.text, out.finish_reason
+        assert (text, reason) == (full[: full.index(stop)], "stop")
+
+
+@pytest.mark.parametrize("body,message", [
+    ("{not json", "not valid JSON"),
+    ({"model": "gpt-4", "prompt": "hi"}, "model 'gpt-4' is not served here"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "'max_tokens' must be an integer"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 500}, "'max_tokens' must be an integer in "
+                                                           r"\[1, 192\]"),
+    ({"model": MODEL, "prompt": "hi " * 150, "max_tokens": 100}, "exceeds max_seq_len=192"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
+    ({"model": MODEL, "prompt": 7}, "'prompt' must be a non-empty string"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, "'n' must be an integer in"),
+])
+def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served, body,
+                                                                             message):
+    import re
+
+    llm, _, base, client = served
+    data = body if isinstance(body, str) else None
+    r = httpx.post(base + "/v1/completions", content=data, json=None if data else body,
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert re.search(message, error["message"]) and error["type"] == "invalid_request_error"
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4,
+                                    temperature=0)
+    assert out.choices[0].text == text_alone(llm, "Once upon a time", 4, False)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
+    _, server, base, client = served
+    body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
+            "temperature": 0, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # decoding has begun
+    deadline = time.time() + 30
+    while any(server.engine.active) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(server.engine.active)
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_health_models_and_metrics(served):
+    _, _, base, client = served
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+    text = httpx.get(base + "/metrics").text
+    for name in ("jax_sp_requests_total", "jax_sp_generation_tokens_total", "jax_sp_queue",
+                 "jax_sp_time_to_first_token_seconds_count",
+                 "jax_sp_time_per_output_token_seconds_sum"):
+        assert name in text
+    import re
+
+    for name in ("requests_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_count"):
+        assert int(re.search(rf"^jax_sp_{name} (\d+)$", text, re.M).group(1)) > 0, name
