@@ -56,6 +56,7 @@ class Request:
     finish_reason: str | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_s: float | None = None  # time to the first token
+    finished: float | None = None  # time.perf_counter() when it ended
     _out: queue.Queue = dataclasses.field(default_factory=queue.Queue, repr=False)
     _done: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -115,6 +116,7 @@ class Request:
 
     def _finish(self, reason):
         self.finish_reason = reason
+        self.finished = time.perf_counter()
         self._done.set()
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
