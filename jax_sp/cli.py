@@ -95,7 +95,10 @@ def _generate(args) -> int:
 
 
 def _serve(args) -> int:
-    ensure_devices(args.tp * args.pp)
+    from jax_sp.distributed import initialize
+
+    if not initialize(args.coordinator, args.num_processes, args.process_id):
+        ensure_devices(args.tp * args.pp)
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -111,9 +114,17 @@ def _serve(args) -> int:
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
     llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
                               max_seq_len=args.max_seq_len, quantization=args.quantization)
+    import jax
+
+    if jax.process_index():  # follow process 0's schedule until it shuts down
+        from jax_sp.serving import Engine
+
+        Engine(llm, max_batch=args.max_batch).join()
+        return 0
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({parallel.describe()}, "
-          f"{args.max_batch} slots)", flush=True)
+          f"{args.max_batch} slots{hosts})", flush=True)
     serve(llm, args.host, args.port, args.max_batch, name)
     return 0
 
@@ -228,13 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fp8: the layers' projections in FP8 (default: none)")
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (loopback; 0.0.0.0 serves every interface)")
-    srv.add_argument("--port", type=_positive, default=8000)
+    srv.add_argument("--port", type=_positive, default=8000, help="port to listen on")
     srv.add_argument("--max-batch", type=_positive, default=8,
                      help="decode slots: requests decoded together")
     srv.add_argument("--max-seq-len", type=_positive, default=2048,
                      help="prompt plus new tokens at most, per request")
     srv.add_argument("--served-model-name", default=None,
                      help="the name clients pass as `model` (default: the model's file name)")
+    srv.add_argument("--coordinator", default=None,
+                     help="HOST:PORT of process 0 of a multi-process job: process 0 serves, "
+                          "the others follow its schedule (with the next two)")
+    srv.add_argument("--num-processes", type=int, default=None,
+                     help="processes in the multi-process job")
+    srv.add_argument("--process-id", type=int, default=None, help="this process's index")
     srv.set_defaults(run=_serve)
 
     ll = add("launch-local", help="run a jax-sp command as N processes of one "

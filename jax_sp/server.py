@@ -275,8 +275,23 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           model_name: str = "jax-sp"):
-    """Serve until SIGTERM / Ctrl-C (in-flight requests drain first)."""
+    """Serve until SIGTERM / Ctrl-C (in-flight requests drain first), then return: uvicorn
+    re-raises the signal after its graceful shutdown, which would end the process before a
+    multi-process job's other processes are let go (jax.distributed's shutdown at exit)."""
+    import signal
+
     import uvicorn
 
-    uvicorn.run(create_app(llm, model_name=model_name, max_batch=max_batch), host=host,
-                port=port, log_level="info")
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            signals = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    app = create_app(llm, model_name=model_name, max_batch=max_batch)
+    Server(uvicorn.Config(app, host=host, port=port, log_level="info")).run()

@@ -18,14 +18,18 @@ step numbers, so a request decodes the tokens `generate` gives its prompt alone,
 shares the batch (tests/test_serving.py). `submit` checks a request at the API's edge (the same
 checks as `generate`) and raises there; nothing a request does stops the loop.
 
-Stop strings are met on the decoded text by the HTTP server (jax_sp/server.py). Not yet:
-chunked prefill of long prompts, logprobs, multi-host serving (docs/serving.md).
+Multi-process (jax.distributed): every round, process 0 makes the plan (cancellations,
+admissions with each request's prompt and settings, stop) and broadcasts it; every process
+applies it and runs the same programs, so the others follow process 0's schedule and only
+process 0 takes requests. Stop strings are met on the decoded text by the HTTP server
+(jax_sp/server.py). Not yet: chunked prefill of long prompts, logprobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import queue
 import threading
 import time
@@ -180,6 +184,9 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self._cancelled: dict[int, str] = {}  # request id -> finish reason, from any thread
+        self._pending: dict[int, Request] = {}  # admitted by the plan, not yet applied
+        # multi-process: process 0 takes the requests and plans; the others follow its plan
+        self.leader = jax.process_index() == 0
         self.steps = 0  # decode steps run
         self._thread = threading.Thread(target=self._loop, name="jax-sp-engine", daemon=True)
         self._thread.start()
@@ -192,6 +199,9 @@ class Engine:
         returns its Request at once. Bad input raises here."""
         if self._stop:
             raise RuntimeError("the engine is shut down")
+        if not self.leader:
+            raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
+                               f"submit requests to process 0")
         sampling = self.llm._sampling(sampling)
         job = self.llm._prepare([prompt], None, sampling, chat)  # checks length and ids
         request = Request(next(self._ids), [int(t) for t in job.inputs[0, :job.lengths[0]]],
@@ -208,9 +218,14 @@ class Engine:
         with self._wake:
             self._wake.notify()
 
+    def join(self):
+        """Wait for the loop to end (a follower process: until process 0 shuts down)."""
+        self._thread.join()
+
     def shutdown(self, drain: bool = True):
         """Stop the loop: after every queued and running request ends (drain) or at once
-        (the unfinished ones end with finish_reason "abort")."""
+        (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
+        on process 0: the others stop with it."""
         if drain:
             while not self.waiting.empty() or any(self.active):
                 time.sleep(0.005)
@@ -230,41 +245,78 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------
 
     def _loop(self):
-        while not self._stop:
-            self._drop_cancelled()
-            self._admit()
-            if not any(self.active):
-                with self._wake:
-                    self._wake.wait_for(lambda: self._stop or not self.waiting.empty(), 0.1)
-                continue
-            try:
-                self._step()
-            except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving
-                for slot, r in enumerate(self.active):
-                    if r is not None:
-                        r._finish(e)
-                        self.active[slot] = None
+        """Each round: the plan (cancellations, admissions, stop) made by process 0 and, in a
+        multi-process job, broadcast to every process, which all apply it and step alike."""
+        while True:
+            plan = self._share(self._plan() if self.leader else None)
+            if plan["stop"]:
+                return
+            self._apply(plan)
+            if any(self.active):
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
+                    for slot, r in enumerate(self.active):
+                        if r is not None:
+                            r._finish(e)
+                            self.active[slot] = None
+            elif self.leader and not plan["admit"]:
+                with self._wake:  # idle: until a request, a cancel or the stop (followers
+                    # wait in the next broadcast)
+                    self._wake.wait_for(lambda: self._stop or not self.waiting.empty()
+                                        or bool(self._cancelled), 0.1)
 
-    def _drop_cancelled(self):
-        for slot, r in enumerate(self.active):
-            if r is not None and r.id in self._cancelled:
-                r._finish(self._cancelled.pop(r.id))
-                self.active[slot] = None
-
-    def _admit(self):
-        while None in self.active and not self.waiting.empty():
+    def _plan(self) -> dict:
+        """Process 0's decisions for this round, as plain data."""
+        running = {r.id for r in self.active if r is not None}
+        cancel = {rid: self._cancelled.pop(rid) for rid in list(self._cancelled)
+                  if rid in running}
+        free = [slot for slot, r in enumerate(self.active) if r is None or r.id in cancel]
+        admit = []
+        while free and not self.waiting.empty():
             request = self.waiting.get()
-            if request.id in self._cancelled:
+            if request.id in self._cancelled:  # cancelled before it ran: no process knew it
                 request._finish(self._cancelled.pop(request.id))
                 continue
-            slot = self.active.index(None)
+            self._pending[request.id] = request
+            admit.append({"slot": free.pop(0), "id": request.id, "prompt": request.prompt,
+                          "sampling": dataclasses.asdict(request.sampling),
+                          "stop_ids": list(request.stop_ids)})
+        return {"stop": self._stop, "cancel": cancel, "admit": admit}
+
+    def _share(self, plan):
+        """The plan on every process (process 0's; one process: itself)."""
+        if jax.process_count() == 1:
+            return plan
+        from jax.experimental import multihost_utils
+
+        data = json.dumps(plan).encode() if self.leader else b""
+        n = int(multihost_utils.broadcast_one_to_all(np.int32(len(data))))
+        buf = np.frombuffer(data, np.uint8) if self.leader else np.zeros(n, np.uint8)
+        buf = multihost_utils.broadcast_one_to_all(buf)
+        return plan if self.leader else json.loads(np.asarray(buf).tobytes())
+
+    def _apply(self, plan: dict):
+        cancel = {int(k): v for k, v in plan["cancel"].items()}
+        for slot, r in enumerate(self.active):
+            if r is not None and r.id in cancel:
+                r._finish(cancel[r.id])
+                self.active[slot] = None
+        for a in plan["admit"]:
+            request = self._pending.pop(a["id"], None)
+            if request is None:  # a follower's copy of process 0's request
+                fields = dict(a["sampling"])
+                if fields.get("stop_token_ids") is not None:
+                    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+                request = Request(a["id"], a["prompt"], SamplingParams(**fields),
+                                  tuple(a["stop_ids"]))
             try:
-                self._prefill(request, slot)
+                self._prefill(request, a["slot"])
             except Exception as e:  # noqa: BLE001 - this request fails, the others go on
                 request._finish(e)
                 continue
-            if not self._ended(request, slot):
-                self.active[slot] = request
+            if not self._ended(request, a["slot"]):
+                self.active[a["slot"]] = request
 
     def _prefill(self, request: Request, slot: int):
         """The request's prefill on its own (the runner's: every stage, SP as `generate`

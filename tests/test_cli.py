@@ -7,7 +7,7 @@ from jax_sp.cli import build_parser
 
 def test_every_option_has_help_with_its_default():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"inspect", "generate", "launch-local", "convert"}
+    assert set(sub.choices) == {"inspect", "generate", "serve", "launch-local", "convert"}
     for name, parser in sub.choices.items():
         formatter = parser._get_formatter()
         for action in parser._actions:

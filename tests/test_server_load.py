@@ -1,6 +1,6 @@
-"""The server under load and at shutdown: 200 mixed requests at concurrency 32 all complete,
-once each, and a second round of them does not grow the process's memory; SIGTERM lets a request in
-flight finish before the process exits."""
+"""The server under load, across processes and at shutdown: 200 mixed requests at concurrency
+32 all complete, once each, and a second round of them does not grow the process's memory; two
+processes serve what one generates; SIGTERM lets a request in flight finish first."""
 
 import concurrent.futures
 import os
@@ -101,37 +101,63 @@ def test_200_mixed_requests_at_concurrency_32_complete_once_each(tiny_folder):
     thread.join(timeout=60)
 
 
-def test_sigterm_lets_the_request_in_flight_finish(tiny_folder):
-    port = free_port()
+@pytest.mark.slow
+def test_two_processes_serve_what_one_process_generates_and_drain_on_sigterm(tiny_folder):
+    """tp=2 over two jax.distributed processes of one CPU device each: process 0 serves, process
+    1 follows its schedule (the plan broadcast every round). SIGTERM to process 0 while a
+    request streams: the stream ends with its last token, then both processes stop."""
+    coordinator, port = free_port(), free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    proc = subprocess.Popen([sys.executable, "-m", "jax_sp.cli", "serve", "--model", tiny_folder,
-                             "--port", str(port), "--max-batch", "2", "--max-seq-len", "128",
-                             "--served-model-name", "tiny"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "jax_sp.cli", "serve", "--model", tiny_folder, "--tp", "2",
+         "--port", str(port), "--max-batch", "2", "--max-seq-len", "128",
+         "--served-model-name", "tiny", "--coordinator", f"127.0.0.1:{coordinator}",
+         "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = {}
+    readers = [threading.Thread(target=lambda i=i, p=p: logs.__setitem__(i, p.stdout.read()),
+                                daemon=True) for i, p in enumerate(procs)]
+    for t in readers:
+        t.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 180
-        while time.time() < deadline:
+        deadline = time.time() + 240
+        while time.time() < deadline and all(p.poll() is None for p in procs):
             try:
                 if httpx.get(base + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        body = {"model": "tiny", "prompt": "the sea", "max_tokens": 60, "temperature": 0,
+        prompts = ["the sea", "a prime number twelve", "write"]
+
+        def ask(prompt):
+            body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+            return httpx.post(base + "/v1/completions", json=body, timeout=120).json()
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            got = [r["choices"][0]["text"] for r in pool.map(ask, prompts)]
+        body = {"model": "tiny", "prompt": "the sea", "max_tokens": 40, "temperature": 0,
                 "stream": True}
         lines = []
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
             for line in r.iter_lines():
                 if line and not lines:
-                    proc.send_signal(signal.SIGTERM)  # with the request decoding
+                    procs[0].send_signal(signal.SIGTERM)  # with the request decoding
                 if line:
                     lines.append(line)
-        assert lines[-1] == "data: [DONE]"
-        assert '"finish_reason": "length"' in lines[-2] or '"finish_reason": "stop"' in lines[-2]
-        # uvicorn re-raises the signal once its graceful shutdown is done
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.stdout.read()
-    assert "serving 'tiny'" in out and "Waiting for connections to close" in out, out
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for t in readers:
+            t.join(timeout=10)
+    assert codes == [0, 0], logs  # both let go through jax.distributed's shutdown
+    assert "2 processes" in logs[0] and "Waiting for connections to close" in logs[0], logs
+    assert lines[-1] == "data: [DONE]" and '"finish_reason": ' in lines[-2]
+    assert '"finish_reason": null' not in lines[-2]
+    llm = LLM.from_pretrained(tiny_folder, max_seq_len=128, progress=False)
+    from jax_sp import SamplingParams
+
+    assert got == [llm.generate([p], SamplingParams(max_new_tokens=8), chat=False)[0].text
+                   for p in prompts]
