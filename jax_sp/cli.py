@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute dtype (None: the checkpoint's; GGUF: float32)")
     gen.add_argument("--quantization", default=None, choices=("fp8",),
                      help="fp8: the layers' projections in FP8, activations quantized per token "
-                          "(comm xla; GPU: Hopper or newer) (default: none)")
+                          "(comm xla or ring; GPU: Hopper or newer) (default: none)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64,
                      help="tokens to generate at most")
     gen.add_argument("--max-seq-len", type=_positive, default=2048,
