@@ -28,7 +28,7 @@ import statistics
 import time
 import traceback
 
-from common import pyplot, timed  # noqa: E402  (and the repository on the import path)
+from common import copy_bandwidth, pyplot, timed  # noqa: E402  (and the repository on the import path)
 
 PEERS = ("hf-eager", "hf-static-compiled", "gpt-fast-eager", "gpt-fast-compiled")
 
@@ -95,32 +95,9 @@ class Bench:
         med, _, _ = timed(lambda: mm(a), 10, lambda y: y.block_until_ready())
         self.peak_tflops = 2 * n ** 3 / med / 1e12
         size = 1 << 30 if not self.args.tiny else 1 << 22  # bytes; well past any cache
-        buf = jax.random.normal(jax.random.key(1), (size // 2,), jnp.bfloat16)
-        copy = jax.jit(lambda x: x * 2)
-        copy(buf).block_until_ready()
-        med, _, _ = timed(lambda: copy(buf), 10, lambda y: y.block_until_ready())
-        xla_copy = 2 * buf.nbytes / med  # bytes read + written per second
-        # An XLA elementwise kernel called on 1 GiB reaches ~75% of what the copy engine's
-        # device-to-device copy does on an H100 (2.2 vs 2.9 TB/s), which would flatter every
-        # "of limit" ratio: the limit is the faster of the two.
-        torch_copy = 0.0
-        if self.device == "cuda":
-            import torch
-
-            src = torch.empty(size // 2, dtype=torch.bfloat16, device="cuda").normal_()
-            dst = torch.empty_like(src)
-            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-            times = []
-            for _ in range(11):
-                start.record()
-                dst.copy_(src)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            torch_copy = 2 * size / statistics.median(times[1:])
-            del src, dst
-            torch.cuda.empty_cache()
-        self.bandwidth = max(xla_copy, torch_copy)
+        # the faster of XLA's elementwise copy and the copy engine's (common.copy_bandwidth)
+        self.bandwidth, kinds = copy_bandwidth(size)
+        xla_copy, torch_copy = kinds["xla_kernel"], kinds.get("cuda_copy", 0.0)
         self.emit({"bench": "limits", "matmul_tflops": self.peak_tflops,
                    "copy_gb_s": self.bandwidth / 1e9, "copy_gb_s_xla_kernel": xla_copy / 1e9,
                    "copy_gb_s_cuda_copy": torch_copy / 1e9, "matmul_n": n,
