@@ -63,13 +63,12 @@ def _generate(args) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from jax_sp import LLM, ParallelConfig, SamplingParams
+    from jax_sp import SamplingParams
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
-                              max_seq_len=args.max_seq_len, quantization=args.quantization)
+    llm = _load(args)
+    parallel = llm.parallel
     import jax
 
     show = jax.process_index() == 0  # every process computes; one prints
@@ -108,12 +107,10 @@ def _serve(args) -> int:
     except ImportError:
         raise ValueError("jax-sp serve needs starlette and uvicorn: pip install -e '.[serve]'"
                          ) from None
-    from jax_sp import LLM, ParallelConfig
     from jax_sp.server import serve
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
-    llm = LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
-                              max_seq_len=args.max_seq_len, quantization=args.quantization)
+    llm = _load(args)
+    parallel = llm.parallel
     import jax
 
     if jax.process_index():  # follow process 0's schedule until it shuts down
@@ -175,6 +172,38 @@ def _layout_options(p, tp_default: int) -> None:
                         "constraints), ring (explicit collective matmul) or mosaic (Hopper GPUs)")
 
 
+def _model_options(p) -> None:
+    """The model and how it is laid out and stored: what generate and serve load."""
+    p.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file, an "
+                   "HF folder or a folder written by `jax-sp convert`")
+    _layout_options(p, 1)
+    p.add_argument("--sp", default="auto", choices=("auto", "on", "off"),
+                   help="sequence parallelism: on, off, or auto (for long prefills only)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                   help="compute dtype (None: the checkpoint's; GGUF: float32)")
+    p.add_argument("--quantization", default=None, choices=("fp8",),
+                   help="fp8: the layers' projections in FP8, activations quantized per token "
+                        "(comm xla or ring; GPU: Hopper or newer) (default: none)")
+    p.add_argument("--max-seq-len", type=_positive, default=2048,
+                   help="prompt plus new tokens at most, per request (the KV cache's length)")
+
+
+def _process_options(p, coordinator_help: str) -> None:
+    p.add_argument("--coordinator", default=None, help=coordinator_help)
+    p.add_argument("--num-processes", type=int, default=None,
+                   help="processes in the multi-process job")
+    p.add_argument("--process-id", type=int, default=None, help="this process's index")
+
+
+def _load(args):
+    """The LLM of generate's and serve's model options."""
+    from jax_sp import LLM, ParallelConfig
+
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
+    return LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
+                               max_seq_len=args.max_seq_len, quantization=args.quantization)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jax-sp", description=__doc__.splitlines()[0],
                                 formatter_class=_Help)
@@ -198,60 +227,32 @@ def build_parser() -> argparse.ArgumentParser:
               description="Load a model onto tp*pp devices (simulated CPU devices when no "
                           "accelerator is present) and stream the answer, then a stats line.")
     gen.add_argument("prompt", help="the text; the chat template wraps it unless --no-chat")
-    gen.add_argument("--model", default="smollm2", help="smollm2 (embedded), a GGUF file, an "
-                     "HF folder or a folder written by `jax-sp convert`")
-    _layout_options(gen, 1)
-    gen.add_argument("--sp", default="auto", choices=("auto", "on", "off"),
-                     help="sequence parallelism: on, off, or auto (for long prefills only)")
-    gen.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                     help="compute dtype (None: the checkpoint's; GGUF: float32)")
-    gen.add_argument("--quantization", default=None, choices=("fp8",),
-                     help="fp8: the layers' projections in FP8, activations quantized per token "
-                          "(comm xla or ring; GPU: Hopper or newer) (default: none)")
+    _model_options(gen)
     gen.add_argument("--max-new-tokens", type=_positive, default=64,
                      help="tokens to generate at most")
-    gen.add_argument("--max-seq-len", type=_positive, default=2048,
-                     help="prompt plus new tokens at most (the KV cache's length)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0,
                      help="keep the likeliest tokens up to this probability mass (1: all)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--coordinator", default=None,
-                     help="HOST:PORT of process 0 of a multi-process job (with the next two)")
-    gen.add_argument("--num-processes", type=int, default=None,
-                     help="processes in the multi-process job")
-    gen.add_argument("--process-id", type=int, default=None, help="this process's index")
+    _process_options(gen, "HOST:PORT of process 0 of a multi-process job (with the next two)")
     gen.set_defaults(run=_generate)
 
     srv = add("serve", help="serve a model over an OpenAI-compatible HTTP API",
               description="Load a model and serve /v1/completions, /v1/chat/completions, "
                           "/v1/models, /health and /metrics with continuous batching "
                           "(docs/serving.md). Needs the serve extra: pip install -e '.[serve]'.")
-    srv.add_argument("--model", default="smollm2", help="as for generate")
-    _layout_options(srv, 1)
-    srv.add_argument("--sp", default="auto", choices=("auto", "on", "off"),
-                     help="sequence parallelism: on, off, or auto (for long prefills only)")
-    srv.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                     help="compute dtype (None: the checkpoint's; GGUF: float32)")
-    srv.add_argument("--quantization", default=None, choices=("fp8",),
-                     help="fp8: the layers' projections in FP8 (default: none)")
+    _model_options(srv)
     srv.add_argument("--host", default="127.0.0.1",
                      help="address to bind (loopback; 0.0.0.0 serves every interface)")
     srv.add_argument("--port", type=_positive, default=8000, help="port to listen on")
     srv.add_argument("--max-batch", type=_positive, default=8,
                      help="decode slots: requests decoded together")
-    srv.add_argument("--max-seq-len", type=_positive, default=2048,
-                     help="prompt plus new tokens at most, per request")
     srv.add_argument("--served-model-name", default=None,
                      help="the name clients pass as `model` (default: the model's file name)")
-    srv.add_argument("--coordinator", default=None,
-                     help="HOST:PORT of process 0 of a multi-process job: process 0 serves, "
+    _process_options(srv, "HOST:PORT of process 0 of a multi-process job: process 0 serves, "
                           "the others follow its schedule (with the next two)")
-    srv.add_argument("--num-processes", type=int, default=None,
-                     help="processes in the multi-process job")
-    srv.add_argument("--process-id", type=int, default=None, help="this process's index")
     srv.set_defaults(run=_serve)
 
     ll = add("launch-local", help="run a jax-sp command as N processes of one "

@@ -157,20 +157,17 @@ def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False):
         raise ValueError(f"weight_only: spec {spec!r} must read [T, X] -> [T, outputs in the "
                          f"weight's order]")
     rows = x_tx.shape[0]
+    # [(L,) N, K] and [(L,) N]: the output dimensions flattened (a stack's L kept)
+    lead = w.q.shape[:1] if w.layer is not None else ()
+    out_dims = w.q.shape[len(lead):len(lead) + len(outputs)]
+    q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
+    scale_n = w.scale.reshape(*lead, -1)
     if kernel:
         from models.fp8_gemv import fp8_gemv, plan
 
-        stacked = w.layer is not None
-        out_dims = w.q.shape[stacked:stacked + len(outputs)]
-        lead = w.q.shape[:1] if stacked else ()
-        q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
-        scale_n = w.scale.reshape(*lead, -1)
         if plan(rows, *q_nk.shape[-2:], interpret=jax.default_backend() != "gpu") is not None:
             return fp8_gemv(x_tx, q_nk, scale_n, w.layer).reshape(rows, *out_dims)
-    w = w.unstacked()
-    out_dims = w.q.shape[:len(outputs)]
-    q_nk = w.q.reshape(math.prod(out_dims), -1)
-    scale_n = w.scale.reshape(-1)
+    q_nk, scale_n = Fp8(q_nk, scale_n, w.layer).unstacked()[:2]
     y = jnp.einsum("tk,nk->tn", x_tx, q_nk.astype(x_tx.dtype),
                    preferred_element_type=jnp.float32)
     return (y * scale_n).astype(x_tx.dtype).reshape(rows, *out_dims)
