@@ -5,7 +5,8 @@ o 4096x4096, gate/up 28672x4096, down 4096x14336) at 1, 8 and 32 rows.
 Variants, each one jitted program over every layer's four projections, weights stacked [L, ...]
 as the model holds them and the layers unrolled as decode runs them:
   bf16        x @ w in 16 bits (the model's 16-bit path; weights [K, N]);
-  w8a8        models/quant.py's dot: tokens quantized, an FP8 dot (cuBLASLt FP8 GEMM on GPU);
+  w8a8        models/quant.py's dot: tokens quantized, an FP8 dot (XLA picks cuBLASLt's FP8 GEMM
+              or a Triton GEMM fusion; here, 8 layers, Triton);
   w8a16-xla   x @ convert(wq) * scale, left to XLA (does it widen the weights in a fusion of
               its own, writing a 16-bit copy, or inside the GEMM?);
   pallas      the kernel on each layer's weight, sliced from the stack by XLA;
@@ -166,10 +167,13 @@ def census(text: str) -> dict:
     return {
         "cublas_f8": sum("__cublas$lt$matmul$f8" in x for x in lines),
         "cublas": sum('"__cublas$gemm"' in x or '"__cublas$lt$matmul"' in x for x in lines),
-        "triton_gemm": sum('"kind":"__triton_gemm"' in x for x in lines),
+        "triton_gemm": sum('"kind":"__triton_gemm"' in x
+                           or '"kind":"__triton_nested_gemm_fusion"' in x for x in lines),
         "pallas": sum("fp8_gemv" in x and "custom-call(" in x for x in lines),
-        "widened_weights": sum(bool(re.match(r"\s*\S+ = bf16\[\d{4,},\d{4,}\]", x))
-                               and ("fusion(" in x or "convert(" in x) for x in lines),
+        # fusions in the entry computation writing a weight-sized 16-bit array (or tuple of
+        # them): the weights widened in memory before a GEMM reads them
+        "widened_weights": sum(bool(re.match(r"\s*%?\S+ = \(?bf16\[[\d,]*\d{4,},\d{4,}\]", x))
+                               and " fusion(" in x for x in lines),
         "copies": sum(" copy(" in x or "copy-start" in x for x in lines),
     }
 

@@ -203,7 +203,7 @@ def fp8_gemv() -> str:
     if not rows:
         return "(no fp8_gemv results)"
     limits = next(r for r in _rows(rows[0]["_file"]) if r["bench"] == "limits")
-    names = {"bf16": "bf16 weights, cuBLAS", "w8a8": "W8A8, cuBLASLt FP8 GEMM",
+    names = {"bf16": "bf16 weights, XLA's GEMM", "w8a8": "W8A8, XLA's FP8 GEMM",
              "w8a16-xla": "W8A16, XLA (widens the weights in a fusion of its own)",
              "pallas": "W8A16 kernel on each layer's slice (XLA copies it)",
              "pallas-layer": "W8A16 kernel on the stack (jax-sp's)"}
