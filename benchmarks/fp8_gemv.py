@@ -120,9 +120,16 @@ def main():
 
     if args.fma_sweep:
         xs = inputs(1)
+        # each projection alone (its L layers), default tiles: which shapes fall short
+        for name in shapes:
+            fn = jax.jit(lambda q, x: [fp8_gemv(x, q.q, q.scale, l) for l in range(L)])
+            _, per = common.timed_bursts(lambda: fn(fp8[name], xs[name]), 5, 10)
+            res.emit({"bench": "projection", "rows": 1, "projection": name,
+                      "shape_nk": list(shapes[name]), "ms": per * 1e3,
+                      "of_copy": fp8[name].q.nbytes / per / bandwidth})
         for mode, (bn, bk, stages) in itertools.product(
                 ("reduce", "tile"), [(32, 512, 3), (32, 256, 4), (16, 256, 4), (64, 128, 4),
-                                     (32, 128, 4)]):
+                                     (32, 128, 4), (32, 1024, 2), (64, 512, 3), (16, 1024, 3)]):
             kernel = functools.partial(fp8_gemv, block_n=bn, block_k=bk, num_stages=stages,
                                        fma=mode)
             fn = over_layers(lambda name, q, l, x, kernel=kernel: kernel(x, q.q, q.scale, l))

@@ -9,8 +9,10 @@ Static batches are credited with their first tokens at the end of their prefill
 (`last_stats.prefill_s`), although `generate` returns them only with the rest. Each mode runs
 the workload once unmeasured first, so that the shapes it meets are compiled; static batches
 form by arrival times, so the measured run can still meet a new batch shape: the compile time
-inside the measured run is reported with it (`compile_s_inside`). The limit,
-measured in the same run: every slot busy, tokens per second of back-to-back decode steps.
+inside the measured run is reported with it (`compile_s_inside`). The limits, measured in the
+same run: every slot busy, tokens per second of the engine's decode steps (prefills excluded);
+the engine's step in milliseconds, with its host work and launched back to back without it;
+`generate`'s decode step on a batch of the same size and cache length.
 Random weights in the model's shape, greedy, no stop ids (each request decodes exactly its
 output length). Result: benchmarks/results/serving_<machine>_<model>.jsonl.
 
@@ -95,17 +97,63 @@ def static(llm, jobs, max_batch):
 
 
 def ceiling(llm, max_batch, steps=32):
-    """Tokens per second with every slot decoding: the throughput limit of the engine."""
+    """The engine with every slot decoding, prefills excluded: tokens per second over `steps`
+    steps once every slot holds a request (the throughput limit of the engine), next to
+    `generate`'s decode of the same batch with the same cache length, and the engine's step
+    program launched back to back without the host's per-step work (device time)."""
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
 
+    steps = min(steps, (llm.max_seq_len - 8) // 3)
     with Engine(llm, max_batch=max_batch) as engine:
-        sampling = SamplingParams(max_new_tokens=steps, stop_token_ids=())
-        [engine.submit([1, 2, 3], dataclasses.replace(sampling, max_new_tokens=2)).result()]
-        t0 = time.perf_counter()
+        device_ms = step_device_ms(engine, steps)
+        sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
+        engine.submit([1, 2, 3], dataclasses.replace(sampling, max_new_tokens=2)).result()
         requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
-        [r.result() for r in requests]
-        return engine.slots * steps / (time.perf_counter() - t0)
+        while not all(r.token_ids for r in requests):  # every prefill done
+            time.sleep(0.001)
+        t0, n0 = time.perf_counter(), sum(len(r.token_ids) for r in requests)
+        for r in requests:  # the rest decode together, every slot busy; waited on, not polled
+            r.result()
+        t1 = max(r.finished for r in requests)
+        tokens = sum(len(r.token_ids) for r in requests) - n0
+        slots = engine.slots
+    prompts = [[1 + i % 7] * min(128, llm.max_seq_len - steps - 2) for i in range(slots)]
+    llm.generate(prompts, SamplingParams(max_new_tokens=steps + 1, stop_token_ids=()))
+    llm.generate(prompts, SamplingParams(max_new_tokens=steps + 1, stop_token_ids=()))
+    gen_ms = llm.last_stats.decode_s / steps * 1e3
+    step_ms = (t1 - t0) / (tokens / slots) * 1e3
+    return {"all_slots_tokens_per_s": tokens / (t1 - t0), "slots": slots,
+            "engine_step_ms": step_ms, "engine_step_device_ms": device_ms,
+            "generate_step_ms": gen_ms, "cache_len": engine.cache_len}
+
+
+def step_device_ms(engine, n):
+    """The engine's one-step program on every slot, `n` launches back to back with the inputs
+    already on the device and one wait at the end (one-stage models; None otherwise)."""
+    import jax
+
+    from jax_sp.serving import slots_step_fn
+
+    runner = engine.runner
+    if len(runner.stages) != 1:
+        return None
+    st = runner.stages[0]
+    rows = runner.put(0, (engine.pos, engine.keys, engine.step, engine.temperature,
+                          engine.top_k, engine.top_p))
+    x = runner.put(0, engine.tokens)
+
+    def launch(x, count):
+        for _ in range(count):
+            x, engine.caches[0], *_ = st.programs.run(
+                "slots_step", lambda: slots_step_fn(st.runtime, engine.static, engine.cache_len),
+                engine.static, (st.state, engine.caches[0], x, *rows))
+        return jax.block_until_ready(x)
+
+    x = launch(x, 2)  # compiled, warm
+    t0 = time.perf_counter()
+    launch(x, n)
+    return (time.perf_counter() - t0) / n * 1e3
 
 
 def main():
@@ -119,6 +167,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--limits-only", action="store_true",
+                    help="only the limits: the engine's step against generate's")
     args = ap.parse_args()
     if args.tiny:
         args.rates, args.requests, args.max_batch = "20,80", 24, 8
@@ -148,7 +198,9 @@ def main():
                                    f"serving_{tag}_{'tiny' if args.tiny else args.model}.jsonl")
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
                          max_batch=args.max_batch)
-    res.emit({"bench": "limits", "all_slots_tokens_per_s": ceiling(llm, args.max_batch)})
+    res.emit({"bench": "limits", **ceiling(llm, args.max_batch)})
+    if args.limits_only:
+        return
     for rate in [float(r) for r in args.rates.split(",")]:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)

@@ -10,8 +10,13 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
-   seed and step (`jax_sp.sampling.sample_rows`);
-3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once.
+   seed and step (`jax_sp.sampling.sample_rows`). The slots' tokens, positions and step
+   numbers stay on the device from step to step (put again from the host only after an
+   admission), and each step is launched before the previous one's tokens are read, so the
+   host's per-step work runs while the device computes (one process, one stage; pipelines and
+   multi-process jobs read each step before launching the next);
+3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once
+   (its slot computes one step more in the step already launched; that token is dropped).
 
 A request's row draws with the key `generate` gives row 0 of a batch with its seed, at the same
 step numbers, so a request decodes the tokens `generate` gives its prompt alone, whatever else
@@ -35,6 +40,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_sp.config import SamplingParams
@@ -125,19 +131,28 @@ class Request:
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
-def slots_step_fn(rt, st: Static):
+def slots_step_fn(rt, st: Static, cache_len: int):
     """(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
-    -> (out, cache): one decode step of every slot at its own position through this stage.
-    inputs: the slots' tokens [B] (first stage) or the previous stage's carry; out: the next
-    tokens, each row sampled with its own settings (last stage), or this stage's carry."""
+    -> (out, cache, pos_b, step_b): one decode step of every slot at its own position through
+    this stage. inputs: the slots' tokens [B] (first stage) or the previous stage's carry; out:
+    the next tokens, each row sampled with its own settings (last stage), or this stage's
+    carry; pos_b and step_b advanced by one (positions held below cache_len, so that a free
+    slot's stale row never writes past its cache), to stay on the device for the next step."""
     def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
         feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
         out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
+        advanced = jnp.minimum(pos_b + 1, cache_len - 1), step_b + 1
         if not rt.stage.last:
-            return rt.constrain_carry(out.carry), out.cache
+            return (rt.constrain_carry(out.carry), out.cache) + advanced
         token = sample_rows(_logits(rt, out), keys_b, step_b, temperature_b, top_k_b, top_p_b)
-        return token, out.cache
+        return (token, out.cache) + advanced
     return run
+
+
+def _merge(device_tokens, host_tokens, fresh):
+    """The next step's input tokens: the last step's on the device, a fresh slot's (its first
+    token, sampled by its prefill) from the host."""
+    return jnp.where(fresh, host_tokens, device_tokens)
 
 
 def _insert(cache: KVCache, rows: KVCache, slot):
@@ -179,6 +194,16 @@ class Engine:
         self.top_k = np.zeros(b, np.int32)
         self.top_p = np.ones(b, np.float32)
         self.active: list[Request | None] = [None] * b
+        # the slots' rows on each stage's devices, advanced there by every step; put again from
+        # the host arrays above when a round changed them (an admission)
+        self._rows: list[tuple | None] = [None] * len(stages)
+        self._fresh = np.zeros(b, bool)  # slots admitted since the last launch
+        self._tokens = None  # the last launched step's tokens, on the device
+        self._inflight = None  # (tokens, the slots' requests) of a step launched, not yet read
+        self._merge = jax.jit(_merge)
+        # one step launched ahead of the host needs the tokens to stay on one stage's devices
+        # of one process; pipelines and multi-process jobs read each step before the next
+        self._ahead = len(stages) == 1 and jax.process_count() == 1
         self.waiting: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -246,25 +271,42 @@ class Engine:
 
     def _loop(self):
         """Each round: the plan (cancellations, admissions, stop) made by process 0 and, in a
-        multi-process job, broadcast to every process, which all apply it and step alike."""
+        multi-process job, broadcast to every process, which all apply it and step alike.
+        A round launches the next decode step before it reads the previous step's tokens, so
+        the host's work for one step (reading tokens, ending requests, admitting) runs while
+        the device computes the next: a request that ends at step n has its slot computed once
+        more in step n + 1, and that token is dropped."""
         while True:
             plan = self._share(self._plan() if self.leader else None)
             if plan["stop"]:
+                self._guard(self._collect)
                 return
             self._apply(plan)
-            if any(self.active):
-                try:
-                    self._step()
-                except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
-                    for slot, r in enumerate(self.active):
-                        if r is not None:
-                            r._finish(e)
-                            self.active[slot] = None
-            elif self.leader and not plan["admit"]:
+            launched = self._guard(self._launch) if any(self.active) else None
+            if self._ahead:  # read the previous step while this one runs
+                self._guard(self._collect)
+                self._inflight = launched
+            else:  # read this step now: the next one takes its tokens from the host
+                self._inflight = launched
+                self._guard(self._collect)
+            if launched is None and not any(self.active) and self.leader and not plan["admit"]:
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
                     self._wake.wait_for(lambda: self._stop or not self.waiting.empty()
                                         or bool(self._cancelled), 0.1)
+
+    def _guard(self, step):
+        """Run `step`; if it raises, fail every request in flight and go on serving."""
+        try:
+            return step()
+        except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
+            self._inflight = self._tokens = None
+            self._rows = [None] * len(self._rows)
+            for slot, r in enumerate(self.active):
+                if r is not None:
+                    r._finish(e)
+                    self.active[slot] = None
+            return None
 
     def _plan(self) -> dict:
         """Process 0's decisions for this round, as plain data."""
@@ -332,6 +374,8 @@ class Engine:
         self.keys[slot] = to_host(run.keys[-1][0])[0]
         self.temperature[slot] = s.temperature
         self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
+        self._fresh[slot] = True
+        self._rows = [None] * len(self._rows)  # put again before the next step
         request._emit(first)
 
     def _ended(self, request: Request, slot: int) -> bool:
@@ -346,24 +390,52 @@ class Engine:
         self.active[slot] = None
         return True
 
-    def _step(self):
-        """One decode step of every slot through every stage."""
-        x = self.runner.put(0, self.tokens)
-        rows = (self.pos, self.keys, self.step, self.temperature, self.top_k, self.top_p)
-        for i, st in enumerate(self.runner.stages):
-            args = (st.state, self.caches[i], x, *self.runner.put(i, rows))
-            x, self.caches[i] = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, self.static),  # noqa: B023
+    def _launch(self):
+        """Launch one decode step of every slot through every stage (not waited for); returns
+        (its tokens on the device, the request each slot held)."""
+        runner = self.runner
+        # copies: on CPU a device array may share a numpy array's memory until the program
+        # that reads it has run, and the host arrays change right after this launch
+        put = lambda i, *arrays: runner.put(i, tuple(a.copy() for a in arrays))  # noqa: E731
+        if self._tokens is None or not self._ahead:  # the tokens from the host
+            (x,) = put(0, self.tokens)
+        else:
+            x = self._tokens
+            if self._fresh.any():
+                x = self._merge(x, *put(0, self.tokens, self._fresh))
+        self._fresh[:] = False
+        for i, st in enumerate(runner.stages):
+            if self._rows[i] is None:
+                self._rows[i] = put(i, self.pos, self.keys, self.step, self.temperature,
+                                    self.top_k, self.top_p)
+            pos, keys, step, temperature, top_k, top_p = self._rows[i]
+            args = (st.state, self.caches[i], x, pos, keys, step, temperature, top_k, top_p)
+            x, self.caches[i], pos, step = st.programs.run(
+                "slots_step", lambda: slots_step_fn(st.runtime, self.static,  # noqa: B023
+                                                    self.cache_len),
                 self.static, args)
-            if i + 1 < len(self.runner.stages):
-                x = self.runner.hop(x, i + 1, self.decode_sp)
+            self._rows[i] = (pos, keys, step, temperature, top_k, top_p)
+            if i + 1 < len(runner.stages):
+                x = runner.hop(x, i + 1, self.decode_sp)
         self.steps += 1
+        for slot, request in enumerate(self.active):  # the host's copy, advanced alike
+            if request is not None:
+                self.pos[slot] = min(self.pos[slot] + 1, self.cache_len - 1)
+                self.step[slot] += 1
+        self._tokens = x
+        return x, list(self.active)
+
+    def _collect(self):
+        """Read the step in flight (if any): each slot's token goes to the request that held
+        the slot at launch, if it still does; requests that end free their slots."""
+        if self._inflight is None:
+            return
+        x, held = self._inflight
+        self._inflight = None
         token = to_host(x)
-        for slot, request in enumerate(self.active):
-            if request is None:
-                continue
+        for slot, request in enumerate(held):
+            if request is None or self.active[slot] is not request:
+                continue  # free, or ended (or cancelled) since: its token is dropped
             self.tokens[slot] = token[slot]
-            self.pos[slot] += 1
-            self.step[slot] += 1
             request._emit(int(token[slot]))
             self._ended(request, slot)

@@ -30,7 +30,7 @@ TARGET_PROGRAMS = 264  # split the contracted axis while there are fewer program
 # tiles (channels, contracted) and pipeline stages, by the sweep of benchmarks/fp8_gemv.py on
 # an H200 (benchmarks/results/fp8_gemv_h200.jsonl)
 BLOCK_N, BLOCK_K, STAGES = 64, 128, 4
-FMA_BLOCK_N, FMA_BLOCK_K, FMA_STAGES = 32, 512, 3
+FMA_BLOCK_N, FMA_BLOCK_K, FMA_STAGES = 16, 1024, 3
 NUM_WARPS = 4
 
 
