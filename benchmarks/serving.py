@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 
@@ -45,11 +46,11 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def continuous(llm, jobs, max_batch):
+def continuous(llm, jobs, max_batch, steps_per_launch=4):
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
 
-    with Engine(llm, max_batch=max_batch) as engine:
+    with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
         steps0 = engine.steps
         start, requests = time.perf_counter(), []
         for arrival, prompt, n in jobs:
@@ -96,7 +97,7 @@ def static(llm, jobs, max_batch):
             "tpot": tpot, "occupancy": None}
 
 
-def ceiling(llm, max_batch, steps=32):
+def ceiling(llm, max_batch, steps_per_launch=4, steps=32):
     """The engine with every slot decoding, prefills excluded: tokens per second over `steps`
     steps once every slot holds a request (the throughput limit of the engine), next to
     `generate`'s decode of the same batch with the same cache length, and the engine's step
@@ -105,7 +106,7 @@ def ceiling(llm, max_batch, steps=32):
     from jax_sp.serving import Engine
 
     steps = min(steps, (llm.max_seq_len - 8) // 3)
-    with Engine(llm, max_batch=max_batch) as engine:
+    with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
         device_ms = step_device_ms(engine, steps)
         sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
         engine.submit([1, 2, 3], dataclasses.replace(sampling, max_new_tokens=2)).result()
@@ -129,8 +130,9 @@ def ceiling(llm, max_batch, steps=32):
 
 
 def step_device_ms(engine, n):
-    """The engine's one-step program on every slot, `n` launches back to back with the inputs
-    already on the device and one wait at the end (one-stage models; None otherwise)."""
+    """The engine's step program on every slot, about `n` steps launched back to back with the
+    inputs already on the device and one wait at the end: ms per step (one-stage models; None
+    otherwise)."""
     import jax
 
     from jax_sp.serving import slots_step_fn
@@ -143,17 +145,21 @@ def step_device_ms(engine, n):
                           engine.top_k, engine.top_p))
     x = runner.put(0, engine.tokens)
 
+    k = engine.steps_per_launch
+
     def launch(x, count):
         for _ in range(count):
-            x, engine.caches[0], *_ = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, engine.static, engine.cache_len),
-                engine.static, (st.state, engine.caches[0], x, *rows))
+            (_, x), engine.caches[0], *_ = st.programs.run(
+                "slots_step", lambda: slots_step_fn(st.runtime, engine.static, engine.cache_len,
+                                                    k),
+                engine.static, (st.state, engine.caches[0], x, *rows), variant=k)
         return jax.block_until_ready(x)
 
     x = launch(x, 2)  # compiled, warm
+    launches = max(1, n // k)
     t0 = time.perf_counter()
-    launch(x, n)
-    return (time.perf_counter() - t0) / n * 1e3
+    launch(x, launches)
+    return (time.perf_counter() - t0) / (launches * k) * 1e3
 
 
 def main():
@@ -167,6 +173,8 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--steps-per-launch", default="4",
+                    help="Engine(steps_per_launch=...), one or more (comma-separated)")
     ap.add_argument("--limits-only", action="store_true",
                     help="only the limits: the engine's step against generate's")
     args = ap.parse_args()
@@ -198,18 +206,22 @@ def main():
                                    f"serving_{tag}_{'tiny' if args.tiny else args.model}.jsonl")
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
                          max_batch=args.max_batch)
-    res.emit({"bench": "limits", **ceiling(llm, args.max_batch)})
+    launches = [int(k) for k in args.steps_per_launch.split(",")]
+    for k in launches:
+        res.emit({"bench": "limits", "steps_per_launch": k, **ceiling(llm, args.max_batch, k)})
     if args.limits_only:
         return
     for rate in [float(r) for r in args.rates.split(",")]:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)
-        for mode, run in (("continuous", continuous), ("static", static)):
+        modes = [("continuous", k, functools.partial(continuous, steps_per_launch=k))
+                 for k in launches] + [("static", None, static)]
+        for mode, k, run in modes:
             run(llm, jobs, args.max_batch)  # compiles every shape this workload meets
             c0 = llm.runner.compile_s()
             r = run(llm, jobs, args.max_batch)
             r["compile_s"] = llm.runner.compile_s() - c0  # shapes the warm run did not meet
-            res.emit({"bench": "serving", "mode": mode, "rate": rate,
+            res.emit({"bench": "serving", "mode": mode, "steps_per_launch": k, "rate": rate,
                       "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
                       "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
                       "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),

@@ -440,7 +440,57 @@ def sp_vs_tp(tp: str) -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+def fp8_fma() -> str:
+    """The one-row kernel per projection and its tile sweep (fp8_gemv.py --fma-sweep)."""
+    rows = _rows("fp8_gemv_*_sweep_fma.jsonl")
+    if not rows:
+        return "(no fp8_gemv --fma-sweep results)"
+    out = ["| projection [N, K] | ms for 8 layers | of copy |", "| --- | --- | --- |"]
+    out += [f"| {r['projection']} {r['shape_nk']} | {r['ms']:.3f} | {r['of_copy'] * 100:.0f}% |"
+            for r in rows if r["bench"] == "projection"]
+    out += ["", "| summation | tile (channels x contracted), stages | ms, all four | of copy |",
+            "| --- | --- | --- | --- |"]
+    sweep = sorted((r for r in rows if r["bench"] == "fma-sweep" and "ms" in r),
+                   key=lambda r: r["ms"])
+    out += [f"| {r['fma']} | {r['block_n']}x{r['block_k']}, {r['num_stages']} | {r['ms']:.3f} | "
+            f"{r['of_copy'] * 100:.0f}% |" for r in sweep]
+    limits = next(r for r in rows if r["bench"] == "limits")
+    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({rows[0]['machine']}, jax "
+            f"{rows[0]['jax']}): one row, 8 Llama-3-8B layers; copy bandwidth "
+            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s (XLA's own copy kernel: "
+            f"{limits['copy_gb_s_xla_kernel'] / 1e3:.2f} TB/s) in the same run."]
+    return "\n".join(out)
+
+
+def serving() -> str:
+    """Continuous batching against static batches (benchmarks/serving.py), GPU runs."""
+    rows = [r for r in _rows("serving_*.jsonl") if "NVIDIA" in r["machine"]]
+    if not rows:
+        return "(no GPU serving results)"
+    out = ["| steps a launch | engine step, ms | its program alone, ms | `generate`'s step, ms "
+           "| all slots, tokens/s |", "| --- | --- | --- | --- | --- |"]
+    out += [f"| {r['steps_per_launch']} | {r['engine_step_ms']:.2f} | "
+            f"{r['engine_step_device_ms']:.2f} | {r['generate_step_ms']:.2f} | "
+            f"{r['all_slots_tokens_per_s']:.0f} |" for r in rows if r["bench"] == "limits"]
+    out += ["", "| rate, req/s | mode | tokens/s | TTFT p50 / p99, s | TPOT p50 / p99, ms "
+            "| compile inside, s |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in sorted((r for r in rows if r["bench"] == "serving"),
+                    key=lambda r: (r["rate"], r["mode"], r["steps_per_launch"] or 0)):
+        mode = (f"continuous, {r['steps_per_launch']} step{'s' * (r['steps_per_launch'] > 1)}"
+                if r["mode"] == "continuous" else "static `generate` batches")
+        out.append(f"| {r['rate']:g} | {mode} | {r['tokens_per_s']:.0f} | "
+                   f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
+                   f"{r['tpot_p50_s'] * 1e3:.1f} / {r['tpot_p99_s'] * 1e3:.1f} | "
+                   f"{r['compile_s_inside']:.1f} |")
+    first = rows[0]
+    out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}, "
+            f"{first['model']} shape, random weights, {first['max_batch']} slots): "
+            f"{next(r['requests'] for r in rows if r['bench'] == 'serving')} requests, prompts "
+            f"16-1024 and outputs 16-256 tokens, Poisson arrivals."]
+    return "\n".join(out)
+
+
+TABLES = {"ceiling": ceiling, "fp8_fma": fp8_fma, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
           "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

@@ -10,7 +10,11 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
-   seed and step (`jax_sp.sampling.sample_rows`). The slots' tokens, positions and step
+   seed and step (`jax_sp.sampling.sample_rows`). A launch runs `steps_per_launch` steps
+   (default 4) in one program, each step's tokens feeding the next, so the host's work per
+   launch is shared by that many steps (vLLM's multi-step scheduling); a request that ends
+   inside a launch has its later tokens dropped, and a new one joins at the next launch. The
+   slots' tokens, positions and step
    numbers stay on the device from step to step (put again from the host only after an
    admission), and each step is launched before the previous one's tokens are read, so the
    host's per-step work runs while the device computes (one process, one stage; pipelines and
@@ -131,21 +135,42 @@ class Request:
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
-def slots_step_fn(rt, st: Static, cache_len: int):
+def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
     """(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
-    -> (out, cache, pos_b, step_b): one decode step of every slot at its own position through
-    this stage. inputs: the slots' tokens [B] (first stage) or the previous stage's carry; out:
-    the next tokens, each row sampled with its own settings (last stage), or this stage's
-    carry; pos_b and step_b advanced by one (positions held below cache_len, so that a free
-    slot's stale row never writes past its cache), to stay on the device for the next step."""
-    def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+    -> (out, cache, pos_b, step_b): `steps` decode steps of every slot, each at its own
+    position, through this stage. inputs: the slots' tokens [B] (first stage) or the previous
+    stage's carry (steps 1); out: on the last stage (tokens [steps, B], the last of them [B]),
+    each row sampled with its own settings, else this stage's carry; pos_b and step_b advanced
+    by `steps` (positions held below cache_len, so that a free slot's stale row never writes
+    past its cache), to stay on the device for the next launch. More than one step needs the
+    whole model in one stage: each step's tokens feed the next inside the program."""
+    def one(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
         feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
         out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
         advanced = jnp.minimum(pos_b + 1, cache_len - 1), step_b + 1
         if not rt.stage.last:
-            return (rt.constrain_carry(out.carry), out.cache) + advanced
+            return rt.constrain_carry(out.carry), out.cache, advanced
         token = sample_rows(_logits(rt, out), keys_b, step_b, temperature_b, top_k_b, top_p_b)
-        return (token, out.cache) + advanced
+        return token, out.cache, advanced
+
+    def replicated(*xs):  # as the host puts them: the next launch takes these as they are
+        return tuple(jax.lax.with_sharding_constraint(x, rt.sharding_of(())) for x in xs)
+
+    def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+        rows = (keys_b,), (temperature_b, top_k_b, top_p_b)
+        if steps == 1:
+            out, cache, advanced = one(state, cache, inputs, pos_b, *rows[0], step_b, *rows[1])
+            out = replicated(out[None], out) if rt.stage.last else out
+            return (out, cache) + replicated(*advanced)
+
+        def body(carry, _):
+            cache, token, pos, step = carry
+            token, cache, (pos, step) = one(state, cache, token, pos, *rows[0], step, *rows[1])
+            return (cache, token, pos, step), token
+
+        (cache, last, pos_b, step_b), tokens = jax.lax.scan(
+            body, (cache, inputs, pos_b, step_b), None, length=steps)
+        return replicated(tokens, last), cache, *replicated(pos_b, step_b)
     return run
 
 
@@ -165,10 +190,11 @@ def _insert(cache: KVCache, rows: KVCache, slot):
 class Engine:
     """Continuous batching over an LLM's compiled programs (see the module docstring)."""
 
-    def __init__(self, llm, max_batch: int = 8):
+    def __init__(self, llm, max_batch: int = 8, steps_per_launch: int = 4):
         runner = llm.runner
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        for name, value in (("max_batch", max_batch), ("steps_per_launch", steps_per_launch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.llm, self.runner = llm, runner
         tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1
@@ -204,6 +230,10 @@ class Engine:
         # one step launched ahead of the host needs the tokens to stay on one stage's devices
         # of one process; pipelines and multi-process jobs read each step before the next
         self._ahead = len(stages) == 1 and jax.process_count() == 1
+        # decode steps per launch: the host's work per launch (reading tokens, ending requests,
+        # the launch itself) is shared by this many steps; a pipeline's stages hand tokens
+        # through the host, one step a launch
+        self.steps_per_launch = steps_per_launch if len(stages) == 1 else 1
         self.waiting: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -412,18 +442,19 @@ class Engine:
             args = (st.state, self.caches[i], x, pos, keys, step, temperature, top_k, top_p)
             x, self.caches[i], pos, step = st.programs.run(
                 "slots_step", lambda: slots_step_fn(st.runtime, self.static,  # noqa: B023
-                                                    self.cache_len),
-                self.static, args)
+                                                    self.cache_len, self.steps_per_launch),
+                self.static, args, variant=self.steps_per_launch)
             self._rows[i] = (pos, keys, step, temperature, top_k, top_p)
             if i + 1 < len(runner.stages):
                 x = runner.hop(x, i + 1, self.decode_sp)
-        self.steps += 1
+        k = self.steps_per_launch
+        self.steps += k
         for slot, request in enumerate(self.active):  # the host's copy, advanced alike
             if request is not None:
-                self.pos[slot] = min(self.pos[slot] + 1, self.cache_len - 1)
-                self.step[slot] += 1
-        self._tokens = x
-        return x, list(self.active)
+                self.pos[slot] = min(self.pos[slot] + k, self.cache_len - 1)
+                self.step[slot] += k
+        tokens, self._tokens = x
+        return tokens, list(self.active)
 
     def _collect(self):
         """Read the step in flight (if any): each slot's token goes to the request that held
@@ -432,10 +463,12 @@ class Engine:
             return
         x, held = self._inflight
         self._inflight = None
-        token = to_host(x)
+        tokens = to_host(x)  # [steps, slots]
         for slot, request in enumerate(held):
             if request is None or self.active[slot] is not request:
-                continue  # free, or ended (or cancelled) since: its token is dropped
-            self.tokens[slot] = token[slot]
-            request._emit(int(token[slot]))
-            self._ended(request, slot)
+                continue  # free, or ended (or cancelled) since: its tokens are dropped
+            self.tokens[slot] = tokens[-1, slot]
+            for token in tokens[:, slot]:  # those after the request's end are dropped
+                request._emit(int(token))
+                if self._ended(request, slot):
+                    break

@@ -18,12 +18,14 @@ def tiny(hf_models):
     return model, LLM.from_torch(model, max_seq_len=96)
 
 
-def test_concurrent_requests_get_what_generate_gives_each_alone(tiny):
-    """Six requests of odd lengths over four slots (two wait for a free slot), greedy."""
+@pytest.mark.parametrize("steps_per_launch", [1, 4, 5])
+def test_concurrent_requests_get_what_generate_gives_each_alone(tiny, steps_per_launch):
+    """Six requests of odd lengths over four slots (two wait for a free slot), greedy; one, four
+    or five decode steps a launch (requests end inside a launch and slots are taken again)."""
     _, llm = tiny
     prompts = random_prompts(llm.cfg.vocab_size, (5, 17, 2, 30, 9, 12), seed=5)
     settings = [SamplingParams(max_new_tokens=n, stop_token_ids=()) for n in (7, 3, 12, 5, 1, 9)]
-    with Engine(llm, max_batch=4) as engine:
+    with Engine(llm, max_batch=4, steps_per_launch=steps_per_launch) as engine:
         requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
         got = [r.result(timeout=120) for r in requests]
     assert got == [alone(llm, p, s) for p, s in zip(prompts, settings)]
@@ -107,3 +109,5 @@ def test_a_pipeline_gives_the_single_device_tokens(tiny, parallel):
 def test_a_bad_slot_count_is_refused(tiny):
     with pytest.raises(ValueError, match="max_batch must be a positive integer, got 0"):
         Engine(tiny[1], max_batch=0)
+    with pytest.raises(ValueError, match="steps_per_launch must be a positive integer, got 0"):
+        Engine(tiny[1], steps_per_launch=0)
