@@ -2,7 +2,8 @@
 
 argv: PORT NUM_PROCESSES PROCESS_ID SCENARIO OUT_JSON [DEVICES_PER_PROCESS (4)].
 Scenarios tp8, tp4pp2, die: build the same tiny HF model in every process, run it and write the
-results (logits, greedy and sampled tokens) to OUT_JSON. Scenario ckpt: load each checkpoint of
+results (logits, greedy and sampled tokens; tp8 also FP8's logits and greedy tokens) to
+OUT_JSON. Scenario ckpt: load each checkpoint of
 the JSON in $MH_CKPT ({"tp", "pp", "paths": {format: path}, "prompts"}) with from_pretrained and
 write each one's greedy tokens."""
 
@@ -61,7 +62,14 @@ llm = LLM.from_torch(model, parallel=parallel)
 logits = [x.tolist() for x in llm.logits(prompts)]
 tokens = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=6))]
 sampled = [c.token_ids for c in llm.generate(prompts, SAMPLED)]
+fp8 = {}
+if scenario == "tp8":  # FP8 weights quantized on each process's own shards, W8A8 prefill and
+    # weight-only decode steps
+    quantized = LLM.from_torch(model, parallel=parallel, quantization="fp8")
+    fp8 = {"fp8_logits": [x.tolist() for x in quantized.logits(prompts)],
+           "fp8_tokens": [c.token_ids for c in quantized.generate(
+               prompts, SamplingParams(max_new_tokens=6))]}
 json.dump({"process": jax.process_index(), "devices": len(jax.devices()),
            "local": len(jax.local_devices()), "logits": logits, "tokens": tokens,
-           "sampled": sampled},
+           "sampled": sampled, **fp8},
           open(out, "w"))

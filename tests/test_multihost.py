@@ -53,6 +53,16 @@ def test_tp8_across_two_processes_matches_hf_and_one_process(tmp_path):
     assert outs[0]["sampled"] == [c.token_ids for c in single.generate(prompts, SAMPLED)]
     for got, want in zip(outs[0]["logits"], single.logits(prompts)):
         np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
+    # FP8: each process quantizes its own shards (a row-parallel weight's scale spans the other
+    # process's shards); the tokens and logits are one process's
+    assert outs[0]["fp8_tokens"] == outs[1]["fp8_tokens"]
+    assert outs[0]["fp8_logits"] == outs[1]["fp8_logits"] != outs[0]["logits"]  # quantized
+    quantized = LLM.from_torch(model, parallel=ParallelConfig(tp=8, sp="on"),
+                               quantization="fp8")
+    assert outs[0]["fp8_tokens"] == [c.token_ids for c in quantized.generate(
+        prompts, SamplingParams(max_new_tokens=6))]
+    for got, want in zip(outs[0]["fp8_logits"], quantized.logits(prompts)):
+        np.testing.assert_allclose(np.array(got), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
