@@ -14,11 +14,10 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
    (default 4) in one program, each step's tokens feeding the next, so the host's work per
    launch is shared by that many steps (vLLM's multi-step scheduling); a request that ends
    inside a launch has its later tokens dropped, and a new one joins at the next launch. The
-   slots' tokens, positions and step
-   numbers stay on the device from step to step (put again from the host only after an
-   admission), and each step is launched before the previous one's tokens are read, so the
-   host's per-step work runs while the device computes (one process, one stage; pipelines and
-   multi-process jobs read each step before launching the next);
+   slots' tokens, positions and step numbers stay on the device from launch to launch (put
+   again from the host only after an admission), and each launch is issued before the previous
+   one's tokens are read, so the host's work runs while the device computes (one process, one
+   stage; pipelines and multi-process jobs read each launch before issuing the next);
 3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once
    (its slot computes one step more in the step already launched; that token is dropped).
 
