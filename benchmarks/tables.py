@@ -59,6 +59,11 @@ def _rows(pattern: str) -> list[dict]:
     return rows
 
 
+def _source(row: dict) -> str:
+    """A table's footnote opening: its result file, machine and jax version."""
+    return f"`benchmarks/results/{row['_file']}` ({row['machine']}, jax {row['jax']}): "
+
+
 def _gpu(machine: str) -> str:
     """'4x NVIDIA H200' -> 'H200'."""
     return machine.split("NVIDIA ")[-1].split(" ")[0] if "NVIDIA" in machine else machine
@@ -217,8 +222,8 @@ def fp8_gemv() -> str:
             cells.append(f"{r['ms']:.3f} / {r['of_copy'] * 100:.0f}%" if r else "")
         out.append(f"| {names[variant]} | " + " | ".join(cells) + " |")
     layers = rows[0]["layers"]
-    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({rows[0]['machine']}, jax "
-            f"{rows[0]['jax']}): the four projections of {layers} Llama-3-8B layers, stacked and "
+    out += ["", _source(rows[0]) + f"the four projections of {layers} Llama-3-8B layers, "
+            f"stacked and "
             f"unrolled as decode runs them; \"of copy\" is the weight bytes over the time against "
             f"the copy bandwidth measured in the same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s."]
     return "\n".join(out)
@@ -455,8 +460,7 @@ def fp8_fma() -> str:
     out += [f"| {r['fma']} | {r['block_n']}x{r['block_k']}, {r['num_stages']} | {r['ms']:.3f} | "
             f"{r['of_copy'] * 100:.0f}% |" for r in sweep]
     limits = next(r for r in rows if r["bench"] == "limits")
-    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({rows[0]['machine']}, jax "
-            f"{rows[0]['jax']}): one row, 8 Llama-3-8B layers; copy bandwidth "
+    out += ["", _source(rows[0]) + "one row, 8 Llama-3-8B layers; copy bandwidth "
             f"{limits['copy_gb_s'] / 1e3:.2f} TB/s (XLA's own copy kernel: "
             f"{limits['copy_gb_s_xla_kernel'] / 1e3:.2f} TB/s) in the same run."]
     return "\n".join(out)

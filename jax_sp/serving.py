@@ -143,28 +143,28 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
     by `steps` (positions held below cache_len, so that a free slot's stale row never writes
     past its cache), to stay on the device for the next launch. More than one step needs the
     whole model in one stage: each step's tokens feed the next inside the program."""
-    def one(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+    def one(state, cache, inputs, pos_b, step_b, keys_b, settings):
         feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
         out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
         advanced = jnp.minimum(pos_b + 1, cache_len - 1), step_b + 1
         if not rt.stage.last:
             return rt.constrain_carry(out.carry), out.cache, advanced
-        token = sample_rows(_logits(rt, out), keys_b, step_b, temperature_b, top_k_b, top_p_b)
+        token = sample_rows(_logits(rt, out), keys_b, step_b, *settings)
         return token, out.cache, advanced
 
     def replicated(*xs):  # as the host puts them: the next launch takes these as they are
         return tuple(jax.lax.with_sharding_constraint(x, rt.sharding_of(())) for x in xs)
 
     def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
-        rows = (keys_b,), (temperature_b, top_k_b, top_p_b)
+        settings = (temperature_b, top_k_b, top_p_b)
         if steps == 1:
-            out, cache, advanced = one(state, cache, inputs, pos_b, *rows[0], step_b, *rows[1])
+            out, cache, advanced = one(state, cache, inputs, pos_b, step_b, keys_b, settings)
             out = replicated(out[None], out) if rt.stage.last else out
             return (out, cache) + replicated(*advanced)
 
         def body(carry, _):
             cache, token, pos, step = carry
-            token, cache, (pos, step) = one(state, cache, token, pos, *rows[0], step, *rows[1])
+            token, cache, (pos, step) = one(state, cache, token, pos, step, keys_b, settings)
             return (cache, token, pos, step), token
 
         (cache, last, pos_b, step_b), tokens = jax.lax.scan(
