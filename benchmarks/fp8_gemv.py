@@ -41,6 +41,8 @@ def main():
     ap.add_argument("--variants", default=None, help="only these variants (comma-separated)")
     ap.add_argument("--fma-sweep", action="store_true",
                     help="sweep one row's CUDA-core tiles in both fma modes")
+    ap.add_argument("--shape-sweep", action="store_true",
+                    help="sweep one row's tiles and splits per projection")
     ap.add_argument("--out", default=None)
     ap.add_argument("--hlo-dir", default=None, help="write each variant's compiled program here")
     args = ap.parse_args()
@@ -142,6 +144,27 @@ def main():
                 continue
             res.emit({**cfg, "ms": per * 1e3, "of_copy": bytes8 / per / bandwidth})
 
+    if args.shape_sweep:  # one row: each projection alone over tiles and contracted splits
+        xs = inputs(1)
+        for name, (n, k) in shapes.items():
+            def run(bn, bk, sp, stages, warps):
+                cfg = {"bench": "shape-sweep", "rows": 1, "projection": name,
+                       "shape_nk": [n, k], "block_n": bn, "block_k": bk, "splits": sp,
+                       "num_stages": stages, "num_warps": warps}
+                return _time_projection(
+                    common, jax, fp8_gemv, fp8[name], xs[name], L, res, cfg, bandwidth,
+                    block_n=bn, block_k=bk, splits=sp, num_stages=stages, num_warps=warps)
+
+            timed = {}
+            for bn, bk, sp in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (1, 2, 4)):
+                per = run(bn, bk, sp, 3, 4)
+                if per is not None:
+                    timed[bn, bk, sp] = per
+            if timed:  # stages and warps around the best tile
+                best = min(timed, key=timed.get)
+                for stages, warps in [(2, 4), (4, 4), (3, 2), (3, 8)]:
+                    run(*best, stages, warps)
+
     if args.sweep:  # tiles: CUDA-core configurations at few rows, tensor-core ones at more
         xs_all = {rows: inputs(rows) for rows in rows_list}
         few = [r for r in rows_list if r <= 4]
@@ -163,6 +186,19 @@ def main():
                     res.emit({**cfg, "error": str(e).splitlines()[0][:200]})
                     continue
                 res.emit({**cfg, "ms": per * 1e3, "of_copy": bytes8 / per / bandwidth})
+
+
+def _time_projection(common, jax, fp8_gemv, q, x, layers, res, cfg, bandwidth, **tile):
+    """One projection's `layers` layers with the kernel at `tile`: emits the time and the
+    share of the copy bandwidth (or the compiler's refusal) and returns seconds or None."""
+    fn = jax.jit(lambda q, x: [fp8_gemv(x, q.q, q.scale, l, **tile) for l in range(layers)])
+    try:
+        _, per = common.timed_bursts(lambda: fn(q, x), 5, 10)
+    except Exception as e:  # a tile the compiler (or plan) refuses is a result too
+        res.emit({**cfg, "error": str(e).splitlines()[0][:200]})
+        return None
+    res.emit({**cfg, "ms": per * 1e3, "of_copy": q.q.nbytes / per / bandwidth})
+    return per
 
 
 def census(text: str) -> dict:

@@ -466,6 +466,42 @@ def fp8_fma() -> str:
     return "\n".join(out)
 
 
+def fp8_shape() -> str:
+    """One row, each projection over tiles and splits (fp8_gemv.py --shape-sweep)."""
+    rows = _rows("fp8_gemv_*_shape.jsonl")
+    if not rows:
+        return "(no fp8_gemv --shape-sweep results)"
+    from models.fp8_gemv import FMA_BLOCK_K, FMA_BLOCK_N, FMA_STAGES, NUM_WARPS
+
+    sweep = [r for r in rows if r["bench"] == "shape-sweep" and "ms" in r]
+    layers = next(r["layers"] for r in rows if r["bench"] == "variant")
+
+    def cell(r):
+        return (f"{r['ms'] / layers * 1e3:.1f} µs, {r['of_copy'] * 100:.0f}%" if r else "—")
+
+    def at(name, tile):
+        return next((r for r in sweep if r["projection"] == name and
+                     (r["block_n"], r["block_k"], r["splits"], r["num_stages"],
+                      r["num_warps"]) == tile), None)
+
+    default = (FMA_BLOCK_N, FMA_BLOCK_K, 1, FMA_STAGES, NUM_WARPS)
+    out = ["| projection [N, K] | 16x1024, 3 stages (before) | "
+           f"{FMA_BLOCK_N}x{FMA_BLOCK_K}, {FMA_STAGES} stages (default) | best: tile, splits, "
+           "stages, warps | best |", "| --- | --- | --- | --- | --- |"]
+    for name in dict.fromkeys(r["projection"] for r in sweep):
+        best = min((r for r in sweep if r["projection"] == name), key=lambda r: r["ms"])
+        out.append(f"| {name} {best['shape_nk']} | {cell(at(name, (16, 1024, 1, 3, 4)))} | "
+                   f"{cell(at(name, default))} | {best['block_n']}x{best['block_k']}, "
+                   f"{best['splits']}, {best['num_stages']}, {best['num_warps']} | "
+                   f"{cell(best)} |")
+    limits = next(r for r in rows if r["bench"] == "limits")
+    out += ["", _source(rows[0]) + f"one row, each projection alone over {layers} Llama-3-8B "
+            f"layers, time a layer and share of the copy bandwidth "
+            f"({limits['copy_gb_s'] / 1e3:.2f} TB/s in the same run); {len(sweep)} settings "
+            "timed."]
+    return "\n".join(out)
+
+
 def serving() -> str:
     """Continuous batching against static batches (benchmarks/serving.py), GPU runs."""
     rows = [r for r in _rows("serving_*.jsonl") if "NVIDIA" in r["machine"]]
@@ -494,7 +530,7 @@ def serving() -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "fp8_fma": fp8_fma, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+TABLES = {"ceiling": ceiling, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
           "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

@@ -27,30 +27,34 @@ import jax.numpy as jnp
 MAX_ROWS = 64  # the kernel serves at most this many rows
 FMA_ROWS = 1  # up to this many rows: CUDA-core multiply-adds; more: tensor cores on 16-row tiles
 TARGET_PROGRAMS = 264  # split the contracted axis while there are fewer programs (2 per SM)
-# tiles (channels, contracted) and pipeline stages, by the sweep of benchmarks/fp8_gemv.py on
-# an H200 (benchmarks/results/fp8_gemv_h200.jsonl)
+# tiles (channels, contracted) and pipeline stages, by the sweeps of benchmarks/fp8_gemv.py on
+# an H200: tensor cores benchmarks/results/fp8_gemv_h200.jsonl, one row (CUDA cores) per
+# projection fp8_gemv_h200_shape.jsonl (8 x 2048 gave 85 us a layer against 97.5 for 16 x 1024)
 BLOCK_N, BLOCK_K, STAGES = 64, 128, 4
-FMA_BLOCK_N, FMA_BLOCK_K, FMA_STAGES = 16, 1024, 3
+FMA_BLOCK_N, FMA_BLOCK_K, FMA_STAGES = 8, 2048, 3
 NUM_WARPS = 4
 
 
 def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | None = None,
-         interpret: bool = False):
+         interpret: bool = False, splits: int | None = None):
     """(tile rows, block_n, block_k, splits) for an [rows, k] x [n, k] product, or None when
-    the kernel does not take it: more than MAX_ROWS rows, or n or k without a power-of-two
-    divisor of 16 on GPU. Tile rows: `rows` itself up to FMA_ROWS (CUDA cores, one row at a
-    time), else rows rounded up to a multiple of 16 (tensor cores). The contracted axis is split
-    over programs until there are about TARGET_PROGRAMS of them."""
+    the kernel does not take it: more than MAX_ROWS rows, n or k without a power-of-two
+    divisor of 16 on GPU (of min(16, block_n) for n on CUDA cores), or `splits` not dividing
+    the contracted blocks. Tile rows: `rows` itself up to FMA_ROWS (CUDA cores, one row at a
+    time), else rows rounded up to a multiple of 16 (tensor cores). Unless `splits` is given,
+    the contracted axis is split over programs until there are about TARGET_PROGRAMS."""
     if rows > MAX_ROWS:
         return None
     fma = rows <= FMA_ROWS
     block_n = block_n or (FMA_BLOCK_N if fma else BLOCK_N)
     block_k = block_k or (FMA_BLOCK_K if fma else BLOCK_K)
     bn, bk = min(n & -n, block_n), min(k & -k, block_k)
-    if not interpret and (bn < 16 or bk < 16):
+    if not interpret and (bn < (min(16, block_n) if fma else 16) or bk < 16):
         return None
     tile = rows if fma else -(-rows // 16) * 16
     blocks_n, blocks_k = n // bn, k // bk
+    if splits is not None:
+        return (tile, bn, bk, splits) if blocks_k % splits == 0 else None
     want = max(1, TARGET_PROGRAMS // blocks_n)
     splits = next(s for s in range(min(want, blocks_k), 0, -1) if blocks_k % s == 0)
     return tile, bn, bk, splits
@@ -59,7 +63,7 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
 def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = NUM_WARPS,
              num_stages: int | None = None, fma: str = "reduce",
-             interpret: bool | None = None):
+             splits: int | None = None, interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype:
     sum_k x[m, k] * wq[n, k] * scale[n], accumulated in float32. With `layer` (an int or an
     int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights and the
@@ -68,7 +72,8 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan`
     refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its
     products, "reduce" (each block's across its columns) or "tile" (per column over the whole
-    loop, summed once at the end)."""
+    loop, summed once at the end). splits: how many programs share the contracted axis (by
+    default `plan`'s choice)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -80,10 +85,11 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     if kw != k or scale.shape != wq.shape[:2]:
         raise ValueError(f"fp8_gemv: x {x.shape}, weight {wq.shape} and scale {scale.shape} "
                          f"do not fit (want [M, K], [(L,) N, K], [(L,) N])")
-    shape = plan(m, n, k, block_n, block_k, interpret)
+    shape = plan(m, n, k, block_n, block_k, interpret, splits)
     if shape is None:
-        raise ValueError(f"fp8_gemv: takes at most {MAX_ROWS} rows and N, K with a "
-                         f"power-of-two divisor >= 16, not x {x.shape}, weight {wq.shape}")
+        raise ValueError(f"fp8_gemv: takes at most {MAX_ROWS} rows, N and K with a "
+                         f"power-of-two divisor >= 16 and splits dividing K's blocks, not "
+                         f"x {x.shape}, weight {wq.shape}, splits {splits}")
     rows, bn, bk, splits = shape
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
     params = None

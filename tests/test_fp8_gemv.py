@@ -60,7 +60,9 @@ def test_a_stacked_weight_is_read_at_the_layer_given():
 def test_shapes_the_kernel_does_not_take_are_refused():
     x = jnp.zeros((65, 64), jnp.bfloat16)
     w = quantize_weight(jnp.ones((64, 32)), (0,))
-    assert plan(65, 32, 64) is None and plan(1, 24, 64) is None  # > 64 rows; N % 16 != 0
+    assert plan(65, 32, 64) is None  # > 64 rows
+    assert plan(2, 24, 64) is None and plan(1, 20, 64) is None  # N % 16 (8 for one row) != 0
+    assert plan(1, 32, 64 * 3, block_k=64, splits=2) is None  # 2 does not divide 3 blocks
     with pytest.raises(ValueError, match="at most 64 rows"):
         fp8_gemv(x, w.q, w.scale, interpret=True)
     with pytest.raises(ValueError, match="do not fit"):
