@@ -46,11 +46,13 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def continuous(llm, jobs, max_batch, steps_per_launch=4):
+def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048):
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
 
-    with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
+    with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch,
+                max_prefill_tokens=max_prefill_tokens) as engine:
+        engine.warm()  # every admission shape: none compiles inside the measured run
         steps0 = engine.steps
         start, requests = time.perf_counter(), []
         for arrival, prompt, n in jobs:
@@ -68,7 +70,8 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4):
     tpot = [(r.finished - r.submitted - r.first_token_s) / (len(r.token_ids) - 1)
             for r in requests if len(r.token_ids) > 1]
     return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
-            "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots}
+            "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
+            "prefill_groups": {str(k): v for k, v in sorted(engine.prefill_sizes.items())}}
 
 
 def static(llm, jobs, max_batch):
@@ -175,6 +178,9 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps-per-launch", default="4",
                     help="Engine(steps_per_launch=...), one or more (comma-separated)")
+    ap.add_argument("--max-prefill-tokens", default="2048",
+                    help="Engine(max_prefill_tokens=...), one or more (comma-separated; 1: "
+                         "each request prefilled alone)")
     ap.add_argument("--limits-only", action="store_true",
                     help="only the limits: the engine's step against generate's")
     args = ap.parse_args()
@@ -214,18 +220,22 @@ def main():
     for rate in [float(r) for r in args.rates.split(",")]:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)
-        modes = [("continuous", k, functools.partial(continuous, steps_per_launch=k))
-                 for k in launches] + [("static", None, static)]
-        for mode, k, run in modes:
+        budgets = [int(b) for b in args.max_prefill_tokens.split(",")]
+        modes = [("continuous", k, b, functools.partial(continuous, steps_per_launch=k,
+                                                        max_prefill_tokens=b))
+                 for k in launches for b in budgets] + [("static", None, None, static)]
+        for mode, k, budget, run in modes:
             run(llm, jobs, args.max_batch)  # compiles every shape this workload meets
             c0 = llm.runner.compile_s()
             r = run(llm, jobs, args.max_batch)
             r["compile_s"] = llm.runner.compile_s() - c0  # shapes the warm run did not meet
-            res.emit({"bench": "serving", "mode": mode, "steps_per_launch": k, "rate": rate,
+            res.emit({"bench": "serving", "mode": mode, "steps_per_launch": k,
+                      "max_prefill_tokens": budget, "rate": rate,
                       "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
                       "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
                       "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),
                       "occupancy": r["occupancy"], "seconds": r["seconds"],
+                      "prefill_groups": r.get("prefill_groups"),
                       "compile_s_inside": r["compile_s"]})
 
 

@@ -116,13 +116,18 @@ def _serve(args) -> int:
     if jax.process_index():  # follow process 0's schedule until it shuts down
         from jax_sp.serving import Engine
 
-        Engine(llm, max_batch=args.max_batch, steps_per_launch=args.steps_per_launch).join()
+        engine = Engine(llm, max_batch=args.max_batch, steps_per_launch=args.steps_per_launch,
+                        max_prefill_tokens=args.max_prefill_tokens)
+        if args.warm:
+            engine.warm()
+        engine.join()
         return 0
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({parallel.describe()}, "
           f"{args.max_batch} slots{hosts})", flush=True)
-    serve(llm, args.host, args.port, args.max_batch, name, args.steps_per_launch)
+    serve(llm, args.host, args.port, args.max_batch, name, args.steps_per_launch,
+          args.max_prefill_tokens, args.warm)
     return 0
 
 
@@ -252,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--steps-per-launch", type=_positive, default=4,
                      help="decode steps per launch: the host's per-launch work is shared by "
                           "this many steps; a new request joins at the next launch")
+    srv.add_argument("--max-prefill-tokens", type=_positive, default=2048,
+                     help="admissions prefilled together up to this many padded tokens "
+                          "(one stage; a longer prompt alone)")
+    srv.add_argument("--warm", action="store_true",
+                     help="compile every admission shape and the decode launch before serving "
+                          "(else each is compiled when first met, inside a request's latency)")
     srv.add_argument("--served-model-name", default=None,
                      help="the name clients pass as `model` (default: the model's file name)")
     _process_options(srv, "HOST:PORT of process 0 of a multi-process job: process 0 serves, "

@@ -3,10 +3,14 @@
 `Engine(llm, max_batch=N)` keeps N decode slots and one KV cache for them ([L, N, S, K, H],
 S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 
-1. admit: each waiting request, while a slot is free, is prefilled on its own (the LLM's
-   prefill through every pipeline stage: its bucket, SP by `sp` as `generate` decides, its
-   first token sampled with its own settings) and each stage's cache row is written into the
-   free slot (one in-place update of the slot's rows of that stage's cache);
+1. admit: the waiting requests, while slots are free, are prefilled and written into the free
+   slots. One stage: the round's admissions, sorted by length, are prefilled together in
+   groups of at most `max_prefill_tokens` padded tokens (a power-of-two batch times the
+   bucket of its longest prompt; a longer prompt alone), one program per group that runs the
+   forward (SP by `sp` as `generate` decides for that many tokens), samples each first token
+   with its request's own settings and key, and writes the rows into their slots of the cache
+   in place. A pipeline prefills each request on its own through every stage (the runner's
+   prefill) and writes each stage's row into the slot;
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
@@ -30,11 +34,14 @@ Multi-process (jax.distributed): every round, process 0 makes the plan (cancella
 admissions with each request's prompt and settings, stop) and broadcasts it; every process
 applies it and runs the same programs, so the others follow process 0's schedule and only
 process 0 takes requests. Stop strings are met on the decoded text by the HTTP server
-(jax_sp/server.py). Not yet: chunked prefill of long prompts, logprobs.
+(jax_sp/server.py). Not yet: chunked prefill of long prompts (an admission's prefill runs
+between two launches, so the running slots wait for it), logprobs.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -48,9 +55,9 @@ import numpy as np
 
 from jax_sp.config import SamplingParams
 from jax_sp.generate import Static, _forward, _logits
-from jax_sp.runner import pow2_at_least
+from jax_sp.runner import bucket, pow2_at_least
 from jax_sp.runtime import to_host
-from jax_sp.sampling import sample_rows
+from jax_sp.sampling import row_keys, sample_rows
 from models.cache import KVCache
 
 _DONE = object()
@@ -173,6 +180,49 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
     return run
 
 
+def admit_fn(rt, st: Static, cache_len: int):
+    """(state, cache, tokens_bt, kv_len_b, slots_b, seeds_b, temperature_b, top_k_b, top_p_b)
+    -> ((first tokens [B], keys [B, 2]), cache): the prefill of B prompts (one stage, the whole
+    model), each first token sampled with its own settings and the key `generate` gives row 0
+    of a batch with its seed, and each row's cache written into slot slots_b[i] of the engine's
+    (donated; a slot past the end, a padding row's, is dropped)."""
+    def run(state, cache, tokens_bt, kv_len_b, slots_b, seeds_b, temperature_b, top_k_b,
+            top_p_b):
+        b, t = tokens_bt.shape
+        positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        rows = jnp.arange(b) * t + kv_len_b - 1  # each prompt's last token
+        # a bucket may pass the cache's length: those positions hold padding only
+        out = _forward(rt, st, state, rt.empty_cache(b, max(cache_len, t)), positions_bt,
+                       kv_len_b, rows, fresh=True, tokens_bt=tokens_bt)
+        keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
+        token = sample_rows(_logits(rt, out), keys_b, jnp.zeros(b, jnp.int32), temperature_b,
+                            top_k_b, top_p_b)
+
+        def put(big, small):
+            small = small[:, :, :cache_len].astype(big.dtype)
+            big = big.at[:, slots_b].set(small, mode="drop")
+            return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
+
+        every = rt.sharding_of(())
+        return ((jax.lax.with_sharding_constraint(token, every),
+                 jax.lax.with_sharding_constraint(keys_b, every)),
+                KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
+    return run
+
+
+def prefill_groups(lengths: list[int], budget: int, tp: int) -> list[list[int]]:
+    """Indices of prompts of these lengths in prefill groups: sorted by length, a group grows
+    while its padded size (its row count rounded up to a power of two, times the bucket of its
+    longest prompt) stays within `budget` tokens; a prompt over the budget alone."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if groups and pow2_at_least(len(groups[-1]) + 1) * bucket(lengths[i], tp) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def _merge(device_tokens, host_tokens, fresh):
     """The next step's input tokens: the last step's on the device, a fresh slot's (its first
     token, sampled by its prefill) from the host."""
@@ -180,18 +230,21 @@ def _merge(device_tokens, host_tokens, fresh):
 
 
 def _insert(cache: KVCache, rows: KVCache, slot):
-    """Row 0 of a prefill's cache into slot `slot` of the engine's (in place: donated)."""
+    """Row 0 of a prefill's cache into slot `slot` of the engine's (in place: donated; a
+    prefill's cache longer than the engine's, its bucket's, holds only padding past it)."""
     put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-        big, small[:, :1].astype(big.dtype), slot, axis=1)
+        big, small[:, :1, :big.shape[2]].astype(big.dtype), slot, axis=1)
     return KVCache(put(cache.k, rows.k), put(cache.v, rows.v))
 
 
 class Engine:
     """Continuous batching over an LLM's compiled programs (see the module docstring)."""
 
-    def __init__(self, llm, max_batch: int = 8, steps_per_launch: int = 4):
+    def __init__(self, llm, max_batch: int = 8, steps_per_launch: int = 4,
+                 max_prefill_tokens: int = 2048):
         runner = llm.runner
-        for name, value in (("max_batch", max_batch), ("steps_per_launch", steps_per_launch)):
+        for name, value in (("max_batch", max_batch), ("steps_per_launch", steps_per_launch),
+                            ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.llm, self.runner = llm, runner
@@ -233,6 +286,10 @@ class Engine:
         # the launch itself) is shared by this many steps; a pipeline's stages hand tokens
         # through the host, one step a launch
         self.steps_per_launch = steps_per_launch if len(stages) == 1 else 1
+        # admissions prefilled together up to this many padded tokens (one stage)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_sizes: collections.Counter = collections.Counter()  # group size -> count
+        self._held = 0  # hold(): no admissions while > 0
         self.waiting: queue.Queue = queue.Queue()
         self._ids = itertools.count()
         self._wake = threading.Condition()
@@ -271,6 +328,18 @@ class Engine:
         self._cancelled[request.id] = reason
         with self._wake:
             self._wake.notify()
+
+    @contextlib.contextmanager
+    def hold(self):
+        """While held, the engine admits no request (the running ones go on decoding); the
+        requests submitted meanwhile are admitted together when the last hold ends."""
+        self._held += 1
+        try:
+            yield self
+        finally:
+            self._held -= 1
+            with self._wake:
+                self._wake.notify()
 
     def join(self):
         """Wait for the loop to end (a follower process: until process 0 shuts down)."""
@@ -321,8 +390,8 @@ class Engine:
             if launched is None and not any(self.active) and self.leader and not plan["admit"]:
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
-                    self._wake.wait_for(lambda: self._stop or not self.waiting.empty()
-                                        or bool(self._cancelled), 0.1)
+                    self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
+                        not self._held and not self.waiting.empty()), 0.1)
 
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""
@@ -344,7 +413,7 @@ class Engine:
                   if rid in running}
         free = [slot for slot, r in enumerate(self.active) if r is None or r.id in cancel]
         admit = []
-        while free and not self.waiting.empty():
+        while free and not self._held and not self.waiting.empty():
             request = self.waiting.get()
             if request.id in self._cancelled:  # cancelled before it ran: no process knew it
                 request._finish(self._cancelled.pop(request.id))
@@ -373,6 +442,7 @@ class Engine:
             if r is not None and r.id in cancel:
                 r._finish(cancel[r.id])
                 self.active[slot] = None
+        admitted = []
         for a in plan["admit"]:
             request = self._pending.pop(a["id"], None)
             if request is None:  # a follower's copy of process 0's request
@@ -381,21 +451,111 @@ class Engine:
                     fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
                 request = Request(a["id"], a["prompt"], SamplingParams(**fields),
                                   tuple(a["stop_ids"]))
+            admitted.append((request, a["slot"]))
+        if len(self.runner.stages) == 1:
+            groups = prefill_groups([len(r.prompt) for r, _ in admitted],
+                                    self.max_prefill_tokens, self.llm.parallel.tp)
+            groups = [[admitted[i] for i in g] for g in groups]
+        else:
+            groups = [[one] for one in admitted]
+        for group in groups:
             try:
-                self._prefill(request, a["slot"])
-            except Exception as e:  # noqa: BLE001 - this request fails, the others go on
-                request._finish(e)
+                if len(self.runner.stages) == 1:
+                    self._prefill_group(group)
+                else:
+                    self._prefill(*group[0])
+            except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+                for request, _ in group:
+                    request._finish(e)
                 continue
-            if not self._ended(request, a["slot"]):
-                self.active[a["slot"]] = request
+            for request, slot in group:
+                if not self._ended(request, slot):
+                    self.active[slot] = request
+
+    def _prefill_group(self, group: list):
+        """One stage: the prefill of these (request, slot) pairs as one batch, their cache rows
+        written into their slots and each first token sampled with its own settings."""
+        st = self.runner.stages[0]
+        job = self.runner.batch([np.array(r.prompt, np.int32) for r, _ in group], 1, False)
+        pad = job.batch - len(group)
+        slots = np.array([slot for _, slot in group] + [self.slots] * pad, np.int32)
+        settings = [r.sampling for r, _ in group] + [SamplingParams()] * pad
+        host = (job.inputs, job.kv_len, slots,
+                np.array([s.key_seed() for s in settings]),
+                np.array([s.temperature for s in settings], np.float32),
+                np.array([s.top_k for s in settings], np.int32),
+                np.array([s.top_p for s in settings], np.float32))
+        args = (st.state, self.caches[0], *self.runner.put(0, host))
+        static = self._admit_static(*job.inputs.shape)
+        (tokens, keys), self.caches[0] = st.programs.run(
+            "admit", lambda: admit_fn(st.runtime, static, self.cache_len), static, args,
+            variant=self.cache_len)
+        tokens, keys = to_host(tokens), to_host(keys)
+        self.prefill_sizes[len(group)] += 1
+        for i, (request, slot) in enumerate(group):
+            s = request.sampling
+            self.tokens[slot], self.pos[slot], self.step[slot] = tokens[i], len(request.prompt), 1
+            self.keys[slot] = keys[i]
+            self.temperature[slot] = s.temperature
+            self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
+            self._fresh[slot] = True
+            request._emit(int(tokens[i]))
+        self._rows = [None] * len(self._rows)  # put again before the next step
+
+    def _admit_static(self, b: int, t: int) -> Static:
+        """The admission program's settings for a [b, t] group: SP as `generate` decides for
+        b * t tokens; sampling per row."""
+        rt = self.runner.stages[0].runtime
+        return dataclasses.replace(Static.of(rt, "prefill", self.llm.parallel.use_sp(b * t)),
+                                   greedy=False, top_k=0)
+
+    def warm(self) -> float:
+        """Compile, before any request, every program this engine can meet: each admission
+        group's shape ([b, t] for every bucket t a prompt can take and every batch b of a group
+        within max_prefill_tokens) and the decode launch. Returns the seconds spent compiling.
+        Without it each shape is compiled when first met, inside some request's time to first
+        token. A pipeline's programs are compiled when first met."""
+        if len(self.runner.stages) > 1:
+            return 0.0
+        st = self.runner.stages[0]
+        rt, tp = st.runtime, self.llm.parallel.tp
+        every = rt.sharding_of(())
+
+        def spec(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=every)
+
+        before = st.programs.total_compile_s()
+        unit = tp if self.decode_sp else 1  # as Runner.batch pads a group
+        seed = np.asarray(SamplingParams().key_seed()).dtype
+        for t in sorted({bucket(n, tp) for n in range(1, self.llm.max_seq_len)}):
+            n = 1
+            while n <= self.slots and (n == 1 or n * t <= self.max_prefill_tokens):
+                b = -(-n // unit) * unit
+                static = self._admit_static(b, t)
+                rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
+                                                jnp.int32, jnp.float32)]
+                st.programs.compile(
+                    "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
+                    (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
+                    variant=self.cache_len)
+                n *= 2
+        b, k = self.slots, self.steps_per_launch
+        st.programs.compile(
+            "slots_step", lambda: slots_step_fn(rt, self.static, self.cache_len, k), self.static,
+            (st.state, self.caches[0], spec((b,), jnp.int32), spec((b,), jnp.int32),
+             spec((b, 2), jnp.uint32), *[spec((b,), d) for d in (jnp.int32, jnp.float32,
+                                                                  jnp.int32, jnp.float32)]),
+            variant=k)
+        return st.programs.total_compile_s() - before
 
     def _prefill(self, request: Request, slot: int):
-        """The request's prefill on its own (the runner's: every stage, SP as `generate`
-        decides), each stage's cache row written into the slot."""
+        """A pipeline: the request's prefill on its own (the runner's: every stage, SP as
+        `generate` decides), each stage's cache row written into the slot."""
         s = request.sampling
         job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
-        job = dataclasses.replace(job, cache_len=self.cache_len)
+        job = dataclasses.replace(job, cache_len=max(self.cache_len, job.inputs.shape[1]))
         run = self.runner.prefill(job, s)
+        self.prefill_sizes[1] += 1
         for i, rows in enumerate(run.caches):
             self.caches[i] = self._insert(self.caches[i], rows[0], np.int32(slot))
         first = int(to_host(run.tokens[0])[0])

@@ -112,7 +112,7 @@ def test_two_processes_serve_what_one_process_generates_and_drain_on_sigterm(tin
         [sys.executable, "-m", "jax_sp.cli", "serve", "--model", tiny_folder, "--tp", "2",
          "--port", str(port), "--max-batch", "2", "--max-seq-len", "128",
          "--served-model-name", "tiny", "--coordinator", f"127.0.0.1:{coordinator}",
-         "--num-processes", "2", "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+         "--num-processes", "2", "--process-id", str(i), "--warm"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = {}
     readers = [threading.Thread(target=lambda i=i, p=p: logs.__setitem__(i, p.stdout.read()),

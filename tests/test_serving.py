@@ -1,11 +1,13 @@
 """Continuous batching (jax_sp/serving.py): requests that join and leave a running decode batch
 get the tokens `generate` gives each prompt alone."""
 
+import collections
+
 import pytest
 
 from conftest import random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
-from jax_sp.serving import Engine
+from jax_sp.serving import Engine, prefill_groups
 
 
 def alone(llm, prompt, sampling):
@@ -30,6 +32,41 @@ def test_concurrent_requests_get_what_generate_gives_each_alone(tiny, steps_per_
         got = [r.result(timeout=120) for r in requests]
     assert got == [alone(llm, p, s) for p, s in zip(prompts, settings)]
     assert [r.finish_reason for r in requests] == ["length"] * 6
+
+
+def test_prefill_groups_sort_by_length_and_keep_within_the_token_budget():
+    # buckets (tp 1): 16, 32, 16, 32, 16, 16; sorted 2, 5, 9, 12 | 17, 30
+    assert prefill_groups([5, 17, 2, 30, 9, 12], 64, 1) == [[2, 0, 4, 5], [1, 3]]
+    assert prefill_groups([5, 17, 2, 30, 9, 12], 2048, 1) == [[2, 0, 4, 5, 1, 3]]
+    assert prefill_groups([300, 5], 64, 1) == [[1], [0]]  # over the budget: alone
+    assert prefill_groups([5, 9, 12], 16, 1) == [[0], [1], [2]]
+
+
+@pytest.mark.parametrize("budget", [64, 2048])
+def test_admissions_prefilled_together_give_what_each_gives_alone(tiny, budget):
+    """Six requests admitted in one round, greedy and seeded-sampled, prefilled in the groups
+    `prefill_groups` makes. The longest prompt's bucket (128) passes the cache's length (96)."""
+    _, llm = tiny
+    lengths = (5, 17, 2, 30, 9, 70)
+    prompts = random_prompts(llm.cfg.vocab_size, lengths, seed=9)
+    settings = [SamplingParams(max_new_tokens=n, stop_token_ids=(), temperature=t, top_k=k,
+                               top_p=p, seed=seed)
+                for n, t, k, p, seed in [(6, 0, 0, 1, 0), (4, 0.9, 0, 1, 3), (8, 0, 0, 1, 0),
+                                         (3, 1.2, 12, 0.8, 4), (5, 0.7, 0, 0.9, 5),
+                                         (7, 0, 0, 1, 0)]]
+    with Engine(llm, max_batch=8, max_prefill_tokens=budget) as engine:
+        programs = engine.runner.stages[0].programs
+        if budget == 64:  # every shape compiled up front: the requests meet no new one
+            engine.warm()
+            compiled = set(programs.compiled)
+        with engine.hold():
+            requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+        got = [r.result(timeout=120) for r in requests]
+    if budget == 64:
+        assert set(programs.compiled) == compiled
+    groups = prefill_groups(list(lengths), budget, 1)
+    assert engine.prefill_sizes == collections.Counter(len(g) for g in groups)
+    assert got == [alone(llm, p, s) for p, s in zip(prompts, settings)]
 
 
 def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
@@ -111,3 +148,5 @@ def test_a_bad_slot_count_is_refused(tiny):
         Engine(tiny[1], max_batch=0)
     with pytest.raises(ValueError, match="steps_per_launch must be a positive integer, got 0"):
         Engine(tiny[1], steps_per_launch=0)
+    with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
+        Engine(tiny[1], max_prefill_tokens=-1)
