@@ -515,9 +515,14 @@ def serving() -> str:
     out += ["", "| rate, req/s | mode | tokens/s | TTFT p50 / p99, s | TPOT p50 / p99, ms "
             "| compile inside, s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in sorted((r for r in rows if r["bench"] == "serving"),
-                    key=lambda r: (r["rate"], r["mode"], r["steps_per_launch"] or 0)):
+                    key=lambda r: (r["rate"], r["mode"], r["steps_per_launch"] or 0,
+                                   r.get("max_prefill_tokens") or 0)):
         mode = (f"continuous, {r['steps_per_launch']} step{'s' * (r['steps_per_launch'] > 1)}"
                 if r["mode"] == "continuous" else "static `generate` batches")
+        budget = r.get("max_prefill_tokens")
+        if r["mode"] == "continuous" and budget is not None:
+            mode += (", each prefill alone" if budget == 1 else
+                     f", prefills together up to {budget} tokens")
         out.append(f"| {r['rate']:g} | {mode} | {r['tokens_per_s']:.0f} | "
                    f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
                    f"{r['tpot_p50_s'] * 1e3:.1f} / {r['tpot_p99_s'] * 1e3:.1f} | "
