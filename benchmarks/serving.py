@@ -112,8 +112,8 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32):
     with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
         device_ms = step_device_ms(engine, steps)
         sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
-        engine.submit([1, 2, 3], dataclasses.replace(sampling, max_new_tokens=2)).result()
-        requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
+        with engine.hold():  # admitted together: every slot starts decoding at one step
+            requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
         while not all(r.token_ids for r in requests):  # every prefill done
             time.sleep(0.001)
         t0, n0 = time.perf_counter(), sum(len(r.token_ids) for r in requests)
