@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--output-lens", default="16,256")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
+    ap.add_argument("--tag", default="", help="file name suffix (a second workload)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps-per-launch", default="4",
                     help="Engine(steps_per_launch=...), one or more (comma-separated)")
@@ -209,9 +210,9 @@ def main():
     del module
     tag = common.machine().split(" ", 1)[1].split()[-1].lower()
     out = args.out or os.path.join(common.RESULTS,
-                                   f"serving_{tag}_{'tiny' if args.tiny else args.model}.jsonl")
+                                   f"serving_{tag}_{'tiny' if args.tiny else args.model}{args.tag}.jsonl")
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
-                         max_batch=args.max_batch)
+                         max_batch=args.max_batch, prompt_lens=plens, output_lens=olens)
     launches = [int(k) for k in args.steps_per_launch.split(",")]
     for k in launches:
         res.emit({"bench": "limits", "steps_per_launch": k, **ceiling(llm, args.max_batch, k)})

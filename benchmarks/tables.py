@@ -502,11 +502,11 @@ def fp8_shape() -> str:
     return "\n".join(out)
 
 
-def serving() -> str:
-    """Continuous batching against static batches (benchmarks/serving.py), GPU runs."""
-    rows = [r for r in _rows("serving_*.jsonl") if "NVIDIA" in r["machine"]]
+def serving(name: str = "serving_h200_llama3-8b") -> str:
+    """Continuous batching against static batches (benchmarks/serving.py), one result file."""
+    rows = _rows(f"{name}.jsonl")
     if not rows:
-        return "(no GPU serving results)"
+        return f"(no {name} results)"
     out = ["| steps a launch | engine step, ms | its program alone, ms | `generate`'s step, ms "
            "| all slots, tokens/s |", "| --- | --- | --- | --- | --- |"]
     out += [f"| {r['steps_per_launch']} | {r['engine_step_ms']:.2f} | "
@@ -528,10 +528,11 @@ def serving() -> str:
                    f"{r['tpot_p50_s'] * 1e3:.1f} / {r['tpot_p99_s'] * 1e3:.1f} | "
                    f"{r['compile_s_inside']:.1f} |")
     first = rows[0]
+    (p0, p1), (o0, o1) = first.get("prompt_lens", (16, 1024)), first.get("output_lens", (16, 256))
     out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}, "
             f"{first['model']} shape, random weights, {first['max_batch']} slots): "
             f"{next(r['requests'] for r in rows if r['bench'] == 'serving')} requests, prompts "
-            f"16-1024 and outputs 16-256 tokens, Poisson arrivals."]
+            f"{p0}-{p1} and outputs {o0}-{o1} tokens, Poisson arrivals."]
     return "\n".join(out)
 
 
