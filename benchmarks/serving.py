@@ -152,10 +152,10 @@ def step_device_ms(engine, n):
 
     def launch(x, count):
         for _ in range(count):
-            (_, x), engine.caches[0], *_ = st.programs.run(
+            (_, x, _), engine.caches[0], *_ = st.programs.run(
                 "slots_step", lambda: slots_step_fn(st.runtime, engine.static, engine.cache_len,
                                                     k),
-                engine.static, (st.state, engine.caches[0], x, *rows), variant=k)
+                engine.static, (st.state, engine.caches[0], x, *rows), variant=(k, False))
         return jax.block_until_ready(x)
 
     x = launch(x, 2)  # compiled, warm

@@ -197,10 +197,16 @@ class CompileOptions:
             object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
 
 
+MAX_LOGPROBS = 20  # most likely tokens a request may ask the log-probabilities of (OpenAI's)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters. stop_token_ids None
-    means the tokenizer's EOS (when there is a tokenizer)."""
+    means the tokenizer's EOS (when there is a tokenizer). logprobs (the serving engine's, not
+    `generate`'s): with each new token its log-probability and the `logprobs` most likely
+    tokens' (0-20), under the model's distribution before temperature and filters (vLLM's raw
+    logprobs); None: none."""
 
     max_new_tokens: int = 32
     temperature: float = 0.0
@@ -208,6 +214,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         _positive_int("SamplingParams", "max_new_tokens", self.max_new_tokens)
@@ -223,6 +230,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.seed must be an integer, got {self.seed!r}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"SamplingParams.logprobs must be None or an integer in "
+                             f"[0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     def scalars(self) -> tuple:
         """(temperature, top_p) as the float32 scalars the sampling programs trace; temperature

@@ -302,7 +302,7 @@ class LLM:
         """Generate for a batch of prompts (strings, token-id lists, conversations) or of
         prompt_embeds ([T_i, D] arrays). Strings go through the tokenizer's chat template unless
         chat=False. Returns one Completion per prompt."""
-        sampling = self._sampling(sampling)
+        sampling = self._no_logprobs(self._sampling(sampling))
         job = self._prepare(prompts, prompt_embeds, sampling, chat)
         stop = self._stop_ids(sampling)
         c0, t0 = self.runner.compile_s(), time.perf_counter()
@@ -332,6 +332,14 @@ class LLM:
                                           job.decode_sp)
         return completions
 
+    @staticmethod
+    def _no_logprobs(sampling: SamplingParams) -> SamplingParams:
+        if sampling.logprobs is not None:
+            raise ValueError("SamplingParams.logprobs is served by the continuous-batching "
+                             "engine (jax_sp.serving.Engine, jax-sp serve); generate and stream "
+                             "do not compute log-probabilities: leave logprobs=None here")
+        return sampling
+
     def _detok(self, ids, stop=()):
         if self.tokenizer is None:
             return None
@@ -343,7 +351,7 @@ class LLM:
         printed."""
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer; use generate() for token ids")
-        sampling = self._sampling(sampling)
+        sampling = self._no_logprobs(self._sampling(sampling))
         job = self._prepare([prompt], None, sampling, chat)  # bad input fails here, not later
         return self._stream(job, sampling)
 

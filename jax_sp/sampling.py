@@ -69,3 +69,13 @@ def sample_rows(logits_bv, keys_b, step_b, temperature_b, top_k_b, top_p_b):
     drawn = jax.lax.cond(jnp.any(temperature_b > 0), draw,
                          lambda logits: jnp.zeros(logits.shape[0], jnp.int32), logits_bv)
     return jnp.where(temperature_b > 0, drawn, greedy)
+
+
+def token_logprobs(logits_bv, token_b, k: int):
+    """Each row's log-probability of `token_b` and its k most likely tokens (log-probabilities
+    [B, k] in descending order, ids [B, k]) under softmax(logits): the model's distribution
+    before temperature and filters."""
+    logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logp, token_b[:, None], axis=-1)[:, 0]
+    top, ids = jax.lax.top_k(logp, k)
+    return chosen, top, ids.astype(jnp.int32)

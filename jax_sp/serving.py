@@ -53,11 +53,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_sp.config import SamplingParams
+from jax_sp.config import MAX_LOGPROBS, SamplingParams
 from jax_sp.generate import Static, _forward, _logits
 from jax_sp.runner import bucket, pow2_at_least
 from jax_sp.runtime import to_host
-from jax_sp.sampling import row_keys, sample_rows
+from jax_sp.sampling import row_keys, sample_rows, token_logprobs
 from models.cache import KVCache
 
 _DONE = object()
@@ -73,6 +73,10 @@ class Request:
     sampling: SamplingParams
     stop_ids: tuple[int, ...]
     token_ids: list[int] = dataclasses.field(default_factory=list)
+    # with sampling.logprobs: per new token (its log-probability, [(id, log-probability)] of
+    # the sampling.logprobs most likely)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = dataclasses.field(
+        default_factory=list)
     finish_reason: str | None = None
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     first_token_s: float | None = None  # time to the first token
@@ -128,9 +132,16 @@ class Request:
     def done(self) -> bool:
         return self._done.is_set()
 
-    def _emit(self, token: int):
+    def _emit(self, token: int, logprobs=None):
+        """A new token; logprobs: (its log-probability, the top log-probabilities [K], their
+        ids [K]) as the program gives them, K >= sampling.logprobs."""
         if self.first_token_s is None:
             self.first_token_s = time.perf_counter() - self.submitted
+        if self.sampling.logprobs is not None and logprobs is not None:
+            chosen, top, ids = logprobs
+            n = self.sampling.logprobs
+            self.logprobs.append((float(chosen), [(int(i), float(v))
+                                                  for i, v in zip(ids[:n], top[:n])]))
         self.token_ids.append(token)
         self._put(token)
 
@@ -141,7 +152,7 @@ class Request:
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
-def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
+def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1, logprobs: bool = False):
     """(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b)
     -> (out, cache, pos_b, step_b): `steps` decode steps of every slot, each at its own
     position, through this stage. inputs: the slots' tokens [B] (first stage) or the previous
@@ -149,15 +160,20 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
     each row sampled with its own settings, else this stage's carry; pos_b and step_b advanced
     by `steps` (positions held below cache_len, so that a free slot's stale row never writes
     past its cache), to stay on the device for the next launch. More than one step needs the
-    whole model in one stage: each step's tokens feed the next inside the program."""
+    whole model in one stage: each step's tokens feed the next inside the program. logprobs:
+    the last stage's out gains the tokens' log-probabilities ([steps, B], the top ones
+    [steps, B, K], their ids [steps, B, K]; K = min(MAX_LOGPROBS, vocabulary)); else ()."""
     def one(state, cache, inputs, pos_b, step_b, keys_b, settings):
         feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
         out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
         advanced = jnp.minimum(pos_b + 1, cache_len - 1), step_b + 1
         if not rt.stage.last:
             return rt.constrain_carry(out.carry), out.cache, advanced
-        token = sample_rows(_logits(rt, out), keys_b, step_b, *settings)
-        return token, out.cache, advanced
+        logits = _logits(rt, out)
+        token = sample_rows(logits, keys_b, step_b, *settings)
+        extra = (token_logprobs(logits, token, min(MAX_LOGPROBS, logits.shape[-1]))
+                 if logprobs else ())
+        return (token, extra), out.cache, advanced
 
     def replicated(*xs):  # as the host puts them: the next launch takes these as they are
         return tuple(jax.lax.with_sharding_constraint(x, rt.sharding_of(())) for x in xs)
@@ -166,26 +182,32 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1):
         settings = (temperature_b, top_k_b, top_p_b)
         if steps == 1:
             out, cache, advanced = one(state, cache, inputs, pos_b, step_b, keys_b, settings)
-            out = replicated(out[None], out) if rt.stage.last else out
+            if rt.stage.last:
+                token, extra = out
+                out = replicated(token[None], token, *(x[None] for x in extra))
+                out = (out[0], out[1], out[2:])
             return (out, cache) + replicated(*advanced)
 
         def body(carry, _):
             cache, token, pos, step = carry
-            token, cache, (pos, step) = one(state, cache, token, pos, step, keys_b, settings)
-            return (cache, token, pos, step), token
+            (token, extra), cache, (pos, step) = one(state, cache, token, pos, step, keys_b,
+                                                     settings)
+            return (cache, token, pos, step), (token, extra)
 
-        (cache, last, pos_b, step_b), tokens = jax.lax.scan(
+        (cache, last, pos_b, step_b), (tokens, extra) = jax.lax.scan(
             body, (cache, inputs, pos_b, step_b), None, length=steps)
-        return replicated(tokens, last), cache, *replicated(pos_b, step_b)
+        out = replicated(tokens, last, *extra)
+        return (out[0], out[1], out[2:]), cache, *replicated(pos_b, step_b)
     return run
 
 
-def admit_fn(rt, st: Static, cache_len: int):
+def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
     """(state, cache, tokens_bt, kv_len_b, slots_b, seeds_b, temperature_b, top_k_b, top_p_b)
     -> ((first tokens [B], keys [B, 2]), cache): the prefill of B prompts (one stage, the whole
     model), each first token sampled with its own settings and the key `generate` gives row 0
     of a batch with its seed, and each row's cache written into slot slots_b[i] of the engine's
-    (donated; a slot past the end, a padding row's, is dropped)."""
+    (donated; a slot past the end, a padding row's, is dropped). logprobs: the first tokens'
+    log-probabilities follow the keys, as `slots_step_fn` gives them for one step ([1, B]...)."""
     def run(state, cache, tokens_bt, kv_len_b, slots_b, seeds_b, temperature_b, top_k_b,
             top_p_b):
         b, t = tokens_bt.shape
@@ -195,8 +217,11 @@ def admit_fn(rt, st: Static, cache_len: int):
         out = _forward(rt, st, state, rt.empty_cache(b, max(cache_len, t)), positions_bt,
                        kv_len_b, rows, fresh=True, tokens_bt=tokens_bt)
         keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
-        token = sample_rows(_logits(rt, out), keys_b, jnp.zeros(b, jnp.int32), temperature_b,
-                            top_k_b, top_p_b)
+        logits = _logits(rt, out)
+        token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
+                            top_p_b)
+        extra = (tuple(x[None] for x in token_logprobs(
+            logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
 
         def put(big, small):
             small = small[:, :, :cache_len].astype(big.dtype)
@@ -204,8 +229,8 @@ def admit_fn(rt, st: Static, cache_len: int):
             return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
 
         every = rt.sharding_of(())
-        return ((jax.lax.with_sharding_constraint(token, every),
-                 jax.lax.with_sharding_constraint(keys_b, every)),
+        return (tuple(jax.lax.with_sharding_constraint(x, every)
+                      for x in (token, keys_b, *extra)),
                 KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
     return run
 
@@ -314,6 +339,10 @@ class Engine:
             raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
                                f"submit requests to process 0")
         sampling = self.llm._sampling(sampling)
+        if sampling.logprobs is not None and len(self.runner.stages) > 1:
+            raise ValueError("logprobs need a one-stage engine (pp=1): a pipeline's first "
+                             "tokens come from the runner's prefill, which does not compute "
+                             "them")
         job = self.llm._prepare([prompt], None, sampling, chat)  # checks length and ids
         request = Request(next(self._ids), [int(t) for t in job.inputs[0, :job.lengths[0]]],
                           sampling, tuple(self.llm._stop_ids(sampling)))
@@ -487,10 +516,12 @@ class Engine:
                 np.array([s.top_p for s in settings], np.float32))
         args = (st.state, self.caches[0], *self.runner.put(0, host))
         static = self._admit_static(*job.inputs.shape)
-        (tokens, keys), self.caches[0] = st.programs.run(
-            "admit", lambda: admit_fn(st.runtime, static, self.cache_len), static, args,
-            variant=self.cache_len)
+        logprobs = any(r.sampling.logprobs is not None for r, _ in group)
+        (tokens, keys, *extra), self.caches[0] = st.programs.run(
+            "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs), static,
+            args, variant=(self.cache_len, logprobs))
         tokens, keys = to_host(tokens), to_host(keys)
+        extra = [to_host(x)[0] for x in extra]  # [B], [B, K], [B, K]
         self.prefill_sizes[len(group)] += 1
         for i, (request, slot) in enumerate(group):
             s = request.sampling
@@ -499,7 +530,7 @@ class Engine:
             self.temperature[slot] = s.temperature
             self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
             self._fresh[slot] = True
-            request._emit(int(tokens[i]))
+            request._emit(int(tokens[i]), [x[i] for x in extra] if extra else None)
         self._rows = [None] * len(self._rows)  # put again before the next step
 
     def _admit_static(self, b: int, t: int) -> Static:
@@ -512,7 +543,9 @@ class Engine:
     def warm(self) -> float:
         """Compile, before any request, every program this engine can meet: each admission
         group's shape ([b, t] for every bucket t a prompt can take and every batch b of a group
-        within max_prefill_tokens) and the decode launch. Returns the seconds spent compiling.
+        within max_prefill_tokens) and the decode launch (their forms without logprobs, which
+        a request asking for them compiles when first met). Returns the seconds spent
+        compiling.
         Without it each shape is compiled when first met, inside some request's time to first
         token. A pipeline's programs are compiled when first met."""
         if len(self.runner.stages) > 1:
@@ -537,7 +570,7 @@ class Engine:
                 st.programs.compile(
                     "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
                     (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
-                    variant=self.cache_len)
+                    variant=(self.cache_len, False))
                 n *= 2
         b, k = self.slots, self.steps_per_launch
         st.programs.compile(
@@ -545,7 +578,7 @@ class Engine:
             (st.state, self.caches[0], spec((b,), jnp.int32), spec((b,), jnp.int32),
              spec((b, 2), jnp.uint32), *[spec((b,), d) for d in (jnp.int32, jnp.float32,
                                                                   jnp.int32, jnp.float32)]),
-            variant=k)
+            variant=(k, False))
         return st.programs.total_compile_s() - before
 
     def _prefill(self, request: Request, slot: int):
@@ -593,6 +626,7 @@ class Engine:
             if self._fresh.any():
                 x = self._merge(x, *put(0, self.tokens, self._fresh))
         self._fresh[:] = False
+        logprobs = any(r is not None and r.sampling.logprobs is not None for r in self.active)
         for i, st in enumerate(runner.stages):
             if self._rows[i] is None:
                 self._rows[i] = put(i, self.pos, self.keys, self.step, self.temperature,
@@ -601,8 +635,9 @@ class Engine:
             args = (st.state, self.caches[i], x, pos, keys, step, temperature, top_k, top_p)
             x, self.caches[i], pos, step = st.programs.run(
                 "slots_step", lambda: slots_step_fn(st.runtime, self.static,  # noqa: B023
-                                                    self.cache_len, self.steps_per_launch),
-                self.static, args, variant=self.steps_per_launch)
+                                                    self.cache_len, self.steps_per_launch,
+                                                    logprobs),
+                self.static, args, variant=(self.steps_per_launch, logprobs))
             self._rows[i] = (pos, keys, step, temperature, top_k, top_p)
             if i + 1 < len(runner.stages):
                 x = runner.hop(x, i + 1, self.decode_sp)
@@ -612,22 +647,23 @@ class Engine:
             if request is not None:
                 self.pos[slot] = min(self.pos[slot] + k, self.cache_len - 1)
                 self.step[slot] += k
-        tokens, self._tokens = x
-        return tokens, list(self.active)
+        tokens, self._tokens, extra = x
+        return tokens, extra, list(self.active)
 
     def _collect(self):
         """Read the step in flight (if any): each slot's token goes to the request that held
         the slot at launch, if it still does; requests that end free their slots."""
         if self._inflight is None:
             return
-        x, held = self._inflight
+        x, extra, held = self._inflight
         self._inflight = None
         tokens = to_host(x)  # [steps, slots]
+        extra = [to_host(e) for e in extra]  # [steps, slots], [steps, slots, K] x 2
         for slot, request in enumerate(held):
             if request is None or self.active[slot] is not request:
                 continue  # free, or ended (or cancelled) since: its tokens are dropped
             self.tokens[slot] = tokens[-1, slot]
-            for token in tokens[:, slot]:  # those after the request's end are dropped
-                request._emit(int(token))
+            for i, token in enumerate(tokens[:, slot]):  # after the request's end: dropped
+                request._emit(int(token), [e[i, slot] for e in extra] if extra else None)
                 if self._ended(request, slot):
                     break

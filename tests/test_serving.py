@@ -2,10 +2,14 @@
 get the tokens `generate` gives each prompt alone."""
 
 import collections
+import dataclasses
 
 import pytest
 
-from conftest import random_prompts
+import numpy as np
+import torch
+
+from conftest import hf_logits, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
 from jax_sp.serving import Engine, prefill_groups
 
@@ -116,6 +120,51 @@ def test_stop_ids_end_a_request_and_bad_input_is_refused_at_submit(tiny):
         assert r.finish_reason == "stop"
     with pytest.raises(RuntimeError, match="shut down"):
         engine.submit(prompt, stop)
+
+
+def test_logprobs_are_the_torch_model_s_and_leave_the_tokens_alone(tiny):
+    """Each token's log-probability and its top ones are log_softmax of the HF model's logits
+    at that position (teacher-forced on the tokens the engine gave), for a greedy and a sampled
+    request in one batch with one that asks for none (and whose tokens stay generate's)."""
+    model, llm = tiny
+    prompts = random_prompts(llm.cfg.vocab_size, (9, 14, 5), seed=12)
+    settings = [SamplingParams(max_new_tokens=6, stop_token_ids=(), logprobs=3),
+                SamplingParams(max_new_tokens=5, stop_token_ids=(), temperature=0.9, seed=2,
+                               logprobs=0),
+                SamplingParams(max_new_tokens=7, stop_token_ids=())]
+    with Engine(llm, max_batch=4, steps_per_launch=2) as engine:
+        with engine.hold():
+            requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+        [r.result(timeout=120) for r in requests]
+    for prompt, s, r in zip(prompts, settings, requests):
+        assert r.token_ids == alone(llm, prompt, dataclasses.replace(s, logprobs=None))
+        if s.logprobs is None:
+            assert r.logprobs == []
+            continue
+        full = prompt + r.token_ids
+        ref = torch.log_softmax(torch.tensor(hf_logits(model, [full])[0]), -1).numpy()
+        assert len(r.logprobs) == len(r.token_ids)
+        for j, (token, (lp, top)) in enumerate(zip(r.token_ids, r.logprobs)):
+            want = ref[len(prompt) + j - 1]
+            np.testing.assert_allclose(lp, want[token], atol=1e-4)
+            assert len(top) == s.logprobs
+            order = np.argsort(-want)[: s.logprobs]
+            np.testing.assert_allclose([v for _, v in top], want[order], atol=1e-4)
+            assert [i for i, _ in top] == order.tolist()
+            if s.temperature == 0:
+                assert top[0][0] == token
+
+
+def test_logprobs_bad_values_and_where_they_are_not_served(tiny):
+    model, llm = tiny
+    with pytest.raises(ValueError, match=r"logprobs must be None or an integer in \[0, 20\]"):
+        SamplingParams(logprobs=21)
+    with pytest.raises(ValueError, match="served by the continuous-batching engine"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_new_tokens=2, logprobs=1))
+    piped = LLM.from_torch(model, parallel=ParallelConfig(pp=2), max_seq_len=96)
+    with Engine(piped, max_batch=2) as engine:
+        with pytest.raises(ValueError, match="logprobs need a one-stage engine"):
+            engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, logprobs=1))
 
 
 def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
