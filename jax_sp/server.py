@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 
-from jax_sp.config import SamplingParams
+from jax_sp.config import MAX_LOGPROBS, SamplingParams
 from jax_sp.serving import Engine
 
 _METRICS = ("requests", "request_errors", "prompt_tokens", "generation_tokens")
@@ -110,7 +110,8 @@ class Server:
             temperature=float(_number(body, "temperature", 1.0, 0, 2)),
             top_p=float(_number(body, "top_p", 1.0, 1e-6, 1)),
             top_k=_number(body, "top_k", 0, 0, self.llm.cfg.vocab_size, integer=True),
-            seed=_number(body, "seed", 0, -2 ** 63, 2 ** 64 - 1, integer=True))
+            seed=_number(body, "seed", 0, -2 ** 63, 2 ** 64 - 1, integer=True),
+            logprobs=self._logprobs(body, chat))
         if chat and max_tokens is None:  # as much as the context leaves
             room = limit - len(self.llm.encode(prompt))
             if room < 1:
@@ -118,6 +119,44 @@ class Server:
                                  f"of {limit}", "messages", "context_length_exceeded")
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
         return prompt, sampling, stop, stream
+
+    @staticmethod
+    def _logprobs(body, chat: bool) -> int | None:
+        """How many top log-probabilities a request asks for with each token (None: none).
+        Completions: `logprobs` (an integer); chat: `logprobs` (true / false) and
+        `top_logprobs` (an integer, with logprobs true)."""
+        if not chat:
+            return _number(body, "logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        wanted = body.get("logprobs", False)
+        if wanted is None:
+            wanted = False
+        if not isinstance(wanted, bool):
+            raise BadRequest(f"'logprobs' must be true or false, got {wanted!r}", "logprobs")
+        top = _number(body, "top_logprobs", None, 0, MAX_LOGPROBS, integer=True)
+        if top is not None and not wanted:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (top or 0) if wanted else None
+
+    def logprobs(self, request, start: int, end: int, chat: bool, offset: int = 0):
+        """The OpenAI `logprobs` object of the request's tokens [start, end) (None when the
+        request asked for none): chat's {"content": [...]} or completions' token lists;
+        offset: where token `start`'s text begins in the completion's text."""
+        if request.sampling.logprobs is None:
+            return None
+        text = lambda i: self.llm.tokenizer.decode([i])  # noqa: E731
+        ids, entries = request.token_ids[start:end], request.logprobs[start:end]
+        if chat:
+            def one(i, lp):
+                t = text(i)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode())}
+            return {"content": [{**one(i, lp), "top_logprobs": [one(j, v) for j, v in top]}
+                                for i, (lp, top) in zip(ids, entries)]}
+        tokens = [text(i) for i in ids]
+        offsets = [offset + len(self.llm._detok(request.token_ids[start:start + n]) or "")
+                   for n in range(len(ids))]
+        return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
+                "top_logprobs": [{text(j): v for j, v in top} for _, top in entries],
+                "text_offset": offsets}
 
     # -- one request ---------------------------------------------------------------------------
 
@@ -129,8 +168,8 @@ class Server:
             raise BadRequest(str(e), None, code) from None
 
     async def pieces(self, request, stop: list[str]):
-        """(text piece, finish_reason or None) as the request's tokens come; the text ends
-        before the first stop string, which ends the request."""
+        """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
+        come; the text ends before the first stop string, which ends the request."""
         ids, shown, text = [], "", ""
         hold = max((len(s) for s in stop), default=1) - 1
         try:
@@ -141,16 +180,16 @@ class Server:
                 if cut >= 0:
                     self.engine.cancel(request, "stop")
                     if cut > len(shown):
-                        yield text[len(shown):cut], None
-                    yield "", "stop"
+                        yield text[len(shown):cut], None, len(ids)
+                    yield "", "stop", len(ids)
                     return
                 ready = len(text) - hold if stop else len(text)
                 if ready > len(shown) and not text[:ready].endswith("\ufffd"):
-                    yield text[len(shown):ready], None
+                    yield text[len(shown):ready], None, len(ids)
                     shown = text[:ready]
             if len(text) > len(shown):
-                yield text[len(shown):], None
-            yield "", request.finish_reason
+                yield text[len(shown):], None, len(ids)
+            yield "", request.finish_reason, len(ids)
         finally:
             if not request.done:  # the client went away: free the slot
                 self.engine.cancel(request)
@@ -231,20 +270,21 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "created": int(time.time()), "model": model_name}
 
-            def choice(text, reason, delta):
+            def choice(text, reason, delta, logprobs=None):
                 if not chat:
-                    return {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+                    return {"index": 0, "text": text, "logprobs": logprobs,
+                            "finish_reason": reason}
                 key = "delta" if delta else "message"
                 return {"index": 0, key: ({"content": text} if delta else
                                           {"role": "assistant", "content": text}),
-                        "logprobs": None, "finish_reason": reason}
+                        "logprobs": logprobs, "finish_reason": reason}
 
             if not stream:
-                text, reason = "", None
-                async for piece, end in server.pieces(request, stop):
+                text, reason, n = "", None, 0
+                async for piece, end, n in server.pieces(request, stop):
                     text, reason = text + piece, end or reason
-                return JSONResponse({**head, "object": kind, "choices": [choice(text, reason,
-                                                                               False)],
+                return JSONResponse({**head, "object": kind, "choices": [choice(
+                    text, reason, False, server.logprobs(request, 0, n, chat))],
                                      "usage": server.usage(request)})
 
             async def events():
@@ -253,9 +293,13 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     first = {"index": 0, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}
                     yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
-                async for piece, end in server.pieces(request, stop):
+                sent, shown = 0, 0  # tokens and characters sent
+                async for piece, end, n in server.pieces(request, stop):
                     if piece or end:
-                        chunk = {**head, "object": obj, "choices": [choice(piece, end, True)]}
+                        logprobs = server.logprobs(request, sent, n, chat, shown)
+                        sent, shown = n, shown + len(piece)
+                        chunk = {**head, "object": obj,
+                                 "choices": [choice(piece, end, True, logprobs)]}
                         yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
 

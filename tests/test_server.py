@@ -3,6 +3,7 @@ client: each greedy answer is what `generate` gives the same prompt alone, stop 
 where the text would, bad requests get HTTP 400 and the server keeps serving."""
 
 import concurrent.futures
+import re
 import socket
 import threading
 import time
@@ -105,8 +106,6 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served):
 ])
 def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served, body,
                                                                              message):
-    import re
-
     llm, _, base, client = served
     data = body if isinstance(body, str) else None
     r = httpx.post(base + "/v1/completions", content=data, json=None if data else body,
@@ -117,6 +116,51 @@ def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(serv
     out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4,
                                     temperature=0)
     assert out.choices[0].text == text_alone(llm, "Once upon a time", 4, False)
+
+
+def test_logprobs_through_the_openai_client(served):
+    """Completions' `logprobs` and chat's `logprobs` / `top_logprobs`, streamed or not: one
+    entry per completion token, the engine's values, the greedy token the top one; the text
+    unchanged. Bad values get 400."""
+    llm, server, base, client = served
+    prompt = "The capital of France is"
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0,
+                                    logprobs=2)
+    c, n = out.choices[0], out.usage.completion_tokens
+    assert c.text == text_alone(llm, prompt, 6, False)
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == n
+    assert len(c.logprobs.top_logprobs) == len(c.logprobs.text_offset) == n
+    direct = server.engine.submit(prompt, SamplingParams(max_new_tokens=6, logprobs=2),
+                                  chat=False)
+    direct.result(timeout=60)
+    assert c.logprobs.token_logprobs == pytest.approx([lp for lp, _ in direct.logprobs])
+    for value, top in zip(c.logprobs.token_logprobs, c.logprobs.top_logprobs):
+        assert len(top) <= 2 and value == pytest.approx(max(top.values())) and value <= 0
+
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+              max_tokens=5, temperature=0, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    content = whole.choices[0].logprobs.content
+    assert len(content) == len(streamed) == whole.usage.completion_tokens
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content])
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == (
+        whole.choices[0].message.content)
+    for e in content:
+        assert len(e.top_logprobs) == 1 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+        assert bytes(e.bytes).decode() == e.token
+    plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+    for path, body, message in [
+            ("chat/completions", {**kw, "logprobs": False}, "'top_logprobs' needs 'logprobs'"),
+            ("chat/completions", {**kw, "logprobs": 1}, "'logprobs' must be true or false"),
+            ("completions", {"model": MODEL, "prompt": "hi", "logprobs": 21},
+             r"'logprobs' must be an integer in \[0, 20\]")]:
+        r = httpx.post(f"{base}/v1/{path}", json=body, timeout=60)
+        assert r.status_code == 400 and re.search(message, r.json()["error"]["message"]), r.text
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
