@@ -215,6 +215,7 @@ class SamplingParams:
     seed: int = 0
     stop_token_ids: tuple[int, ...] | None = None
     logprobs: int | None = None
+    guidance_scale: float | None = None
 
     def __post_init__(self):
         _positive_int("SamplingParams", "max_new_tokens", self.max_new_tokens)
@@ -230,6 +231,13 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.seed must be an integer, got {self.seed!r}")
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.guidance_scale is not None and (
+                isinstance(self.guidance_scale, bool)
+                or not isinstance(self.guidance_scale, (int, float, np.floating))
+                or not self.guidance_scale > 0):
+            raise ValueError(f"SamplingParams.guidance_scale must be a number > 0 (1: no "
+                             f"guidance; transformers' classifier-free guidance), got "
+                             f"{self.guidance_scale!r}")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
                 self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"SamplingParams.logprobs must be None or an integer in "
@@ -239,6 +247,11 @@ class SamplingParams:
         """(temperature, top_p) as the float32 scalars the sampling programs trace; temperature
         is kept off 0 (greedy programs never divide by it)."""
         return np.float32(max(self.temperature, 1e-6)), np.float32(self.top_p)
+
+    @property
+    def guided(self) -> bool:
+        """Whether classifier-free guidance runs (a scale other than 1)."""
+        return self.guidance_scale is not None and float(self.guidance_scale) != 1.0
 
     def key_seed(self) -> np.unsignedinteger:
         """The seed as the prefill programs take it to make the rows' keys: what

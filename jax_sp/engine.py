@@ -46,13 +46,16 @@ def _check_conversation(i: int, messages) -> None:
 
 
 def _token_ids(i: int, p) -> np.ndarray:
-    """Prompt i's token ids as an integer array: any integer type, never bools or floats (which
-    would be truncated silently)."""
+    """Prompt i's token ids as a new integer array: any integer type, a list, a numpy array or
+    a torch tensor (transposed, sliced, strided: read as it is, copied, never written into or
+    kept), never bools or floats (which would be truncated silently)."""
     if p is None or isinstance(p, (dict, bytes)) or not hasattr(p, "__len__"):
         raise TypeError(f"prompt {i} is {type(p).__name__}; a prompt is a string, a list of "
                         f"token ids or a conversation (a list of {{'role', 'content'}} messages)")
+    if hasattr(p, "detach") and hasattr(p, "cpu"):  # a torch tensor, of any strides
+        p = p.detach().cpu().numpy()
     if isinstance(p, np.ndarray) and p.dtype.kind in "iu":
-        return p.reshape(-1)
+        return np.array(p).reshape(-1)  # a copy: the caller's array is never aliased
     ids = np.asarray(p).reshape(-1) if isinstance(p, np.ndarray) else list(p)
     for t in (ids.tolist() if isinstance(ids, np.ndarray) else ids):
         if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
@@ -259,21 +262,50 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool) -> Batch:
-        """Validate and pad a batch for prefill and decode."""
+    def _prepare(self, prompts, prompt_embeds, sampling: SamplingParams, chat: bool,
+                 negative_prompts=None) -> Batch:
+        """Validate and pad a batch for prefill and decode (with guidance: the prompts and
+        their unconditional contexts, `Runner.guided_batch`)."""
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("give exactly one of prompts and prompt_embeds"
                              + (", not both" if prompts is not None else ""))
+        if negative_prompts is not None and not sampling.guided:
+            raise ValueError("negative_prompts are classifier-free guidance's unconditional "
+                             "contexts: set SamplingParams(guidance_scale=s) with s != 1 too")
         rows = (self._check_ids(prompts, chat) if prompts is not None
                 else self._check_embeds(prompt_embeds))
+        if sampling.guided:
+            return self._guided(rows, negative_prompts, sampling, chat,
+                                prompt_embeds is not None)
+        self._check_lengths(rows, sampling)
+        return self.runner.batch(rows, sampling.max_new_tokens, prompts is None)
+
+    def _guided(self, rows, negative_prompts, sampling, chat: bool, embeds: bool) -> Batch:
+        if embeds:
+            raise ValueError("classifier-free guidance takes token prompts, not prompt_embeds")
+        if self.parallel.pp > 1:
+            raise ValueError(f"classifier-free guidance runs on one pipeline stage (pp=1), "
+                             f"not pp={self.parallel.pp}: both halves of a row pair are "
+                             f"sampled together")
+        negs = [] if negative_prompts is None else self._check_ids(negative_prompts, chat)
+        if len(negs) > len(rows):
+            raise ValueError(f"{len(negs)} negative prompts for {len(rows)} prompts: give at "
+                             f"most one per prompt (a prompt without one is guided by its "
+                             f"last token, as transformers does)")
+        uncond = [np.asarray(negs[i]) if i < len(negs) else np.asarray(r)[-1:]
+                  for i, r in enumerate(rows)]
+        self._check_lengths(rows, sampling)
+        self._check_lengths(uncond, sampling, "negative prompt")
+        return self.runner.guided_batch(rows, uncond, sampling.max_new_tokens)
+
+    def _check_lengths(self, rows, sampling: SamplingParams, what: str = "prompt"):
         for i, n in enumerate(len(r) for r in rows):
             if n + sampling.max_new_tokens > self.max_seq_len:
                 fix = (f"lower max_new_tokens to {self.max_seq_len - n}" if n < self.max_seq_len
                        else "raise max_seq_len (LLM(..., max_seq_len=...))")
                 raise ValueError(
-                    f"prompt {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
-                    f"that exceeds max_seq_len={self.max_seq_len}; shorten the prompt or {fix}")
-        return self.runner.batch(rows, sampling.max_new_tokens, prompts is None)
+                    f"{what} {i} has {n} tokens; with max_new_tokens={sampling.max_new_tokens} "
+                    f"that exceeds max_seq_len={self.max_seq_len}; shorten the {what} or {fix}")
 
     def _sampling(self, sampling) -> SamplingParams:
         """The API's edge for sampling settings: a SamplingParams (None: the defaults) whose
@@ -298,12 +330,15 @@ class LLM:
         return () if eos is None else (int(eos),)
 
     def generate(self, prompts=None, sampling: SamplingParams | None = None, *,
-                 prompt_embeds=None, chat: bool = True, _rows_for_rank=tp_rank_rows):
+                 prompt_embeds=None, chat: bool = True, negative_prompts=None,
+                 _rows_for_rank=tp_rank_rows):
         """Generate for a batch of prompts (strings, token-id lists, conversations) or of
         prompt_embeds ([T_i, D] arrays). Strings go through the tokenizer's chat template unless
-        chat=False. Returns one Completion per prompt."""
+        chat=False. Returns one Completion per prompt. With SamplingParams(guidance_scale=s):
+        classifier-free guidance, negative_prompts (at most one per prompt, in the prompts'
+        forms) the unconditional contexts (a prompt without one: its last token)."""
         sampling = self._no_logprobs(self._sampling(sampling))
-        job = self._prepare(prompts, prompt_embeds, sampling, chat)
+        job = self._prepare(prompts, prompt_embeds, sampling, chat, negative_prompts)
         stop = self._stop_ids(sampling)
         c0, t0 = self.runner.compile_s(), time.perf_counter()
         run = self.runner.prefill(job, sampling, _rows_for_rank)
@@ -349,9 +384,12 @@ class LLM:
         """Yield the text of one prompt piece by piece as tokens are decoded (needs a
         tokenizer). One compiled call per token and stage; each token comes to the host to be
         printed."""
+        sampling = self._no_logprobs(self._sampling(sampling))
+        if sampling.guided:
+            raise ValueError("stream does not run classifier-free guidance; use generate(..., "
+                             "negative_prompts=...) with SamplingParams(guidance_scale=s)")
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer; use generate() for token ids")
-        sampling = self._no_logprobs(self._sampling(sampling))
         job = self._prepare([prompt], None, sampling, chat)  # bad input fails here, not later
         return self._stream(job, sampling)
 

@@ -52,6 +52,9 @@ class Static:
     greedy: bool
     top_k: int
     unroll: int = 1  # the layer loop's unroll factor (an int: 1 == True would alias keys)
+    # classifier-free guidance scale (None: none): the batch's first half are the conditional
+    # rows, the second half their unconditional twins (see `guide`)
+    guidance: float | None = None
 
     @classmethod
     def of(cls, rt: Runtime, phase: str, sp: bool, sampling=None) -> "Static":
@@ -60,7 +63,8 @@ class Static:
         unroll = rt.options.prefill_unroll if phase == "prefill" else decode_unroll(rt)
         if sampling is None:
             return cls(sp, True, 0, unroll)
-        return cls(sp, sampling.temperature == 0, sampling.top_k, unroll)
+        guidance = float(sampling.guidance_scale) if sampling.guided else None
+        return cls(sp, sampling.temperature == 0, sampling.top_k, unroll, guidance)
 
 
 def _forward(rt: Runtime, st: Static, state, cache, positions_bt, kv_len_b, rows_r=None,
@@ -112,8 +116,7 @@ def prefill_fn(rt: Runtime, st: Static, feed: str, out: str = "token", cache_len
         if out == "token":
             if not rt.stage.last:
                 return rt.constrain_carry(result.carry), result.cache, keys
-            token = sample(_logits(rt, result), keys, 0, temperature, top_p, greedy=st.greedy,
-                           top_k=st.top_k)
+            token = _sample(st, _logits(rt, result), keys, 0, temperature, top_p)
             return token, result.cache, keys
         if not rt.stage.last:
             return rt.constrain_carry(result.carry)
@@ -126,14 +129,35 @@ def prefill_fn(rt: Runtime, st: Static, feed: str, out: str = "token", cache_len
     return run
 
 
+def guide(logits_bv, scale: float):
+    """Classifier-free guidance (transformers' UnbatchedClassifierFreeGuidanceLogitsProcessor):
+    rows [0, B/2) conditional, [B/2, B) their unconditional twins -> the guided scores of the
+    first half, scale * (log_softmax(cond) - log_softmax(uncond)) + log_softmax(uncond)."""
+    half = logits_bv.shape[0] // 2
+    cond = jax.nn.log_softmax(logits_bv[:half], axis=-1)
+    uncond = jax.nn.log_softmax(logits_bv[half:], axis=-1)
+    return scale * (cond - uncond) + uncond
+
+
+def _sample(st, logits_bv, keys_b, step, temperature, top_p):
+    """The next token of every row; under guidance the conditional rows' tokens, sampled from
+    the guided scores with their keys, given to both halves (the unconditional context is
+    followed by the tokens generated)."""
+    if st.guidance is None:
+        return sample(logits_bv, keys_b, step, temperature, top_p, greedy=st.greedy,
+                      top_k=st.top_k)
+    half = logits_bv.shape[0] // 2
+    token = sample(guide(logits_bv, st.guidance), keys_b[:half], step, temperature, top_p,
+                   greedy=st.greedy, top_k=st.top_k)
+    return jnp.concatenate([token, token])
+
+
 def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
     feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
     out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
     if not rt.stage.last:
         return rt.constrain_carry(out.carry), out.cache
-    token = sample(_logits(rt, out), key, step, temperature, top_p, greedy=st.greedy,
-                   top_k=st.top_k)
-    return token, out.cache
+    return _sample(st, _logits(rt, out), key, step, temperature, top_p), out.cache
 
 
 def decode_step_fn(rt: Runtime, st: Static):

@@ -24,6 +24,7 @@ steps (B tokens) run plain TP unless sp="on" forces SP everywhere.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import numpy as np
@@ -75,6 +76,7 @@ class Batch:
     prefill_sp: bool
     decode_sp: bool
     embeds: bool
+    active: np.ndarray | None = None  # [B] rows that decode (None: the first `rows`)
 
 
 @dataclasses.dataclass
@@ -147,15 +149,17 @@ class Runner:
         cache.update(zip(new, self.put(s, tuple(new.values()))))
         return [cache[k] for k in keys]
 
-    def batch(self, rows: list, max_new_tokens: int, embeds: bool) -> Batch:
-        """Checked prompts (token ids [T_i] or embeddings [T_i, D]) padded into one batch."""
+    def batch(self, rows: list, max_new_tokens: int, embeds: bool,
+              size: int | None = None) -> Batch:
+        """Checked prompts (token ids [T_i] or embeddings [T_i, D]) padded into one batch (of
+        `size` rows when given)."""
         tp, m = self.parallel.tp, self.parallel.microbatches if len(self.stages) > 1 else 1
         lengths = [len(r) for r in rows]
         decode_sp = self.parallel.sp == "on" and tp > 1
         # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
         # gets the same share
         unit = tp if (decode_sp or len(self.stages) > 1) else 1
-        batch = round_up(pow2_at_least(len(rows)), unit * m)
+        batch = size or round_up(pow2_at_least(len(rows)), unit * m)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
         kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
@@ -169,6 +173,21 @@ class Runner:
                                                          MIN_BUCKET))
         return Batch(len(rows), lengths, batch, inputs, kv_len, cache_len, prefill_sp,
                      decode_sp, embeds)
+
+    def guided_batch(self, cond: list, uncond: list, max_new_tokens: int) -> Batch:
+        """Classifier-free guidance's batch (one stage): the prompts in rows [0, n), their
+        unconditional contexts in rows [H, H + n), H = n rounded up to a power of two (and so
+        that 2H splits as decode needs); the other rows are one-token dummies that do not
+        decode."""
+        n, tp = len(cond), self.parallel.tp
+        unit = tp if self.parallel.sp == "on" and tp > 1 else 1
+        half = round_up(pow2_at_least(n), unit // math.gcd(unit, 2))
+        dummy = [np.zeros(1, np.int32)] * (half - n)
+        job = self.batch(list(cond) + dummy + list(uncond) + dummy, max_new_tokens, False,
+                         size=2 * half)
+        active = np.zeros(2 * half, bool)
+        active[:n] = active[half:half + n] = True
+        return dataclasses.replace(job, rows=n, lengths=job.lengths[:n], active=active)
 
     def compile_s(self) -> float:
         return sum(st.programs.total_compile_s() for st in self.stages)
@@ -235,7 +254,8 @@ class Runner:
         st = self.stages[0]
         steps = pow2_at_least(sampling.max_new_tokens - 1)
         static = Static.of(st.runtime, "decode", job.decode_sp, sampling)
-        pos, active = self.put(0, (job.kv_len, np.arange(job.batch) < job.rows))
+        active = np.arange(job.batch) < job.rows if job.active is None else job.active
+        pos, active = self.put(0, (job.kv_len, active))
         n_steps, stop_ids = self.constants(0, np.int32(sampling.max_new_tokens - 1),
                                            np.array(stop or (-1,), np.int32))
         args = (st.state, run.caches[0][0], run.tokens[0], pos, active, n_steps, stop_ids,

@@ -339,6 +339,9 @@ class Engine:
             raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
                                f"submit requests to process 0")
         sampling = self.llm._sampling(sampling)
+        if sampling.guided:
+            raise ValueError("the serving engine does not run classifier-free guidance "
+                             "(guidance_scale); use LLM.generate(..., negative_prompts=...)")
         if sampling.logprobs is not None and len(self.runner.stages) > 1:
             raise ValueError("logprobs need a one-stage engine (pp=1): a pipeline's first "
                              "tokens come from the runner's prefill, which does not compute "
