@@ -73,8 +73,9 @@ class PallasDecode:
         # causal: the step's token sees keys up to its own position (Xla.cached's mask)
         kv_len_b = jnp.minimum(fwd.kv_len_b, fwd.positions_bt[:, 0] + 1)
         out_bnh, k, v = fwd.layout.local(
-            decode_attention, (qkv_names, (None, None), (None, None), CACHE_AXES, CACHE_AXES,
-                               (None,), (None,), (None,)),
+            decode_attention, (qkv_names, ("cache_batch", None), ("cache_batch", None),
+                               CACHE_AXES, CACHE_AXES, (None,), ("cache_batch",),
+                               ("cache_batch",)),
             ((None, "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
             qkv_tkch, fwd.rope[0][:, 0], fwd.rope[1][:, 0], cache.k, cache.v,
             jnp.reshape(layer, (1,)).astype(jnp.int32), fwd.positions_bt[:, 0], kv_len_b)

@@ -61,10 +61,20 @@ class ParallelConfig:
     pp_layers: tuple[int, ...] | None = None
     pp_boundary: str = "scattered"
     microbatches: int = 1
+    cfg: int = 1
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
         _positive_int("ParallelConfig", "pp", self.pp)
+        if isinstance(self.cfg, bool) or self.cfg not in (1, 2):
+            raise ValueError(f"ParallelConfig.cfg must be 1 (guidance's two branches batched on "
+                             f"the same devices) or 2 (each branch on its half of the devices), "
+                             f"got {self.cfg!r}")
+        if self.cfg == 2 and (self.pp > 1 or self.comm != "xla"):
+            raise ValueError(f"ParallelConfig(cfg=2) runs one pipeline stage with comm='xla' "
+                             f"(the branches' halves split the batch, which the ring's and "
+                             f"Mosaic's token layouts do not), not pp={self.pp}, "
+                             f"comm={self.comm!r}")
         if self.sp_min_tokens is not None:
             _positive_int("ParallelConfig", "sp_min_tokens", self.sp_min_tokens)
         if self.sp not in SP_MODES:
@@ -101,16 +111,19 @@ class ParallelConfig:
 
     def describe(self) -> str:
         pp = f" boundary={self.pp_boundary} microbatches={self.microbatches}" if self.pp > 1 else ""
-        return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}{pp}"
+        cfg = f" cfg={self.cfg}" if self.cfg > 1 else ""
+        return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}{pp}{cfg}"
 
 
 def check_devices(parallel: ParallelConfig, num_devices: int) -> None:
-    need = parallel.tp * parallel.pp
+    need = parallel.tp * parallel.pp * parallel.cfg
     if need > num_devices:
         cpu = jax.devices()[0].platform == "cpu"
+        what = "tp*pp*cfg" if parallel.cfg > 1 else "tp*pp"
+        sizes = f"{parallel.tp}*{parallel.pp}" + (f"*{parallel.cfg}" if parallel.cfg > 1 else "")
         raise ValueError(
-            f"tp*pp = {parallel.tp}*{parallel.pp} = {need} devices are needed but {num_devices} "
-            f"are present; choose tp*pp <= {num_devices}"
+            f"{what} = {sizes} = {need} devices are needed but {num_devices} "
+            f"are present; choose {what} <= {num_devices}"
             + (f", or simulate {need} CPU devices: set XLA_FLAGS="
                f"--xla_force_host_platform_device_count={need} in the environment before jax "
                f"is imported (the jax-sp CLI does this itself)" if cpu else ""))

@@ -116,7 +116,7 @@ def prefill_fn(rt: Runtime, st: Static, feed: str, out: str = "token", cache_len
         if out == "token":
             if not rt.stage.last:
                 return rt.constrain_carry(result.carry), result.cache, keys
-            token = _sample(st, _logits(rt, result), keys, 0, temperature, top_p)
+            token = _sample(rt, st, _logits(rt, result), keys, 0, temperature, top_p)
             return token, result.cache, keys
         if not rt.stage.last:
             return rt.constrain_carry(result.carry)
@@ -139,17 +139,23 @@ def guide(logits_bv, scale: float):
     return scale * (cond - uncond) + uncond
 
 
-def _sample(st, logits_bv, keys_b, step, temperature, top_p):
+def _sample(rt, st, logits_bv, keys_b, step, temperature, top_p):
     """The next token of every row; under guidance the conditional rows' tokens, sampled from
     the guided scores with their keys, given to both halves (the unconditional context is
-    followed by the tokens generated)."""
+    followed by the tokens generated). The logits are replicated first: with the branches on
+    two device halves (ParallelConfig(cfg=2)) that is the step's one collective, an all-gather
+    of [B, V], after which every device combines and samples alike."""
     if st.guidance is None:
         return sample(logits_bv, keys_b, step, temperature, top_p, greedy=st.greedy,
                       top_k=st.top_k)
+    every = rt.sharding_of(())
+    logits_bv = jax.lax.with_sharding_constraint(logits_bv, every)
     half = logits_bv.shape[0] // 2
-    token = sample(guide(logits_bv, st.guidance), keys_b[:half], step, temperature, top_p,
-                   greedy=st.greedy, top_k=st.top_k)
-    return jnp.concatenate([token, token])
+    scores = jax.lax.with_sharding_constraint(guide(logits_bv, st.guidance), every)
+    token = sample(scores, keys_b[:half], step, temperature, top_p, greedy=st.greedy,
+                   top_k=st.top_k)
+    token = jax.lax.with_sharding_constraint(token, every)
+    return jax.lax.with_sharding_constraint(jnp.concatenate([token, token]), every)
 
 
 def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
@@ -157,7 +163,7 @@ def _step(rt, st, state, cache, inputs, pos_b, key, step, temperature, top_p):
     out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
     if not rt.stage.last:
         return rt.constrain_carry(out.carry), out.cache
-    return _sample(st, _logits(rt, out), key, step, temperature, top_p), out.cache
+    return _sample(rt, st, _logits(rt, out), key, step, temperature, top_p), out.cache
 
 
 def decode_step_fn(rt: Runtime, st: Static):

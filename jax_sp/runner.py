@@ -107,7 +107,7 @@ class Runner:
         devices = jax.devices() if devices is None else devices
         check_parallel(parallel, cfg, len(devices))
         self.cfg, self.parallel = cfg, parallel
-        self.mesh = make_mesh(parallel.tp, parallel.pp, devices)
+        self.mesh = make_mesh(parallel.tp, parallel.pp, devices, parallel.cfg)
         self.ranges = split_layers(cfg.num_layers, parallel.pp, parallel.pp_layers)
         self.stages: list[StageRunner] = []
         for s, (start, end) in enumerate(self.ranges):
@@ -159,6 +159,7 @@ class Runner:
         # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
         # gets the same share
         unit = tp if (decode_sp or len(self.stages) > 1) else 1
+        unit = unit * self.parallel.cfg // math.gcd(unit, self.parallel.cfg)  # cfg splits B
         batch = size or round_up(pow2_at_least(len(rows)), unit * m)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
@@ -179,9 +180,10 @@ class Runner:
         unconditional contexts in rows [H, H + n), H = n rounded up to a power of two (and so
         that 2H splits as decode needs); the other rows are one-token dummies that do not
         decode."""
-        n, tp = len(cond), self.parallel.tp
+        n, tp, cfg = len(cond), self.parallel.tp, self.parallel.cfg
         unit = tp if self.parallel.sp == "on" and tp > 1 else 1
-        half = round_up(pow2_at_least(n), unit // math.gcd(unit, 2))
+        # 2H rows: a multiple of unit (and with cfg=2, of 2 * unit: each half splits alike)
+        half = round_up(pow2_at_least(n), unit * cfg // math.gcd(unit * cfg, 2))
         dummy = [np.zeros(1, np.int32)] * (half - n)
         job = self.batch(list(cond) + dummy + list(uncond) + dummy, max_new_tokens, False,
                          size=2 * half)

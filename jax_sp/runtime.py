@@ -26,7 +26,7 @@ from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
 from sharding.padding import plan_padding
-from sharding.rules import RULES, named
+from sharding.rules import named, rules_for
 from sharding.weights import Target, as_weights, check_keys
 from sharding.xla_options import collective_matmul_options
 
@@ -85,7 +85,7 @@ class Runtime:
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
         self.options, self.quantization = options or CompileOptions(), quantization
-        self.mesh = make_mesh(parallel.tp, 1) if mesh is None else mesh
+        self.mesh = make_mesh(parallel.tp, 1, cfg=parallel.cfg) if mesh is None else mesh
         if quantization == "fp8":
             check_fp8_devices(self.mesh.devices.flat)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
@@ -110,6 +110,8 @@ class Runtime:
             self.options.attention, platform, self.dtype, cfg.head_dim, self.options.paged_decode)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
+        if dict(self.mesh.shape).get("cfg", 1) > 1:  # padding rows would land on one half only
+            self.row_multiple = 1
         # FP8 projections of few rows: the Pallas weight-only kernel on GPU (models/quant.py)
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas" if platform == "gpu" else "xla") if gemv == "auto" else gemv
@@ -123,7 +125,7 @@ class Runtime:
                              self.options.pad_rows_min_weight, self.fp8_gemv)
 
     def sharding_of(self, names, sp: bool = False):
-        return named(self.mesh, names, RULES["on" if sp else "off"])
+        return named(self.mesh, names, rules_for(sp, self.mesh))
 
     def abstract_state(self):
         """Parameters as ShapeDtypeStructs carrying their target shardings."""

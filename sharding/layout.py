@@ -29,7 +29,7 @@ from models.quant import (WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_onl
                           weight_only_rows)
 from sharding.collective_matmul import ring_column, ring_row
 from sharding.mosaic import mosaic_column, projection_fits
-from sharding.rules import RULES, named, spec as partition_spec
+from sharding.rules import named, rules_for, spec as partition_spec
 
 
 def padded_rows(rows: int, weight_size: int, row_multiple: int, min_weight: int) -> int:
@@ -90,7 +90,7 @@ class ShardedLayout:
 
     @property
     def rules(self):
-        return RULES["on" if self.sp else "off"]
+        return rules_for(self.sp, self.mesh)
 
     def _constrain(self, x, names):
         return jax.lax.with_sharding_constraint(x, named(self.mesh, names, self.rules))

@@ -9,7 +9,8 @@ Logical names used by `models/`:
 
 Under plain TP (Megatron) q/k/v and gate/up are column-parallel (KV groups, mlp split),
 o_proj and down_proj row-parallel, embedding and LM head vocab-parallel, the residual replicated.
-SP differs in one entry: the residual stream's tokens are split over "tp".
+SP differs in one entry: the residual stream's tokens are split over "tp". A "cfg" mesh axis
+of 2 splits the batch over it (`rules_for`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,18 @@ TP_RULES: dict[str, str | None] = {
 SP_RULES: dict[str, str | None] = {**TP_RULES, "act_tokens": "tp"}
 
 RULES = {"off": TP_RULES, "on": SP_RULES}
+
+
+def rules_for(sp: bool, mesh) -> dict[str, str | tuple[str, ...] | None]:
+    """The table for a mode on a mesh. With a "cfg" axis of 2 (classifier-free guidance's
+    branches on two halves of the devices, ParallelConfig(cfg=2)) the batch is split over it:
+    the activations' rows (tokens of both branches, first half conditional) over "cfg" (and
+    "tp" within it under SP), and the KV cache's batch."""
+    rules = RULES["on" if sp else "off"]
+    if dict(mesh.shape).get("cfg", 1) == 1:
+        return rules
+    return {**rules, "act_tokens": ("cfg", "tp") if sp else "cfg", "act_gathered": "cfg",
+            "cache_batch": "cfg"}
 
 
 def spec(names, rules: dict[str, str | None]) -> P:

@@ -30,14 +30,16 @@ def hf_guided(model, prompt, negative, scale, n):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("parallel", [ParallelConfig(tp=1), ParallelConfig(tp=2, sp="off"),
-                                      ParallelConfig(tp=2, sp="on")])
-@pytest.mark.parametrize("scale", [1.5, 3.0])
+@pytest.mark.parametrize("parallel,scale", [
+    (ParallelConfig(tp=1), 1.5), (ParallelConfig(tp=1), 3.0), (ParallelConfig(tp=2, sp="off"), 1.5),
+    (ParallelConfig(tp=2, sp="on"), 3.0), (ParallelConfig(cfg=2), 1.5),
+    (ParallelConfig(tp=2, sp="off", cfg=2), 3.0), (ParallelConfig(tp=2, sp="on", cfg=2), 1.5)])
 def test_greedy_tokens_are_transformers(tiny, parallel, scale):
     """Three prompts of odd lengths in one batch: two with negative prompts of their own
-    lengths, one guided by its last token."""
+    lengths, one guided by its last token; both branches batched on the same devices (cfg 1)
+    or each on its half of them (cfg 2)."""
     model, llm = tiny
-    if parallel.tp > 1:
+    if parallel != ParallelConfig():
         llm = LLM.from_torch(model, parallel=parallel, max_seq_len=96)
     prompts = random_prompts(llm.cfg.vocab_size, (7, 12, 3), seed=20)
     negatives = random_prompts(llm.cfg.vocab_size, (3, 9), seed=21)
@@ -50,17 +52,35 @@ def test_greedy_tokens_are_transformers(tiny, parallel, scale):
     assert plain != got  # guidance changed something
 
 
-def test_seeded_sampling_is_reproducible_and_its_own(tiny):
-    _, llm = tiny
+def test_seeded_sampling_is_reproducible_its_own_and_the_same_on_both_layouts(tiny):
+    model, llm = tiny
     prompts = random_prompts(llm.cfg.vocab_size, (6, 11), seed=22)
     s = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=30, seed=5, guidance_scale=2.0,
                        stop_token_ids=())
     first = [c.token_ids for c in llm.generate(prompts, s, negative_prompts=[[4, 5]])]
     assert first == [c.token_ids for c in llm.generate(prompts, s, negative_prompts=[[4, 5]])]
+    split = LLM.from_torch(model, parallel=ParallelConfig(tp=2, cfg=2), max_seq_len=96)
+    assert first == [c.token_ids for c in split.generate(prompts, s, negative_prompts=[[4, 5]])]
     other = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=30, seed=6,
                            guidance_scale=2.0, stop_token_ids=())
     assert first != [c.token_ids for c in llm.generate(prompts, other,
                                                        negative_prompts=[[4, 5]])]
+
+
+def test_cfg_2_splits_the_batch_and_combines_with_one_collective_a_step(tiny):
+    """cfg 2, tp 1: the cache's batch lies on the two halves, and the decode loop's only
+    collective is the all-gather of the step's logits over the halves."""
+    import re
+
+    model, _ = tiny
+    llm = LLM.from_torch(model, parallel=ParallelConfig(cfg=2), max_seq_len=96)
+    s = SamplingParams(max_new_tokens=6, guidance_scale=2.5, stop_token_ids=())
+    llm.generate([[3, 4, 5], [9, 8]], s, negative_prompts=[[1]])
+    assert llm.runtime.cache_sharding().spec[1] == "cfg"
+    hlo = llm.programs.hlo("decode")
+    ops = re.findall(r"= \S+ (all-gather|all-reduce|collective-permute|all-to-all|"
+                     r"reduce-scatter)(?:-start)?\(", hlo)
+    assert ops == ["all-gather"], ops
 
 
 def test_torch_prompts_of_any_strides_are_read_not_written_or_kept(tiny):
@@ -108,6 +128,12 @@ def test_bad_guidance_input_is_refused(tiny, hf_models):
     with Engine(llm, max_batch=2) as engine:
         with pytest.raises(ValueError, match="does not run classifier-free guidance"):
             engine.submit([1, 2], s)
+    with pytest.raises(ValueError, match="cfg must be 1 .* or 2 .*, got 3"):
+        ParallelConfig(cfg=3)
+    with pytest.raises(ValueError, match=r"cfg=2\) runs one pipeline stage with comm='xla'"):
+        ParallelConfig(cfg=2, comm="ring", tp=2)
+    with pytest.raises(ValueError, match=r"tp\*pp\*cfg = 8\*1\*2 = 16 devices"):
+        LLM.from_torch(model, parallel=ParallelConfig(tp=8, cfg=2))
     piped = LLM.from_torch(model, parallel=ParallelConfig(pp=2), max_seq_len=96)
     with pytest.raises(ValueError, match="one pipeline stage \\(pp=1\\), not pp=2"):
         piped.generate(prompts, s)
