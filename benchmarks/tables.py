@@ -536,7 +536,32 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
     return "\n".join(out)
 
 
-TABLES = {"ceiling": ceiling, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+def guidance() -> str:
+    """Guidance's decode step, cfg 1 against cfg 2 (benchmarks/guidance.py), per result file."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "guidance_*.jsonl"))):
+        rows = _rows(os.path.basename(path))
+        if not rows:
+            continue
+        first = rows[0]
+        cell = {(r["tp"], r["cfg"], r["case"]): r["ms_per_step"] for r in rows}
+        out += ["| tp | unguided, ms a step | guided, cfg 1 (2·tp devices' work on tp) | "
+                "guided, cfg 2 (2·tp devices) | cfg 2 / cfg 1 |", "| --- | --- | --- | --- | --- |"]
+        for tp in sorted({r["tp"] for r in rows}):
+            plain, one, two = (cell.get((tp, c, k)) for c, k in
+                               ((1, "unguided"), (1, "guided"), (2, "guided")))
+            fmt = lambda v: "—" if v is None else f"{v:.2f}"  # noqa: E731
+            ratio = "—" if None in (one, two) else f"{two / one:.2f}×"
+            out.append(f"| {tp} | {fmt(plain)} | {fmt(one)} | {fmt(two)} | {ratio} |")
+        out += ["", _source(first) + f"{first['model']} shape, random weights, "
+                f"{first['dtype']}, {first['batch']} prompts of {first['prompt']} tokens and "
+                f"their negative prompts, {first['new_tokens']} greedy new tokens; medians."
+                + (" Simulated CPU devices share two cores: cfg 2 shows the layout's cost, "
+                   "not a speed-up." if "cpu" in first["machine"].lower() else ""), ""]
+    return "\n".join(out).rstrip() if out else "(no guidance results)"
+
+
+TABLES = {"ceiling": ceiling, "guidance": guidance, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
           "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
