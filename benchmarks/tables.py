@@ -545,7 +545,7 @@ def guidance() -> str:
             continue
         first = rows[0]
         cell = {(r["tp"], r["cfg"], r["case"]): r["ms_per_step"] for r in rows}
-        out += ["| tp | unguided, ms a step | guided, cfg 1 (2·tp devices' work on tp) | "
+        out += ["| tp | unguided, ms a step | guided, cfg 1 (tp devices) | "
                 "guided, cfg 2 (2·tp devices) | cfg 2 / cfg 1 |", "| --- | --- | --- | --- | --- |"]
         for tp in sorted({r["tp"] for r in rows}):
             plain, one, two = (cell.get((tp, c, k)) for c, k in

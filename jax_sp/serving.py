@@ -35,7 +35,7 @@ admissions with each request's prompt and settings, stop) and broadcasts it; eve
 applies it and runs the same programs, so the others follow process 0's schedule and only
 process 0 takes requests. Stop strings are met on the decoded text by the HTTP server
 (jax_sp/server.py). Not yet: chunked prefill of long prompts (an admission's prefill runs
-between two launches, so the running slots wait for it), logprobs.
+between two launches, so the running slots wait for it).
 """
 
 from __future__ import annotations
@@ -272,6 +272,9 @@ class Engine:
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if llm.parallel.cfg > 1:
+            raise ValueError("the serving engine runs without classifier-free guidance: build "
+                             "the LLM with ParallelConfig(cfg=1) to serve it")
         self.llm, self.runner = llm, runner
         tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1

@@ -134,6 +134,8 @@ def test_bad_guidance_input_is_refused(tiny, hf_models):
         ParallelConfig(cfg=2, comm="ring", tp=2)
     with pytest.raises(ValueError, match=r"tp\*pp\*cfg = 8\*1\*2 = 16 devices"):
         LLM.from_torch(model, parallel=ParallelConfig(tp=8, cfg=2))
+    with pytest.raises(ValueError, match="build the LLM with ParallelConfig\\(cfg=1\\)"):
+        Engine(LLM.from_torch(model, parallel=ParallelConfig(cfg=2), max_seq_len=96))
     piped = LLM.from_torch(model, parallel=ParallelConfig(pp=2), max_seq_len=96)
     with pytest.raises(ValueError, match="one pipeline stage \\(pp=1\\), not pp=2"):
         piped.generate(prompts, s)
