@@ -148,12 +148,22 @@ def main():
         xs = inputs(1)
         for name, (n, k) in shapes.items():
             def run(bn, bk, sp, stages, warps):
+                """One projection's L layers at this tile: its time and share of the copy
+                bandwidth (or the refusal) emitted; seconds or None."""
                 cfg = {"bench": "shape-sweep", "rows": 1, "projection": name,
                        "shape_nk": [n, k], "block_n": bn, "block_k": bk, "splits": sp,
                        "num_stages": stages, "num_warps": warps}
-                return _time_projection(
-                    common, jax, fp8_gemv, fp8[name], xs[name], L, res, cfg, bandwidth,
-                    block_n=bn, block_k=bk, splits=sp, num_stages=stages, num_warps=warps)
+                tile = dict(block_n=bn, block_k=bk, splits=sp, num_stages=stages,
+                            num_warps=warps)
+                fn = jax.jit(lambda q, x: [fp8_gemv(x, q.q, q.scale, l, **tile)  # noqa: B023
+                                           for l in range(L)])
+                try:
+                    _, per = common.timed_bursts(lambda: fn(fp8[name], xs[name]), 5, 10)
+                except Exception as e:  # a tile the compiler (or plan) refuses is a result too
+                    res.emit({**cfg, "error": str(e).splitlines()[0][:200]})
+                    return None
+                res.emit({**cfg, "ms": per * 1e3, "of_copy": fp8[name].q.nbytes / per / bandwidth})
+                return per
 
             timed = {}
             for bn, bk, sp in itertools.product((4, 8, 16, 32), (512, 1024, 2048), (1, 2, 4)):
@@ -186,19 +196,6 @@ def main():
                     res.emit({**cfg, "error": str(e).splitlines()[0][:200]})
                     continue
                 res.emit({**cfg, "ms": per * 1e3, "of_copy": bytes8 / per / bandwidth})
-
-
-def _time_projection(common, jax, fp8_gemv, q, x, layers, res, cfg, bandwidth, **tile):
-    """One projection's `layers` layers with the kernel at `tile`: emits the time and the
-    share of the copy bandwidth (or the compiler's refusal) and returns seconds or None."""
-    fn = jax.jit(lambda q, x: [fp8_gemv(x, q.q, q.scale, l, **tile) for l in range(layers)])
-    try:
-        _, per = common.timed_bursts(lambda: fn(q, x), 5, 10)
-    except Exception as e:  # a tile the compiler (or plan) refuses is a result too
-        res.emit({**cfg, "error": str(e).splitlines()[0][:200]})
-        return None
-    res.emit({**cfg, "ms": per * 1e3, "of_copy": q.q.nbytes / per / bandwidth})
-    return per
 
 
 def census(text: str) -> dict:
