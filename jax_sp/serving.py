@@ -178,14 +178,17 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1, logprobs: bool
     def replicated(*xs):  # as the host puts them: the next launch takes these as they are
         return tuple(jax.lax.with_sharding_constraint(x, rt.sharding_of(())) for x in xs)
 
+    def last_out(tokens, last, extra):  # (tokens [steps, B], last [B], logprobs or ())
+        tokens, last, *extra = replicated(tokens, last, *extra)
+        return tokens, last, tuple(extra)
+
     def run(state, cache, inputs, pos_b, keys_b, step_b, temperature_b, top_k_b, top_p_b):
         settings = (temperature_b, top_k_b, top_p_b)
         if steps == 1:
             out, cache, advanced = one(state, cache, inputs, pos_b, step_b, keys_b, settings)
             if rt.stage.last:
                 token, extra = out
-                out = replicated(token[None], token, *(x[None] for x in extra))
-                out = (out[0], out[1], out[2:])
+                out = last_out(token[None], token, tuple(x[None] for x in extra))
             return (out, cache) + replicated(*advanced)
 
         def body(carry, _):
@@ -196,8 +199,7 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1, logprobs: bool
 
         (cache, last, pos_b, step_b), (tokens, extra) = jax.lax.scan(
             body, (cache, inputs, pos_b, step_b), None, length=steps)
-        out = replicated(tokens, last, *extra)
-        return (out[0], out[1], out[2:]), cache, *replicated(pos_b, step_b)
+        return last_out(tokens, last, extra), cache, *replicated(pos_b, step_b)
     return run
 
 
@@ -530,14 +532,20 @@ class Engine:
         extra = [to_host(x)[0] for x in extra]  # [B], [B, K], [B, K]
         self.prefill_sizes[len(group)] += 1
         for i, (request, slot) in enumerate(group):
-            s = request.sampling
-            self.tokens[slot], self.pos[slot], self.step[slot] = tokens[i], len(request.prompt), 1
-            self.keys[slot] = keys[i]
-            self.temperature[slot] = s.temperature
-            self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
-            self._fresh[slot] = True
-            request._emit(int(tokens[i]), [x[i] for x in extra] if extra else None)
+            self._seat(request, slot, int(tokens[i]), keys[i],
+                       [x[i] for x in extra] if extra else None)
+
+    def _seat(self, request: Request, slot: int, first: int, key, logprobs=None):
+        """A prefilled request into its slot's host rows (its first token, position, step, key
+        and settings), to be put before the next launch; the first token emitted."""
+        s = request.sampling
+        self.tokens[slot], self.pos[slot], self.step[slot] = first, len(request.prompt), 1
+        self.keys[slot] = key
+        self.temperature[slot] = s.temperature
+        self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
+        self._fresh[slot] = True
         self._rows = [None] * len(self._rows)  # put again before the next step
+        request._emit(first, logprobs)
 
     def _admit_static(self, b: int, t: int) -> Static:
         """The admission program's settings for a [b, t] group: SP as `generate` decides for
@@ -590,21 +598,13 @@ class Engine:
     def _prefill(self, request: Request, slot: int):
         """A pipeline: the request's prefill on its own (the runner's: every stage, SP as
         `generate` decides), each stage's cache row written into the slot."""
-        s = request.sampling
         job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
         job = dataclasses.replace(job, cache_len=max(self.cache_len, job.inputs.shape[1]))
-        run = self.runner.prefill(job, s)
+        run = self.runner.prefill(job, request.sampling)
         self.prefill_sizes[1] += 1
         for i, rows in enumerate(run.caches):
             self.caches[i] = self._insert(self.caches[i], rows[0], np.int32(slot))
-        first = int(to_host(run.tokens[0])[0])
-        self.tokens[slot], self.pos[slot], self.step[slot] = first, len(request.prompt), 1
-        self.keys[slot] = to_host(run.keys[-1][0])[0]
-        self.temperature[slot] = s.temperature
-        self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
-        self._fresh[slot] = True
-        self._rows = [None] * len(self._rows)  # put again before the next step
-        request._emit(first)
+        self._seat(request, slot, int(to_host(run.tokens[0])[0]), to_host(run.keys[-1][0])[0])
 
     def _ended(self, request: Request, slot: int) -> bool:
         """Finish `request` if its last token ends it; frees its slot."""
