@@ -74,29 +74,33 @@ def main():
     ap.add_argument("--prefill-only", action="store_true")
     ap.add_argument("--quantization", default=None, help="e.g. fp8: the layers' projections in "
                     "FP8 (models/quant.py)")
+    ap.add_argument("--attn-dp", default="1", help="attention groups, e.g. 1,2,4: each case "
+                    "at each (ParallelConfig.attn_dp; mosaic cases only at 1)")
     args = ap.parse_args()
     rows = []
     for model in args.models.split(","):
         cfg = dataclasses.replace(preset(model), num_layers=2)  # 2: keep the layer loop
-        for case in ([] if args.decode_only else PREFILL_CASES):
-            if case[0] in args.cases.split(","):
-                rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir,
-                                         args.from_hlo, args.quantization))
+        for attn_dp in [int(g) for g in args.attn_dp.split(",")]:
+            for case in ([] if args.decode_only else PREFILL_CASES):
+                if case[0] in args.cases.split(",") and (attn_dp == 1 or case[2] != "mosaic"):
+                    rows.append(prefill_case(model, cfg, *case, args.tokens, args.hlo_dir,
+                                             args.from_hlo, args.quantization, attn_dp))
+                    print(json.dumps(rows[-1]), flush=True)
+            for attention in (() if args.prefill_only else ("cudnn", "pallas")):
+                rows.append(decode_case(model, cfg, attention, attn_dp=attn_dp))
                 print(json.dumps(rows[-1]), flush=True)
-        for attention in (() if args.prefill_only else ("cudnn", "pallas")):
-            rows.append(decode_case(model, cfg, attention))
-            print(json.dumps(rows[-1]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=False,
-                 quantization=None):
+                 quantization=None, attn_dp=1):
     # The mocked topology is eight processes of one GPU each, which comm="mosaic" refuses
     # (sharding.mosaic.check_mesh: one process must own every GPU); the runtime is built as
     # "ring" and switched, and the kernel compiles its multi-process variant here.
-    rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm),
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp=sp, comm="ring" if comm == "mosaic" else comm,
+                                     attn_dp=attn_dp),
                  dtype="bfloat16", quantization=quantization)
     if comm == "mosaic":
         rt.parallel = dataclasses.replace(rt.parallel, comm=comm)
@@ -104,10 +108,11 @@ def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=Fa
     options = {k: v for k, v in {**collective_matmul_options("gpu", comm, sp == "on"),
                                  **extra}.items() if v is not None}
     row = {"model": model, "layers": cfg.num_layers, "tp": 8, "tokens": tokens, "case": name,
-           "quantization": quantization,
+           "quantization": quantization, "attn_dp": attn_dp,
            "sp": sp, "comm": comm, "options": options, "devices": f"{len(jax.devices())}x "
            f"{jax.devices()[0].device_kind}", "jax": jax.__version__}
-    tag = f"{name}_{quantization}" if quantization else name
+    tag = (f"{name}_{quantization}" if quantization else name) + (
+        f"_attn_dp{attn_dp}" if attn_dp > 1 else "")
     saved = os.path.join(hlo_dir, f"{model}_{tag}.hlo.txt.gz") if hlo_dir else ""
     if from_hlo:  # analyse the program an earlier run compiled and saved
         with open(saved.replace(".hlo.txt.gz", ".json")) as f:
@@ -115,8 +120,9 @@ def prefill_case(model, cfg, name, sp, comm, extra, tokens, hlo_dir, from_hlo=Fa
         with gzip.open(saved, "rt") as f:
             return analyse(row, f.read(), cfg.num_layers)
     static = Static.of(rt, "prefill", sp == "on")
-    ids = jax.ShapeDtypeStruct((1, tokens), "int32")
-    lengths = jax.ShapeDtypeStruct((1,), "int32")
+    # one sequence per attention group (a group owns whole sequences)
+    ids = jax.ShapeDtypeStruct((attn_dp, tokens // attn_dp), "int32")
+    lengths = jax.ShapeDtypeStruct((attn_dp,), "int32")
     try:
         lowered = jax.jit(prefill_fn(rt, static, "tokens", "last")).lower(
             rt.abstract_state(), ids, lengths)
@@ -152,12 +158,14 @@ def analyse(row, hlo, layers):
             "mosaic_kernels": hlo.count("mosaic_gpu")}
 
 
-def decode_case(model, cfg, attention, batch=8, max_len=1024):
-    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off"), dtype="bfloat16",
+def decode_case(model, cfg, attention, batch=8, max_len=1024, attn_dp=1):
+    rt = Runtime(cfg, ParallelConfig(tp=8, sp="off", attn_dp=attn_dp), dtype="bfloat16",
                  options=CompileOptions(attention=attention))
     c = rt.padded_cfg
     args = abstract_decode_step_args(rt, batch, max_len)
-    row = {"model": model, "layers": cfg.num_layers, "tp": 8, "case": "decode", "batch": batch,
+    heads, rows = c.num_kv_heads // (8 // attn_dp), batch // attn_dp  # a device's
+    row = {"model": model, "layers": cfg.num_layers, "tp": 8, "attn_dp": attn_dp,
+           "case": "decode", "batch": batch,
            "cache": max_len, "attention": rt.decode_attention.name, "unroll": decode_unroll(rt),
            "jax": jax.__version__}
     try:
@@ -165,8 +173,8 @@ def decode_case(model, cfg, attention, batch=8, max_len=1024):
         lowered = jax.jit(fn, donate_argnums=(1,)).lower(*args)
         hlo = lowered.compile({**rt.xla_options(False),
                                "xla_gpu_autotune_level": 0}).as_text()
-        local = f"{cfg.num_layers * batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}"
-        stacked = f"bf16[{cfg.num_layers},{batch},{max_len},{c.num_kv_heads // 8},{c.head_dim}]"
+        local = f"{cfg.num_layers * rows},{max_len},{heads},{c.head_dim}"
+        stacked = f"bf16[{cfg.num_layers},{rows},{max_len},{heads},{c.head_dim}]"
         heads = [x for x in census(hlo) if x.dims[-1:] == (c.head_dim,)]
         row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),
                    cudnn_mentions=hlo.count("cudnn"), while_loops=hlo.count(" while("),
@@ -175,7 +183,9 @@ def decode_case(model, cfg, attention, batch=8, max_len=1024):
                                      and "decode_attention" in ln]),
                    local_stacked_cache_operand=stacked in hlo,
                    head_shaped_collectives=len(heads),
-                   layer_slice_copies=hlo.count(f"bf16[{batch},{max_len},"))
+                   layer_slice_copies=hlo.count(f"bf16[{rows},{max_len},"),
+                   layer_collectives=sorted(f"{x.kind} {x.dtype}{list(x.dims)} n{x.group}"
+                                            for x in census(hlo) if x.scope != "outside"))
     except Exception as e:  # noqa: BLE001
         row.update(compiled=False, error=str(e).splitlines()[0][:1000])
     return row

@@ -89,6 +89,7 @@ def main():
                          "many elements up run on a multiple of 8 rows on GPU")
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
+    ap.add_argument("--quantization", default=None, help="e.g. fp8 (LLM(quantization=...))")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -125,14 +126,15 @@ def main():
                              dtype=args.dtype, max_seq_len=max_len, options=compile_options)
     else:
         llm = LLM(cfg, random_params(cfg), parallel=parallel, dtype=args.dtype,
-                  max_seq_len=max_len, options=compile_options)
+                  max_seq_len=max_len, options=compile_options, quantization=args.quantization)
     args.unroll = gen.decode_unroll(llm.runtime)  # recorded as resolved
     # prefill-decode
     attention = f"{llm.runtime.attention.name}-{llm.runtime.decode_attention.name}"
     # what sets this run apart, in every file name it writes
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
-                                           (args.torch_first, "_torch_first")) if on)
+                                           (args.torch_first, "_torch_first"),
+                                           (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -154,6 +156,7 @@ def main():
         busy = sum(t for t, _ in totals.values())
         top = sorted(totals.items(), key=lambda kv: -kv[1][0])[: args.top]
         row = {"bench": "profile-decode", "model": args.model, "batch": batch,
+               "layers": cfg.num_layers, "quantization": args.quantization,
                "unroll": args.unroll, "attention": llm.runtime.attention.name,
                "wall_ms": wall * 1e3, "decode_attention": llm.runtime.decode_attention.name,
                "paged_cache": not args.sliced_cache,
@@ -190,6 +193,7 @@ def main():
         if args.pad_rows_min_weight is not None:
             tag += f"_pad_rows_min_weight-{args.pad_rows_min_weight}"
         name = f"profile_decode_{args.model}_u{args.unroll}_{attention}{variant}{tag}.jsonl"
+        name = name.replace(".jsonl", f"_l{cfg.num_layers}.jsonl") if args.layers else name
         common.write_jsonl(os.path.join(args.out, name), rows)
 
 

@@ -28,6 +28,9 @@ Tables:
             peer for each decode batch and prefill case (the README's results table)
   numerics  generation_*.jsonl prefill-parity rows: last-token logits of a 1x2048 prefill, jax-sp
             and transformers-bf16 against an fp32 reference, and against each other
+  attn_dp_kv, attn_dp_census, attn_dp_decode
+            attn_dp_*.jsonl: attention groups against plain TP, KV-cache bytes per device,
+            each layer's collectives, the decode step
   sp_vs_tp TP
             multi_gpu_tp<TP>_*.jsonl: plain TP's per-layer ms and SP's speed against it (TP / SP)
             per layer and for the whole model, per comm path and token count
@@ -41,6 +44,7 @@ when there are several.
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
 import os
@@ -561,7 +565,108 @@ def guidance() -> str:
     return "\n".join(out).rstrip() if out else "(no guidance results)"
 
 
-TABLES = {"ceiling": ceiling, "guidance": guidance, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape, "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+def _attn_dp_rows(bench: str) -> list[dict]:
+    return [r for r in _rows("attn_dp_*.jsonl") if r.get("bench") == bench]
+
+
+def attn_dp_kv() -> str:
+    """KV-cache GiB per device by model shape, tp and attn_dp (benchmarks/attn_dp.py)."""
+    rows = _attn_dp_rows("kv")
+    if not rows:
+        return "(no attn_dp kv results)"
+    first = rows[0]
+    groups = sorted({r["attn_dp"] for r in rows})
+    out = ["| model (KV heads), tp | " + " | ".join(f"attn_dp {g}" for g in groups) + " |",
+           "| --- |" + " --- |" * len(groups)]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for tp in sorted({r["tp"] for r in rows if r["model"] == model}):
+            cell = {r["attn_dp"]: r for r in rows if (r["model"], r["tp"]) == (model, tp)}
+            kv = cell[1]["kv_heads"]
+            out.append(f"| {model} ({kv}), tp {tp} | " + " | ".join(
+                f"{cell[g]['gib_per_device']:.3g} GiB ({cell[g]['copies']:g}×)" if g in cell
+                else "—" for g in groups) + " |")
+    return "\n".join(out + ["", _source(first) + f"K and V of {first['batch']} sequences of "
+                            f"{first['positions']} positions in bfloat16, per device, read from "
+                            f"the cache's sharding on the mesh; in brackets how many copies of "
+                            f"each KV head all devices hold together (replicas and zero heads "
+                            f"padded in)."])
+
+
+def attn_dp_census() -> str:
+    """Each layer's collectives by attn_dp and sp mode (benchmarks/attn_dp.py)."""
+    rows = _attn_dp_rows("census")
+    if not rows:
+        return "(no attn_dp census results)"
+    first = rows[0]
+    out = ["| attn_dp | sp | a layer's collectives (group size, tensor rows) | wire MiB/device |",
+           "| --- | --- | --- | --- |"]
+    for r in rows:
+        ops = ", ".join(f"{kind} ({group}, {dims[0]})" for kind, group, dims in
+                        sorted(r["collectives"], key=lambda c: (-c[1], c[0])))
+        out.append(f"| {r['attn_dp']} | {r['sp']} | {ops} | {r['wire_mib_per_layer']:.1f} |")
+    return "\n".join(out + ["", _source(first) + f"compiled prefill of {first['batch']} × "
+                            f"{first['tokens']} tokens, {first['model']} "
+                            f"shape with {first['layers']} layers, tp {first['tp']}, float32 "
+                            f"(wire bytes of a ring implementation)."])
+
+
+def attn_dp_decode() -> str:
+    """The decode step by attn_dp (benchmarks/attn_dp.py), per machine."""
+    rows = _attn_dp_rows("decode")
+    if not rows:
+        return "(no attn_dp decode results)"
+    out = []
+    for machine in dict.fromkeys(r["machine"] for r in rows):
+        mine = [r for r in rows if r["machine"] == machine]
+        base = next(r for r in mine if r["attn_dp"] == 1)
+        out += ["| attn_dp | KV heads stored | ms a step | tokens/s | against attn_dp 1 |",
+                "| --- | --- | --- | --- | --- |"]
+        for r in mine:
+            out.append(f"| {r['attn_dp']} | {r['kv_heads_stored']} | {r['ms_per_step']:.1f} | "
+                       f"{r['tokens_per_s']:.0f} | {base['ms_per_step'] / r['ms_per_step']:.2f}× |")
+        out += ["", _source(base) + f"tp {base['tp']}, {base['batch']} sequences of "
+                f"{base['prompt']}-token prompts, {base['new_tokens']} greedy tokens, "
+                f"{base['dtype']}, 2 KV heads, medians."
+                + (" Simulated CPU devices share the machine's cores: the step follows the "
+                   "total work and bytes, not a multi-device speed-up." if "cpu" in machine
+                   else ""), ""]
+    return "\n".join(out).rstrip()
+
+
+def attn_dp_gpu() -> str:
+    """The mocked 8-GPU compile of attention groups (benchmarks/mock_gpu_compile.py --attn-dp)."""
+    rows = _rows("mock_gpu_compile_attn_dp_*.jsonl")
+    if not rows:
+        return "(no mock_gpu_compile_attn_dp results)"
+    out = ["| attn_dp | case | compiled | windowed-einsum loops (ag, rs) | a layer's collectives "
+           "exposed in the schedule |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if r["case"] == "decode":
+            what = (f"{r['pallas_calls']} fused Pallas calls on each device's own cache"
+                    if r["attention"] == "pallas" else
+                    f"{r['cudnn_fmha_calls']} cuDNN calls, {r['layer_slice_copies']} layer-slice "
+                    f"copies")
+            out.append(f"| {r['attn_dp']} | decode step, {r['attention']} | {r['compiled']} | — "
+                       f"| {what} |")
+            continue
+        loops = r["windowed_einsum"]
+        exposed = collections.Counter(e.rsplit(" x", 1)[0] for e in r["exposed_in_layer"])
+        text = ", ".join(f"{n}× {e}" for e, n in sorted(exposed.items())) or "none"
+        out.append(f"| {r['attn_dp']} | {r['case']} | {r['compiled']} | "
+                   f"{loops['windowed_dot_general_body_ag']}, "
+                   f"{loops['windowed_dot_general_body_rs']} | {text} |")
+    first = next(r for r in rows if "devices" in r)
+    return "\n".join(out + ["", f"`benchmarks/results/{first['_file']}` (jax {first['jax']}, "
+                            f"one H200 compiling for a mocked 1x8x1 topology, "
+                            f"{first['devices']}): {first['model']} shape, {first['layers']} "
+                            f"layers, tp {first['tp']}, bfloat16, prefill of {first['tokens']} "
+                            f"tokens (one sequence per group); decode: batch 8, cache 1024."])
+
+
+TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape,
+          "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+          "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
+          "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sharding.mesh import tp_axes, tp_size
+
 KEYS = ("hidden_states", "residual")
 RESIDUAL_MODES = ("scattered", "full")
 
@@ -85,10 +87,10 @@ def _check(ranks, tp: int, residual: str):
 def from_torch_ranks(ranks, mesh, residual: str = "scattered", dtype=None):
     """Per-rank dicts -> (hidden [T, D], residual [T, D]) token-sharded on `mesh` ("tp" axis):
     device r of the tp axis gets rank r's rows and nothing else."""
-    tp = mesh.shape["tp"]
+    tp = tp_size(mesh)
     local, width = _check(ranks, tp, residual)
     total = local * tp
-    sharding = NamedSharding(mesh, P("tp", None))
+    sharding = NamedSharding(mesh, P(tp_axes(mesh), None))
 
     def place(key):
         def rows(index):

@@ -69,14 +69,14 @@ class PallasDecode:
         from models.decode_attention import decode_attention
 
         # the kernel reads its B rows where the projection left them (padding rows included)
-        qkv_names = ("act_gathered", "qkv_heads", None, "head_dim")
+        qkv_names = ("attn_tokens", "qkv_heads", None, "head_dim")
         # causal: the step's token sees keys up to its own position (Xla.cached's mask)
         kv_len_b = jnp.minimum(fwd.kv_len_b, fwd.positions_bt[:, 0] + 1)
         out_bnh, k, v = fwd.layout.local(
             decode_attention, (qkv_names, ("cache_batch", None), ("cache_batch", None),
                                CACHE_AXES, CACHE_AXES, (None,), ("cache_batch",),
                                ("cache_batch",)),
-            ((None, "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
+            (("attn_tokens", "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
             qkv_tkch, fwd.rope[0][:, 0], fwd.rope[1][:, 0], cache.k, cache.v,
             jnp.reshape(layer, (1,)).astype(jnp.int32), fwd.positions_bt[:, 0], kv_len_b)
         return out_bnh, KVCache(k, v)

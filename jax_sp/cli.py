@@ -42,9 +42,10 @@ def _inspect(args) -> int:
     cfg = preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
-    reports = inspect_modes(cfg, args.tp, args.tokens, args.batch, args.comm)
+    reports = inspect_modes(cfg, args.tp, args.tokens, args.batch, args.comm,
+                            attn_dp=args.attn_dp)
     print(f"model {args.model}: " + format_reports(cfg, args.tp, args.tokens, args.batch,
-                                                   reports))
+                                                   reports, args.attn_dp))
     if args.pp > 1:
         from jax_sp.inspect import boundary_report, format_boundary_report
 
@@ -172,6 +173,10 @@ def _layout_options(p, tp_default: int) -> None:
     p.add_argument("--tp", type=_positive, default=tp_default,
                    help="tensor-parallel devices per pipeline stage")
     p.add_argument("--pp", type=_positive, default=1, help="pipeline stages (tp*pp devices)")
+    p.add_argument("--attn-dp", type=_positive, default=1,
+                   help="attention in this many data-parallel groups of tp/attn-dp devices, "
+                        "each with its own sequences and the KV heads split inside the group "
+                        "(for models with fewer KV heads than tp)")
     p.add_argument("--comm", default="xla", choices=COMM_CHOICES,
                    help="how SP's all-gathers and reduce-scatters run: xla (sharding "
                         "constraints), ring (explicit collective matmul) or mosaic (Hopper GPUs)")
@@ -204,7 +209,8 @@ def _load(args):
     """The LLM of generate's and serve's model options."""
     from jax_sp import LLM, ParallelConfig
 
-    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm)
+    parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm,
+                              attn_dp=args.attn_dp)
     return LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
                                max_seq_len=args.max_seq_len, quantization=args.quantization)
 
@@ -219,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
               description="Compile a prefill for sp off and on (no weights are allocated) and "
                           "print what each communicates, where, and its memory.")
     ins.add_argument("--model", default="smollm2",
-                     help="model shape: smollm2, llama3.2-1b, llama3-8b, llama3-70b")
+                     help="model shape: smollm2, llama3.2-1b, llama3-8b, llama3-70b, "
+                          "qwen2.5-7b, qwen2.5-1.5b")
     _layout_options(ins, 4)
     ins.add_argument("--tokens", type=_positive, default=1024,
                      help="tokens per sequence (rounded up to a multiple of tp)")

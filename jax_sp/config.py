@@ -51,7 +51,13 @@ class ParallelConfig:
     vLLM's even split with the remainder on the stages before the last), pp_boundary
     ("scattered": (hidden, residual) stay token-sharded across a hop; "gather": vLLM's
     gather-on-receive), microbatches (a batch is cut into this many, and stage k of micro-batch
-    i+1 runs while stage k+1 of micro-batch i does)."""
+    i+1 runs while stage k+1 of micro-batch i does). cfg: classifier-free guidance's two
+    branches batched on the same devices (1) or each on its half of the devices (2).
+    attn_dp: attention in this many data-parallel groups of tp / attn_dp devices (SGLang's DP
+    attention): each group attends for its own share of the batch with the KV heads split over
+    its devices, so a model with fewer KV heads than tp stores each once per group instead of
+    replicating them tp / K times; embedding, MLP and LM head stay split over all tp devices
+    (docs/attn_dp.md)."""
 
     tp: int = 1
     pp: int = 1
@@ -62,10 +68,21 @@ class ParallelConfig:
     pp_boundary: str = "scattered"
     microbatches: int = 1
     cfg: int = 1
+    attn_dp: int = 1
 
     def __post_init__(self):
         _positive_int("ParallelConfig", "tp", self.tp)
         _positive_int("ParallelConfig", "pp", self.pp)
+        _positive_int("ParallelConfig", "attn_dp", self.attn_dp)
+        if self.tp % self.attn_dp:
+            divisors = [d for d in range(1, self.tp + 1) if self.tp % d == 0]
+            raise ValueError(f"ParallelConfig.attn_dp={self.attn_dp} must divide tp={self.tp} "
+                             f"(attention runs in attn_dp groups of tp / attn_dp devices); "
+                             f"use one of {divisors}")
+        if self.attn_dp > 1 and (self.comm == "mosaic" or self.cfg > 1):
+            raise ValueError(f"ParallelConfig(attn_dp={self.attn_dp}) runs with comm='xla' or "
+                             f"'ring' and cfg=1, not comm={self.comm!r}, cfg={self.cfg} (Mosaic's "
+                             f"kernel takes a one-axis mesh; cfg=2 splits the batch itself)")
         if isinstance(self.cfg, bool) or self.cfg not in (1, 2):
             raise ValueError(f"ParallelConfig.cfg must be 1 (guidance's two branches batched on "
                              f"the same devices) or 2 (each branch on its half of the devices), "
@@ -112,6 +129,7 @@ class ParallelConfig:
     def describe(self) -> str:
         pp = f" boundary={self.pp_boundary} microbatches={self.microbatches}" if self.pp > 1 else ""
         cfg = f" cfg={self.cfg}" if self.cfg > 1 else ""
+        cfg += f" attn_dp={self.attn_dp}" if self.attn_dp > 1 else ""
         return f"tp={self.tp} pp={self.pp} sp={self.sp} comm={self.comm}{pp}{cfg}"
 
 

@@ -228,8 +228,12 @@ class LLM:
         return out
 
     def _pack(self, prompts: list[np.ndarray]):
-        """Right-pad to a shared bucket: tokens [B, T], lengths [B]."""
+        """Right-pad to a shared bucket: tokens [B, T], lengths [B]; with attention groups B is
+        padded to a multiple of attn_dp with one-token rows (each group owns B / attn_dp whole
+        sequences), which come after the prompts'."""
         t = bucket(max(len(p) for p in prompts), self.parallel.tp)
+        groups = self.parallel.attn_dp
+        prompts = list(prompts) + [np.zeros(1, np.int32)] * (-len(prompts) % groups)
         tokens = np.zeros((len(prompts), t), np.int32)
         for b, ids in enumerate(prompts):
             tokens[b, : len(ids)] = ids
@@ -239,10 +243,11 @@ class LLM:
 
     def logits(self, prompts) -> list[np.ndarray]:
         """Full prefill logits of each prompt: a list of float32 arrays [T_i, V]."""
-        tokens, lengths = self._pack(self._check_ids(prompts, chat=False))
+        ids = self._check_ids(prompts, chat=False)
+        tokens, lengths = self._pack(ids)
         sp = self.parallel.use_sp(tokens.size)
         logits = to_host(self.runner.logits(tokens, lengths, sp)).reshape(*tokens.shape, -1)
-        return [logits[b, :n] for b, n in enumerate(lengths)]
+        return [logits[b, :n] for b, n in enumerate(lengths[:len(ids)])]
 
     def embed(self, prompts) -> list[np.ndarray]:
         """Input embeddings of token-id prompts: a list of [T_i, D] arrays, in the form that

@@ -37,10 +37,10 @@ def memory_of(compiled) -> dict:
 
 
 def inspect_modes(cfg: ModelConfig, tp: int, tokens: int, batch: int = 1, comm: str = "xla",
-                  modes=("off", "on")) -> list[ModeReport]:
+                  modes=("off", "on"), attn_dp: int = 1) -> list[ModeReport]:
     reports = []
     for mode in modes:
-        rt = Runtime(cfg, ParallelConfig(tp=tp, sp=mode, comm=comm))
+        rt = Runtime(cfg, ParallelConfig(tp=tp, sp=mode, comm=comm, attn_dp=attn_dp))
         compiled = rt.compile_prefill(mode == "on", batch, tokens)
         text = compiled.as_text()
         reports.append(ModeReport(mode, census(text, cfg.num_layers), memory_of(compiled),
@@ -49,8 +49,9 @@ def inspect_modes(cfg: ModelConfig, tp: int, tokens: int, batch: int = 1, comm: 
 
 
 def format_reports(cfg: ModelConfig, tp: int, tokens: int, batch: int,
-                   reports: list[ModeReport]) -> str:
-    out = [f"prefill of {batch}x{tokens} tokens, tp={tp}, D={cfg.hidden_size}, "
+                   reports: list[ModeReport], attn_dp: int = 1) -> str:
+    groups = f" in {attn_dp} attention groups" if attn_dp > 1 else ""
+    out = [f"prefill of {batch}x{tokens} tokens, tp={tp}{groups}, D={cfg.hidden_size}, "
            f"L={cfg.num_layers} (layer rows: per layer, inside the scan over layers)"]
     for r in reports:
         out.append(format_census(r.collectives, cfg.num_layers, f"\nsp={r.mode}:"))

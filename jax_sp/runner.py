@@ -24,6 +24,7 @@ steps (B tokens) run plain TP unless sp="on" forces SP everywhere.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -38,6 +39,8 @@ from sharding.mesh import make_mesh, stage_mesh
 from sharding.tokens import place_token_rows, tp_rank_rows
 from sharding.transfer import move
 from sharding.weights import as_weights, check_keys
+
+log = logging.getLogger("jax_sp")
 
 
 def split_layers(num_layers: int, pp: int, counts=None) -> list[tuple[int, int]]:
@@ -107,7 +110,7 @@ class Runner:
         devices = jax.devices() if devices is None else devices
         check_parallel(parallel, cfg, len(devices))
         self.cfg, self.parallel = cfg, parallel
-        self.mesh = make_mesh(parallel.tp, parallel.pp, devices, parallel.cfg)
+        self.mesh = make_mesh(parallel.tp, parallel.pp, devices, parallel.cfg, parallel.attn_dp)
         self.ranges = split_layers(cfg.num_layers, parallel.pp, parallel.pp_layers)
         self.stages: list[StageRunner] = []
         for s, (start, end) in enumerate(self.ranges):
@@ -159,8 +162,10 @@ class Runner:
         # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
         # gets the same share
         unit = tp if (decode_sp or len(self.stages) > 1) else 1
-        unit = unit * self.parallel.cfg // math.gcd(unit, self.parallel.cfg)  # cfg splits B
+        unit = math.lcm(unit, self.parallel.cfg, self.parallel.attn_dp)  # cfg, attn_dp split B
         batch = size or round_up(pow2_at_least(len(rows)), unit * m)
+        if len(rows) < self.parallel.attn_dp * m:
+            idle_groups(len(rows), self.parallel.attn_dp * m)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
         kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
@@ -293,6 +298,17 @@ class Runner:
                         x = self.hop(x, s + 1, job.decode_sp)
                 tokens[i] = x
             yield list(tokens)
+
+
+_IDLE_NOTED: set = set()
+
+
+def idle_groups(rows: int, groups: int) -> None:
+    """Say (once per size) that a batch leaves attention groups without sequences."""
+    if (rows, groups) not in _IDLE_NOTED:
+        _IDLE_NOTED.add((rows, groups))
+        log.info("%d sequence(s) for %d attention groups (attn_dp x micro-batches): %d "
+                 "group(s) attend to padding rows only", rows, groups, groups - rows)
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:

@@ -85,14 +85,16 @@ class Runtime:
             stage = Stage(0, 1, 0, cfg.num_layers)
         self.cfg, self.parallel, self.dtype, self.stage = cfg, parallel, resolve_dtype(dtype), stage
         self.options, self.quantization = options or CompileOptions(), quantization
-        self.mesh = make_mesh(parallel.tp, 1, cfg=parallel.cfg) if mesh is None else mesh
+        self.mesh = (make_mesh(parallel.tp, 1, cfg=parallel.cfg, attn_dp=parallel.attn_dp)
+                     if mesh is None else mesh)
         if quantization == "fp8":
             check_fp8_devices(self.mesh.devices.flat)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
             self.mesh = tp_mesh(self.mesh)
         self.plan = plan_padding(cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size,
-                                 cfg.intermediate_size, parallel.tp)
+                                 cfg.intermediate_size, parallel.tp,
+                                 parallel.tp // parallel.attn_dp)  # heads split in a group
         self.padded_cfg = dataclasses.replace(
             cfg, num_heads=self.plan.padded_heads, num_kv_heads=self.plan.padded_kv_heads,
             vocab_size=self.plan.padded_vocab, intermediate_size=self.plan.padded_mlp,
@@ -106,12 +108,15 @@ class Runtime:
                             for p, v in nnx.to_flat_state(self._abstract_state)}
         platform = self.mesh.devices.flat[0].platform
         # the attention backends of prefills and of one-token decode steps (jax_sp/attention.py)
+        # (cuDNN's paged decode views the cache as [L * B, ...] pages, which would merge the
+        # batch split of attention groups into the layer axis: those read the layer's slice)
         self.attention, self.decode_attention = choose(
-            self.options.attention, platform, self.dtype, cfg.head_dim, self.options.paged_decode)
+            self.options.attention, platform, self.dtype, cfg.head_dim,
+            self.options.paged_decode and parallel.attn_dp == 1)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
-        if dict(self.mesh.shape).get("cfg", 1) > 1:  # padding rows would land on one half only
-            self.row_multiple = 1
+        if dict(self.mesh.shape).get("cfg", 1) > 1 or parallel.attn_dp > 1:
+            self.row_multiple = 1  # padding rows would land on one half (group) only
         # FP8 projections of few rows: the Pallas weight-only kernel on GPU (models/quant.py)
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas" if platform == "gpu" else "xla") if gemv == "auto" else gemv

@@ -45,6 +45,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import math
 import queue
 import threading
 import time
@@ -56,7 +57,7 @@ import numpy as np
 from jax_sp.config import MAX_LOGPROBS, SamplingParams
 from jax_sp.generate import Static, _forward, _logits
 from jax_sp.runner import bucket, pow2_at_least
-from jax_sp.runtime import to_host
+from jax_sp.runtime import round_up, to_host
 from jax_sp.sampling import row_keys, sample_rows, token_logprobs
 from models.cache import KVCache
 
@@ -281,9 +282,10 @@ class Engine:
         tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1
         # slots: a power of two, a multiple of tp when SP splits the decode batch or pipeline
-        # hops carry it (as Runner.batch pads a batch)
-        unit = tp if (self.decode_sp or len(stages) > 1) else 1
-        self.slots = max(pow2_at_least(max_batch), unit)
+        # hops carry it, and of attn_dp (each attention group owns as many slots) (as
+        # Runner.batch pads a batch)
+        unit = math.lcm(tp if (self.decode_sp or len(stages) > 1) else 1, llm.parallel.attn_dp)
+        self.slots = round_up(pow2_at_least(max_batch), unit)
         self.cache_len = -(-llm.max_seq_len // 16) * 16
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),

@@ -139,7 +139,9 @@ class Attention(nnx.Module):
         w_o = _get(self, "w_o_nhd", fwd, layer)
         w_o = (w_o._replace(q=w_o.q.reshape(*w_o.q.shape[:-2], n * h))  # [(L,) D, N*H]
                if isinstance(w_o, Fp8) else w_o.reshape(n * h, -1))
-        out_td = fwd.layout.row("TF,FD->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
+        # N here is the flattened N*H: the letter says the contraction is over heads (split
+        # as attention's heads are, which attention groups split differently from the MLP)
+        out_td = fwd.layout.row("TN,ND->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
                                 w_o)
         return out_td, cache
 
@@ -172,9 +174,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs, quantization)
 
     def __call__(self, hidden_td, residual_td, fwd: Forward, cache, layer):
-        x_td = hidden_td + residual_td
+        # both sums in the residual layout, as the block's output (with attention groups the
+        # partitioner otherwise kept the loop's carries on each group's rows, because attention
+        # reads them there, and gathered them again for the MLP)
+        x_td = fwd.layout.residual(hidden_td + residual_td)
         attn_td, cache = self.attn(self.attn_norm(x_td), fwd, cache, layer)
-        h_td = x_td + attn_td
+        h_td = fwd.layout.residual(x_td + attn_td)
         return self.mlp(self.mlp_norm(h_td), fwd, layer), h_td, cache
 
 

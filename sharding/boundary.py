@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from sharding.mesh import tp_axes
 from sharding.tokens import tp_rank_rows
 from sharding.transfer import move
 
@@ -39,13 +40,15 @@ def send(carry, sharding):
 def vllm_receive_fn(mesh: Mesh, sp: bool, rows_for_rank=tp_rank_rows, gather_residual=True):
     """jit((hidden, residual) token-sharded) -> (hidden, residual) in the receiver's residual
     layout (token-sharded under SP, replicated otherwise), by vLLM's gather-on-receive."""
+    tp = tp_axes(mesh)  # "tp", or ("attn_dp", "attn_tp") for attention groups
+
     def body(hidden_ld, residual_ld):  # per device: its L rows of each
         local_len = hidden_ld.shape[0]
-        rank = jax.lax.axis_index("tp")
-        hidden_td = jax.lax.all_gather(hidden_ld, "tp", tiled=True)  # [T, D]
+        rank = jax.lax.axis_index(tp)
+        hidden_td = jax.lax.all_gather(hidden_ld, tp, tiled=True)  # [T, D]
         buffer_td = jnp.zeros_like(hidden_td).at[:local_len].set(residual_ld)  # receive buffer
         if gather_residual:
-            residual_td = jax.lax.all_gather(buffer_td[:local_len], "tp", tiled=True)
+            residual_td = jax.lax.all_gather(buffer_td[:local_len], tp, tiled=True)
         else:  # bug: treat the local buffer as if it held the whole residual
             residual_td = buffer_td
         if not sp:
@@ -54,8 +57,8 @@ def vllm_receive_fn(mesh: Mesh, sp: bool, rows_for_rank=tp_rank_rows, gather_res
         return (jax.lax.dynamic_slice_in_dim(hidden_td, start, local_len),
                 jax.lax.dynamic_slice_in_dim(residual_td, start, local_len))
 
-    out = P("tp", None) if sp else P()
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(P("tp", None), P("tp", None)),
+    out = P(tp, None) if sp else P()
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(P(tp, None), P(tp, None)),
                        out_specs=(out, out), check_vma=False)
     return jax.jit(fn)
 

@@ -134,14 +134,23 @@ def matmul_reduce_scatter(x_tf, w_fd, *, bidirectional: bool = False, axis: str 
     return out
 
 
-def _specs(letters: str, sharded: str):
-    return P(*("tp" if c == sharded else None for c in letters))
+def _specs(letters: str, sharded: str, axis=AXIS, rows=None):
+    """Letters -> PartitionSpec: `axis` at the sharded letter, `rows` at T, None elsewhere."""
+    return P(*(axis if c == sharded else rows if c == "T" else None for c in letters))
 
 
-def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True):
+def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True, axis=AXIS,
+                tokens=AXIS, rows=None):
     """Column-parallel projections of token-sharded x as one ring, e.g. spec "TD,DNH->TNH" for
     q with w [D, N, H] split over N. `more`: further (spec, w) pairs sharing the gathered x.
-    FP8 weights (all of them or none): the ring carries x quantized per token."""
+    FP8 weights (all of them or none): the ring carries x quantized per token.
+
+    axis: the mesh axis (or axes) the features are split over and the ring runs along;
+    tokens: the axes x's rows are split over; rows: the axes the output's rows stay split over.
+    Plain TP/SP: all three "tp" except rows, None (every device ends with every row). With
+    attention groups (sharding/rules.py attn_dp_rules), q/k/v ring over "attn_tp" with x's rows
+    over ("attn_dp", "attn_tp") and the output's over "attn_dp": each group gathers its own
+    sequences' tokens."""
     projections = [(spec, w), *more]
     fp8 = isinstance(w, Fp8)
     parsed = []
@@ -156,31 +165,35 @@ def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True):
         if fp8:  # stored [outputs..., D]: flattened to [F, D]
             flat = [Fp8(wl.q.reshape(-1, wl.q.shape[-1]), wl.scale.reshape(-1)) for wl in ws]
             ys = all_gather_matmul(quantize_tokens(x_ld), flat, bidirectional=bidirectional,
-                                   matmul=_fp8_matmul(x_ld.dtype))
+                                   axis=axis, matmul=_fp8_matmul(x_ld.dtype))
             dims = [wl.q.shape[:-1] for wl in ws]
         else:
             flat = [jnp.moveaxis(wl, rhs.index("D"), 0).reshape(wl.shape[rhs.index("D")], -1)
                     for wl, (rhs, _, _) in zip(ws, parsed)]
-            ys = all_gather_matmul(x_ld, flat, bidirectional=bidirectional)
+            ys = all_gather_matmul(x_ld, flat, bidirectional=bidirectional, axis=axis)
             dims = [[wl.shape[rhs.index(c)] for c in out[1:]]
                     for wl, (rhs, out, _) in zip(ws, parsed)]
         return tuple(y.reshape(y.shape[0], *d) for y, d in zip(ys, dims))
 
     def weight_spec(letters, feature):
         if fp8:  # the scale has the weight's output letters
-            return Fp8(_specs(letters, feature), _specs(letters[:-1], feature))
-        return _specs(letters, feature)
+            return Fp8(_specs(letters, feature, axis), _specs(letters[:-1], feature, axis))
+        return _specs(letters, feature, axis)
 
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P("tp", None), *[weight_spec(letters, f) for letters, _, f in parsed]),
-        out_specs=tuple(_specs(out, f) for _, out, f in parsed), check_vma=False)
+        in_specs=(P(tokens, None), *[weight_spec(letters, f) for letters, _, f in parsed]),
+        out_specs=tuple(_specs(out, f, axis, rows) for _, out, f in parsed), check_vma=False)
     return list(fn(x_td, *[p[1] for p in projections]))
 
 
-def ring_row(mesh, spec: str, h, w, *, bidirectional: bool = True):
+def ring_row(mesh, spec: str, h, w, *, bidirectional: bool = True, axis=AXIS, tokens=AXIS,
+             rows=None):
     """Row-parallel projection ending token-sharded, e.g. "TNH,NHD->TD" with h split over N.
-    An FP8 weight (stored [D, F]) takes h quantized per token over all of its features."""
+    An FP8 weight (stored [D, F]) takes h quantized per token over all of its features.
+    axis: the axes h's features are split over (the ring's); rows: the axes h's rows are split
+    over; tokens: the output's rows (as `ring_column`: o_proj of attention groups rings over
+    "attn_tp", its rows over "attn_dp", its output over both)."""
     lhs, rhs = spec.split("->")[0].split(",")
     feature = lhs[1]
     fp8 = isinstance(w, Fp8)
@@ -189,15 +202,15 @@ def ring_row(mesh, spec: str, h, w, *, bidirectional: bool = True):
         rows = h_local.shape[0]
         h_local = h_local.reshape(rows, -1)
         if fp8:
-            chunk = quantize_tokens(h_local, reduce=lambda a: jax.lax.pmax(a, AXIS))
+            chunk = quantize_tokens(h_local, reduce=lambda a: jax.lax.pmax(a, axis))
             flat = Fp8(w_local.q.reshape(w_local.q.shape[0], -1), w_local.scale)
-            return matmul_reduce_scatter(chunk, flat, bidirectional=bidirectional,
+            return matmul_reduce_scatter(chunk, flat, bidirectional=bidirectional, axis=axis,
                                          matmul=_fp8_matmul(h_local.dtype))
         return matmul_reduce_scatter(h_local, w_local.reshape(-1, w_local.shape[-1]),
-                                     bidirectional=bidirectional)
+                                     bidirectional=bidirectional, axis=axis)
 
-    w_spec = (Fp8(_specs(stored_letters(lhs, rhs), feature), P(None)) if fp8
-              else _specs(rhs, feature))
-    fn = jax.shard_map(body, mesh=mesh, in_specs=(_specs(lhs, feature), w_spec),
-                       out_specs=P("tp", None), check_vma=False)
+    w_spec = (Fp8(_specs(stored_letters(lhs, rhs), feature, axis), P(None)) if fp8
+              else _specs(rhs, feature, axis))
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(_specs(lhs, feature, axis, rows), w_spec),
+                       out_specs=P(tokens, None), check_vma=False)
     return fn(h, w)

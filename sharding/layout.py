@@ -28,6 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from models.quant import (WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
                           weight_only_rows)
 from sharding.collective_matmul import ring_column, ring_row
+from sharding.mesh import tp_size
 from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import named, rules_for, spec as partition_spec
 
@@ -68,15 +69,23 @@ _COLUMN_OUT = {"T": "act_gathered", "K": "qkv_heads", "N": "heads", "C": None, "
                "F": "mlp", "V": "vocab"}
 
 
-# Logical names of a weight's dimensions by letter (a row-parallel F is o_proj's N*H or mlp, both
-# split over tp alike).
+# Logical names of a weight's dimensions by letter (a row-parallel N is o_proj's flattened N*H,
+# F the MLP's).
 _WEIGHT = {"T": None, "D": "embed", "K": "qkv_heads", "N": "heads", "C": None, "H": "head_dim",
            "F": "mlp", "V": "vocab"}
 
 
+def _attention(letters: str) -> bool:
+    """Whether a product's dimensions are attention's (heads): its rows are then attention's
+    rows, which attention groups split by sequence (sharding/rules.py attn_dp_rules)."""
+    return "K" in letters or "N" in letters
+
+
 def _column_out(spec: str) -> tuple:
     """Logical names of the output of a column-parallel einsum, e.g. "TD,DCF->TCF"."""
-    return tuple(_COLUMN_OUT[c] for c in spec.split("->")[1])
+    out = spec.split("->")[1]
+    return tuple("attn_tokens" if c == "T" and _attention(out) else _COLUMN_OUT[c]
+                 for c in out)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -101,11 +110,19 @@ class ShardedLayout:
     def _ring(self, rows: int, *weights) -> bool:
         # a few rows of an FP8 weight run weight-only, not through the ring (whose FP8 products
         # are W8A8): every layout then computes what one device does
-        return (self.comm in ("ring", "mosaic") and self.sp and rows % self.mesh.shape["tp"] == 0
+        return (self.comm in ("ring", "mosaic") and self.sp and rows % tp_size(self.mesh) == 0
                 and not any(weight_only_rows(w, rows, self.fp8_gemv) for w in weights))
 
+    def _ring_axes(self, letters: str, feature: str) -> dict:
+        """The mesh axes of a ring over a product with these dimension letters whose features
+        are `feature`: the ring runs along the features' axes, the residual's tokens come in
+        or leave split as `act_tokens`, and attention's rows stay split as `attn_tokens`."""
+        rules = self.rules
+        rows = rules["attn_tokens" if _attention(letters) else "act_gathered"]
+        return {"axis": rules[_WEIGHT[feature]], "tokens": rules["act_tokens"], "rows": rows}
+
     def _mosaic(self, projections) -> bool:
-        tp = self.mesh.shape["tp"]
+        tp = tp_size(self.mesh)
         return self.comm == "mosaic" and all(projection_fits(spec, w.shape, tp)
                                              for spec, w in projections)
 
@@ -121,7 +138,10 @@ class ShardedLayout:
                         for spec, w in projections]
             (spec, w), *more = [(s, w.unstacked() if isinstance(w, Fp8) else w)
                                 for s, w in projections]
-            return ring_column(self.mesh, spec, self.residual(x_td), w, *more)
+            rhs = spec.split("->")[0].split(",")[1]
+            feature = next(c for c in rhs if c not in "DC")  # as ring_column finds it
+            return ring_column(self.mesh, spec, self.residual(x_td), w, *more,
+                               **self._ring_axes(spec.split("->")[1], feature))
         if self.sp:
             # Gather exactly what the caller computed: without the barrier XLA:CPU moved the
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
@@ -168,8 +188,16 @@ class ShardedLayout:
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0], w):
-            return ring_row(self.mesh, spec, h, w.unstacked() if isinstance(w, Fp8) else w)
-        return self.residual(self._einsum(spec, h, w))
+            lhs = spec.split(",")[0]
+            return ring_row(self.mesh, spec, h, w.unstacked() if isinstance(w, Fp8) else w,
+                            **self._ring_axes(lhs, lhs[1]))
+        out = self._einsum(spec, h, w)
+        if not self.sp and _attention(spec.split(",")[0]) and self.rules["attn_tokens"]:
+            # attention groups without SP: sum o_proj's partial products on the group's own
+            # rows (an all-reduce over "attn_tp"), then gather the groups' rows; left to
+            # itself GSPMD gathered the heads' rows first and all-reduced every row
+            out = self._constrain(out, ("attn_tokens", "act_embed"))
+        return self.residual(out)
 
     def rows(self, rows, weight_size):
         return padded_rows(rows, weight_size, self._rows(), self.pad_rows_min_weight)

@@ -62,12 +62,15 @@ _NOTED: set = set()
 
 
 def plan_padding(num_heads: int, num_kv_heads: int, vocab_size: int, mlp_size: int,
-                 tp: int) -> PaddingPlan:
+                 tp: int, head_tp: int | None = None) -> PaddingPlan:
+    """The plan for tp devices whose heads are split over head_tp of them (default tp;
+    tp / attn_dp with attention groups, whose heads split within a group)."""
+    head_tp = head_tp or tp
     group = num_heads // num_kv_heads
     best = None
-    for kv_groups in range(num_kv_heads, num_kv_heads + tp + 1):
-        for repeat in range(1, tp + 1):
-            if group % repeat or (kv_groups * repeat) % tp:
+    for kv_groups in range(num_kv_heads, num_kv_heads + head_tp + 1):
+        for repeat in range(1, head_tp + 1):
+            if group % repeat or (kv_groups * repeat) % head_tp:
                 continue
             cost = (kv_groups * group, kv_groups * repeat)
             if best is None or cost < best[0]:

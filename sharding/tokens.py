@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from sharding.rules import RULES, named
+from sharding.mesh import tp_size
+from sharding.rules import named, rules_for
 
 
 def tp_rank_rows(rank: int, local_len: int) -> slice:
@@ -21,10 +22,10 @@ def tp_rank_rows(rank: int, local_len: int) -> slice:
 
 def place_token_rows(x_td: np.ndarray, mesh: Mesh, sp: bool, rows_for_rank=tp_rank_rows):
     """[T, D] host rows -> a device array in residual layout (T a multiple of tp under SP)."""
-    sharding = named(mesh, ("act_tokens", "act_embed"), RULES["on" if sp else "off"])
+    sharding = named(mesh, ("act_tokens", "act_embed"), rules_for(sp, mesh))
     if not sp:
         return jax.device_put(x_td, sharding)
-    tp = mesh.shape["tp"]
+    tp = tp_size(mesh)
     if x_td.shape[0] % tp:
         raise ValueError(f"{x_td.shape[0]} token rows cannot be split over tp={tp}; pad to a "
                          f"multiple of {tp}")

@@ -3,7 +3,7 @@
 Within one process (or when XLA moves data between the two device sets itself) this is
 `jax.device_put`. Across jax.distributed processes XLA:CPU's cross-host device_put did not
 complete (jax 0.10), so there the move is a collective: the two meshes are stacked into one
-(2, tp) mesh, the source rows and a zero buffer on the destination rows form one global array,
+(2, ...) mesh, the source rows and a zero buffer on the destination rows form one global array,
 and a `ppermute` along the stacking axis carries every shard to the device in the same tp
 position of the destination mesh. Every process makes the same call (multi-controller).
 """
@@ -30,8 +30,10 @@ def move(x: jax.Array, dst: NamedSharding) -> jax.Array:
         return jax.device_put(x, dst)
     spec = tuple(None if a == "pp" else a for a in src.spec)
     spec += (None,) * (x.ndim - len(spec))
-    union = Mesh(np.stack([src.mesh.devices.reshape(-1), dst.mesh.devices.reshape(-1)]),
-                 ("hop", "tp"), axis_types=(AxisType.Auto, AxisType.Auto))
+    # the stage meshes' pp axes have size 1: stacked along it as "hop", the other axes kept
+    axes = ("hop", *src.mesh.axis_names[1:])
+    union = Mesh(np.concatenate([src.mesh.devices, dst.mesh.devices]), axes,
+                 axis_types=(AxisType.Auto,) * len(axes))
     stacked = NamedSharding(union, P("hop", *spec))
     mine = {s.device: s.data for s in x.addressable_shards}
     shard_shape = stacked.shard_shape((2, *x.shape))
