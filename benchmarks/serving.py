@@ -23,6 +23,7 @@ output length). Result: benchmarks/results/serving_<machine>_<model>.jsonl.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import os
@@ -132,6 +133,73 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32):
             "generate_step_ms": gen_ms, "cache_len": engine.cache_len}
 
 
+def profile(llm, max_batch, steps_per_launch=4, steps=64):
+    """Where the engine's step goes with every slot decoding: a jax.profiler trace (Python
+    tracer on) of `steps` steps after a warm round, read per launch: the engine thread's time
+    in each of its functions (`_launch` issues a launch, `_collect` reads the one before, and
+    waits for it in `to_host`; `_plan` / `_apply` are the round's bookkeeping) and, on the
+    device, each executed program's time and the idle gaps between programs. The Python
+    tracer slows the host: its times are upper bounds."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    from jax_sp import SamplingParams
+    from jax_sp.serving import Engine
+
+    steps = min(steps, (llm.max_seq_len - 8) // 3)
+    sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
+    with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
+        for traced in (False, True):  # a warm round, then the traced one
+            steps0 = engine.steps
+            with engine.hold():  # admitted together: every slot decodes from one step on
+                requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
+            folder = tempfile.mkdtemp()
+            with (jax.profiler.trace(folder) if traced else contextlib.nullcontext()):
+                t0 = time.perf_counter()
+                for r in requests:
+                    r.result()
+                wall = time.perf_counter() - t0
+        launches = (engine.steps - steps0) // steps_per_launch
+    data = ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"),
+                                           recursive=True)[0])
+    host = collections.defaultdict(lambda: [0, 0])
+    for plane in data.planes:
+        if plane.name != "/host:CPU":
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                name = ev.name.split(" ")[-1]
+                if (ev.name.startswith("$serving.py") and name.startswith("_")
+                        or name == "to_host"):  # the engine thread's functions
+                    host[name][0] += ev.duration_ns
+                    host[name][1] += 1
+    modules, spans = collections.defaultdict(lambda: [0, 0]), []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            if line.name != "XLA Modules":
+                continue
+            for ev in line.events:
+                modules[ev.name][0] += ev.duration_ns
+                modules[ev.name][1] += 1
+                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
+    spans.sort()
+    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return {"steps_per_launch": steps_per_launch, "slots": max_batch, "traced_wall_s": wall,
+            "launches": launches,
+            "host_ms_per_launch": {k: v[0] / 1e6 / max(launches, 1) for k, v in host.items()},
+            "host_calls": {k: v[1] for k, v in host.items()},
+            "device_modules": {k[:60]: {"ms_each": v[0] / 1e6 / v[1], "count": v[1]}
+                               for k, v in modules.items()},
+            "device_gap_ms": {"count": len(gaps), "median": sorted(gaps)[len(gaps) // 2] / 1e6
+                              if gaps else None, "total": sum(gaps) / 1e6}}
+
+
 def step_device_ms(engine, n):
     """The engine's step program on every slot, about `n` steps launched back to back with the
     inputs already on the device and one wait at the end: ms per step (one-stage models; None
@@ -153,9 +221,9 @@ def step_device_ms(engine, n):
     def launch(x, count):
         for _ in range(count):
             (_, x, _), engine.caches[0], *_ = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, engine.static, engine.cache_len,
-                                                    k),
-                engine.static, (st.state, engine.caches[0], x, *rows), variant=(k, False))
+                "slots_step", lambda: slots_step_fn(st.runtime, engine.statics[False],
+                                                    engine.cache_len, k),
+                engine.statics[False], (st.state, engine.caches[0], x, *rows), variant=(k, False))
         return jax.block_until_ready(x)
 
     x = launch(x, 2)  # compiled, warm
@@ -184,6 +252,9 @@ def main():
                          "each request prefilled alone)")
     ap.add_argument("--limits-only", action="store_true",
                     help="only the limits: the engine's step against generate's")
+    ap.add_argument("--profile", action="store_true",
+                    help="only a profile of the engine's steps with every slot busy "
+                         "(`profile`)")
     args = ap.parse_args()
     if args.tiny:
         args.rates, args.requests, args.max_batch = "20,80", 24, 8
@@ -209,11 +280,16 @@ def main():
                          max_seq_len=plens[1] + olens[1] + 16)
     del module
     tag = common.machine().split(" ", 1)[1].split()[-1].lower()
+    args.tag = args.tag or ("_profile" if args.profile else "")
     out = args.out or os.path.join(common.RESULTS,
                                    f"serving_{tag}_{'tiny' if args.tiny else args.model}{args.tag}.jsonl")
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
                          max_batch=args.max_batch, prompt_lens=plens, output_lens=olens)
     launches = [int(k) for k in args.steps_per_launch.split(",")]
+    if args.profile:
+        for k in launches:
+            res.emit({"bench": "profile", **profile(llm, args.max_batch, k)})
+        return
     for k in launches:
         res.emit({"bench": "limits", "steps_per_launch": k, **ceiling(llm, args.max_batch, k)})
     if args.limits_only:

@@ -40,34 +40,32 @@ def sample(logits_bv, keys_b, step, temperature, top_p, *, greedy: bool, top_k: 
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
-def sample_rows(logits_bv, keys_b, step_b, temperature_b, top_k_b, top_p_b):
+def sample_rows(logits_bv, keys_b, step_b, temperature_b, top_k_b, top_p_b, *, sampled: bool):
     """`sample` with every setting per row (continuous batching: each row a request of its
     own): temperature 0 is greedy, top_k 0 keeps every token. A row draws exactly what `sample`
-    draws for it with the same key, step and settings. The filters run only when some row
-    samples (the top-k sort only when some row sets top_k), as `sample` skips them statically."""
+    draws for it with the same key, step and settings.
+
+    sampled (static): whether any row samples; False is argmax for every row. The program has
+    no data-dependent control flow: on GPU a `lax.cond` on a device value makes XLA copy the
+    predicate to the host, so the launch returns only once the device reached it and the host
+    cannot run ahead (the engine's launches were synchronous with two such conds a step). One
+    sort serves top-k and top-p: the top-k cut of the sorted row is the sorted cut row."""
     greedy = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    if not sampled:
+        return greedy
     vocab = logits_bv.shape[-1]
-
-    def top_k(logits):
-        kth = jnp.take_along_axis(jnp.sort(logits, axis=-1)[:, ::-1],
-                                  jnp.clip(top_k_b - 1, 0, vocab - 1)[:, None], axis=-1)
-        cut = ((top_k_b > 0) & (top_k_b < vocab))[:, None] & (logits < kth)
-        return jnp.where(cut, -jnp.inf, logits)
-
-    def draw(logits):
-        logits = logits / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
-        limited = (top_k_b > 0) & (top_k_b < vocab)
-        logits = jax.lax.cond(jnp.any(limited), top_k, lambda x: x, logits)
-        sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-        keep = jnp.sum(cum - jax.nn.softmax(sorted_desc, axis=-1) < top_p_b[:, None], axis=-1)
-        cutoff = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-        keys = jax.vmap(jax.random.fold_in)(keys_b, step_b)
-        return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-
-    drawn = jax.lax.cond(jnp.any(temperature_b > 0), draw,
-                         lambda logits: jnp.zeros(logits.shape[0], jnp.int32), logits_bv)
+    logits = logits_bv / jnp.where(temperature_b > 0, temperature_b, 1.0)[:, None]
+    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
+    limited = ((top_k_b > 0) & (top_k_b < vocab))[:, None]
+    kth = jnp.take_along_axis(sorted_desc, jnp.clip(top_k_b - 1, 0, vocab - 1)[:, None], axis=-1)
+    logits = jnp.where(limited & (logits < kth), -jnp.inf, logits)
+    sorted_desc = jnp.where(limited & (sorted_desc < kth), -jnp.inf, sorted_desc)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    keep = jnp.sum(jnp.cumsum(probs, axis=-1) - probs < top_p_b[:, None], axis=-1)  # >= 1
+    cutoff = jnp.take_along_axis(sorted_desc, keep[:, None] - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    keys = jax.vmap(jax.random.fold_in)(keys_b, step_b)
+    drawn = jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
     return jnp.where(temperature_b > 0, drawn, greedy)
 
 

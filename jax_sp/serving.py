@@ -14,10 +14,13 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
-   seed and step (`jax_sp.sampling.sample_rows`). A launch runs `steps_per_launch` steps
-   (default 4) in one program, each step's tokens feeding the next, so the host's work per
-   launch is shared by that many steps (vLLM's multi-step scheduling); a request that ends
-   inside a launch has its later tokens dropped, and a new one joins at the next launch. The
+   seed and step (`jax_sp.sampling.sample_rows`; a program of its own samples when some
+   running request does, else takes the argmax: neither has data-dependent control flow,
+   which on GPU would make each launch wait for the device). A launch runs
+   `steps_per_launch` steps (default 4) in one program, each step's tokens feeding the next,
+   so the host's work per launch is shared by that many steps (vLLM's multi-step scheduling);
+   a request that ends inside a launch has its later tokens dropped, and a new one joins at
+   the next launch. The
    slots' tokens, positions and step numbers stay on the device from launch to launch (put
    again from the host only after an admission), and each launch is issued before the previous
    one's tokens are read, so the host's work runs while the device computes (one process, one
@@ -171,7 +174,7 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1, logprobs: bool
         if not rt.stage.last:
             return rt.constrain_carry(out.carry), out.cache, advanced
         logits = _logits(rt, out)
-        token = sample_rows(logits, keys_b, step_b, *settings)
+        token = sample_rows(logits, keys_b, step_b, *settings, sampled=not st.greedy)
         extra = (token_logprobs(logits, token, min(MAX_LOGPROBS, logits.shape[-1]))
                  if logprobs else ())
         return (token, extra), out.cache, advanced
@@ -222,7 +225,7 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
         keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
         logits = _logits(rt, out)
         token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
-                            top_p_b)
+                            top_p_b, sampled=not st.greedy)
         extra = (tuple(x[None] for x in token_logprobs(
             logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
 
@@ -293,8 +296,12 @@ class Engine:
                                                      st.runtime.cache_sharding()))()
                        for st in stages]
         self._insert = jax.jit(_insert, donate_argnums=0)
-        self.static = dataclasses.replace(Static.of(stages[0].runtime, "decode", self.decode_sp),
-                                          greedy=False, top_k=0)
+        # the launch's settings when some running request samples (True) or none does: the
+        # greedy form has no sampling work, and neither form data-dependent control flow
+        # (jax_sp.sampling.sample_rows), so a launch returns before the device has run it
+        self.statics = {sampled: dataclasses.replace(
+            Static.of(stages[0].runtime, "decode", self.decode_sp), greedy=not sampled, top_k=0)
+            for sampled in (False, True)}
         b = self.slots
         self.tokens = np.zeros(b, np.int32)
         self.pos = np.zeros(b, np.int32)
@@ -525,7 +532,8 @@ class Engine:
                 np.array([s.top_k for s in settings], np.int32),
                 np.array([s.top_p for s in settings], np.float32))
         args = (st.state, self.caches[0], *self.runner.put(0, host))
-        static = self._admit_static(*job.inputs.shape)
+        static = self._admit_static(*job.inputs.shape,
+                                    sampled=any(r.sampling.temperature > 0 for r, _ in group))
         logprobs = any(r.sampling.logprobs is not None for r, _ in group)
         (tokens, keys, *extra), self.caches[0] = st.programs.run(
             "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs), static,
@@ -549,19 +557,19 @@ class Engine:
         self._rows = [None] * len(self._rows)  # put again before the next step
         request._emit(first, logprobs)
 
-    def _admit_static(self, b: int, t: int) -> Static:
+    def _admit_static(self, b: int, t: int, sampled: bool) -> Static:
         """The admission program's settings for a [b, t] group: SP as `generate` decides for
-        b * t tokens; sampling per row."""
+        b * t tokens; sampling per row when some row samples (sampled), else argmax."""
         rt = self.runner.stages[0].runtime
         return dataclasses.replace(Static.of(rt, "prefill", self.llm.parallel.use_sp(b * t)),
-                                   greedy=False, top_k=0)
+                                   greedy=not sampled, top_k=0)
 
     def warm(self) -> float:
         """Compile, before any request, every program this engine can meet: each admission
         group's shape ([b, t] for every bucket t a prompt can take and every batch b of a group
-        within max_prefill_tokens) and the decode launch (their forms without logprobs, which
-        a request asking for them compiles when first met). Returns the seconds spent
-        compiling.
+        within max_prefill_tokens) and the decode launch, each for greedy and sampled
+        requests (their forms without logprobs, which a request asking for them compiles when
+        first met). Returns the seconds spent compiling.
         Without it each shape is compiled when first met, inside some request's time to first
         token. A pipeline's programs are compiled when first met."""
         if len(self.runner.stages) > 1:
@@ -580,21 +588,23 @@ class Engine:
             n = 1
             while n <= self.slots and (n == 1 or n * t <= self.max_prefill_tokens):
                 b = -(-n // unit) * unit
-                static = self._admit_static(b, t)
                 rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
                                                 jnp.int32, jnp.float32)]
-                st.programs.compile(
-                    "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
-                    (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
-                    variant=(self.cache_len, False))
+                for sampled in (False, True):
+                    static = self._admit_static(b, t, sampled)
+                    st.programs.compile(
+                        "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
+                        (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
+                        variant=(self.cache_len, False))
                 n *= 2
         b, k = self.slots, self.steps_per_launch
-        st.programs.compile(
-            "slots_step", lambda: slots_step_fn(rt, self.static, self.cache_len, k), self.static,
-            (st.state, self.caches[0], spec((b,), jnp.int32), spec((b,), jnp.int32),
-             spec((b, 2), jnp.uint32), *[spec((b,), d) for d in (jnp.int32, jnp.float32,
-                                                                  jnp.int32, jnp.float32)]),
-            variant=(k, False))
+        for static in self.statics.values():
+            st.programs.compile(
+                "slots_step", lambda s=static: slots_step_fn(rt, s, self.cache_len, k), static,
+                (st.state, self.caches[0], spec((b,), jnp.int32), spec((b,), jnp.int32),
+                 spec((b, 2), jnp.uint32), *[spec((b,), d) for d in (jnp.int32, jnp.float32,
+                                                                      jnp.int32, jnp.float32)]),
+                variant=(k, False))
         return st.programs.total_compile_s() - before
 
     def _prefill(self, request: Request, slot: int):
@@ -635,6 +645,8 @@ class Engine:
                 x = self._merge(x, *put(0, self.tokens, self._fresh))
         self._fresh[:] = False
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in self.active)
+        static = self.statics[any(r is not None and r.sampling.temperature > 0
+                                  for r in self.active)]
         for i, st in enumerate(runner.stages):
             if self._rows[i] is None:
                 self._rows[i] = put(i, self.pos, self.keys, self.step, self.temperature,
@@ -642,10 +654,10 @@ class Engine:
             pos, keys, step, temperature, top_k, top_p = self._rows[i]
             args = (st.state, self.caches[i], x, pos, keys, step, temperature, top_k, top_p)
             x, self.caches[i], pos, step = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, self.static,  # noqa: B023
+                "slots_step", lambda: slots_step_fn(st.runtime, static,  # noqa: B023
                                                     self.cache_len, self.steps_per_launch,
                                                     logprobs),
-                self.static, args, variant=(self.steps_per_launch, logprobs))
+                static, args, variant=(self.steps_per_launch, logprobs))
             self._rows[i] = (pos, keys, step, temperature, top_k, top_p)
             if i + 1 < len(runner.stages):
                 x = runner.hop(x, i + 1, self.decode_sp)

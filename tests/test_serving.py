@@ -199,3 +199,54 @@ def test_a_bad_slot_count_is_refused(tiny):
         Engine(tiny[1], steps_per_launch=0)
     with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
         Engine(tiny[1], max_prefill_tokens=-1)
+
+
+def test_sample_rows_draws_what_sample_draws_for_each_row():
+    """Rows of mixed settings (greedy, temperature, top-k below, at and past the vocabulary,
+    top-p) over logits with ties at the top-k cut: each row's token is `sample`'s for that row
+    alone with the same key and step; sampled=False is argmax."""
+    import jax.numpy as jnp
+
+    from jax_sp.sampling import row_keys, sample, sample_rows
+
+    vocab = 97
+    rng = np.random.default_rng(3)
+    settings = [(0.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (0.9, 0, 0.6), (1.1, 12, 0.8),
+                (0.8, vocab, 0.9), (1.0, vocab + 7, 1.0), (0.0, 5, 0.5), (2.0, 1, 1.0)]
+    temperature = np.array([s[0] for s in settings], np.float32)
+    top_k = np.array([s[1] for s in settings], np.int32)
+    top_p = np.array([s[2] for s in settings], np.float32)
+    for trial in range(12):
+        logits = rng.normal(size=(len(settings), vocab)).astype(np.float32)
+        logits[:, 3:9] = logits[:, 2:3]  # ties, some at the top-k cut
+        logits = jnp.asarray(np.round(logits, 1))
+        keys = row_keys(trial, len(settings))
+        steps = np.arange(len(settings), dtype=np.int32) + trial
+        got = np.asarray(sample_rows(logits, keys, steps, temperature, top_k, top_p,
+                                     sampled=True))
+        want = [int(sample(logits[b:b + 1], keys[b:b + 1], int(steps[b]), float(t), float(p),
+                           greedy=t == 0, top_k=int(k))[0])
+                for b, (t, k, p) in enumerate(settings)]
+        assert got.tolist() == want, trial
+        greedy = sample_rows(logits, keys, steps, temperature, top_k, top_p, sampled=False)
+        assert np.asarray(greedy).tolist() == np.argmax(np.asarray(logits), -1).tolist()
+
+
+def test_engine_programs_have_no_data_dependent_control_flow(tiny):
+    """Every program the engine launches (admissions and decode launches, greedy and sampled)
+    is straight-line apart from loops of known trip count: on GPU a conditional or a loop
+    whose predicate lives on the device is read back by the host, which then cannot run a
+    launch ahead of the device."""
+    _, llm = tiny
+    with Engine(llm, max_batch=4, max_prefill_tokens=64) as engine:
+        engine.warm()
+        programs = engine.runner.stages[0].programs.compiled
+        for name in ("slots_step", "admit"):  # greedy and sampled forms (key[1]: Static)
+            assert {key[1].greedy for key in programs if key[0] == name} == {True, False}
+        for key, compiled in programs.items():
+            if key[0] not in ("slots_step", "admit"):
+                continue
+            text = compiled.as_text()
+            assert " conditional(" not in text, key[:2]
+            loops = [line for line in text.splitlines() if " while(" in line]
+            assert all("known_trip_count" in line for line in loops), key[:2]
