@@ -14,9 +14,9 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
-   seed and step (`jax_sp.sampling.sample_rows`; a program of its own samples when some
-   running request does, else takes the argmax: neither has data-dependent control flow,
-   which on GPU would make each launch wait for the device). A launch runs
+   seed and step (`jax_sp.sampling.sample_rows`; the launch samples when some running
+   request does, else a program of its own takes the argmax; no program has data-dependent
+   control flow, which on GPU would make each launch wait for the device). A launch runs
    `steps_per_launch` steps (default 4) in one program, each step's tokens feeding the next,
    so the host's work per launch is shared by that many steps (vLLM's multi-step scheduling);
    a request that ends inside a launch has its later tokens dropped, and a new one joins at
@@ -225,7 +225,7 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
         keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
         logits = _logits(rt, out)
         token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
-                            top_p_b, sampled=not st.greedy)
+                            top_p_b, sampled=True)
         extra = (tuple(x[None] for x in token_logprobs(
             logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
 
@@ -532,8 +532,7 @@ class Engine:
                 np.array([s.top_k for s in settings], np.int32),
                 np.array([s.top_p for s in settings], np.float32))
         args = (st.state, self.caches[0], *self.runner.put(0, host))
-        static = self._admit_static(*job.inputs.shape,
-                                    sampled=any(r.sampling.temperature > 0 for r, _ in group))
+        static = self._admit_static(*job.inputs.shape)
         logprobs = any(r.sampling.logprobs is not None for r, _ in group)
         (tokens, keys, *extra), self.caches[0] = st.programs.run(
             "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs), static,
@@ -557,19 +556,20 @@ class Engine:
         self._rows = [None] * len(self._rows)  # put again before the next step
         request._emit(first, logprobs)
 
-    def _admit_static(self, b: int, t: int, sampled: bool) -> Static:
+    def _admit_static(self, b: int, t: int) -> Static:
         """The admission program's settings for a [b, t] group: SP as `generate` decides for
-        b * t tokens; sampling per row when some row samples (sampled), else argmax."""
+        b * t tokens; sampling per row (one form for greedy and sampled groups: next to a
+        prefill the sampling costs little, and each form is one more program a shape)."""
         rt = self.runner.stages[0].runtime
         return dataclasses.replace(Static.of(rt, "prefill", self.llm.parallel.use_sp(b * t)),
-                                   greedy=not sampled, top_k=0)
+                                   greedy=False, top_k=0)
 
     def warm(self) -> float:
         """Compile, before any request, every program this engine can meet: each admission
         group's shape ([b, t] for every bucket t a prompt can take and every batch b of a group
-        within max_prefill_tokens) and the decode launch, each for greedy and sampled
-        requests (their forms without logprobs, which a request asking for them compiles when
-        first met). Returns the seconds spent compiling.
+        within max_prefill_tokens) and the decode launch for greedy and for sampled requests
+        (their forms without logprobs, which a request asking for them compiles when first
+        met). Returns the seconds spent compiling.
         Without it each shape is compiled when first met, inside some request's time to first
         token. A pipeline's programs are compiled when first met."""
         if len(self.runner.stages) > 1:
@@ -590,12 +590,11 @@ class Engine:
                 b = -(-n // unit) * unit
                 rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
                                                 jnp.int32, jnp.float32)]
-                for sampled in (False, True):
-                    static = self._admit_static(b, t, sampled)
-                    st.programs.compile(
-                        "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
-                        (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
-                        variant=(self.cache_len, False))
+                static = self._admit_static(b, t)
+                st.programs.compile(
+                    "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
+                    (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
+                    variant=(self.cache_len, False))
                 n *= 2
         b, k = self.slots, self.steps_per_launch
         for static in self.statics.values():
