@@ -175,14 +175,14 @@ def decode_case(model, cfg, attention, batch=8, max_len=1024, attn_dp=1):
                                "xla_gpu_autotune_level": 0}).as_text()
         local = f"{cfg.num_layers * rows},{max_len},{heads},{c.head_dim}"
         stacked = f"bf16[{cfg.num_layers},{rows},{max_len},{heads},{c.head_dim}]"
-        heads = [x for x in census(hlo) if x.dims[-1:] == (c.head_dim,)]
+        head_shaped = [x for x in census(hlo) if x.dims[-1:] == (c.head_dim,)]
         row.update(compiled=True, cudnn_fmha_calls=hlo.count("__cudnn$fmha"),
                    cudnn_mentions=hlo.count("cudnn"), while_loops=hlo.count(" while("),
                    paged_pool_operand=f"bf16[{local}]" in hlo,
                    pallas_calls=len([ln for ln in hlo.splitlines() if "__gpu$xla.gpu.triton" in ln
                                      and "decode_attention" in ln]),
                    local_stacked_cache_operand=stacked in hlo,
-                   head_shaped_collectives=len(heads),
+                   head_shaped_collectives=len(head_shaped),
                    layer_slice_copies=hlo.count(f"bf16[{rows},{max_len},"),
                    layer_collectives=sorted(f"{x.kind} {x.dtype}{list(x.dims)} n{x.group}"
                                             for x in census(hlo) if x.scope != "outside"))

@@ -190,7 +190,7 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64):
                 spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
     spans.sort()
     gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    return {"steps_per_launch": steps_per_launch, "slots": max_batch, "traced_wall_s": wall,
+    return {"steps_per_launch": steps_per_launch, "slots": engine.slots, "traced_wall_s": wall,
             "launches": launches,
             "host_ms_per_launch": {k: v[0] / 1e6 / max(launches, 1) for k, v in host.items()},
             "host_calls": {k: v[1] for k, v in host.items()},

@@ -36,6 +36,9 @@ def _inspect(args) -> int:
     if args.tokens % args.tp:  # as the engine buckets a forward
         args.tokens += args.tp - args.tokens % args.tp
         print(f"tokens rounded up to {args.tokens}, a multiple of tp={args.tp}")
+    if args.batch % args.attn_dp:  # as the engine pads a batch: each group owns sequences
+        args.batch += args.attn_dp - args.batch % args.attn_dp
+        print(f"batch rounded up to {args.batch}, a multiple of attn_dp={args.attn_dp}")
     from jax_sp.inspect import format_reports, inspect_modes
     from jax_sp.presets import preset
 

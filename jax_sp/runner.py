@@ -164,8 +164,11 @@ class Runner:
         unit = tp if (decode_sp or len(self.stages) > 1) else 1
         unit = math.lcm(unit, self.parallel.cfg, self.parallel.attn_dp)  # cfg, attn_dp split B
         batch = size or round_up(pow2_at_least(len(rows)), unit * m)
-        if len(rows) < self.parallel.attn_dp * m:
-            idle_groups(len(rows), self.parallel.attn_dp * m)
+        if self.parallel.attn_dp > 1:  # rows fill the groups in order; padding after them
+            groups = self.parallel.attn_dp * m
+            busy = -(-len(rows) // (batch // groups))
+            if busy < groups:
+                idle_groups(len(rows), groups, groups - busy)
         t = bucket(max(lengths), tp)
         prefill_sp = self.parallel.use_sp(batch // m * t)  # the tokens of one forward
         kv_len = np.ones(batch, np.int32)  # inactive rows: one dummy token
@@ -188,7 +191,10 @@ class Runner:
         n, tp, cfg = len(cond), self.parallel.tp, self.parallel.cfg
         unit = tp if self.parallel.sp == "on" and tp > 1 else 1
         # 2H rows: a multiple of unit (and with cfg=2, of 2 * unit: each half splits alike)
-        half = round_up(pow2_at_least(n), unit * cfg // math.gcd(unit * cfg, 2))
+        # and of the attention groups
+        groups = self.parallel.attn_dp
+        half = round_up(pow2_at_least(n), math.lcm(unit * cfg // math.gcd(unit * cfg, 2),
+                                                   groups // math.gcd(groups, 2)))
         dummy = [np.zeros(1, np.int32)] * (half - n)
         job = self.batch(list(cond) + dummy + list(uncond) + dummy, max_new_tokens, False,
                          size=2 * half)
@@ -303,12 +309,12 @@ class Runner:
 _IDLE_NOTED: set = set()
 
 
-def idle_groups(rows: int, groups: int) -> None:
+def idle_groups(rows: int, groups: int, idle: int) -> None:
     """Say (once per size) that a batch leaves attention groups without sequences."""
-    if (rows, groups) not in _IDLE_NOTED:
-        _IDLE_NOTED.add((rows, groups))
+    if (rows, groups, idle) not in _IDLE_NOTED:
+        _IDLE_NOTED.add((rows, groups, idle))
         log.info("%d sequence(s) for %d attention groups (attn_dp x micro-batches): %d "
-                 "group(s) attend to padding rows only", rows, groups, groups - rows)
+                 "group(s) attend to padding rows only", rows, groups, idle)
 
 
 def pow2_at_least(n: int, floor: int = 1) -> int:

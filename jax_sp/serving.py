@@ -241,13 +241,15 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
     return run
 
 
-def prefill_groups(lengths: list[int], budget: int, tp: int) -> list[list[int]]:
+def prefill_groups(lengths: list[int], budget: int, tp: int, unit: int = 1) -> list[list[int]]:
     """Indices of prompts of these lengths in prefill groups: sorted by length, a group grows
-    while its padded size (its row count rounded up to a power of two, times the bucket of its
-    longest prompt) stays within `budget` tokens; a prompt over the budget alone."""
+    while its padded size (its row count rounded up to a power of two and to a multiple of
+    `unit`, as `Runner.batch` pads it, times the bucket of its longest prompt) stays within
+    `budget` tokens; a prompt over the budget alone."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
-        if groups and pow2_at_least(len(groups[-1]) + 1) * bucket(lengths[i], tp) <= budget:
+        rows = round_up(pow2_at_least(len(groups[-1]) + 1), unit) if groups else 0
+        if groups and rows * bucket(lengths[i], tp) <= budget:
             groups[-1].append(i)
         else:
             groups.append([i])
@@ -289,6 +291,8 @@ class Engine:
         # Runner.batch pads a batch)
         unit = math.lcm(tp if (self.decode_sp or len(stages) > 1) else 1, llm.parallel.attn_dp)
         self.slots = round_up(pow2_at_least(max_batch), unit)
+        # an admission group's rows are a multiple of this (Runner.batch, one stage)
+        self._group_unit = math.lcm(tp if self.decode_sp else 1, llm.parallel.attn_dp)
         self.cache_len = -(-llm.max_seq_len // 16) * 16
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
@@ -500,7 +504,8 @@ class Engine:
             admitted.append((request, a["slot"]))
         if len(self.runner.stages) == 1:
             groups = prefill_groups([len(r.prompt) for r, _ in admitted],
-                                    self.max_prefill_tokens, self.llm.parallel.tp)
+                                    self.max_prefill_tokens, self.llm.parallel.tp,
+                                    self._group_unit)
             groups = [[admitted[i] for i in g] for g in groups]
         else:
             groups = [[one] for one in admitted]
@@ -582,12 +587,12 @@ class Engine:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=every)
 
         before = st.programs.total_compile_s()
-        unit = tp if self.decode_sp else 1  # as Runner.batch pads a group
         seed = np.asarray(SamplingParams().key_seed()).dtype
         for t in sorted({bucket(n, tp) for n in range(1, self.llm.max_seq_len)}):
             n = 1
-            while n <= self.slots and (n == 1 or n * t <= self.max_prefill_tokens):
-                b = -(-n // unit) * unit
+            while n <= self.slots and (n == 1 or round_up(n, self._group_unit) * t
+                                       <= self.max_prefill_tokens):
+                b = round_up(n, self._group_unit)  # as Runner.batch pads a group
                 rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
                                                 jnp.int32, jnp.float32)]
                 static = self._admit_static(b, t)

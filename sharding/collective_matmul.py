@@ -1,7 +1,8 @@
 """Collective matmul: all-gather + matmul and matmul + reduce-scatter as ppermute rings.
 
 Under SP every all-gather sits right before a matmul and every reduce-scatter right after one.
-These kernels (bodies for `jax.shard_map` over the "tp" axis, n = tp devices) split the
+These kernels (bodies for `jax.shard_map` over the tensor-parallel axis, n = tp devices; the
+axis is "tp", or with attention groups "attn_tp" or both group axes) split the
 collective into n - 1 neighbour exchanges and multiply the chunk in hand while the next one
 travels, so the communication hides under the computation on any backend.
 

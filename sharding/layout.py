@@ -175,7 +175,9 @@ class ShardedLayout:
         lead = (None,) if w.layer is not None else ()  # a stack's layer axis
         pspec = lambda letters, lead=(): partition_spec(  # noqa: E731
             lead + tuple(_WEIGHT[c] for c in letters), self.rules)
-        summed = tuple(sorted({a for a in pspec(lhs[1:]) if a is not None}))
+        # the mesh axes x's contracted letters are split over (an entry may name several)
+        summed = tuple(sorted({name for a in pspec(lhs[1:]) if a is not None
+                               for name in ((a,) if isinstance(a, str) else a)}))
 
         def body(x, w):
             y = weight_only(spec, x, w, kernel=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_greedy, hf_logits, random_prompts
-from jax_sp import LLM, ParallelConfig, SamplingParams
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from jax_sp.config import ModelConfig
 from jax_sp.generate import Static, abstract_decode_step_args, decode_step_fn
 from jax_sp.runtime import Runtime
@@ -64,9 +64,12 @@ def test_prompt_embeds_seeded_sampling_and_fp8_match_plain_tp(hf_models):
             == [c.token_ids for c in plain.generate(prompts, sampled)])
     fp8 = [c.token_ids for c in LLM.from_torch(model, quantization="fp8").generate(
         prompts, greedy)]
-    fp8_groups = LLM.from_torch(model, parallel=ParallelConfig(tp=4, attn_dp=2, sp="off"),
-                                quantization="fp8")
-    assert [c.token_ids for c in fp8_groups.generate(prompts, greedy)] == fp8
+    # decode's FP8 projections through XLA and through the weight-only kernel (interpreted
+    # here), whose row-parallel sums run over both group axes
+    for gemv in ("xla", "pallas"):
+        fp8_groups = LLM.from_torch(model, parallel=ParallelConfig(tp=4, attn_dp=2, sp="off"),
+                                    quantization="fp8", options=CompileOptions(fp8_gemv=gemv))
+        assert [c.token_ids for c in fp8_groups.generate(prompts, greedy)] == fp8, gemv
 
 
 @pytest.mark.parametrize("boundary", ["scattered", "gather"])
@@ -186,3 +189,18 @@ def test_cli_inspect_prints_the_group_collectives_and_refuses_a_bad_attn_dp(caps
     assert ["layer", "all-reduce", "2", "1", "f32[64,576]"] == layer[0][:5]
     assert cli(["inspect", "--tp", "4", "--attn-dp", "3"]) == 2  # a usage error
     assert "attn_dp=3 must divide tp=4" in capsys.readouterr().err
+
+
+def test_guidance_on_attention_groups_gives_the_tokens_of_one_device(hf_models):
+    """Classifier-free guidance (both branches batched) on tp 4 x attn_dp 4: one prompt and
+    its unconditional twin fill two rows, padded to four so that each group owns one."""
+    model = hf_models("qwen2")
+    prompt = random_prompts(model.config.vocab_size, (7,), seed=14)
+    s = SamplingParams(max_new_tokens=6, guidance_scale=2.0, stop_token_ids=())
+    want = LLM.from_torch(model, max_seq_len=64).generate(prompt, s, negative_prompts=[[5, 6]])
+    groups = LLM.from_torch(model, parallel=ParallelConfig(tp=4, attn_dp=4, sp="off"),
+                            max_seq_len=64)
+    job = groups.runner.guided_batch([np.array(prompt[0], np.int32)], [np.array([5, 6])], 6)
+    assert job.batch == 4
+    got = groups.generate(prompt, s, negative_prompts=[[5, 6]])
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

@@ -44,6 +44,9 @@ def test_prefill_groups_sort_by_length_and_keep_within_the_token_budget():
     assert prefill_groups([5, 17, 2, 30, 9, 12], 2048, 1) == [[2, 0, 4, 5, 1, 3]]
     assert prefill_groups([300, 5], 64, 1) == [[1], [0]]  # over the budget: alone
     assert prefill_groups([5, 9, 12], 16, 1) == [[0], [1], [2]]
+    # rows padded to a multiple of 4 (attention groups) count as such against the budget
+    assert prefill_groups([5, 9, 12, 30], 32, 1) == [[0, 1], [2], [3]]
+    assert prefill_groups([5, 9, 12, 30], 32, 1, unit=4) == [[0], [1], [2], [3]]
 
 
 @pytest.mark.parametrize("budget", [64, 2048])
