@@ -140,6 +140,12 @@ def _specs(letters: str, sharded: str, axis=AXIS, rows=None):
     return P(*(axis if c == sharded else rows if c == "T" else None for c in letters))
 
 
+def column_feature(rhs: str) -> str:
+    """The letter of a column-parallel weight's dimensions that tp splits, e.g. "N" of "DNH"
+    (C, the fused q/k/v or gate/up parts, stays whole on every device)."""
+    return next(c for c in rhs if c not in "DC")
+
+
 def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True, axis=AXIS,
                 tokens=AXIS, rows=None):
     """Column-parallel projections of token-sharded x as one ring, e.g. spec "TD,DNH->TNH" for
@@ -158,8 +164,7 @@ def ring_column(mesh, spec: str, x_td, w, *more, bidirectional: bool = True, axi
     for s, weight in projections:
         ins, out = s.split("->")
         lhs, rhs = ins.split(",")
-        feature = next(c for c in rhs if c not in "DC")  # the dimension tp splits (C: fused
-        # parts, e.g. "DCF" for gate/up, stay whole on every device)
+        feature = column_feature(rhs)
         parsed.append((stored_letters(lhs, rhs) if fp8 else rhs, out, feature))
 
     def body(x_ld, *ws):

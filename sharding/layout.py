@@ -27,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from models.quant import (WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
                           weight_only_rows)
-from sharding.collective_matmul import ring_column, ring_row
+from sharding.collective_matmul import column_feature, ring_column, ring_row
 from sharding.mesh import tp_size
 from sharding.mosaic import mosaic_column, projection_fits
 from sharding.rules import named, rules_for, spec as partition_spec
@@ -138,10 +138,9 @@ class ShardedLayout:
                         for spec, w in projections]
             (spec, w), *more = [(s, w.unstacked() if isinstance(w, Fp8) else w)
                                 for s, w in projections]
-            rhs = spec.split("->")[0].split(",")[1]
-            feature = next(c for c in rhs if c not in "DC")  # as ring_column finds it
+            ins, out = spec.split("->")
             return ring_column(self.mesh, spec, self.residual(x_td), w, *more,
-                               **self._ring_axes(spec.split("->")[1], feature))
+                               **self._ring_axes(out, column_feature(ins.split(",")[1])))
         if self.sp:
             # Gather exactly what the caller computed: without the barrier XLA:CPU moved the
             # gather above the norm's scale-and-cast, redoing that work on all T rows.
