@@ -101,7 +101,7 @@ def static(llm, jobs, max_batch):
             "tpot": tpot, "occupancy": None}
 
 
-def ceiling(llm, max_batch, steps_per_launch=4, steps=32):
+def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
     """The engine with every slot decoding, prefills excluded: tokens per second over `steps`
     steps once every slot holds a request (the throughput limit of the engine), next to
     `generate`'s decode of the same batch with the same cache length, and the engine's step
@@ -112,7 +112,12 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32):
     steps = min(steps, (llm.max_seq_len - 8) // 3)
     with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
         device_ms = step_device_ms(engine, steps)
-        sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
+        sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=(),
+                                  temperature=temperature, top_k=50 if temperature else 0,
+                                  top_p=0.9 if temperature else 1.0)
+        # a launch in this form first, so that its compile falls outside the measurement
+        engine.submit([1, 2, 3, 4], dataclasses.replace(
+            sampling, max_new_tokens=steps_per_launch + 1)).result()
         with engine.hold():  # admitted together: every slot starts decoding at one step
             requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
         while not all(r.token_ids for r in requests):  # every prefill done
@@ -250,6 +255,9 @@ def main():
     ap.add_argument("--max-prefill-tokens", default="2048",
                     help="Engine(max_prefill_tokens=...), one or more (comma-separated; 1: "
                          "each request prefilled alone)")
+    ap.add_argument("--temperatures", default="0",
+                    help="the limits' requests at each of these temperatures (above 0: sampled "
+                         "with top-k 50 and top-p 0.9, the engine's sampling form; 0: greedy)")
     ap.add_argument("--limits-only", action="store_true",
                     help="only the limits: the engine's step against generate's")
     ap.add_argument("--profile", action="store_true",
@@ -291,7 +299,9 @@ def main():
             res.emit({"bench": "profile", **profile(llm, args.max_batch, k)})
         return
     for k in launches:
-        res.emit({"bench": "limits", "steps_per_launch": k, **ceiling(llm, args.max_batch, k)})
+        for temperature in [float(t) for t in args.temperatures.split(",")]:
+            res.emit({"bench": "limits", "steps_per_launch": k, "temperature": temperature,
+                      **ceiling(llm, args.max_batch, k, temperature=temperature)})
     if args.limits_only:
         return
     for rate in [float(r) for r in args.rates.split(",")]:
