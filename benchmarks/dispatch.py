@@ -66,6 +66,7 @@ def main():
     import numpy as np
 
     from generation import hf_module
+    from serving import slots_launcher
     from jax_sp import LLM, SamplingParams
     from jax_sp.generate import Static, decode_step_fn
     from jax_sp.presets import preset
@@ -112,14 +113,10 @@ def main():
         rows = engine.runner.put(0, (engine.pos, engine.keys, engine.step, engine.temperature,
                                      engine.top_k, engine.top_p))
         tokens = engine.runner.put(0, engine.tokens)
+        launch = slots_launcher(engine)
 
         def step(prev):
-            x = tokens if prev is None else prev[1]
-            (t, x, _), engine.caches[0], *_ = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, engine.statics[False],
-                                                    engine.cache_len, k),
-                engine.statics[False], (st.state, engine.caches[0], x, *rows), variant=(k, False))
-            return t, x
+            return launch(tokens if prev is None else prev[1])
 
         res.emit({"case": "slots_step", **summary(timed(step, args.launches))})
 

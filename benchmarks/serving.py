@@ -205,30 +205,39 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64):
                               if gaps else None, "total": sum(gaps) / 1e6}}
 
 
+def slots_launcher(engine):
+    """A launch of the engine's step program (greedy form, one stage) outside its loop, with
+    the slots' rows put on the device once: launch(tokens) -> (tokens [steps, B], the last
+    [B]), the engine's cache updated in place."""
+    from jax_sp.serving import slots_step_fn
+
+    runner, k = engine.runner, engine.steps_per_launch
+    st, static = runner.stages[0], engine.statics[False]
+    rows = runner.put(0, (engine.pos, engine.keys, engine.step, engine.temperature,
+                          engine.top_k, engine.top_p))
+
+    def launch(x):
+        (tokens, x, _), engine.caches[0], *_ = st.programs.run(
+            "slots_step", lambda: slots_step_fn(st.runtime, static, engine.cache_len, k),
+            static, (st.state, engine.caches[0], x, *rows), variant=(k, False))
+        return tokens, x
+    return launch
+
+
 def step_device_ms(engine, n):
     """The engine's step program on every slot, about `n` steps launched back to back with the
     inputs already on the device and one wait at the end: ms per step (one-stage models; None
     otherwise)."""
     import jax
 
-    from jax_sp.serving import slots_step_fn
-
-    runner = engine.runner
-    if len(runner.stages) != 1:
+    if len(engine.runner.stages) != 1:
         return None
-    st = runner.stages[0]
-    rows = runner.put(0, (engine.pos, engine.keys, engine.step, engine.temperature,
-                          engine.top_k, engine.top_p))
-    x = runner.put(0, engine.tokens)
-
-    k = engine.steps_per_launch
+    one, k = slots_launcher(engine), engine.steps_per_launch
+    x = engine.runner.put(0, engine.tokens)
 
     def launch(x, count):
         for _ in range(count):
-            (_, x, _), engine.caches[0], *_ = st.programs.run(
-                "slots_step", lambda: slots_step_fn(st.runtime, engine.statics[False],
-                                                    engine.cache_len, k),
-                engine.statics[False], (st.state, engine.caches[0], x, *rows), variant=(k, False))
+            _, x = one(x)
         return jax.block_until_ready(x)
 
     x = launch(x, 2)  # compiled, warm

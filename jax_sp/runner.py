@@ -152,6 +152,15 @@ class Runner:
         cache.update(zip(new, self.put(s, tuple(new.values()))))
         return [cache[k] for k in keys]
 
+    @property
+    def row_unit(self) -> int:
+        """What a batch's rows (a micro-batch's) are a multiple of: tp when decode's rows are
+        split over it (SP) or cross pipeline hops, and the parts that split the batch (cfg's
+        halves, attention groups)."""
+        p = self.parallel
+        decode_sp = p.sp == "on" and p.tp > 1
+        return math.lcm(p.tp if (decode_sp or len(self.stages) > 1) else 1, p.cfg, p.attn_dp)
+
     def batch(self, rows: list, max_new_tokens: int, embeds: bool,
               size: int | None = None) -> Batch:
         """Checked prompts (token ids [T_i] or embeddings [T_i, D]) padded into one batch (of
@@ -159,11 +168,8 @@ class Runner:
         tp, m = self.parallel.tp, self.parallel.microbatches if len(self.stages) > 1 else 1
         lengths = [len(r) for r in rows]
         decode_sp = self.parallel.sp == "on" and tp > 1
-        # decode's B rows are split over tp under SP and across pipeline hops; each micro-batch
-        # gets the same share
-        unit = tp if (decode_sp or len(self.stages) > 1) else 1
-        unit = math.lcm(unit, self.parallel.cfg, self.parallel.attn_dp)  # cfg, attn_dp split B
-        batch = size or round_up(pow2_at_least(len(rows)), unit * m)
+        # each micro-batch gets the same share
+        batch = size or round_up(pow2_at_least(len(rows)), self.row_unit * m)
         if self.parallel.attn_dp > 1:  # rows fill the groups in order; padding after them
             groups = self.parallel.attn_dp * m
             busy = -(-len(rows) // (batch // groups))

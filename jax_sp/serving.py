@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import math
 import queue
 import threading
 import time
@@ -286,13 +285,9 @@ class Engine:
         self.llm, self.runner = llm, runner
         tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1
-        # slots: a power of two, a multiple of tp when SP splits the decode batch or pipeline
-        # hops carry it, and of attn_dp (each attention group owns as many slots) (as
-        # Runner.batch pads a batch)
-        unit = math.lcm(tp if (self.decode_sp or len(stages) > 1) else 1, llm.parallel.attn_dp)
-        self.slots = round_up(pow2_at_least(max_batch), unit)
-        # an admission group's rows are a multiple of this (Runner.batch, one stage)
-        self._group_unit = math.lcm(tp if self.decode_sp else 1, llm.parallel.attn_dp)
+        # slots: a power of two, padded as Runner.batch pads a batch (and so is each admission
+        # group, one stage)
+        self.slots = round_up(pow2_at_least(max_batch), runner.row_unit)
         self.cache_len = -(-llm.max_seq_len // 16) * 16
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
@@ -505,7 +500,7 @@ class Engine:
         if len(self.runner.stages) == 1:
             groups = prefill_groups([len(r.prompt) for r, _ in admitted],
                                     self.max_prefill_tokens, self.llm.parallel.tp,
-                                    self._group_unit)
+                                    self.runner.row_unit)
             groups = [[admitted[i] for i in g] for g in groups]
         else:
             groups = [[one] for one in admitted]
@@ -590,9 +585,9 @@ class Engine:
         seed = np.asarray(SamplingParams().key_seed()).dtype
         for t in sorted({bucket(n, tp) for n in range(1, self.llm.max_seq_len)}):
             n = 1
-            while n <= self.slots and (n == 1 or round_up(n, self._group_unit) * t
+            while n <= self.slots and (n == 1 or round_up(n, self.runner.row_unit) * t
                                        <= self.max_prefill_tokens):
-                b = round_up(n, self._group_unit)  # as Runner.batch pads a group
+                b = round_up(n, self.runner.row_unit)  # as Runner.batch pads a group
                 rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
                                                 jnp.int32, jnp.float32)]
                 static = self._admit_static(b, t)
