@@ -151,14 +151,16 @@ def fp8_accuracy() -> str:
     rows = [r for r in _rows("fp8_accuracy_*.jsonl") if "rel_l2_median" in r]
     if not rows:
         return "(no fp8_accuracy results)"
-    out = ["| model | FP8 path | prompts (tokens) | logits rel. L2, median / max | "
-           "top-1 agreement |", "| --- | --- | --- | --- | --- |"]
+    out = ["| model | quantization | FP8 path | prompts (tokens) | logits rel. L2, median / max | "
+           "top-1 agreement |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        out.append(f"| {r['model']} | {r.get('path', 'W8A8')} | {r['prompts']} ({r['tokens']}) | "
+        out.append(f"| {r['model']} | {r.get('quantization', 'fp8')} | {r.get('path', 'W8A8')} | "
+                   f"{r['prompts']} ({r['tokens']}) | "
                    f"{r['rel_l2_median'] * 100:.1f}% / {r['rel_l2_max'] * 100:.1f}% | "
                    f"{r['top1_agreement'] * 100:.0f}% |")
-    out += ["", f"Prefill logits with `quantization=\"fp8\"` against the same model and weights "
-            f"without it ({rows[0]['dtype']}, every position of every prompt; "
+    out += ["", f"Prefill logits with `quantization=\"fp8\"` (the layers' projections) and "
+            f"`\"fp8-head\"` (the LM head, or a tied embedding, too) against the same model and "
+            f"weights without it ({rows[0]['dtype']}, every position of every prompt; "
             f"`benchmarks/fp8_accuracy.py`)."]
     return "\n".join(out)
 
@@ -181,22 +183,27 @@ def fp8_speed() -> str:
                                                                                   "prefill")}
     limits = next(r for r in rows if r["bench"] == "limits")
     bandwidth = limits["copy_gb_s"] * 1e9
-    out = ["| | 16-bit, ms | FP8, ms | FP8 speed-up | FP8 W8A8 at every size, ms | FP8, of the "
-           "copy bandwidth for the bytes a step reads |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    # the quantizations measured ("fp8"; "fp8-head": the LM head too), each with its speed-up
+    quants = [q for q in ("fp8", "fp8-head") if any(r.get("impl") == f"jax-sp/{q}" for r in rows)]
+    names = {"fp8": "FP8", "fp8-head": "FP8 + LM head"}
+    out = ["| | 16-bit, ms | " + " | ".join(f"{names[q]}, ms (speed-up)" for q in quants)
+           + " | FP8 W8A8 at every size, ms | " + " / ".join(names[q] for q in quants)
+           + ": of the copy bandwidth for the bytes a step reads |",
+           "| --- | --- | " + "--- | " * len(quants) + "--- | --- |"]
     for (bench, impl, batch), r in sorted(cell.items()):
-        q = cell.get((bench, "jax-sp/fp8", batch))
-        if impl != "jax-sp" or q is None:
+        qs = [cell.get((bench, f"jax-sp/{q}", batch)) for q in quants]
+        if impl != "jax-sp" or None in qs:
             continue
         w8a8 = cell.get((bench, "jax-sp/fp8/fp8_gemv=off", batch))
         key = "ms_per_token" if bench == "decode" else "median_ms"
         what = (f"decode batch {batch}, per token" if bench == "decode"
                 else f"prefill {batch}×{r['tokens']}")
-        share = (f"{_read_bytes(q) / (q[key] / 1e3) / bandwidth * 100:.0f}%"
-                 if bench == "decode" else "")
+        share = (" / ".join(f"{_read_bytes(q) / (q[key] / 1e3) / bandwidth * 100:.0f}%"
+                            for q in qs) if bench == "decode" else "")
         off = f"{w8a8[key]:.2f}" if w8a8 else "(the same)"
-        out.append(f"| {what} | {r[key]:.2f} | {q[key]:.2f} | {r[key] / q[key]:.2f}× | {off} | "
-                   f"{share} |")
+        out.append(f"| {what} | {r[key]:.2f} | "
+                   + " | ".join(f"{q[key]:.2f} ({r[key] / q[key]:.2f}×)" for q in qs)
+                   + f" | {off} | {share} |")
     model = next(r["model"] for r in rows if "model" in r)
     out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
             f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "

@@ -194,9 +194,10 @@ def _model_options(p) -> None:
                    help="sequence parallelism: on, off, or auto (for long prefills only)")
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
                    help="compute dtype (None: the checkpoint's; GGUF: float32)")
-    p.add_argument("--quantization", default=None, choices=("fp8",),
+    p.add_argument("--quantization", default=None, choices=("fp8", "fp8-head"),
                    help="fp8: the layers' projections in FP8, activations quantized per token "
-                        "(comm xla or ring; GPU: Hopper or newer) (default: none)")
+                        "(comm xla or ring; GPU: Hopper or newer); fp8-head: the LM head too "
+                        "(default: none)")
     p.add_argument("--max-seq-len", type=_positive, default=2048,
                    help="prompt plus new tokens at most, per request (the KV cache's length)")
 

@@ -148,8 +148,8 @@ def check_devices(parallel: ParallelConfig, num_devices: int) -> None:
 
 
 def check_quantization(quantization, parallel: ParallelConfig) -> None:
-    """quantization: None (the model's dtype) or "fp8" (models/quant.py), with comm="xla" or
-    "ring"."""
+    """quantization: None (the model's dtype), "fp8" (the layers' projections) or "fp8-head"
+    (the LM head too; models/quant.py), with comm="xla" or "ring"."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if quantization and parallel.comm == "mosaic":

@@ -19,6 +19,7 @@ from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, Sampling
                            check_devices, check_parallel, check_quantization)
 from jax_sp.runner import Batch, Runner, bucket
 from jax_sp.runtime import resolve_dtype, to_host
+from models.quant import Fp8, embedding_rows
 from sharding.tokens import tp_rank_rows
 
 EMBED_DTYPES = ("float32", "bfloat16", "float16")
@@ -100,7 +101,7 @@ class LLM:
         first = self.runner.stages[0]  # the whole model when pp=1
         self.runtime, self.state, self.programs = first.runtime, first.state, first.programs
         self.last_stats: GenerationStats | None = None
-        self._embed = jax.jit(lambda table, ids: table[ids])
+        self._embed = jax.jit(lambda table, ids: embedding_rows(table, ids, self.runtime.dtype))
 
     @classmethod
     def from_torch(cls, module, tokenizer=None, *, parallel: ParallelConfig | None = None,
@@ -254,6 +255,8 @@ class LLM:
         `generate(prompt_embeds=...)` takes."""
         prompts = self._check_ids(prompts, chat=False)
         table = self.state["embed_vd"][...]
+        if "s_embed_vd" in self.state:  # a tied embedding in FP8 ("fp8-head")
+            table = Fp8(table, self.state["s_embed_vd"][...])
         return [to_host(self._embed(table, self.runner.put(0, np.array(p, np.int32))))
                 for p in prompts]
 

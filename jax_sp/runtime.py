@@ -21,7 +21,7 @@ from jax_sp.attention import choose
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_fp8_devices,
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
-from models.quant import FP8_WEIGHTS, Fp8, is_scale, quantize_weight, scale_of, stored_order
+from models.quant import Fp8, fp8_weights, is_scale, quantize_weight, scale_of, stored_order
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
@@ -87,7 +87,7 @@ class Runtime:
         self.options, self.quantization = options or CompileOptions(), quantization
         self.mesh = (make_mesh(parallel.tp, 1, cfg=parallel.cfg, attn_dp=parallel.attn_dp)
                      if mesh is None else mesh)
-        if quantization == "fp8":
+        if quantization:
             check_fp8_devices(self.mesh.devices.flat)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
@@ -120,7 +120,7 @@ class Runtime:
         # FP8 projections of few rows: the Pallas weight-only kernel on GPU (models/quant.py)
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas" if platform == "gpu" else "xla") if gemv == "auto" else gemv
-                         ) if quantization == "fp8" else "off"
+                         ) if quantization else "off"
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------
@@ -165,13 +165,13 @@ class Runtime:
         arrays = {}
         for path, target in targets.items():
             name = path.rpartition("/")[2]
-            if name not in FP8_WEIGHTS:
+            if scale_of(path) not in scales:  # not stored in FP8
                 (arrays[path],) = source.place({path: target}, self.plan, self.dtype,
                                                layers).values()
                 continue
             # the source gives the weight in its 16-bit layout; FP8 stores it transposed
             stacked = target.names[:1] == ("layers",)
-            axes = tuple(a + stacked for a in FP8_WEIGHTS[name][0])
+            axes = tuple(a + stacked for a in fp8_weights(self.quantization)[name][0])
             order = stored_order(len(target.shape), axes)
             back = np.argsort(order)
             names = tuple(target.names[a] for a in back)

@@ -23,7 +23,8 @@ from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
 from models.layout import DENSE, Layout
-from models.quant import FP8, FP8_WEIGHTS, Fp8, is_scale, scale_of, stored_order
+from models.quant import (FP8, FP8_WEIGHTS, Fp8, embedding_rows, fp8_weights, is_scale, scale_of,
+                          stored_order)
 
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -39,12 +40,12 @@ def _const(value, names):
 
 
 def _weight(module, name, rngs, shape, names, dtype, quantization):
-    """A projection weight `name`; with quantization="fp8" stored in FP8 beside `s_<name>`, its
-    per-output-channel scale (models/quant.py)."""
-    if quantization != "fp8":
+    """A projection weight `name`; where the quantization stores it in FP8 (models/quant.py
+    `fp8_weights`), in FP8 beside `s_<name>`, its per-output-channel scale."""
+    if name not in fp8_weights(quantization):
         setattr(module, name, _param(rngs, shape, names, dtype))
         return
-    contracted, scale_names = FP8_WEIGHTS[name]
+    contracted, scale_names = fp8_weights(quantization)[name]
     order = stored_order(len(shape), contracted)
     setattr(module, name, _param(rngs, tuple(shape[a] for a in order),
                                  tuple(names[a] for a in order), FP8))
@@ -201,16 +202,18 @@ class Llama(nnx.Module):
     """The decoder, or one pipeline stage of it: `num_layers` consecutive layers (default: all),
     with the embedding when `first` and the final norm and LM head when `last`. A last stage of
     a tied model that is not also first holds its own copy of the embedding, for the head.
-    quantization="fp8": the layers' projections in FP8 (models/quant.py)."""
+    quantization="fp8": the layers' projections in FP8 (models/quant.py); "fp8-head": the LM head
+    (or the tied embedding) too."""
 
     def __init__(self, cfg: ModelConfig, dtype=jnp.float32, *, rngs: nnx.Rngs,
                  num_layers: int | None = None, first: bool = True, last: bool = True,
                  quantization: str | None = None):
         self.cfg, self.first, self.last = cfg, first, last
-        self.quantized = quantization == "fp8"
+        self.quantized = quantization in ("fp8", "fp8-head")
         v, d = cfg.vocab_size, cfg.hidden_size
         if first or (last and cfg.tie_word_embeddings):
-            self.embed_vd = _param(rngs, (v, d), ("vocab", "embed"), dtype)
+            _weight(self, "embed_vd", rngs, (v, d), ("vocab", "embed"), dtype,
+                    quantization if cfg.tie_word_embeddings else None)
 
         @nnx.split_rngs(splits=num_layers or cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -221,7 +224,7 @@ class Llama(nnx.Module):
         if last:
             self.final_norm = RMSNorm(cfg, dtype)
             if not cfg.tie_word_embeddings:
-                self.head_dv = _param(rngs, (d, v), ("embed", "vocab"), dtype)
+                _weight(self, "head_dv", rngs, (d, v), ("embed", "vocab"), dtype, quantization)
 
     def __call__(self, positions_bt, kv_len_b, *, tokens_bt=None, embeds_td=None, carry=None,
                  cache: KVCache | None = None, rows_r=None, layout: Layout = DENSE,
@@ -243,7 +246,9 @@ class Llama(nnx.Module):
         dtype = self.layers.attn_norm.scale.dtype
         if carry is None:
             if embeds_td is None:
-                embeds_td = self.embed_vd[...][tokens_bt.reshape(b * t)]  # vocab-parallel lookup
+                # vocab-parallel lookup
+                embeds_td = embedding_rows(_get(self, "embed_vd"), tokens_bt.reshape(b * t),
+                                           dtype)
             hidden_td = layout.residual(embeds_td.astype(dtype))
             residual_td = layout.residual(jnp.zeros_like(hidden_td))
         else:
@@ -290,7 +295,7 @@ class Llama(nnx.Module):
         if rows_r is not None:
             x_td = x_td[rows_r]
         if self.cfg.tie_word_embeddings:
-            (logits,) = layout.column(x_td, ("TD,VD->TV", self.embed_vd[...]))
+            (logits,) = layout.column(x_td, ("TD,VD->TV", _get(self, "embed_vd")))
         else:
-            (logits,) = layout.column(x_td, ("TD,DV->TV", self.head_dv[...]))
+            (logits,) = layout.column(x_td, ("TD,DV->TV", _get(self, "head_dv")))
         return Output(logits, kv, None, residuals)

@@ -34,7 +34,9 @@ import jax.numpy as jnp
 
 FP8 = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8).max)  # 448
-QUANTIZATIONS = (None, "fp8")
+# "fp8": the layers' projections in FP8; "fp8-head": the LM head too (a tied model's embedding,
+# which is its LM head: its rows are then looked up in FP8 and widened)
+QUANTIZATIONS = (None, "fp8", "fp8-head")
 WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run weight-only (W8A16)
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs; "auto": pallas on GPU, else xla
@@ -42,16 +44,36 @@ FP8_GEMV_MODES = ("auto", "pallas", "xla", "off")
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
 # reduce over (the contracted ones) and the logical names of the scale they get. The
-# embedding, the norms, the biases and the LM head stay in the model's dtype. An FP8 weight is
-# stored with its contracted axes last (`stored_order`: [K, C, H, D] for w_qkv_dkch): cuBLASLt's
-# FP8 GEMM takes its second operand only with the contracted dimension contiguous, and a weight
-# in the 16-bit layout made XLA transpose (copy) it on every call.
+# embedding, the norms, the biases and (unless "fp8-head") the LM head stay in the model's dtype.
+# An FP8 weight is stored with its contracted axes last (`stored_order`: [K, C, H, D] for
+# w_qkv_dkch): cuBLASLt's FP8 GEMM takes its second operand only with the contracted dimension
+# contiguous, and a weight in the 16-bit layout made XLA transpose (copy) it on every call.
 FP8_WEIGHTS = {
     "w_qkv_dkch": ((0,), ("qkv_heads", None, "head_dim")),
     "w_o_nhd": ((0, 1), ("embed",)),
     "w_gate_up_dcf": ((0,), (None, "mlp")),
     "w_down_fd": ((0,), ("embed",)),
 }
+# "fp8-head": the LM head, one scale per vocabulary entry (a tied embedding's rows)
+FP8_HEAD_WEIGHTS = {
+    "head_dv": ((0,), ("vocab",)),
+    "embed_vd": ((1,), ("vocab",)),
+}
+
+
+def fp8_weights(quantization) -> dict:
+    """The weights a quantization stores in FP8 (by name, as FP8_WEIGHTS)."""
+    if quantization == "fp8-head":
+        return {**FP8_WEIGHTS, **FP8_HEAD_WEIGHTS}
+    return FP8_WEIGHTS if quantization == "fp8" else {}
+
+
+def embedding_rows(table, ids, dtype):
+    """Rows `ids` of an embedding table in `dtype`: a 16-bit table's own, an FP8 one's widened
+    and scaled (a tied model's embedding under "fp8-head")."""
+    if not isinstance(table, Fp8):
+        return table[ids].astype(dtype)
+    return (table.q[ids].astype(jnp.float32) * table.scale[ids][:, None]).astype(dtype)
 
 
 def scale_of(path: str) -> str:
@@ -62,7 +84,8 @@ def scale_of(path: str) -> str:
 
 
 def is_scale(path: str) -> bool:
-    return path.rpartition("/")[2].startswith("s_w_")
+    name = path.rpartition("/")[2]
+    return name.startswith("s_") and name[2:] in {**FP8_WEIGHTS, **FP8_HEAD_WEIGHTS}
 
 
 def stored_order(ndim: int, contracted: tuple[int, ...]) -> list[int]:
