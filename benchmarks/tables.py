@@ -186,24 +186,28 @@ def fp8_speed() -> str:
     # the quantizations measured ("fp8"; "fp8-head": the LM head too), each with its speed-up
     quants = [q for q in ("fp8", "fp8-head") if any(r.get("impl") == f"jax-sp/{q}" for r in rows)]
     names = {"fp8": "FP8", "fp8-head": "FP8 + LM head"}
+    w8a8_run = any(r.get("impl") == "jax-sp/fp8/fp8_gemv=off" for r in rows)
     out = ["| | 16-bit, ms | " + " | ".join(f"{names[q]}, ms (speed-up)" for q in quants)
-           + " | FP8 W8A8 at every size, ms | " + " / ".join(names[q] for q in quants)
+           + (" | FP8 W8A8 at every size, ms" if w8a8_run else "") + " | "
+           + " / ".join(names[q] for q in quants)
            + ": of the copy bandwidth for the bytes a step reads |",
-           "| --- | --- | " + "--- | " * len(quants) + "--- | --- |"]
+           "| --- | --- | " + "--- | " * (len(quants) + w8a8_run) + "--- |"]
     for (bench, impl, batch), r in sorted(cell.items()):
         qs = [cell.get((bench, f"jax-sp/{q}", batch)) for q in quants]
-        if impl != "jax-sp" or None in qs:
+        if impl != "jax-sp" or not any(qs):
             continue
         w8a8 = cell.get((bench, "jax-sp/fp8/fp8_gemv=off", batch))
         key = "ms_per_token" if bench == "decode" else "median_ms"
         what = (f"decode batch {batch}, per token" if bench == "decode"
                 else f"prefill {batch}×{r['tokens']}")
         share = (" / ".join(f"{_read_bytes(q) / (q[key] / 1e3) / bandwidth * 100:.0f}%"
-                            for q in qs) if bench == "decode" else "")
-        off = f"{w8a8[key]:.2f}" if w8a8 else "(the same)"
+                            if q else "-" for q in qs) if bench == "decode" else "")
+        off = (f"{w8a8[key]:.2f}" if w8a8 else "(the same)" if bench == "prefill"
+               else "not run")
         out.append(f"| {what} | {r[key]:.2f} | "
-                   + " | ".join(f"{q[key]:.2f} ({r[key] / q[key]:.2f}×)" for q in qs)
-                   + f" | {off} | {share} |")
+                   + " | ".join(f"{q[key]:.2f} ({r[key] / q[key]:.2f}×)" if q else "not run"
+                                for q in qs)
+                   + (f" | {off}" if w8a8_run else "") + f" | {share} |")
     model = next(r["model"] for r in rows if "model" in r)
     out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
             f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "
