@@ -27,11 +27,9 @@ def test_vllm_layer_split():
 
 
 # every stage split with tp (pp 2 and 4; tp 1, 2 and 4), and every SP mode x boundary policy at
-# tp > 1 (twice each: on different splits); at tp 1 neither SP nor the policy changes anything
-SPLITS = [(4, 1, "off", "gather"),
-          (2, 2, "on", "scattered"), (2, 2, "off", "gather"),
-          (2, 4, "on", "gather"), (2, 4, "off", "scattered"),
-          (4, 2, "on", "scattered"), (4, 2, "off", "gather"), (4, 2, "on", "gather")]
+# tp > 1 (SP on with 4 stages too); at tp 1 neither SP nor the policy changes anything
+SPLITS = [(4, 1, "off", "gather"), (2, 2, "off", "gather"), (2, 4, "on", "gather"),
+          (2, 4, "off", "scattered"), (4, 2, "on", "scattered")]
 
 
 @pytest.mark.parametrize("pp,tp,sp,boundary", SPLITS)

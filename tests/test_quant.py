@@ -98,6 +98,9 @@ def test_an_fp8_head_gives_the_tokens_of_one_device_on_a_split_mesh(hf_models, k
     assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
             == [c.token_ids for c in one.generate(prompts, GREEDY)])
     np.testing.assert_array_equal(llm.embed(prompts[:1])[0], one.embed(prompts[:1])[0])
+    # every position's logits: 70 rows run the head W8A8 (through the ring with comm="ring")
+    for got, want in zip(llm.logits(prompts), one.logits(prompts)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     if model.config.tie_word_embeddings:  # the FP8 rows widened, not the 16-bit table
         assert not np.array_equal(one.embed(prompts[:1])[0],
                                   LLM.from_torch(model).embed(prompts[:1])[0])
