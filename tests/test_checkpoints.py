@@ -382,16 +382,18 @@ def test_a_changed_gguf_file_is_read_again_and_an_unwritable_cache_only_warns(
     np.testing.assert_array_equal(again, other)
 
 
-def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None):
-    """model saved in the common HF FP8 layout: each layer projection's weight in float8_e4m3fn
-    beside its weight_scale ([out, 1] per channel, or one per tensor) and a static input_scale;
-    returns the model with the weights those values dequantize to."""
+def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False):
+    """model saved in the common HF FP8 layout: each layer projection's weight (and with head
+    the LM head's) in float8_e4m3fn beside its weight_scale ([out, 1] per channel, or one per
+    tensor) and a static input_scale; returns the model with the weights those values
+    dequantize to."""
     from safetensors.torch import save_file
 
     model.save_pretrained(folder)
     state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
     exact = copy.deepcopy(model)
-    for key in [k for k in state if k.endswith("proj.weight")]:
+    for key in [k for k in state if k.endswith("proj.weight")
+                or (head and k == "lm_head.weight")]:
         w = state[key].float()
         amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
         scale = amax / 448.0
@@ -437,6 +439,21 @@ def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, per_channel,
         for layer in range(got.shape[0]):
             want = hf[f"model.layers.{layer}.{key}"].numpy()  # [D, F] / [D, N*H]
             np.testing.assert_array_equal(got[layer].reshape(want.shape), want)
+
+
+def test_an_fp8_lm_head_keeps_the_checkpoint_s_values_with_fp8_head(tmp_path):
+    """quantization="fp8-head" places an FP8 checkpoint's LM head with its own scales (split
+    over the vocabulary, 101 padded to 102 at tp 2): the head dequantizes to exactly what the
+    checkpoint's does."""
+    from jax_sp.train import unpadded_params
+
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    exact = _fp8_checkpoint(model, tmp_path, per_channel=True, head=True)
+    llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=2),
+                              quantization="fp8-head", progress=False)
+    params = unpadded_params(llm.runtime, llm.state)
+    got = params["head_dv"].astype(np.float32) * params["s_head_dv"][:, None]  # [V, D]
+    np.testing.assert_array_equal(got, exact.state_dict()["lm_head.weight"].numpy())
 
 
 def test_fp8_hf_checkpoint_without_a_scale_names_the_tensor(tmp_path):
