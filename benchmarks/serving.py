@@ -138,13 +138,15 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
             "generate_step_ms": gen_ms, "cache_len": engine.cache_len}
 
 
-def profile(llm, max_batch, steps_per_launch=4, steps=64):
+def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
     """Where the engine's step goes with every slot decoding: a jax.profiler trace (Python
     tracer on) of `steps` steps after a warm round, read per launch: the engine thread's time
     in each of its functions (`_launch` issues a launch, `_collect` reads the one before, and
     waits for it in `to_host`; `_plan` / `_apply` are the round's bookkeeping) and, on the
-    device, each executed program's time and the idle gaps between programs. The Python
-    tracer slows the host: its times are upper bounds."""
+    device, each executed program's time, the kernels' busy time and the idle gaps between
+    them. The Python tracer slows the host (its times are upper bounds, and it can open gaps
+    on the device that an untraced run does not have): `python_tracer=False` traces the
+    device alone."""
     import collections
     import glob
     import tempfile
@@ -163,7 +165,10 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64):
             with engine.hold():  # admitted together: every slot decodes from one step on
                 requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
             folder = tempfile.mkdtemp()
-            with (jax.profiler.trace(folder) if traced else contextlib.nullcontext()):
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = int(python_tracer)
+            with (jax.profiler.trace(folder, profiler_options=options) if traced
+                  else contextlib.nullcontext()):
                 t0 = time.perf_counter()
                 for r in requests:
                     r.result()
@@ -182,27 +187,47 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64):
                         or name == "to_host"):  # the engine thread's functions
                     host[name][0] += ev.duration_ns
                     host[name][1] += 1
-    modules, spans = collections.defaultdict(lambda: [0, 0]), []
+    modules, lines, kernels = collections.defaultdict(lambda: [0, 0]), {}, []
     for plane in data.planes:
         if not plane.name.startswith("/device:"):
             continue
         for line in plane.lines:
-            if line.name != "XLA Modules":
-                continue
-            for ev in line.events:
-                modules[ev.name][0] += ev.duration_ns
-                modules[ev.name][1] += 1
-                spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
-    spans.sort()
-    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
-    return {"steps_per_launch": steps_per_launch, "slots": engine.slots, "traced_wall_s": wall,
+            events = list(line.events)
+            lines[f"{plane.name} {line.name}"] = len(events)
+            if line.name == "XLA Modules":
+                for ev in events:
+                    modules[ev.name][0] += ev.duration_ns
+                    modules[ev.name][1] += 1
+            elif line.name.startswith("Stream") or line.name == "XLA Ops" and not any(
+                    n.startswith("Stream") for n in (x.name for x in plane.lines)):
+                kernels += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in events]
+    busy, idle, end = 0, [], None  # the union of the kernels' spans, and the gaps between
+    for a, b in sorted(kernels):
+        if end is not None and a > end:
+            idle.append(a - end)
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    span = (end - min(a for a, _ in kernels)) if kernels else 0
+    return {"steps_per_launch": steps_per_launch, "slots": engine.slots,
+            "python_tracer": python_tracer, "traced_wall_s": wall,
             "launches": launches,
             "host_ms_per_launch": {k: v[0] / 1e6 / max(launches, 1) for k, v in host.items()},
             "host_calls": {k: v[1] for k, v in host.items()},
+            "device_lines": lines,
             "device_modules": {k[:60]: {"ms_each": v[0] / 1e6 / v[1], "count": v[1]}
                                for k, v in modules.items()},
-            "device_gap_ms": {"count": len(gaps), "median": sorted(gaps)[len(gaps) // 2] / 1e6
-                              if gaps else None, "total": sum(gaps) / 1e6}}
+            # the device's kernels over the traced steps: busy and idle ms per launch, and the
+            # idle gaps of over 50 us (where the device waited for the host)
+            "device_busy_ms_per_launch": busy / 1e6 / max(launches, 1),
+            "device_span_ms_per_launch": span / 1e6 / max(launches, 1),
+            "device_idle_gaps_over_50us": {
+                "count": sum(g > 50e3 for g in idle),
+                "total_ms": sum(g for g in idle if g > 50e3) / 1e6,
+                "largest_ms": max(idle, default=0) / 1e6}}
 
 
 def slots_launcher(engine):
@@ -257,6 +282,8 @@ def main():
     ap.add_argument("--output-lens", default="16,256")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="the model's first N layers only (a profile's shorter load)")
     ap.add_argument("--tag", default="", help="file name suffix (a second workload)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps-per-launch", default="4",
@@ -289,6 +316,8 @@ def main():
         cfg = dataclasses.replace(cfg, num_layers=2, vocab_size=1024, hidden_size=64,
                                   intermediate_size=128, num_heads=4, num_kv_heads=2,
                                   head_dim=16)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"
     module = hf_module(cfg, args.dtype, device)
     plens = [int(x) for x in args.prompt_lens.split(",")]
@@ -305,7 +334,9 @@ def main():
     launches = [int(k) for k in args.steps_per_launch.split(",")]
     if args.profile:
         for k in launches:
-            res.emit({"bench": "profile", **profile(llm, args.max_batch, k)})
+            for python_tracer in (False, True):
+                res.emit({"bench": "profile", **profile(llm, args.max_batch, k,
+                                                        python_tracer=python_tracer)})
         return
     for k in launches:
         for temperature in [float(t) for t in args.temperatures.split(",")]:

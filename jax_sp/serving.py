@@ -9,8 +9,10 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
    bucket of its longest prompt; a longer prompt alone), one program per group that runs the
    forward (SP by `sp` as `generate` decides for that many tokens), samples each first token
    with its request's own settings and key, and writes the rows into their slots of the cache
-   in place. A pipeline prefills each request on its own through every stage (the runner's
-   prefill) and writes each stage's row into the slot;
+   in place. One process, one stage: the first tokens and keys stay on the device and are
+   written into the next launch's inputs there (`_join`), and read once that launch is issued,
+   so an admission never waits for the device. A pipeline prefills each request on its own
+   through every stage (the runner's prefill) and writes each stage's row into the slot;
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
@@ -261,6 +263,14 @@ def _merge(device_tokens, host_tokens, fresh):
     return jnp.where(fresh, host_tokens, device_tokens)
 
 
+def _join(tokens, keys, first, first_keys, slots):
+    """The next launch's tokens [B] and keys [B, 2] with an admission group's first tokens and
+    keys (as its program left them on the device) in its slots; a padding row's slot, past the
+    end, is dropped."""
+    return (tokens.at[slots].set(first.astype(tokens.dtype), mode="drop"),
+            keys.at[slots].set(first_keys.astype(keys.dtype), mode="drop"))
+
+
 def _insert(cache: KVCache, rows: KVCache, slot):
     """Row 0 of a prefill's cache into slot `slot` of the engine's (in place: donated; a
     prefill's cache longer than the engine's, its bucket's, holds only padding past it)."""
@@ -317,6 +327,12 @@ class Engine:
         self._tokens = None  # the last launched step's tokens, on the device
         self._inflight = None  # (tokens, the slots' requests) of a step launched, not yet read
         self._merge = jax.jit(_merge)
+        self._join = jax.jit(_join)
+        # admission groups whose first tokens stay on the device (one stage, one process):
+        # joined into the next launch's inputs there, then read after the previous launch's
+        # tokens, so no admission waits for the device before that launch is issued
+        self._joining: list[tuple] = []  # (group, first tokens, keys, logprobs, slots) to join
+        self._welcoming: list[tuple] = []  # joined into the launch just issued, to be read
         # one step launched ahead of the host needs the tokens to stay on one stage's devices
         # of one process; pipelines and multi-process jobs read each step before the next
         self._ahead = len(stages) == 1 and jax.process_count() == 1
@@ -429,6 +445,7 @@ class Engine:
             if self._ahead:  # read the previous step while this one runs
                 self._guard(self._collect)
                 self._inflight = launched
+                self._guard(self._welcome)  # the first tokens of this launch's admissions
             else:  # read this step now: the next one takes its tokens from the host
                 self._inflight = launched
                 self._guard(self._collect)
@@ -445,6 +462,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
             self._inflight = self._tokens = None
             self._rows = [None] * len(self._rows)
+            self._joining, self._welcoming = [], []
             for slot, r in enumerate(self.active):
                 if r is not None:
                     r._finish(e)
@@ -507,20 +525,24 @@ class Engine:
         for group in groups:
             try:
                 if len(self.runner.stages) == 1:
-                    self._prefill_group(group)
+                    joined = self._prefill_group(group)
                 else:
-                    self._prefill(*group[0])
+                    joined = self._prefill(*group[0])
             except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
                 for request, _ in group:
                     request._finish(e)
                 continue
             for request, slot in group:
-                if not self._ended(request, slot):
+                # a request joined on the device gets its first token (which may end it) once
+                # the launch that takes it is issued (`_welcome`)
+                if joined or not self._ended(request, slot):
                     self.active[slot] = request
 
-    def _prefill_group(self, group: list):
+    def _prefill_group(self, group: list) -> bool:
         """One stage: the prefill of these (request, slot) pairs as one batch, their cache rows
-        written into their slots and each first token sampled with its own settings."""
+        written into their slots and each first token sampled with its own settings. Launched
+        ahead (one process), the first tokens and keys stay on the device, to be joined into
+        the next launch (returns True); else they are read here and seated (False)."""
         st = self.runner.stages[0]
         job = self.runner.batch([np.array(r.prompt, np.int32) for r, _ in group], 1, False)
         pad = job.batch - len(group)
@@ -537,24 +559,51 @@ class Engine:
         (tokens, keys, *extra), self.caches[0] = st.programs.run(
             "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs), static,
             args, variant=(self.cache_len, logprobs))
+        self.prefill_sizes[len(group)] += 1
+        if self._ahead:
+            for request, slot in group:
+                self._seat_rows(request, slot)
+            self._joining.append((group, tokens, keys, extra, args[4]))
+            return True
         tokens, keys = to_host(tokens), to_host(keys)
         extra = [to_host(x)[0] for x in extra]  # [B], [B, K], [B, K]
-        self.prefill_sizes[len(group)] += 1
         for i, (request, slot) in enumerate(group):
             self._seat(request, slot, int(tokens[i]), keys[i],
                        [x[i] for x in extra] if extra else None)
+        return False
+
+    def _welcome(self):
+        """The first tokens of the admission groups joined into the launch just issued (their
+        prefills ran before it): each emitted, the keys kept on the host for the rows' next
+        put; a request its first token ends frees its slot (its tokens of that launch are
+        dropped)."""
+        welcoming, self._welcoming = self._welcoming, []
+        for group, tokens, keys, extra, _ in welcoming:
+            tokens, keys = to_host(tokens), to_host(keys)
+            extra = [to_host(x)[0] for x in extra]  # [B], [B, K], [B, K]
+            for i, (request, slot) in enumerate(group):
+                if self.active[slot] is not request:
+                    continue
+                self.tokens[slot], self.keys[slot] = tokens[i], keys[i]
+                request._emit(int(tokens[i]), [x[i] for x in extra] if extra else None)
+                self._ended(request, slot)
 
     def _seat(self, request: Request, slot: int, first: int, key, logprobs=None):
         """A prefilled request into its slot's host rows (its first token, position, step, key
         and settings), to be put before the next launch; the first token emitted."""
+        self._seat_rows(request, slot)
+        self.tokens[slot], self.keys[slot] = first, key
+        self._fresh[slot] = True
+        request._emit(first, logprobs)
+
+    def _seat_rows(self, request: Request, slot: int):
+        """A prefilled request's position, step and settings into its slot's host rows, to be
+        put before the next launch."""
         s = request.sampling
-        self.tokens[slot], self.pos[slot], self.step[slot] = first, len(request.prompt), 1
-        self.keys[slot] = key
+        self.pos[slot], self.step[slot] = len(request.prompt), 1
         self.temperature[slot] = s.temperature
         self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
-        self._fresh[slot] = True
         self._rows = [None] * len(self._rows)  # put again before the next step
-        request._emit(first, logprobs)
 
     def _admit_static(self, b: int, t: int) -> Static:
         """The admission program's settings for a [b, t] group: SP as `generate` decides for
@@ -583,6 +632,7 @@ class Engine:
 
         before = st.programs.total_compile_s()
         seed = np.asarray(SamplingParams().key_seed()).dtype
+        joined = set()
         for t in sorted({bucket(n, tp) for n in range(1, self.llm.max_seq_len)}):
             n = 1
             while n <= self.slots and (n == 1 or round_up(n, self.runner.row_unit) * t
@@ -595,6 +645,12 @@ class Engine:
                     "admit", lambda s=static: admit_fn(rt, s, self.cache_len), static,
                     (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
                     variant=(self.cache_len, False))
+                if self._ahead and b not in joined:  # its first tokens' join into a launch
+                    joined.add(b)
+                    host = (np.zeros(self.slots, np.int32), np.zeros((self.slots, 2), np.uint32),
+                            np.zeros(b, np.int32), np.zeros((b, 2), np.uint32),
+                            np.full(b, self.slots, np.int32))
+                    jax.block_until_ready(self._join(*self.runner.put(0, host)))
                 n *= 2
         b, k = self.slots, self.steps_per_launch
         for static in self.statics.values():
@@ -606,7 +662,7 @@ class Engine:
                 variant=(k, False))
         return st.programs.total_compile_s() - before
 
-    def _prefill(self, request: Request, slot: int):
+    def _prefill(self, request: Request, slot: int) -> bool:
         """A pipeline: the request's prefill on its own (the runner's: every stage, SP as
         `generate` decides), each stage's cache row written into the slot."""
         job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
@@ -616,6 +672,7 @@ class Engine:
         for i, rows in enumerate(run.caches):
             self.caches[i] = self._insert(self.caches[i], rows[0], np.int32(slot))
         self._seat(request, slot, int(to_host(run.tokens[0])[0]), to_host(run.keys[-1][0])[0])
+        return False
 
     def _ended(self, request: Request, slot: int) -> bool:
         """Finish `request` if its last token ends it; frees its slot."""
@@ -651,6 +708,10 @@ class Engine:
                 self._rows[i] = put(i, self.pos, self.keys, self.step, self.temperature,
                                     self.top_k, self.top_p)
             pos, keys, step, temperature, top_k, top_p = self._rows[i]
+            for joining in self._joining:  # one stage: first tokens and keys from the device
+                _, first, first_keys, _, slots = joining
+                x, keys = self._join(x, keys, first, first_keys, slots)
+            self._welcoming, self._joining = self._welcoming + self._joining, []
             args = (st.state, self.caches[i], x, pos, keys, step, temperature, top_k, top_p)
             x, self.caches[i], pos, step = st.programs.run(
                 "slots_step", lambda: slots_step_fn(st.runtime, static,  # noqa: B023

@@ -93,6 +93,31 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
     assert long_ids == alone(llm, long_prompt, long_s)  # the join changed none of its tokens
 
 
+def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
+    """A request joins a running batch with its first token still on the device; when that token
+    is a stop id (or max_new_tokens is 1) the request ends with it alone, and the next request
+    takes the slot; the running request's tokens do not change."""
+    _, llm = tiny
+    long_prompt, stopped, one, after = random_prompts(llm.cfg.vocab_size, (13, 7, 4, 9), seed=8)
+    long_s = SamplingParams(max_new_tokens=40, stop_token_ids=())
+    first = alone(llm, stopped, SamplingParams(max_new_tokens=1, stop_token_ids=()))[0]
+    stop_s = SamplingParams(max_new_tokens=10, stop_token_ids=(first,))
+    one_s = SamplingParams(max_new_tokens=1, stop_token_ids=())
+    after_s = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    with Engine(llm, max_batch=2, steps_per_launch=4) as engine:  # one slot beside the long one
+        long_r = engine.submit(long_prompt, long_s)
+        tokens = iter(long_r)
+        next(tokens)  # the long one is decoding
+        requests = [engine.submit(p, s) for p, s in ((stopped, stop_s), (one, one_s),
+                                                     (after, after_s))]
+        got = [r.result(timeout=120) for r in requests]
+        assert not long_r.done
+        long_ids = long_r.result(timeout=120)
+    assert got == [[first], alone(llm, one, one_s), alone(llm, after, after_s)]
+    assert [r.finish_reason for r in requests] == ["stop", "length", "length"]
+    assert long_ids == alone(llm, long_prompt, long_s)
+
+
 def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
     _, llm = tiny
     prompt, *others = random_prompts(llm.cfg.vocab_size, (8, 13, 4, 21), seed=7)
