@@ -47,12 +47,13 @@ def pct(values, q):
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048):
+def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048,
+               prefill_chunk=2048):
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
 
     with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch,
-                max_prefill_tokens=max_prefill_tokens) as engine:
+                max_prefill_tokens=max_prefill_tokens, prefill_chunk=prefill_chunk) as engine:
         engine.warm()  # every admission shape: none compiles inside the measured run
         steps0 = engine.steps
         start, requests = time.perf_counter(), []
@@ -291,6 +292,9 @@ def main():
     ap.add_argument("--max-prefill-tokens", default="2048",
                     help="Engine(max_prefill_tokens=...), one or more (comma-separated; 1: "
                          "each request prefilled alone)")
+    ap.add_argument("--prefill-chunk", default="2048",
+                    help="Engine(prefill_chunk=...), one or more (comma-separated; 0: every "
+                         "prompt whole)")
     ap.add_argument("--temperatures", default="0",
                     help="the limits' requests at each of these temperatures (above 0: sampled "
                          "with top-k 50 and top-p 0.9, the engine's sampling form; 0: greedy)")
@@ -348,16 +352,18 @@ def main():
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)
         budgets = [int(b) for b in args.max_prefill_tokens.split(",")]
-        modes = [("continuous", k, b, functools.partial(continuous, steps_per_launch=k,
-                                                        max_prefill_tokens=b))
-                 for k in launches for b in budgets] + [("static", None, None, static)]
-        for mode, k, budget, run in modes:
+        chunks = [int(c) or None for c in args.prefill_chunk.split(",")]
+        modes = [("continuous", k, b, c, functools.partial(
+                     continuous, steps_per_launch=k, max_prefill_tokens=b, prefill_chunk=c))
+                 for k in launches for b in budgets for c in chunks]
+        modes.append(("static", None, None, None, static))
+        for mode, k, budget, chunk, run in modes:
             run(llm, jobs, args.max_batch)  # compiles every shape this workload meets
             c0 = llm.runner.compile_s()
             r = run(llm, jobs, args.max_batch)
             r["compile_s"] = llm.runner.compile_s() - c0  # shapes the warm run did not meet
             res.emit({"bench": "serving", "mode": mode, "steps_per_launch": k,
-                      "max_prefill_tokens": budget, "rate": rate,
+                      "max_prefill_tokens": budget, "prefill_chunk": chunk, "rate": rate,
                       "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
                       "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
                       "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),

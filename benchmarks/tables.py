@@ -538,6 +538,9 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
         if r["mode"] == "continuous" and budget is not None:
             mode += (", each prefill alone" if budget == 1 else
                      f", prefills together up to {budget} tokens")
+        if r["mode"] == "continuous" and "prefill_chunk" in r:
+            chunk = r["prefill_chunk"]
+            mode += f", chunks of {chunk}" if chunk else ", prompts whole"
         out.append(f"| {r['rate']:g} | {mode} | {r['tokens_per_s']:.0f} | "
                    f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
                    f"{r['tpot_p50_s'] * 1e3:.1f} / {r['tpot_p99_s'] * 1e3:.1f} | "

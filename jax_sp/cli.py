@@ -31,6 +31,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _chunk(text: str) -> int:
+    """argparse type: 0 (no chunked prefill) or at least the smallest compile bucket."""
+    from jax_sp.runner import MIN_BUCKET
+
+    value = int(text)
+    if value != 0 and value < MIN_BUCKET:
+        raise argparse.ArgumentTypeError(f"must be 0 (prompts prefilled whole) or at least "
+                                         f"{MIN_BUCKET} tokens, got {text}")
+    return value
+
+
 def _inspect(args) -> int:
     ensure_devices(args.tp * args.pp)
     if args.tokens % args.tp:  # as the engine buckets a forward
@@ -121,7 +132,8 @@ def _serve(args) -> int:
         from jax_sp.serving import Engine
 
         engine = Engine(llm, max_batch=args.max_batch, steps_per_launch=args.steps_per_launch,
-                        max_prefill_tokens=args.max_prefill_tokens)
+                        max_prefill_tokens=args.max_prefill_tokens,
+                        prefill_chunk=args.prefill_chunk or None)
         if args.warm:
             engine.warm()
         engine.join()
@@ -131,7 +143,7 @@ def _serve(args) -> int:
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({parallel.describe()}, "
           f"{args.max_batch} slots{hosts})", flush=True)
     serve(llm, args.host, args.port, args.max_batch, name, args.steps_per_launch,
-          args.max_prefill_tokens, args.warm)
+          args.max_prefill_tokens, args.warm, args.prefill_chunk or None)
     return 0
 
 
@@ -271,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-prefill-tokens", type=_positive, default=2048,
                      help="admissions prefilled together up to this many padded tokens "
                           "(one stage; a longer prompt alone)")
+    srv.add_argument("--prefill-chunk", type=_chunk, default=2048,
+                     help="a prompt longer than this many tokens is prefilled in chunks of it, "
+                          "one a round while the other slots decode (one stage; 0: whole)")
     srv.add_argument("--warm", action="store_true",
                      help="compile every admission shape and the decode launch before serving "
                           "(else each is compiled when first met, inside a request's latency)")

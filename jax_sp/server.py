@@ -228,10 +228,11 @@ class Server:
 
 
 def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
-               max_batch: int = 8, steps_per_launch: int = 4, max_prefill_tokens: int = 2048):
+               max_batch: int = 8, steps_per_launch: int = 4, max_prefill_tokens: int = 2048,
+               prefill_chunk: int | None = 2048):
     """The Starlette app serving `llm` (an engine of max_batch slots, steps_per_launch decode
-    steps a launch and admissions prefilled together up to max_prefill_tokens, unless one is
-    given)."""
+    steps a launch, admissions prefilled together up to max_prefill_tokens and prompts longer
+    than prefill_chunk in chunks, unless one is given)."""
     from starlette.applications import Starlette
     from starlette.requests import Request as HttpRequest
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -239,7 +240,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
 
     server = Server(llm, engine or Engine(llm, max_batch=max_batch,
                                           steps_per_launch=steps_per_launch,
-                                          max_prefill_tokens=max_prefill_tokens), model_name)
+                                          max_prefill_tokens=max_prefill_tokens,
+                                          prefill_chunk=prefill_chunk), model_name)
 
     async def health(_):
         return JSONResponse({"status": "ok"})
@@ -323,7 +325,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
 
 def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
           model_name: str = "jax-sp", steps_per_launch: int = 4,
-          max_prefill_tokens: int = 2048, warm: bool = False):
+          max_prefill_tokens: int = 2048, warm: bool = False,
+          prefill_chunk: int | None = 2048):
     """Serve until SIGTERM / Ctrl-C (in-flight requests drain first), then return: uvicorn
     re-raises the signal after its graceful shutdown, which would end the process before a
     multi-process job's other processes are let go (jax.distributed's shutdown at exit)."""
@@ -343,7 +346,7 @@ def serve(llm, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 8,
                     signal.signal(sig, handler)
 
     engine = Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch,
-                    max_prefill_tokens=max_prefill_tokens)
+                    max_prefill_tokens=max_prefill_tokens, prefill_chunk=prefill_chunk)
     if warm:  # before the port opens
         engine.warm()
     app = create_app(llm, engine, model_name=model_name)

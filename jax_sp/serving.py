@@ -11,8 +11,11 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
    with its request's own settings and key, and writes the rows into their slots of the cache
    in place. One process, one stage: the first tokens and keys stay on the device and are
    written into the next launch's inputs there (`_join`), and read once that launch is issued,
-   so an admission never waits for the device. A pipeline prefills each request on its own
-   through every stage (the runner's prefill) and writes each stage's row into the slot;
+   so an admission never waits for the device. A prompt longer than `prefill_chunk` (one
+   stage) is prefilled in chunks, one a round into its held slot (`extend_fn` after the
+   first), while the other slots decode; its last chunk seats it as an admission. A pipeline
+   prefills each request on its own through every stage (the runner's prefill) and writes
+   each stage's row into the slot;
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,
@@ -39,8 +42,7 @@ Multi-process (jax.distributed): every round, process 0 makes the plan (cancella
 admissions with each request's prompt and settings, stop) and broadcasts it; every process
 applies it and runs the same programs, so the others follow process 0's schedule and only
 process 0 takes requests. Stop strings are met on the decoded text by the HTTP server
-(jax_sp/server.py). Not yet: chunked prefill of long prompts (an admission's prefill runs
-between two launches, so the running slots wait for it).
+(jax_sp/server.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ import numpy as np
 
 from jax_sp.config import MAX_LOGPROBS, SamplingParams
 from jax_sp.generate import Static, _forward, _logits
-from jax_sp.runner import bucket, pow2_at_least
+from jax_sp.runner import MIN_BUCKET, bucket, pow2_at_least
 from jax_sp.runtime import round_up, to_host
 from jax_sp.sampling import row_keys, sample_rows, token_logprobs
 from models.cache import KVCache
@@ -242,6 +244,60 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
     return run
 
 
+def extend_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
+    """(state, cache, tokens_bt, start_b, kv_len_b, slots_b, seeds_b, temperature_b, top_k_b,
+    top_p_b) -> ((tokens [B], keys [B, 2], logprobs...), cache): one chunk of a long prompt's
+    prefill (chunked prefill). Row i's T tokens sit at positions start_b[i].. of slot
+    slots_b[i] and attend over what the earlier chunks left in that slot's cache row and over
+    themselves; the rows are written back in place (donated; a padding row's slot, past the
+    end, is dropped). kv_len_b: start plus the chunk's real tokens. Each row's token is
+    sampled after its last real token as `admit_fn` samples a first token: on a prompt's last
+    chunk it is the request's first."""
+    def run(state, cache, tokens_bt, start_b, kv_len_b, slots_b, seeds_b, temperature_b,
+            top_k_b, top_p_b):
+        b, t = tokens_bt.shape
+        positions_bt = start_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        rows = jnp.arange(b) * t + kv_len_b - start_b - 1  # each chunk's last real token
+        slots = jnp.minimum(slots_b, cache.k.shape[1] - 1)  # padding rows read a real one
+
+        def take(big):  # the rows' cache, with room past the end for a padded chunk's keys
+            return jnp.pad(big[:, slots], ((0, 0), (0, 0), (0, t), (0, 0), (0, 0)))
+        out = _forward(rt, st, state, KVCache(take(cache.k), take(cache.v)), positions_bt,
+                       kv_len_b, rows, tokens_bt=tokens_bt)
+        keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
+        logits = _logits(rt, out)
+        token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
+                            top_p_b, sampled=True)
+        extra = (tuple(x[None] for x in token_logprobs(
+            logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
+
+        def put(big, small):
+            big = big.at[:, slots_b].set(small[:, :, :cache_len].astype(big.dtype), mode="drop")
+            return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
+
+        every = rt.sharding_of(())
+        return (tuple(jax.lax.with_sharding_constraint(x, every)
+                      for x in (token, keys_b, *extra)),
+                KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
+    return run
+
+
+def chunk_size(prefill_chunk: int) -> int:
+    """The tokens of a long prompt's chunk: the largest power of two within `prefill_chunk`
+    (>= MIN_BUCKET), so that a chunk fills its compile bucket (jax_sp.runner.bucket) but for
+    the rounding to a multiple of tp."""
+    return 1 << (prefill_chunk.bit_length() - 1)
+
+
+@dataclasses.dataclass
+class _Chunked:
+    """A request whose prompt is prefilled in chunks into its reserved slot."""
+
+    request: Request
+    slot: int
+    done: int = 0  # prompt tokens prefilled so far
+
+
 def prefill_groups(lengths: list[int], budget: int, tp: int, unit: int = 1) -> list[list[int]]:
     """Indices of prompts of these lengths in prefill groups: sorted by length, a group grows
     while its padded size (its row count rounded up to a power of two and to a multiple of
@@ -283,12 +339,16 @@ class Engine:
     """Continuous batching over an LLM's compiled programs (see the module docstring)."""
 
     def __init__(self, llm, max_batch: int = 8, steps_per_launch: int = 4,
-                 max_prefill_tokens: int = 2048):
+                 max_prefill_tokens: int = 2048, prefill_chunk: int | None = 2048):
         runner = llm.runner
         for name, value in (("max_batch", max_batch), ("steps_per_launch", steps_per_launch),
                             ("max_prefill_tokens", max_prefill_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or not isinstance(
+                prefill_chunk, int) or prefill_chunk < MIN_BUCKET):
+            raise ValueError(f"prefill_chunk must be an integer of at least {MIN_BUCKET} tokens "
+                             f"(or None: every prompt prefilled whole), got {prefill_chunk!r}")
         if llm.parallel.cfg > 1:
             raise ValueError("the serving engine runs without classifier-free guidance: build "
                              "the LLM with ParallelConfig(cfg=1) to serve it")
@@ -342,6 +402,12 @@ class Engine:
         self.steps_per_launch = steps_per_launch if len(stages) == 1 else 1
         # admissions prefilled together up to this many padded tokens (one stage)
         self.max_prefill_tokens = max_prefill_tokens
+        # one stage: a prompt longer than this is prefilled in chunks of it, one chunk a round
+        # while the other slots decode (None: whole; pipelines prefill whole)
+        self.chunk = (chunk_size(prefill_chunk)
+                      if prefill_chunk is not None and len(stages) == 1 else None)
+        self._chunking: list[_Chunked] = []  # in order: the first gets a chunk each round
+        self.chunks = 0  # prefill chunks run
         self.prefill_sizes: collections.Counter = collections.Counter()  # group size -> count
         self._held = 0  # hold(): no admissions while > 0
         self.waiting: queue.Queue = queue.Queue()
@@ -411,13 +477,14 @@ class Engine:
         (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
         on process 0: the others stop with it."""
         if drain:
-            while not self.waiting.empty() or any(self.active):
+            while not self.waiting.empty() or any(self.active) or self._chunking:
                 time.sleep(0.005)
         self._stop = True
         with self._wake:
             self._wake.notify()
         self._thread.join()
-        for r in [r for r in self.active if r is not None] + list(self.waiting.queue):
+        for r in ([r for r in self.active if r is not None] + list(self.waiting.queue)
+                  + [job.request for job in self._chunking]):
             r._finish("abort")
 
     def __enter__(self):
@@ -449,7 +516,8 @@ class Engine:
             else:  # read this step now: the next one takes its tokens from the host
                 self._inflight = launched
                 self._guard(self._collect)
-            if launched is None and not any(self.active) and self.leader and not plan["admit"]:
+            if (launched is None and not any(self.active) and self.leader and not plan["admit"]
+                    and not self._chunking):
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
                     self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
@@ -467,14 +535,20 @@ class Engine:
                 if r is not None:
                     r._finish(e)
                     self.active[slot] = None
+            for job in self._chunking:  # their cache rows went with the failed program's
+                job.request._finish(e)
+            self._chunking = []
             return None
 
     def _plan(self) -> dict:
         """Process 0's decisions for this round, as plain data."""
-        running = {r.id for r in self.active if r is not None}
+        running = ({r.id for r in self.active if r is not None}
+                   | {job.request.id for job in self._chunking})
         cancel = {rid: self._cancelled.pop(rid) for rid in list(self._cancelled)
                   if rid in running}
-        free = [slot for slot, r in enumerate(self.active) if r is None or r.id in cancel]
+        reserved = {job.slot for job in self._chunking}  # prefilling in chunks
+        free = [slot for slot, r in enumerate(self.active)
+                if (r is None or r.id in cancel) and slot not in reserved]
         admit = []
         while free and not self._held and not self.waiting.empty():
             request = self.waiting.get()
@@ -505,6 +579,9 @@ class Engine:
             if r is not None and r.id in cancel:
                 r._finish(cancel[r.id])
                 self.active[slot] = None
+        for job in [job for job in self._chunking if job.request.id in cancel]:
+            job.request._finish(cancel[job.request.id])
+            self._chunking.remove(job)
         admitted = []
         for a in plan["admit"]:
             request = self._pending.pop(a["id"], None)
@@ -515,6 +592,13 @@ class Engine:
                 request = Request(a["id"], a["prompt"], SamplingParams(**fields),
                                   tuple(a["stop_ids"]))
             admitted.append((request, a["slot"]))
+        if self.chunk is not None:  # long prompts: a chunk a round, their slots reserved
+            for request, slot in [a for a in admitted if len(a[0].prompt) > self.chunk]:
+                self._chunking.append(_Chunked(request, slot))
+                self._seat_rows(request, slot)  # its slot's decode writes past the prompt
+            admitted = [a for a in admitted if len(a[0].prompt) <= self.chunk]
+            if self._chunking:
+                self._next_chunk()
         if len(self.runner.stages) == 1:
             groups = prefill_groups([len(r.prompt) for r, _ in admitted],
                                     self.max_prefill_tokens, self.llm.parallel.tp,
@@ -538,32 +622,52 @@ class Engine:
                 if joined or not self._ended(request, slot):
                     self.active[slot] = request
 
-    def _prefill_group(self, group: list) -> bool:
+    def _prefill_group(self, group: list, chunk: list | None = None,
+                       start: int | None = None) -> bool | None:
         """One stage: the prefill of these (request, slot) pairs as one batch, their cache rows
         written into their slots and each first token sampled with its own settings. Launched
         ahead (one process), the first tokens and keys stay on the device, to be joined into
-        the next launch (returns True); else they are read here and seated (False)."""
+        the next launch (returns True); else they are read here and seated (False).
+        chunk: one request's tokens from prompt position `start` (chunked prefill): the first
+        chunk (start 0) is a fresh prefill into the slot, a later one extends the slot's cache
+        row (`extend_fn`); a chunk that does not end its prompt only runs (returns None)."""
         st = self.runner.stages[0]
-        job = self.runner.batch([np.array(r.prompt, np.int32) for r, _ in group], 1, False)
+        prompts = [r.prompt for r, _ in group] if chunk is None else [chunk]
+        job = self.runner.batch([np.array(p, np.int32) for p in prompts], 1, False)
         pad = job.batch - len(group)
         slots = np.array([slot for _, slot in group] + [self.slots] * pad, np.int32)
         settings = [r.sampling for r, _ in group] + [SamplingParams()] * pad
-        host = (job.inputs, job.kv_len, slots,
+        starts = np.zeros(job.batch, np.int32)
+        starts[:len(group)] = start or 0
+        host = (job.inputs, job.kv_len + starts, slots,
                 np.array([s.key_seed() for s in settings]),
                 np.array([s.temperature for s in settings], np.float32),
                 np.array([s.top_k for s in settings], np.int32),
                 np.array([s.top_p for s in settings], np.float32))
-        args = (st.state, self.caches[0], *self.runner.put(0, host))
+        ends = chunk is None or start + len(chunk) == len(group[0][0].prompt)
         static = self._admit_static(*job.inputs.shape)
-        logprobs = any(r.sampling.logprobs is not None for r, _ in group)
-        (tokens, keys, *extra), self.caches[0] = st.programs.run(
-            "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs), static,
-            args, variant=(self.cache_len, logprobs))
-        self.prefill_sizes[len(group)] += 1
+        logprobs = ends and any(r.sampling.logprobs is not None for r, _ in group)
+        if start:  # a later chunk of a long prompt: over what the earlier chunks left
+            args = (st.state, self.caches[0], *self.runner.put(0, (host[0], starts, *host[1:])))
+            (tokens, keys, *extra), self.caches[0] = st.programs.run(
+                "extend", lambda: extend_fn(st.runtime, static, self.cache_len, logprobs),
+                static, args, variant=(self.cache_len, logprobs))
+        else:
+            args = (st.state, self.caches[0], *self.runner.put(0, host))
+            (tokens, keys, *extra), self.caches[0] = st.programs.run(
+                "admit", lambda: admit_fn(st.runtime, static, self.cache_len, logprobs),
+                static, args, variant=(self.cache_len, logprobs))
+        slots_dev = args[-5]
+        if chunk is None:
+            self.prefill_sizes[len(group)] += 1
+        else:
+            self.chunks += 1
+        if not ends:
+            return None
         if self._ahead:
             for request, slot in group:
                 self._seat_rows(request, slot)
-            self._joining.append((group, tokens, keys, extra, args[4]))
+            self._joining.append((group, tokens, keys, extra, slots_dev))
             return True
         tokens, keys = to_host(tokens), to_host(keys)
         extra = [to_host(x)[0] for x in extra]  # [B], [B, K], [B, K]
@@ -571,6 +675,25 @@ class Engine:
             self._seat(request, slot, int(tokens[i]), keys[i],
                        [x[i] for x in extra] if extra else None)
         return False
+
+    def _next_chunk(self):
+        """The next chunk of the first request prefilled in chunks (one chunk a round, while
+        the other slots decode); its last chunk seats it as an admission does."""
+        job = self._chunking[0]
+        request = job.request
+        piece = request.prompt[job.done:job.done + self.chunk]
+        try:
+            joined = self._prefill_group([(request, job.slot)], piece, job.done)
+        except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            self._chunking.pop(0)
+            request._finish(e)
+            return
+        job.done += len(piece)
+        if joined is None:  # more chunks to come
+            return
+        self._chunking.pop(0)
+        if joined or not self._ended(request, job.slot):
+            self.active[job.slot] = request
 
     def _welcome(self):
         """The first tokens of the admission groups joined into the launch just issued (their
@@ -633,7 +756,19 @@ class Engine:
         before = st.programs.total_compile_s()
         seed = np.asarray(SamplingParams().key_seed()).dtype
         joined = set()
+        chunked = self.chunk is not None and self.chunk < self.llm.max_seq_len - 1
         for t in sorted({bucket(n, tp) for n in range(1, self.llm.max_seq_len)}):
+            if chunked and t > bucket(self.chunk, tp):  # such prompts come in chunks
+                break
+            if chunked:
+                b = self.runner.row_unit  # a later chunk of a long prompt (its last: t)
+                rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, jnp.int32, seed,
+                                                jnp.float32, jnp.int32, jnp.float32)]
+                static = self._admit_static(b, t)
+                st.programs.compile(
+                    "extend", lambda s=static: extend_fn(rt, s, self.cache_len), static,
+                    (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
+                    variant=(self.cache_len, False))
             n = 1
             while n <= self.slots and (n == 1 or round_up(n, self.runner.row_unit) * t
                                        <= self.max_prefill_tokens):

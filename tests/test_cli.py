@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from jax_sp.cli import build_parser
 
 
@@ -18,3 +20,15 @@ def test_every_option_has_help_with_its_default():
                 assert "(default: %(default)s)" in formatter._get_help_string(action), (
                     name, action.dest)
         parser.format_help()  # every help string formats
+
+
+def test_serve_s_prefill_chunk_takes_0_or_a_bucket_s_worth_of_tokens(capsys):
+    parser = build_parser()
+    base = ["serve", "--model", "smollm2"]
+    assert parser.parse_args(base).prefill_chunk == 2048
+    assert parser.parse_args(base + ["--prefill-chunk", "0"]).prefill_chunk == 0
+    assert parser.parse_args(base + ["--prefill-chunk", "512"]).prefill_chunk == 512
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(base + ["--prefill-chunk", "8"])
+    assert exit_.value.code == 2
+    assert "must be 0 (prompts prefilled whole) or at least 16 tokens" in capsys.readouterr().err

