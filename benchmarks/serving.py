@@ -73,6 +73,7 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
             for r in requests if len(r.token_ids) > 1]
     return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
             "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
+            "prefill_chunks": engine.chunks,
             "prefill_groups": {str(k): v for k, v in sorted(engine.prefill_sizes.items())}}
 
 
@@ -369,6 +370,7 @@ def main():
                       "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),
                       "occupancy": r["occupancy"], "seconds": r["seconds"],
                       "prefill_groups": r.get("prefill_groups"),
+                      "prefill_chunks": r.get("prefill_chunks"),
                       "compile_s_inside": r["compile_s"]})
 
 

@@ -284,8 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="admissions prefilled together up to this many padded tokens "
                           "(one stage; a longer prompt alone)")
     srv.add_argument("--prefill-chunk", type=_chunk, default=2048,
-                     help="a prompt longer than this many tokens is prefilled in chunks of it, "
-                          "one a round while the other slots decode (one stage; 0: whole)")
+                     help="a prompt longer than the largest power of two within this is "
+                          "prefilled in chunks of it, one a round while the other slots decode "
+                          "(one stage; 0: every prompt whole)")
     srv.add_argument("--warm", action="store_true",
                      help="compile every admission shape and the decode launch before serving "
                           "(else each is compiled when first met, inside a request's latency)")

@@ -215,8 +215,7 @@ class Server:
         lines = []
         for name, value in self.counters.items():
             lines += [f"# TYPE jax_sp_{name}_total counter", f"jax_sp_{name}_total {value}"]
-        gauges = {"queue": self.engine.waiting.qsize(),
-                  "running": sum(r is not None for r in self.engine.active),
+        gauges = {"queue": self.engine.queued, "running": self.engine.running,
                   "slots": self.engine.slots}
         for name, value in gauges.items():
             lines += [f"# TYPE jax_sp_{name} gauge", f"jax_sp_{name} {value}"]

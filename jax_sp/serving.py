@@ -11,9 +11,10 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
    with its request's own settings and key, and writes the rows into their slots of the cache
    in place. One process, one stage: the first tokens and keys stay on the device and are
    written into the next launch's inputs there (`_join`), and read once that launch is issued,
-   so an admission never waits for the device. A prompt longer than `prefill_chunk` (one
-   stage) is prefilled in chunks, one a round into its held slot (`extend_fn` after the
-   first), while the other slots decode; its last chunk seats it as an admission. A pipeline
+   so an admission never waits for the device. A prompt longer than a chunk (the largest
+   power of two within `prefill_chunk`; one stage) is prefilled in chunks, one a round into
+   its held slot (`extend_fn` after the first), while the other slots decode; its last chunk
+   seats it as an admission (one such prompt at a time: the next waits without a slot). A
    prefills each request on its own through every stage (the runner's prefill) and writes
    each stage's row into the slot;
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
@@ -313,12 +314,6 @@ def prefill_groups(lengths: list[int], budget: int, tp: int, unit: int = 1) -> l
     return groups
 
 
-def _merge(device_tokens, host_tokens, fresh):
-    """The next step's input tokens: the last step's on the device, a fresh slot's (its first
-    token, sampled by its prefill) from the host."""
-    return jnp.where(fresh, host_tokens, device_tokens)
-
-
 def _join(tokens, keys, first, first_keys, slots):
     """The next launch's tokens [B] and keys [B, 2] with an admission group's first tokens and
     keys (as its program left them on the device) in its slots; a padding row's slot, past the
@@ -383,10 +378,8 @@ class Engine:
         # the slots' rows on each stage's devices, advanced there by every step; put again from
         # the host arrays above when a round changed them (an admission)
         self._rows: list[tuple | None] = [None] * len(stages)
-        self._fresh = np.zeros(b, bool)  # slots admitted since the last launch
         self._tokens = None  # the last launched step's tokens, on the device
         self._inflight = None  # (tokens, the slots' requests) of a step launched, not yet read
-        self._merge = jax.jit(_merge)
         self._join = jax.jit(_join)
         # admission groups whose first tokens stay on the device (one stage, one process):
         # joined into the next launch's inputs there, then read after the previous launch's
@@ -407,6 +400,9 @@ class Engine:
         self.chunk = (chunk_size(prefill_chunk)
                       if prefill_chunk is not None and len(stages) == 1 else None)
         self._chunking: list[_Chunked] = []  # in order: the first gets a chunk each round
+        # long prompts taken from `waiting` while one is prefilled in chunks: they wait here
+        # (ahead of `waiting`) without holding a slot, and shorter requests pass them
+        self._deferred: collections.deque[Request] = collections.deque()
         self.chunks = 0  # prefill chunks run
         self.prefill_sizes: collections.Counter = collections.Counter()  # group size -> count
         self._held = 0  # hold(): no admissions while > 0
@@ -477,15 +473,25 @@ class Engine:
         (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
         on process 0: the others stop with it."""
         if drain:
-            while not self.waiting.empty() or any(self.active) or self._chunking:
+            while self.queued or self.running or self._pending:
                 time.sleep(0.005)
         self._stop = True
         with self._wake:
             self._wake.notify()
         self._thread.join()
         for r in ([r for r in self.active if r is not None] + list(self.waiting.queue)
-                  + [job.request for job in self._chunking]):
+                  + list(self._deferred) + [job.request for job in self._chunking]):
             r._finish("abort")
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted and not yet admitted."""
+        return self.waiting.qsize() + len(self._deferred)
+
+    @property
+    def running(self) -> int:
+        """Requests admitted and not yet ended: decoding, or prefilled in chunks."""
+        return sum(r is not None for r in self.active) + len(self._chunking)
 
     def __enter__(self):
         return self
@@ -521,7 +527,7 @@ class Engine:
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
                     self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
-                        not self._held and not self.waiting.empty()), 0.1)
+                        not self._held and self.queued), 0.1)
 
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""
@@ -549,16 +555,22 @@ class Engine:
         reserved = {job.slot for job in self._chunking}  # prefilling in chunks
         free = [slot for slot, r in enumerate(self.active)
                 if (r is None or r.id in cancel) and slot not in reserved]
-        admit = []
-        while free and not self._held and not self.waiting.empty():
-            request = self.waiting.get()
+        admit, deferred, long = [], [], bool(self._chunking)
+        while free and not self._held and (self._deferred or not self.waiting.empty()):
+            request = self._deferred.popleft() if self._deferred else self.waiting.get()
             if request.id in self._cancelled:  # cancelled before it ran: no process knew it
                 request._finish(self._cancelled.pop(request.id))
                 continue
+            if self.chunk is not None and len(request.prompt) > self.chunk:
+                if long:  # one prompt in chunks at a time: the next holds no slot meanwhile
+                    deferred.append(request)
+                    continue
+                long = True
             self._pending[request.id] = request
             admit.append({"slot": free.pop(0), "id": request.id, "prompt": request.prompt,
                           "sampling": dataclasses.asdict(request.sampling),
                           "stop_ids": list(request.stop_ids)})
+        self._deferred.extendleft(reversed(deferred))
         return {"stop": self._stop, "cancel": cancel, "admit": admit}
 
     def _share(self, plan):
@@ -584,7 +596,7 @@ class Engine:
             self._chunking.remove(job)
         admitted = []
         for a in plan["admit"]:
-            request = self._pending.pop(a["id"], None)
+            request = self._pending.get(a["id"])  # dropped once seated (shutdown's drain)
             if request is None:  # a follower's copy of process 0's request
                 fields = dict(a["sampling"])
                 if fields.get("stop_token_ids") is not None:
@@ -621,6 +633,8 @@ class Engine:
                 # the launch that takes it is issued (`_welcome`)
                 if joined or not self._ended(request, slot):
                     self.active[slot] = request
+        for a in plan["admit"]:
+            self._pending.pop(a["id"], None)
 
     def _prefill_group(self, group: list, chunk: list | None = None,
                        start: int | None = None) -> bool | None:
@@ -691,9 +705,9 @@ class Engine:
         job.done += len(piece)
         if joined is None:  # more chunks to come
             return
-        self._chunking.pop(0)
         if joined or not self._ended(request, job.slot):
             self.active[job.slot] = request
+        self._chunking.pop(0)  # after: shutdown's drain sees the request all along
 
     def _welcome(self):
         """The first tokens of the admission groups joined into the launch just issued (their
@@ -716,7 +730,6 @@ class Engine:
         and settings), to be put before the next launch; the first token emitted."""
         self._seat_rows(request, slot)
         self.tokens[slot], self.keys[slot] = first, key
-        self._fresh[slot] = True
         request._emit(first, logprobs)
 
     def _seat_rows(self, request: Request, slot: int):
@@ -738,8 +751,9 @@ class Engine:
 
     def warm(self) -> float:
         """Compile, before any request, every program this engine can meet: each admission
-        group's shape ([b, t] for every bucket t a prompt can take and every batch b of a group
-        within max_prefill_tokens) and the decode launch for greedy and for sampled requests
+        group's shape ([b, t] for every bucket t a prompt can take whole, up to max_seq_len or
+        the chunk's, and every batch b of a group within max_prefill_tokens), each later
+        chunk's (every bucket up to the chunk's) and the decode launch for greedy and sampled
         (their forms without logprobs, which a request asking for them compiles when first
         met). Returns the seconds spent compiling.
         Without it each shape is compiled when first met, inside some request's time to first
@@ -830,11 +844,8 @@ class Engine:
         put = lambda i, *arrays: runner.put(i, tuple(a.copy() for a in arrays))  # noqa: E731
         if self._tokens is None or not self._ahead:  # the tokens from the host
             (x,) = put(0, self.tokens)
-        else:
+        else:  # the last launch's, and admissions' first tokens joined below
             x = self._tokens
-            if self._fresh.any():
-                x = self._merge(x, *put(0, self.tokens, self._fresh))
-        self._fresh[:] = False
         logprobs = any(r is not None and r.sampling.logprobs is not None for r in self.active)
         static = self.statics[any(r is not None and r.sampling.temperature > 0
                                   for r in self.active)]

@@ -104,13 +104,14 @@ def test_200_mixed_requests_at_concurrency_32_complete_once_each(tiny_folder):
 @pytest.mark.slow
 def test_two_processes_serve_what_one_process_generates_and_drain_on_sigterm(tiny_folder):
     """tp=2 over two jax.distributed processes of one CPU device each: process 0 serves, process
-    1 follows its schedule (the plan broadcast every round). SIGTERM to process 0 while a
-    request streams: the stream ends with its last token, then both processes stop."""
+    1 follows its schedule (the plan broadcast every round; a long prompt prefilled in chunks
+    of 16 on both). SIGTERM to process 0 while a request streams: the stream ends with its last
+    token, then both processes stop."""
     coordinator, port = free_port(), free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = [subprocess.Popen(
         [sys.executable, "-m", "jax_sp.cli", "serve", "--model", tiny_folder, "--tp", "2",
-         "--port", str(port), "--max-batch", "2", "--max-seq-len", "128",
+         "--port", str(port), "--max-batch", "2", "--max-seq-len", "128", "--prefill-chunk", "16",
          "--served-model-name", "tiny", "--coordinator", f"127.0.0.1:{coordinator}",
          "--num-processes", "2", "--process-id", str(i), "--warm"], env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -128,13 +129,14 @@ def test_two_processes_serve_what_one_process_generates_and_drain_on_sigterm(tin
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        prompts = ["the sea", "a prime number twelve", "write"]
+        prompts = ["the sea", "a prime number twelve", "write",
+                   "a long prompt that comes in chunks: " + "the sea and the sky " * 8]
 
         def ask(prompt):
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0}
             return httpx.post(base + "/v1/completions", json=body, timeout=120).json()
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = [r["choices"][0]["text"] for r in pool.map(ask, prompts)]
         body = {"model": "tiny", "prompt": "the sea", "max_tokens": 40, "temperature": 0,
                 "stream": True}

@@ -208,7 +208,8 @@ def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
 @pytest.mark.parametrize("kind,parallel", [("llama", ParallelConfig()),
                                            ("llama", ParallelConfig(tp=2, sp="on")),
                                            ("qwen2", ParallelConfig(tp=3, sp="auto")),
-                                           ("mistral", ParallelConfig(tp=2))])
+                                           ("mistral", ParallelConfig(tp=2)),
+                                           ("llama", ParallelConfig(tp=4, attn_dp=2))])
 def test_long_prompts_prefilled_in_chunks_get_generate_s_tokens(hf_models, kind, parallel):
     """Prompts longer than prefill_chunk (16) come in chunks of 16, one a round, each attending
     over what the earlier ones left in the slot's cache (a sliding window shorter than the
@@ -240,6 +241,8 @@ def test_long_prompts_prefilled_in_chunks_get_generate_s_tokens(hf_models, kind,
     for p, s, r, whole in zip(prompts, settings, runs[16], runs[None]):
         assert r.token_ids == whole.token_ids == alone(llm, p, dataclasses.replace(
             s, logprobs=None))
+        assert len(r.logprobs) == len(whole.logprobs) == (len(r.token_ids) if s.logprobs
+                                                          is not None else 0)
         for (lp, top), (want_lp, want_top) in zip(r.logprobs, whole.logprobs):
             np.testing.assert_allclose(lp, want_lp, atol=1e-4)
             assert [i for i, _ in top] == [i for i, _ in want_top]
@@ -280,6 +283,27 @@ def test_decoding_goes_on_between_a_long_prompt_s_chunks(tiny):
         assert after_r.result(timeout=60) == alone(llm, after, long_s)
         assert run_r.result(timeout=120) == alone(llm, running, run_s)
     assert engine.chunks == 7  # the cancelled prompt's last three chunks did not run
+
+
+def test_one_prompt_in_chunks_at_a_time_and_the_next_waits_without_a_slot(tiny):
+    """Two long prompts and a short one arrive together at two slots: the first long prompt
+    holds a slot for its chunks, the second waits without one, so the short request takes the
+    other slot and ends before the first long one has its first token; all get `generate`'s
+    tokens."""
+    _, llm = tiny
+    first, second, short = random_prompts(llm.cfg.vocab_size, (70, 50, 5), seed=15)
+    long_s = SamplingParams(max_new_tokens=5, stop_token_ids=())
+    short_s = SamplingParams(max_new_tokens=3, stop_token_ids=())
+    with Engine(llm, max_batch=2, prefill_chunk=16) as engine:
+        with engine.hold():
+            requests = [engine.submit(p, s) for p, s in ((first, long_s), (second, long_s),
+                                                         (short, short_s))]
+        got = [r.result(timeout=120) for r in requests]
+        assert engine.chunks == 5 + 4
+    a, _, c = requests
+    assert c.finished < a.submitted + a.first_token_s
+    assert got == [alone(llm, p, s) for p, s in ((first, long_s), (second, long_s),
+                                                 (short, short_s))]
 
 
 @pytest.mark.parametrize("parallel", [ParallelConfig(tp=2, pp=2, sp="on"),
