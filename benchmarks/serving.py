@@ -141,8 +141,8 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
 
 
 def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
-    """Where the engine's step goes with every slot decoding: a jax.profiler trace (Python
-    tracer on) of `steps` steps after a warm round, read per launch: the engine thread's time
+    """Where the engine's step goes with every slot decoding: a jax.profiler trace of `steps`
+    steps after a warm round, read per launch: the engine thread's time
     in each of its functions (`_launch` issues a launch, `_collect` reads the one before, and
     waits for it in `to_host`; `_plan` / `_apply` are the round's bookkeeping) and, on the
     device, each executed program's time, the kernels' busy time and the idle gaps between
@@ -200,8 +200,8 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
                 for ev in events:
                     modules[ev.name][0] += ev.duration_ns
                     modules[ev.name][1] += 1
-            elif line.name.startswith("Stream") or line.name == "XLA Ops" and not any(
-                    n.startswith("Stream") for n in (x.name for x in plane.lines)):
+            elif line.name.startswith("Stream") or (line.name == "XLA Ops" and not any(
+                    x.name.startswith("Stream") for x in plane.lines)):  # GPU: its streams
                 kernels += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in events]
     busy, idle, end = 0, [], None  # the union of the kernels' spans, and the gaps between
     for a, b in sorted(kernels):

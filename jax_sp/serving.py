@@ -15,8 +15,8 @@ S = the LLM's max_seq_len rounded up to 16). A background thread loops:
    power of two within `prefill_chunk`; one stage) is prefilled in chunks, one a round into
    its held slot (`extend_fn` after the first), while the other slots decode; its last chunk
    seats it as an admission (one such prompt at a time: the next waits without a slot). A
-   prefills each request on its own through every stage (the runner's prefill) and writes
-   each stage's row into the slot;
+   pipeline prefills each request on its own through every stage (the runner's prefill) and
+   writes each stage's row into the slot;
 2. step: one decode step of every slot (one compiled program per stage for the N slots, the
    carry handed from stage to stage as `generate` hands it; free slots compute on whatever
    their rows hold and are ignored), each row sampled with its own temperature, top-k, top-p,

@@ -206,10 +206,9 @@ def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
 
 
 @pytest.mark.parametrize("kind,parallel", [("llama", ParallelConfig()),
-                                           ("llama", ParallelConfig(tp=2, sp="on")),
                                            ("qwen2", ParallelConfig(tp=3, sp="auto")),
                                            ("mistral", ParallelConfig(tp=2)),
-                                           ("llama", ParallelConfig(tp=4, attn_dp=2))])
+                                           ("llama", ParallelConfig(tp=4, attn_dp=2, sp="on"))])
 def test_long_prompts_prefilled_in_chunks_get_generate_s_tokens(hf_models, kind, parallel):
     """Prompts longer than prefill_chunk (16) come in chunks of 16, one a round, each attending
     over what the earlier ones left in the slot's cache (a sliding window shorter than the
