@@ -226,23 +226,31 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
         # a bucket may pass the cache's length: those positions hold padding only
         out = _forward(rt, st, state, rt.empty_cache(b, max(cache_len, t)), positions_bt,
                        kv_len_b, rows, fresh=True, tokens_bt=tokens_bt)
-        keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
-        logits = _logits(rt, out)
-        token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
-                            top_p_b, sampled=True)
-        extra = (tuple(x[None] for x in token_logprobs(
-            logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
-
-        def put(big, small):
-            small = small[:, :, :cache_len].astype(big.dtype)
-            big = big.at[:, slots_b].set(small, mode="drop")
-            return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
-
-        every = rt.sharding_of(())
-        return (tuple(jax.lax.with_sharding_constraint(x, every)
-                      for x in (token, keys_b, *extra)),
-                KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
+        return _into_slots(rt, out, cache, cache_len, logprobs, slots_b, seeds_b,
+                           temperature_b, top_k_b, top_p_b)
     return run
+
+
+def _into_slots(rt, out, cache: KVCache, cache_len: int, logprobs: bool, slots_b, seeds_b,
+                temperature_b, top_k_b, top_p_b):
+    """An admission's or a chunk's outputs: each row's token sampled from its logits with its
+    own settings and the key `generate` gives row 0 of a batch with its seed (and with
+    logprobs its log-probabilities), replicated, and the forward's cache rows (up to
+    cache_len) written into slots slots_b of the engine's (a slot past the end is dropped)."""
+    keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
+    logits = _logits(rt, out)
+    token = sample_rows(logits, keys_b, jnp.zeros(logits.shape[0], jnp.int32), temperature_b,
+                        top_k_b, top_p_b, sampled=True)
+    extra = (tuple(x[None] for x in token_logprobs(
+        logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
+
+    def put(big, small):
+        big = big.at[:, slots_b].set(small[:, :, :cache_len].astype(big.dtype), mode="drop")
+        return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
+
+    every = rt.sharding_of(())
+    return (tuple(jax.lax.with_sharding_constraint(x, every) for x in (token, keys_b, *extra)),
+            KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
 
 
 def extend_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
@@ -265,21 +273,8 @@ def extend_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
             return jnp.pad(big[:, slots], ((0, 0), (0, 0), (0, t), (0, 0), (0, 0)))
         out = _forward(rt, st, state, KVCache(take(cache.k), take(cache.v)), positions_bt,
                        kv_len_b, rows, tokens_bt=tokens_bt)
-        keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
-        logits = _logits(rt, out)
-        token = sample_rows(logits, keys_b, jnp.zeros(b, jnp.int32), temperature_b, top_k_b,
-                            top_p_b, sampled=True)
-        extra = (tuple(x[None] for x in token_logprobs(
-            logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
-
-        def put(big, small):
-            big = big.at[:, slots_b].set(small[:, :, :cache_len].astype(big.dtype), mode="drop")
-            return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
-
-        every = rt.sharding_of(())
-        return (tuple(jax.lax.with_sharding_constraint(x, every)
-                      for x in (token, keys_b, *extra)),
-                KVCache(put(cache.k, out.cache.k), put(cache.v, out.cache.v)))
+        return _into_slots(rt, out, cache, cache_len, logprobs, slots_b, seeds_b,
+                           temperature_b, top_k_b, top_p_b)
     return run
 
 
