@@ -10,8 +10,8 @@ k, and attends the group's G query heads, as the first rows of a 16-row tensor-c
 split p of the keys `[0, kv_len_b)` in blocks of BLOCK_S keys with an online softmax in fp32. The
 program whose split holds the new position writes k and v into the stacked cache at
 `[layer, b, position_b, k]` (the cache is aliased, so the write is in place). Keys are split over
-programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
-then combined by their log-sum-exp in XLA, and a single split needs no combine.
+programs until there are about a target number of them (flash-decoding; `tiling`); the splits'
+outputs are then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
@@ -26,9 +26,20 @@ import jax
 import jax.numpy as jnp
 
 BLOCK_S = 64  # keys per loop step
-MAX_SPLITS = 16  # at most this many programs per sequence and KV head
-TARGET_PROGRAMS = 256  # split keys while batch * KV heads * splits is below this
 NUM_WARPS = 4
+# (split keys while batch * KV heads * splits is below this, at most this many splits per
+# sequence and KV head, pipeline stages), by the sweep of benchmarks/decode_attention_speed.py
+# on an H200 (results/decode_attention_speed_h200.jsonl, Llama-3-8B's 8 KV heads): under
+# SMALL sequences x KV heads (batch 1: 12.6 -> 9.7 us a layer at 512 keys) the keys split
+# further and each program's short loop takes 2 stages; from there 3 stages (batch 32: 30.8
+# -> 27.6 us at 512 keys, 91.5 -> 74.8 at 2048)
+SMALL = 64
+TILING, SMALL_TILING = (256, 16, 3), (1024, 64, 2)
+
+
+def tiling(batch: int, kv_heads: int) -> tuple[int, int, int]:
+    """(target programs, most splits, stages) for this many sequences and KV heads."""
+    return SMALL_TILING if batch * kv_heads < SMALL else TILING
 
 
 def supported(head_dim: int, interpret: bool = False) -> bool:
@@ -39,7 +50,8 @@ def supported(head_dim: int, interpret: bool = False) -> bool:
 
 def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, kv_len_b,
                      *, block_s: int | None = None, max_splits: int | None = None,
-                     interpret: bool | None = None):
+                     target_programs: int | None = None, num_stages: int | None = None,
+                     num_warps: int | None = None, interpret: bool | None = None):
     """Returns (out [B, N, H] in q's dtype, k_cache, v_cache).
 
     qkv_bkch: [R, K, G + 2, H], per KV head its G query heads, then k, then v (un-rotated); the
@@ -49,15 +61,19 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     k_cache, v_cache: [L, B, S, K, H]; layer: an int or an int32 array of one element;
     positions_b: the slot the new key goes to (< S); kv_len_b: keys visible after the write,
     slots [0, kv_len_b) (pass at most positions_b + 1 for causal attention). Query head
-    k * G + j attends with KV head k. interpret: run through Pallas' interpreter (default: unless
-    the default backend is a GPU)."""
+    k * G + j attends with KV head k. block_s, max_splits, target_programs, num_stages,
+    num_warps: the tiling (default: the module's constants; benchmarks/decode_attention_speed.py
+    sweeps them; `tiling` picks the rest). interpret: run through Pallas' interpreter (default:
+    unless the default backend is a GPU)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    block_s, max_splits = block_s or BLOCK_S, max_splits or MAX_SPLITS
     b = positions_b.shape[0]
     r, k, c, h = qkv_bkch.shape
+    target, most, stages = tiling(b, k)
+    block_s, max_splits = block_s or BLOCK_S, max_splits or most
+    target_programs, num_stages = target_programs or target, num_stages or stages
     n_layers, cb, s, ck, ch = k_cache.shape
     if (cb, ck, ch) != (b, k, h) or r < b or v_cache.shape != k_cache.shape or h % 2 or c < 3:
         raise ValueError(f"decode_attention: q/k/v {qkv_bkch.shape} does not fit the cache "
@@ -72,8 +88,8 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                          f"GPU (blocks of keys are tensor-core dot operands)")
     blocks = s // block_s
     # split each sequence's keys over programs (flash-decoding) until there are about
-    # TARGET_PROGRAMS of them; one split needs no combine
-    want = max(1, min(max_splits, TARGET_PROGRAMS // (b * k)))
+    # target_programs of them; one split needs no combine
+    want = max(1, min(max_splits, target_programs // (b * k)))
     splits = next(p for p in range(min(want, blocks), 0, -1) if blocks % p == 0)
     g, rows = c - 2, max(16, pl.next_power_of_2(c - 2))
     scalars = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
@@ -89,7 +105,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=2)
+        params = plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages)
     out, lse, k_cache, v_cache = pl.pallas_call(
         kernel, out_shape=out_shapes, grid=(b, k, splits), interpret=interpret,
         input_output_aliases={6: 2, 7: 3}, compiler_params=params,

@@ -1,0 +1,111 @@
+"""Decode attention's speed: the fused Pallas kernel (models/decode_attention.py: RoPE, the cache
+write and flash-decoding attention of one token per sequence) over a stacked Llama-3-8B cache
+(8 KV heads of 128, 4 query heads each), per batch and context length, for a sweep of its
+tiling: programs targeted (how far the keys are split), the most splits per sequence and head,
+keys per block and pipeline stages.
+
+Each timing is one jitted program over `--layers` layers, unrolled as a decode step runs them,
+the cache donated (written in place), launched back to back. "of_copy": the cache bytes the
+step reads (every sequence's keys and values up to its length) over the time, against the copy
+bandwidth measured in the same run. Result:
+benchmarks/results/decode_attention_speed_<machine>.jsonl.
+
+    python benchmarks/decode_attention_speed.py            # GPU
+    python benchmarks/decode_attention_speed.py --tiny     # CPU plumbing (interpreted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import time
+
+import common
+
+# (target programs, most splits) x keys per block x stages (the module's tiling: `default`)
+SPLITS = [(256, 16), (1024, 16), (1024, 64), (4096, 64)]
+BLOCKS = [32, 64, 128]
+STAGES = [2, 3]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--points", default="1x512,8x512,32x256,32x768,32x2048,1x4096",
+                    help="batch x context, comma-separated")
+    ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke run)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+
+    from models import decode_attention as da
+
+    gpu = jax.default_backend() == "gpu"
+    tag = "h200" if gpu and "H200" in jax.devices()[0].device_kind else jax.default_backend()
+    out = args.out or os.path.join(common.RESULTS, f"decode_attention_speed_{tag}.jsonl")
+    res = common.Results(out, machine=common.machine(), jax=jax.__version__)
+    kv, g, h = (2, 2, 16) if args.tiny else (8, 4, 128)
+    points = ([(2, 40), (3, 64)] if args.tiny else
+              [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")])
+    settings = ([(256, 16, 32, 2), (1024, 64, 16, 2)] if args.tiny else
+                [(t, m, b, s) for (t, m), b, s in itertools.product(SPLITS, BLOCKS, STAGES)])
+    bandwidth, kinds = common.copy_bandwidth((1 << 30) if not args.tiny else (1 << 22))
+    res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9,
+              **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
+    L, key = args.layers, jax.random.key(0)
+    for batch, context in points:
+        s = max(64, 1 << (context - 1).bit_length())  # the cache: a power of two >= context
+        shape = (L, batch, s, kv, h)
+        qkv = jax.random.normal(key, (batch, kv, g + 2, h), jnp.bfloat16)
+        cos = jnp.ones((batch, h), jnp.float32)
+        sin = jnp.zeros((batch, h), jnp.float32)
+        pos = jnp.full((batch,), context - 1, jnp.int32)
+        length = pos + 1
+        read = 2 * L * batch * context * kv * h * 2  # keys and values, bf16
+        ref = None
+        for target, most, block, stages in settings:
+            def step(kc, vc, t=target, m=most, b=block, st=stages):
+                outs = []
+                for layer in range(L):
+                    o, kc, vc = da.decode_attention(
+                        qkv, cos, sin, kc, vc, layer, pos, length, block_s=b, max_splits=m,
+                        target_programs=t, num_stages=st)
+                    outs.append(o)
+                return jnp.stack(outs), kc, vc
+
+            fn = jax.jit(step, donate_argnums=(0, 1))
+            kc = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
+            vc = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.bfloat16)
+            row = {"bench": "decode_attention", "batch": batch, "context": context,
+                   "cache_len": s, "layers": L, "target_programs": target, "max_splits": most,
+                   "block_s": block, "num_stages": stages,
+                   "default": (target, most, block, stages) == (
+                       *da.tiling(batch, kv)[:2], da.BLOCK_S, da.tiling(batch, kv)[2])}
+            try:
+                o, kc, vc = fn(kc, vc)
+                jax.block_until_ready(o)
+            except Exception as e:  # noqa: BLE001 - a tiling the compiler refuses: recorded
+                res.emit({**row, "error": str(e).splitlines()[0][:200]})
+                continue
+            ref = o if ref is None else ref
+            err = float(jnp.linalg.norm((o - ref).astype(jnp.float32))
+                        / jnp.linalg.norm(ref.astype(jnp.float32)))
+            rounds = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    o, kc, vc = fn(kc, vc)
+                jax.block_until_ready((o, kc, vc))
+                rounds.append((time.perf_counter() - t0) / 10)
+            per = statistics.median(rounds)
+            res.emit({**row, "us_per_layer": per / L * 1e6, "read_bytes": read,
+                      "of_copy": read / per / bandwidth, "rel_err_vs_first": err})
+            del kc, vc
+
+
+if __name__ == "__main__":
+    main()
