@@ -189,39 +189,16 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
                         or name == "to_host"):  # the engine thread's functions
                     host[name][0] += ev.duration_ns
                     host[name][1] += 1
-    modules, lines, kernels = collections.defaultdict(lambda: [0, 0]), {}, []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:"):
-            continue
-        for line in plane.lines:
-            events = list(line.events)
-            lines[f"{plane.name} {line.name}"] = len(events)
-            if line.name == "XLA Modules":
-                for ev in events:
-                    modules[ev.name][0] += ev.duration_ns
-                    modules[ev.name][1] += 1
-            elif line.name.startswith("Stream") or (line.name == "XLA Ops" and not any(
-                    x.name.startswith("Stream") for x in plane.lines)):  # GPU: its streams
-                kernels += [(ev.start_ns, ev.start_ns + ev.duration_ns) for ev in events]
-    busy, idle, end = 0, [], None  # the union of the kernels' spans, and the gaps between
-    for a, b in sorted(kernels):
-        if end is not None and a > end:
-            idle.append(a - end)
-        if end is None or a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
-    span = (end - min(a for a, _ in kernels)) if kernels else 0
+    lines, kernels = device_kernels(data)
+    busy, idle, _ = busy_and_gaps(kernels)
+    end = max((b for _, b, _ in kernels), default=0)
+    span = (end - min(a for a, _, _ in kernels)) if kernels else 0
     return {"steps_per_launch": steps_per_launch, "slots": engine.slots,
             "python_tracer": python_tracer, "traced_wall_s": wall,
             "launches": launches,
             "host_ms_per_launch": {k: v[0] / 1e6 / max(launches, 1) for k, v in host.items()},
             "host_calls": {k: v[1] for k, v in host.items()},
             "device_lines": lines,
-            "device_modules": {k[:60]: {"ms_each": v[0] / 1e6 / v[1], "count": v[1]}
-                               for k, v in modules.items()},
             # the device's kernels over the traced steps: busy and idle ms per launch, and the
             # idle gaps of over 50 us (where the device waited for the host)
             "device_busy_ms_per_launch": busy / 1e6 / max(launches, 1),
@@ -230,6 +207,98 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
                 "count": sum(g > 50e3 for g in idle),
                 "total_ms": sum(g for g in idle if g > 50e3) / 1e6,
                 "largest_ms": max(idle, default=0) / 1e6}}
+
+
+def device_kernels(data):
+    """The kernels of a trace (jax.profiler.ProfileData): ({line: events}, [(start ns, end ns,
+    program)]), program being the kernel's XLA module (jit_<name>: jax_sp.runtime names each
+    program's). On GPU the device planes' stream lines; where there are none (XLA:CPU) the
+    host threads' events that name an XLA module."""
+    lines, kernels = {}, []
+
+    def add(plane, line, events):
+        lines[f"{plane.name} {line.name}"] = len(events)
+        for ev in events:
+            stats = dict(ev.stats)
+            kernels.append((ev.start_ns, ev.start_ns + ev.duration_ns,
+                            str(stats.get("hlo_module", "?"))))
+
+    for plane in data.planes:
+        if plane.name.startswith("/device:"):
+            for line in plane.lines:
+                if line.name.startswith("Stream"):
+                    add(plane, line, list(line.events))
+    if not kernels:
+        for plane in data.planes:
+            if plane.name == "/host:CPU":
+                for line in plane.lines:
+                    if line.name.startswith("tf_XLA"):
+                        add(plane, line, [ev for ev in line.events
+                                          if any(k == "hlo_module" for k, _ in ev.stats)])
+    return lines, kernels
+
+
+def busy_and_gaps(kernels, over_ns=50e3):
+    """The union of the kernels' spans (busy ns), every idle gap between them (ns), and the
+    gaps longer than `over_ns` as (ns, program before, program after)."""
+    busy, idle, long, end, before = 0, [], [], None, None
+    for a, b, name in sorted(kernels):
+        if end is not None and a > end:
+            idle.append(a - end)
+            if a - end > over_ns:
+                long.append((a - end, before, name))
+        if end is None or a > end:
+            busy += b - a
+            end, before = b, name
+        elif b > end:
+            busy += b - end
+            end, before = b, name
+    return busy, idle, long
+
+
+def workload_trace(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048,
+                   prefill_chunk=2048):
+    """Where a workload's time goes: `continuous` once to compile and warm, then again under
+    jax.profiler (the Python tracer off), read per program from the device's kernels: each
+    program's kernel time, the device's busy time against the run's wall time, and the idle
+    gaps over 50 us by the programs on either side (a gap before an admission is the host
+    planning it; after a launch, the host reading its tokens)."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    run = functools.partial(continuous, steps_per_launch=steps_per_launch,
+                            max_prefill_tokens=max_prefill_tokens, prefill_chunk=prefill_chunk)
+    run(llm, jobs, max_batch)
+    folder = tempfile.mkdtemp()
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0
+    with jax.profiler.trace(folder, profiler_options=options):
+        r = run(llm, jobs, max_batch)
+    data = ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"),
+                                           recursive=True)[0])
+    _, kernels = device_kernels(data)
+    busy, idle, long = busy_and_gaps(kernels)
+    per = collections.defaultdict(lambda: [0, 0])
+    for a, b, name in kernels:
+        per[name][0] += b - a
+        per[name][1] += 1
+    gaps = collections.defaultdict(lambda: [0, 0])
+    for ns, before, after in long:
+        gaps[f"{before} -> {after}"][0] += ns
+        gaps[f"{before} -> {after}"][1] += 1
+    return {"requests": len(jobs), "tokens": r["tokens"], "wall_s": r["seconds"],
+            "tokens_per_s": r["tokens"] / r["seconds"], "occupancy": r["occupancy"],
+            "prefill_groups": r["prefill_groups"], "kernels": len(kernels),
+            "device_busy_s": busy / 1e9, "device_idle_s": sum(idle) / 1e9,
+            "program_kernel_s": {k: round(v[0] / 1e9, 4) for k, v in
+                                 sorted(per.items(), key=lambda kv: -kv[1][0])},
+            "program_kernels": {k: v[1] for k, v in per.items()},
+            "idle_gaps_over_50us": {k: {"s": round(v[0] / 1e9, 4), "count": v[1]} for k, v in
+                                    sorted(gaps.items(), key=lambda kv: -kv[1][0])}}
 
 
 def slots_launcher(engine):
@@ -304,6 +373,10 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="only a profile of the engine's steps with every slot busy "
                          "(`profile`)")
+    ap.add_argument("--trace-workload", action="store_true",
+                    help="only a trace of the engine serving the workload (at the first rate "
+                         "and the first value of each engine setting): device time per "
+                         "program and the idle gaps between them (`workload_trace`)")
     args = ap.parse_args()
     if args.tiny:
         args.rates, args.requests, args.max_batch = "20,80", 24, 8
@@ -331,9 +404,10 @@ def main():
                          max_seq_len=plens[1] + olens[1] + 16)
     del module
     tag = common.machine().split(" ", 1)[1].split()[-1].lower()
-    args.tag = args.tag or ("_profile" if args.profile else "")
-    out = args.out or os.path.join(common.RESULTS,
-                                   f"serving_{tag}_{'tiny' if args.tiny else args.model}{args.tag}.jsonl")
+    args.tag = args.tag or ("_profile" if args.profile else
+                            "_trace" if args.trace_workload else "")
+    name = f"serving_{tag}_{'tiny' if args.tiny else args.model}{args.tag}.jsonl"
+    out = args.out or os.path.join(common.RESULTS, name)
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
                          max_batch=args.max_batch, prompt_lens=plens, output_lens=olens)
     launches = [int(k) for k in args.steps_per_launch.split(",")]
@@ -342,6 +416,17 @@ def main():
             for python_tracer in (False, True):
                 res.emit({"bench": "profile", **profile(llm, args.max_batch, k,
                                                         python_tracer=python_tracer)})
+        return
+    if args.trace_workload:
+        rate = float(args.rates.split(",")[0])
+        jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
+                        cfg.vocab_size)
+        chunk = int(args.prefill_chunk.split(",")[0]) or None
+        res.emit({"bench": "workload_trace", "rate": rate, "steps_per_launch": launches[0],
+                  "max_prefill_tokens": int(args.max_prefill_tokens.split(",")[0]),
+                  "prefill_chunk": chunk,
+                  **workload_trace(llm, jobs, args.max_batch, launches[0],
+                                   int(args.max_prefill_tokens.split(",")[0]), chunk)})
         return
     for k in launches:
         for temperature in [float(t) for t in args.temperatures.split(",")]:

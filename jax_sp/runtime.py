@@ -303,7 +303,7 @@ class Programs:
         key = (name, static, variant, input_key(args[1:]))
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self.rt.compile(make(), args, static.sp, donate)
+            self.compiled[key] = self.rt.compile(_named(make(), name), args, static.sp, donate)
             self.compile_seconds[key] = time.perf_counter() - t0
         self.last[name] = key
         return self.compiled[key]
@@ -320,6 +320,15 @@ class Programs:
     def hlo(self, name: str) -> str:
         """Optimized HLO of the executable that last ran under `name`."""
         return self.compiled[self.last[name]].as_text()
+
+
+def _named(fn, name: str):
+    """fn under the program's name: XLA calls its module jit_<name>, which HLO dumps and
+    profiles (each kernel's hlo_module) show."""
+    def program(*args):
+        return fn(*args)
+    program.__name__ = program.__qualname__ = name
+    return program
 
 
 def to_host(x) -> np.ndarray:

@@ -166,15 +166,18 @@ def slots_step_fn(rt, st: Static, cache_len: int, steps: int = 1, logprobs: bool
     position, through this stage. inputs: the slots' tokens [B] (first stage) or the previous
     stage's carry (steps 1); out: on the last stage (tokens [steps, B], the last of them [B]),
     each row sampled with its own settings, else this stage's carry; pos_b and step_b advanced
-    by `steps` (positions held below cache_len, so that a free slot's stale row never writes
-    past its cache), to stay on the device for the next launch. More than one step needs the
-    whole model in one stage: each step's tokens feed the next inside the program. logprobs:
-    the last stage's out gains the tokens' log-probabilities ([steps, B], the top ones
-    [steps, B, K], their ids [steps, B, K]; K = min(MAX_LOGPROBS, vocabulary)); else ()."""
+    by `steps` (positions held below cache_len, so that a stale row never writes past its
+    cache; a free slot's, 0, held there), to stay on the device for the next launch. More than
+    one step needs the whole model in one stage: each step's tokens feed the next inside the
+    program. logprobs: the last stage's out gains the tokens' log-probabilities ([steps, B],
+    the top ones [steps, B, K], their ids [steps, B, K]; K = min(MAX_LOGPROBS, vocabulary));
+    else ()."""
     def one(state, cache, inputs, pos_b, step_b, keys_b, settings):
         feed = {"tokens_bt": inputs[:, None]} if rt.stage.first else {"carry": inputs}
         out = _forward(rt, st, state, cache, pos_b[:, None], pos_b + 1, **feed)
-        advanced = jnp.minimum(pos_b + 1, cache_len - 1), step_b + 1
+        # a free slot's position is 0 (no request's is: a prompt has a token): it stays
+        # there, so its attention reads one key however long its last request ran
+        advanced = jnp.where(pos_b > 0, jnp.minimum(pos_b + 1, cache_len - 1), 0), step_b + 1
         if not rt.stage.last:
             return rt.constrain_carry(out.carry), out.cache, advanced
         logits = _logits(rt, out)
@@ -535,9 +538,10 @@ class Engine:
             for slot, r in enumerate(self.active):
                 if r is not None:
                     r._finish(e)
-                    self.active[slot] = None
+                    self._free(slot)
             for job in self._chunking:  # their cache rows went with the failed program's
                 job.request._finish(e)
+                self._free(job.slot)
             self._chunking = []
             return None
 
@@ -585,10 +589,11 @@ class Engine:
         for slot, r in enumerate(self.active):
             if r is not None and r.id in cancel:
                 r._finish(cancel[r.id])
-                self.active[slot] = None
+                self._free(slot)
         for job in [job for job in self._chunking if job.request.id in cancel]:
             job.request._finish(cancel[job.request.id])
             self._chunking.remove(job)
+            self._free(job.slot)
         admitted = []
         for a in plan["admit"]:
             request = self._pending.get(a["id"])  # dropped once seated (shutdown's drain)
@@ -696,6 +701,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
             self._chunking.pop(0)
             request._finish(e)
+            self._free(job.slot)
             return
         job.done += len(piece)
         if joined is None:  # more chunks to come
@@ -827,8 +833,15 @@ class Engine:
         else:
             return False
         request._finish(reason)
-        self.active[slot] = None
+        self._free(slot)
         return True
+
+    def _free(self, slot: int):
+        """Slot `slot` free: its position 0 (put before the next launch), where its decode
+        stays and attends over one key (`slots_step_fn`) until a request takes it."""
+        self.active[slot] = None
+        self.pos[slot] = 0
+        self._rows = [None] * len(self._rows)
 
     def _launch(self):
         """Launch one decode step of every slot through every stage (not waited for); returns

@@ -93,6 +93,38 @@ def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
     assert long_ids == alone(llm, long_prompt, long_s)  # the join changed none of its tokens
 
 
+def test_a_free_slot_decodes_at_position_0_and_stays_there(tiny):
+    """A slot whose request ended goes back to position 0 on the device and stays there while
+    the other slot decodes on (so its attention reads one key, not its last request's whole
+    row), and the running request's tokens do not change; a request then takes the slot."""
+    from jax_sp.runtime import to_host
+
+    _, llm = tiny
+    long_prompt, short_prompt, after = random_prompts(llm.cfg.vocab_size, (11, 6, 5), seed=16)
+    long_s = SamplingParams(max_new_tokens=70, stop_token_ids=())
+    short_s = SamplingParams(max_new_tokens=9, stop_token_ids=())
+    with Engine(llm, max_batch=2, steps_per_launch=2) as engine:
+        long_r = engine.submit(long_prompt, long_s)
+        tokens = iter(long_r)
+        next(tokens)
+        short_r = engine.submit(short_prompt, short_s)
+        short_r.result(timeout=60)
+        seen = []
+        for _ in range(12):  # launches after the short one's end
+            next(tokens)
+            rows = engine._rows[0]
+            if rows is not None:
+                seen.append(to_host(rows[0]).tolist())
+        free = 1 - engine.active.index(long_r) if long_r in engine.active else None
+        after_r = engine.submit(after, short_s)
+        assert after_r.result(timeout=60) == alone(llm, after, short_s)
+        long_ids = long_r.result(timeout=120)
+    assert free is not None and len(seen) >= 4
+    assert all(pos[free] == 0 for pos in seen[-3:]), seen
+    assert seen[-1][1 - free] > len(long_prompt) + short_s.max_new_tokens
+    assert long_ids == alone(llm, long_prompt, long_s)
+
+
 def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
     """A request joins a running batch with its first token still on the device; when that token
     is a stop id (or max_new_tokens is 1) the request ends with it alone, and the next request
