@@ -67,6 +67,7 @@ from jax_sp.runner import MIN_BUCKET, bucket, pow2_at_least
 from jax_sp.runtime import round_up, to_host
 from jax_sp.sampling import row_keys, sample_rows, token_logprobs
 from models.cache import KVCache
+from models.decode_attention import BLOCK_S
 
 _DONE = object()
 
@@ -351,7 +352,9 @@ class Engine:
         # slots: a power of two, padded as Runner.batch pads a batch (and so is each admission
         # group, one stage)
         self.slots = round_up(pow2_at_least(max_batch), runner.row_unit)
-        self.cache_len = -(-llm.max_seq_len // 16) * 16
+        # whole blocks of the Pallas decode kernel's keys: a length that is only a multiple of
+        # 16 (784 for 768) made it walk every row 16 keys a block (models/decode_attention.py)
+        self.cache_len = round_up(llm.max_seq_len, BLOCK_S)
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
                                out_shardings=KVCache(st.runtime.cache_sharding(),
