@@ -73,6 +73,7 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
             for r in requests if len(r.token_ids) > 1]
     return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
             "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
+            "steps": steps,
             "prefill_chunks": engine.chunks,
             "prefill_groups": {str(k): v for k, v in sorted(engine.prefill_sizes.items())}}
 
@@ -290,8 +291,10 @@ def workload_trace(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=
     for ns, before, after in long:
         gaps[f"{before} -> {after}"][0] += ns
         gaps[f"{before} -> {after}"][1] += 1
+    step = per.get("jit_slots_step", [0])[0] / 1e6 / max(r["steps"], 1)
     return {"requests": len(jobs), "tokens": r["tokens"], "wall_s": r["seconds"],
             "tokens_per_s": r["tokens"] / r["seconds"], "occupancy": r["occupancy"],
+            "steps": r["steps"], "slots_step_device_ms_per_step": step,
             "prefill_groups": r["prefill_groups"], "kernels": len(kernels),
             "device_busy_s": busy / 1e9, "device_idle_s": sum(idle) / 1e9,
             "program_kernel_s": {k: round(v[0] / 1e9, 4) for k, v in

@@ -554,6 +554,38 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
     return "\n".join(out)
 
 
+def serving_trace(*names: str) -> str:
+    """Where a served workload's device time goes (benchmarks/serving.py --trace-workload), one
+    row per result file."""
+    out = ["| run | tokens/s | wall, s | device busy / idle, s | decode steps: s, count, ms a step "
+           "| admissions, s | idle gaps over 50 us, s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+    first = None
+    for name in names:
+        for r in _rows(f"{name}.jsonl"):
+            if r["bench"] != "workload_trace":
+                continue
+            first = first or r
+            # steps: reported since the trace gained them, else from occupancy's definition
+            steps = r.get("steps") or round((r["tokens"] - r["requests"])
+                                            / (r["occupancy"] * r["max_batch"]))
+            decode = r["program_kernel_s"].get("jit_slots_step", 0)
+            gaps = sum(g["s"] for g in r["idle_gaps_over_50us"].values())
+            out.append(f"| `{r['_file']}` | {r['tokens_per_s']:.0f} | {r['wall_s']:.2f} | "
+                       f"{r['device_busy_s']:.2f} / {r['device_idle_s']:.2f} | {decode:.2f}, "
+                       f"{steps}, {decode / steps * 1e3:.2f} | "
+                       f"{r['program_kernel_s'].get('jit_admit', 0):.2f} | {gaps:.3f} |")
+    if first is None:
+        return "(no serving trace results)"
+    (p0, p1), (o0, o1) = first["prompt_lens"], first["output_lens"]
+    return "\n".join(out + ["", f"{first['machine']}, {first['model']} shape, random weights, "
+                            f"{first['max_batch']} slots, {first['steps_per_launch']} steps a "
+                            f"launch: {first['requests']} requests at {first['rate']:g} a "
+                            f"second, prompts {p0}-{p1} and outputs {o0}-{o1} tokens; the "
+                            f"measured run traced with the Python tracer off, kernels per "
+                            f"program summed from the GPU's stream lines."])
+
+
 def guidance() -> str:
     """Guidance's decode step, cfg 1 against cfg 2 (benchmarks/guidance.py), per result file."""
     out = []
@@ -678,7 +710,8 @@ def attn_dp_gpu() -> str:
 
 
 TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape,
-          "serving": serving, "schedule": schedule, "load": load, "fp8_accuracy": fp8_accuracy,
+          "serving": serving, "serving_trace": serving_trace, "schedule": schedule,
+          "load": load, "fp8_accuracy": fp8_accuracy,
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
