@@ -84,7 +84,7 @@ def main():
                    "cache_len": s, "layers": L, "target_programs": target, "max_splits": most,
                    "block_s": block, "num_stages": stages,
                    "default": (target, most, block, stages) == (
-                       *da.tiling(batch, kv)[:2], da.BLOCK_S, da.tiling(batch, kv)[2])}
+                       da.TARGET_PROGRAMS, da.MAX_SPLITS, da.BLOCK_S, da.stages(batch, kv))}
             try:
                 o, kc, vc = fn(kc, vc)
                 jax.block_until_ready(o)

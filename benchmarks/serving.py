@@ -263,7 +263,9 @@ def workload_trace(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=
     jax.profiler (the Python tracer off), read per program from the device's kernels: each
     program's kernel time, the device's busy time against the run's wall time, and the idle
     gaps over 50 us by the programs on either side (a gap before an admission is the host
-    planning it; after a launch, the host reading its tokens)."""
+    planning it; after a launch, the host reading its tokens). The trace spans the engine's
+    start too (its cache made, `warm()`'s one run of its join program): a few ms. One device's
+    kernels (on several, their timelines would be merged)."""
     import collections
     import glob
     import tempfile

@@ -353,7 +353,7 @@ class Engine:
         # group, one stage)
         self.slots = round_up(pow2_at_least(max_batch), runner.row_unit)
         # whole blocks of the Pallas decode kernel's keys: a length that is only a multiple of
-        # 16 (784 for 768) made it walk every row 16 keys a block (models/decode_attention.py)
+        # 16 (784 = 16 x 49) made it walk every row 16 keys a block (models/decode_attention.py)
         self.cache_len = round_up(llm.max_seq_len, BLOCK_S)
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),

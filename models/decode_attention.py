@@ -10,8 +10,8 @@ k, and attends the group's G query heads, as the first rows of a 16-row tensor-c
 split p of the keys `[0, kv_len_b)` in blocks of BLOCK_S keys with an online softmax in fp32. The
 program whose split holds the new position writes k and v into the stacked cache at
 `[layer, b, position_b, k]` (the cache is aliased, so the write is in place). Keys are split over
-programs until there are about a target number of them (flash-decoding; `tiling`); the splits'
-outputs are then combined by their log-sum-exp in XLA, and a single split needs no combine.
+programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
+then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
@@ -27,19 +27,17 @@ import jax.numpy as jnp
 
 BLOCK_S = 64  # keys per loop step
 NUM_WARPS = 4
-# (split keys while batch * KV heads * splits is below this, at most this many splits per
-# sequence and KV head, pipeline stages), by the sweep of benchmarks/decode_attention_speed.py
-# on an H200 (results/decode_attention_speed_h200.jsonl, Llama-3-8B's 8 KV heads): under
-# SMALL sequences x KV heads (batch 1: 12.6 -> 9.7 us a layer at 512 keys) the keys split
-# further and each program's short loop takes 2 stages; from there 3 stages (batch 32: 30.8
-# -> 27.6 us at 512 keys, 91.5 -> 74.8 at 2048)
-SMALL = 64
-TILING, SMALL_TILING = (256, 16, 3), (1024, 64, 2)
+MAX_SPLITS = 16  # at most this many programs per sequence and KV head
+TARGET_PROGRAMS = 256  # split keys while batch * KV heads * splits is below this
 
 
-def tiling(batch: int, kv_heads: int) -> tuple[int, int, int]:
-    """(target programs, most splits, stages) for this many sequences and KV heads."""
-    return SMALL_TILING if batch * kv_heads < SMALL else TILING
+def stages(batch: int, kv_heads: int) -> int:
+    """Pipeline stages: 3 where every program walks a whole row of keys (no split: batch * KV
+    heads reaches TARGET_PROGRAMS), else 2. By the sweep of benchmarks/decode_attention_speed.py
+    on an H200 (results/decode_attention_speed_h200.jsonl, Llama-3-8B's 8 KV heads): batch 32,
+    512 keys 30.8 -> 27.6 us a layer, 2,048 keys 91.5 -> 74.8; at batch 1 and 8 the sweep's
+    spread between identical kernels was larger than any setting's difference."""
+    return 3 if batch * kv_heads >= TARGET_PROGRAMS else 2
 
 
 def supported(head_dim: int, interpret: bool = False) -> bool:
@@ -62,18 +60,18 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     positions_b: the slot the new key goes to (< S); kv_len_b: keys visible after the write,
     slots [0, kv_len_b) (pass at most positions_b + 1 for causal attention). Query head
     k * G + j attends with KV head k. block_s, max_splits, target_programs, num_stages,
-    num_warps: the tiling (default: the module's constants; benchmarks/decode_attention_speed.py
-    sweeps them; `tiling` picks the rest). interpret: run through Pallas' interpreter (default:
-    unless the default backend is a GPU)."""
+    num_warps: the tiling (default: the module's constants and `stages`;
+    benchmarks/decode_attention_speed.py sweeps them). interpret: run through Pallas'
+    interpreter (default: unless the default backend is a GPU)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     b = positions_b.shape[0]
     r, k, c, h = qkv_bkch.shape
-    target, most, stages = tiling(b, k)
-    block_s, max_splits = block_s or BLOCK_S, max_splits or most
-    target_programs, num_stages = target_programs or target, num_stages or stages
+    block_s, max_splits = block_s or BLOCK_S, max_splits or MAX_SPLITS
+    target_programs = target_programs or TARGET_PROGRAMS
+    num_stages = num_stages or stages(b, k)
     n_layers, cb, s, ck, ch = k_cache.shape
     if (cb, ck, ch) != (b, k, h) or r < b or v_cache.shape != k_cache.shape or h % 2 or c < 3:
         raise ValueError(f"decode_attention: q/k/v {qkv_bkch.shape} does not fit the cache "
@@ -88,14 +86,16 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                          f"GPU (blocks of keys are tensor-core dot operands)")
     blocks = s // block_s
     # split each sequence's keys over programs (flash-decoding) until there are about
-    # target_programs of them; one split needs no combine
-    want = max(1, min(max_splits, target_programs // (b * k)))
-    splits = next(p for p in range(min(want, blocks), 0, -1) if blocks % p == 0)
+    # target_programs of them, each split whole blocks (the last may have fewer: a cache of 13
+    # blocks splits 4 + 4 + 4 + 1 rather than not at all); one split needs no combine
+    want = max(1, min(max_splits, target_programs // (b * k), blocks))
+    per_split = -(-blocks // want)
+    splits = -(-blocks // per_split)
     g, rows = c - 2, max(16, pl.next_power_of_2(c - 2))
     scalars = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
                positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
-                               per_split=blocks // splits, scale=h ** -0.5)
+                               per_split=per_split, scale=h ** -0.5)
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
@@ -124,6 +124,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
 def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
             out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
+    the cache (the last split's end past the cache's: its loop stops at kv_len <= S) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
     softmax-normalised output of its keys and their log-sum-exp, a tile of max(16, G rounded
     up to a power of two) rows each whose first G rows are the group's query heads."""

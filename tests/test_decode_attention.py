@@ -42,15 +42,16 @@ def _inputs(b, k, g, h, layers, s, rows=None, dtype=jnp.float32, seed=0):
     return qkv, jnp.asarray(np.cos(angle)), jnp.asarray(np.sin(angle)), k_cache, v_cache
 
 
-@pytest.mark.parametrize("block_s,max_splits,splits", [(8, 16, 12), (8, 1, 1), (16, 2, 2)])
+@pytest.mark.parametrize("block_s,max_splits,splits",
+                         [(8, 16, 12), (8, 1, 1), (16, 2, 2), (32, 2, 2)])
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)])
 def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits, splits, dtype,
                                                              tol):
     """3 sequences, 2 KV heads of 3 query heads, 96 slots (not a power of two): blocks of 8 keys,
     one per program (12 splits); one program per sequence and head walking all 12 blocks; 2 splits
-    of 3 blocks of 16, where two sequences see no key of the second. New keys at the first slot,
-    inside a block and in the second half; 5 rows of q/k/v of which the last two are a
-    projection's padding."""
+    of 3 blocks of 16, where two sequences see no key of the second; 2 splits of 3 blocks of 32
+    (two blocks, then one). New keys at the first slot, inside a block and in the second half; 5
+    rows of q/k/v of which the last two are a projection's padding."""
     qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 96, rows=5, dtype=dtype)
     positions, kv_len = jnp.asarray([0, 21, 70]), jnp.asarray([1, 22, 71])
     grids, pallas_call = [], pl.pallas_call
