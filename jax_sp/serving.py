@@ -352,9 +352,11 @@ class Engine:
         # slots: a power of two, padded as Runner.batch pads a batch (and so is each admission
         # group, one stage)
         self.slots = round_up(pow2_at_least(max_batch), runner.row_unit)
-        # whole blocks of the Pallas decode kernel's keys: a length that is only a multiple of
-        # 16 (784 = 16 x 49) made it walk every row 16 keys a block (models/decode_attention.py)
-        self.cache_len = round_up(llm.max_seq_len, BLOCK_S)
+        # with the Pallas decode kernel, whole blocks of its keys: a length that is only a
+        # multiple of 16 (784 = 16 x 49) made it walk every row 16 keys a block
+        # (models/decode_attention.py); the other backends take any multiple of 16
+        pallas = any(st.runtime.decode_attention.name == "pallas" for st in stages)
+        self.cache_len = round_up(llm.max_seq_len, BLOCK_S if pallas else 16)
         # one cache per stage, its layers' rows of every slot
         self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
                                out_shardings=KVCache(st.runtime.cache_sharding(),

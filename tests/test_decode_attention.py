@@ -188,3 +188,19 @@ def test_pallas_needs_a_head_size_it_takes(hf_models):
         LLM.from_torch(hf_models("llama"), options=PALLAS)
     llm = LLM.from_torch(hf_models("llama"))  # auto on CPU: XLA everywhere
     assert (llm.runtime.attention.name, llm.runtime.decode_attention.name) == ("xla", "xla")
+
+
+@pytest.mark.parametrize("max_seq_len", [96, 784, 4368])
+def test_the_serving_engine_s_rows_are_whole_blocks_of_the_kernel_s_keys(llama16, max_seq_len):
+    """The kernel walks a cache in blocks of the largest power of two up to BLOCK_S that divides
+    its length: with it the serving engine's rows hold whole BLOCK_S blocks (784, a multiple of
+    16 only, made it walk 16 keys a block), no more than one block past max_seq_len; with XLA's
+    attention (which reads the whole row) a multiple of 16."""
+    from jax_sp.serving import Engine
+
+    for options, multiple in ((PALLAS, da.BLOCK_S), (CompileOptions(attention="xla"), 16)):
+        llm = LLM.from_torch(llama16, max_seq_len=max_seq_len, options=options)
+        with Engine(llm, max_batch=2) as engine:
+            s = engine.cache_len
+            assert engine.caches[0].k.shape[2] == s
+        assert max_seq_len <= s < max_seq_len + multiple and s % multiple == 0

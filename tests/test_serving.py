@@ -356,20 +356,6 @@ def test_a_pipeline_gives_the_single_device_tokens(tiny, parallel):
     assert got == [alone(llm, p, s) for p, s in zip(prompts, settings)]
 
 
-@pytest.mark.parametrize("max_seq_len", [96, 784, 4368])
-def test_the_slots_cache_is_whole_blocks_of_the_decode_kernel_s_keys(hf_models, max_seq_len):
-    """The decode kernel walks a cache in blocks of the largest power of two up to BLOCK_S that
-    divides its length: the engine's rows hold whole BLOCK_S blocks (784, a multiple of 16
-    only, made it walk 16 keys a block), and no more than one block past max_seq_len."""
-    from models.decode_attention import BLOCK_S
-
-    llm = LLM.from_torch(hf_models("llama"), max_seq_len=max_seq_len)
-    with Engine(llm, max_batch=2) as engine:
-        s = engine.cache_len
-        assert engine.caches[0].k.shape[2] == s
-    assert max_seq_len <= s < max_seq_len + BLOCK_S and min(BLOCK_S, s & -s) == BLOCK_S
-
-
 def test_a_bad_slot_count_is_refused(tiny):
     with pytest.raises(ValueError, match="max_batch must be a positive integer, got 0"):
         Engine(tiny[1], max_batch=0)
