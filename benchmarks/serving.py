@@ -141,6 +141,24 @@ def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
             "generate_step_ms": gen_ms, "cache_len": engine.cache_len}
 
 
+@contextlib.contextmanager
+def traced(python_tracer: bool = False):
+    """jax.profiler over the block; the list it yields holds the trace (ProfileData) after."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    folder, out = tempfile.mkdtemp(), []
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = int(python_tracer)
+    with jax.profiler.trace(folder, profiler_options=options):
+        yield out
+    out.append(ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"),
+                                               recursive=True)[0]))
+
+
 def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
     """Where the engine's step goes with every slot decoding: a jax.profiler trace of `steps`
     steps after a warm round, read per launch: the engine thread's time
@@ -151,11 +169,6 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
     on the device that an untraced run does not have): `python_tracer=False` traces the
     device alone."""
     import collections
-    import glob
-    import tempfile
-
-    import jax
-    from jax.profiler import ProfileData
 
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
@@ -163,22 +176,17 @@ def profile(llm, max_batch, steps_per_launch=4, steps=64, python_tracer=True):
     steps = min(steps, (llm.max_seq_len - 8) // 3)
     sampling = SamplingParams(max_new_tokens=steps + 2, stop_token_ids=())
     with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch) as engine:
-        for traced in (False, True):  # a warm round, then the traced one
+        for tracing in (False, True):  # a warm round, then the traced one
             steps0 = engine.steps
             with engine.hold():  # admitted together: every slot decodes from one step on
                 requests = [engine.submit([1, 2, 3, 4], sampling) for _ in range(engine.slots)]
-            folder = tempfile.mkdtemp()
-            options = jax.profiler.ProfileOptions()
-            options.python_tracer_level = int(python_tracer)
-            with (jax.profiler.trace(folder, profiler_options=options) if traced
-                  else contextlib.nullcontext()):
+            with (traced(python_tracer) if tracing else contextlib.nullcontext()) as trace:
                 t0 = time.perf_counter()
                 for r in requests:
                     r.result()
                 wall = time.perf_counter() - t0
         launches = (engine.steps - steps0) // steps_per_launch
-    data = ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"),
-                                           recursive=True)[0])
+    data = trace[0]
     host = collections.defaultdict(lambda: [0, 0])
     for plane in data.planes:
         if plane.name != "/host:CPU":
@@ -267,23 +275,13 @@ def workload_trace(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=
     start too (its cache made, `warm()`'s one run of its join program): a few ms. One device's
     kernels (on several, their timelines would be merged)."""
     import collections
-    import glob
-    import tempfile
-
-    import jax
-    from jax.profiler import ProfileData
 
     run = functools.partial(continuous, steps_per_launch=steps_per_launch,
                             max_prefill_tokens=max_prefill_tokens, prefill_chunk=prefill_chunk)
     run(llm, jobs, max_batch)
-    folder = tempfile.mkdtemp()
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0
-    with jax.profiler.trace(folder, profiler_options=options):
+    with traced() as trace:
         r = run(llm, jobs, max_batch)
-    data = ProfileData.from_file(glob.glob(os.path.join(folder, "**", "*.xplane.pb"),
-                                           recursive=True)[0])
-    _, kernels = device_kernels(data)
+    _, kernels = device_kernels(trace[0])
     busy, idle, long = busy_and_gaps(kernels)
     per = collections.defaultdict(lambda: [0, 0])
     for a, b, name in kernels:
