@@ -3,16 +3,21 @@ request rates, served by jax_sp.serving.Engine and by `generate` on batches of w
 arrived (the static way: a batch starts when the previous one ends and returns when its
 longest request ends).
 
-Per mode and rate: output tokens per second over the whole run, time to the first token and
-time per output token (p50 / p99 over the requests), and the engine's mean slot occupancy.
-Static batches are credited with their first tokens at the end of their prefill
-(`last_stats.prefill_s`), although `generate` returns them only with the rest. Each mode runs
-the workload once unmeasured first, so that the shapes it meets are compiled; static batches
-form by arrival times, so the measured run can still meet a new batch shape: the compile time
-inside the measured run is reported with it (`compile_s_inside`). The limits, measured in the
-same run: every slot busy, tokens per second of the engine's decode steps (prefills excluded);
-the engine's step in milliseconds, with its host work and launched back to back without it;
-`generate`'s decode step on a batch of the same size and cache length.
+Per mode and rate: output tokens per second over the whole run, time to the first token,
+time per output token and end-to-end latency (p50 / p99 over the requests), and the engine's
+mean slot occupancy. Static batches are credited with their first tokens at the end of their
+prefill (`last_stats.prefill_s`) and each request with its last token at its own step of the
+batch's decode, although `generate` returns them all at its end. Static batches form by arrival
+times, so each rate runs them once unmeasured first to compile the shapes they meet; the
+engine's shapes do not depend on the arrivals (`Engine.warm()` compiles every admission), so
+each engine setting warms once. A measured run can still meet a new shape: the compile time
+inside it is reported with it (`compile_s_inside`). With several rates, the throughput at
+equal p99 latency (the vLLM paper's comparison): at each static point, the engine's throughput
+at the static batches' p99 time to first token and p99 latency there, interpolated along the
+engine's own rates (`at_equal_latency`), and a plot of throughput against p99 latency. The
+limits, measured in the same run: every slot busy, tokens per second of the engine's decode
+steps (prefills excluded); the engine's step in milliseconds, with its host work and launched
+back to back without it; `generate`'s decode step on a batch of the same size and cache length.
 Random weights in the model's shape, greedy, no stop ids (each request decodes exactly its
 output length). Result: benchmarks/results/serving_<machine>_<model>.jsonl.
 
@@ -72,6 +77,7 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
     tpot = [(r.finished - r.submitted - r.first_token_s) / (len(r.token_ids) - 1)
             for r in requests if len(r.token_ids) > 1]
     return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
+            "latency": [r.finished - r.submitted for r in requests],
             "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
             "steps": steps,
             "prefill_chunks": engine.chunks,
@@ -81,7 +87,7 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
 def static(llm, jobs, max_batch):
     from jax_sp import SamplingParams
 
-    start, i, ttft, tpot, tokens = time.perf_counter(), 0, [], [], 0
+    start, i, ttft, tpot, latency, tokens = time.perf_counter(), 0, [], [], [], 0
     while i < len(jobs):
         now = time.perf_counter() - start
         if jobs[i][0] > now:
@@ -95,13 +101,17 @@ def static(llm, jobs, max_batch):
                      SamplingParams(max_new_tokens=longest, stop_token_ids=()))
         t1 = time.perf_counter() - start
         first = t0 + llm.last_stats.prefill_s
+        step = (t1 - first) / max(longest - 1, 1)
         for arrival, _, n in batch:
             ttft.append(first - arrival)
+            # credited with its own last token, not with the batch's end, when generate
+            # returns it
+            latency.append(first + (n - 1) * step - arrival)
             if n > 1:
-                tpot.append((t1 - first) / (longest - 1))
+                tpot.append(step)
             tokens += n
     return {"tokens": tokens, "seconds": time.perf_counter() - start, "ttft": ttft,
-            "tpot": tpot, "occupancy": None}
+            "tpot": tpot, "latency": latency, "occupancy": None}
 
 
 def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
@@ -437,29 +447,118 @@ def main():
                       **ceiling(llm, args.max_batch, k, temperature=temperature)})
     if args.limits_only:
         return
-    for rate in [float(r) for r in args.rates.split(",")]:
+    rates = [float(r) for r in args.rates.split(",")]
+    budgets = [int(b) for b in args.max_prefill_tokens.split(",")]
+    chunks = [int(c) or None for c in args.prefill_chunk.split(",")]
+    modes = [("continuous", k, b, c, functools.partial(
+                 continuous, steps_per_launch=k, max_prefill_tokens=b, prefill_chunk=c))
+             for k in launches for b in budgets for c in chunks]
+    modes.append(("static", None, None, None, static))
+    # the engine's shapes do not depend on the arrivals (Engine.warm() compiles every
+    # admission): each setting warms once, on the first requests of the highest rate's workload
+    for _, _, _, _, run in modes[:-1]:
+        run(llm, workload(np.random.default_rng(0), args.requests, max(rates), plens, olens,
+                          cfg.vocab_size)[:4 * args.max_batch], args.max_batch)
+    served = []
+    for rate in rates:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)
-        budgets = [int(b) for b in args.max_prefill_tokens.split(",")]
-        chunks = [int(c) or None for c in args.prefill_chunk.split(",")]
-        modes = [("continuous", k, b, c, functools.partial(
-                     continuous, steps_per_launch=k, max_prefill_tokens=b, prefill_chunk=c))
-                 for k in launches for b in budgets for c in chunks]
-        modes.append(("static", None, None, None, static))
         for mode, k, budget, chunk, run in modes:
-            run(llm, jobs, args.max_batch)  # compiles every shape this workload meets
+            if mode == "static":  # its batch shapes form by arrival times: every rate warms
+                run(llm, jobs, args.max_batch)
             c0 = llm.runner.compile_s()
             r = run(llm, jobs, args.max_batch)
             r["compile_s"] = llm.runner.compile_s() - c0  # shapes the warm run did not meet
-            res.emit({"bench": "serving", "mode": mode, "steps_per_launch": k,
-                      "max_prefill_tokens": budget, "prefill_chunk": chunk, "rate": rate,
-                      "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
-                      "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
-                      "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),
-                      "occupancy": r["occupancy"], "seconds": r["seconds"],
-                      "prefill_groups": r.get("prefill_groups"),
-                      "prefill_chunks": r.get("prefill_chunks"),
-                      "compile_s_inside": r["compile_s"]})
+            served.append(res.emit({
+                "bench": "serving", "mode": mode, "steps_per_launch": k,
+                "max_prefill_tokens": budget, "prefill_chunk": chunk, "rate": rate,
+                "requests": len(jobs), "tokens_per_s": r["tokens"] / r["seconds"],
+                "ttft_p50_s": pct(r["ttft"], 0.5), "ttft_p99_s": pct(r["ttft"], 0.99),
+                "tpot_p50_s": pct(r["tpot"], 0.5), "tpot_p99_s": pct(r["tpot"], 0.99),
+                "latency_p50_s": pct(r["latency"], 0.5),
+                "latency_p99_s": pct(r["latency"], 0.99),
+                "occupancy": r["occupancy"], "seconds": r["seconds"],
+                "prefill_groups": r.get("prefill_groups"),
+                "prefill_chunks": r.get("prefill_chunks"),
+                "compile_s_inside": r["compile_s"]}))
+    if len(rates) > 1:
+        for row in at_equal_latency(served):
+            res.emit(row)
+        plot(served, out.replace(".jsonl", ".png"))
+
+
+def throughput_at(points, latency):
+    """The throughput a mode sustains with its p99 latency at most `latency`, from its
+    [(p99 s, tokens/s)] in rising rate order: along the rates while the p99 stays within,
+    interpolated linearly to the first rate past it. (tokens/s, False), or (the highest
+    measured, True) when no rate passes `latency` (a lower bound), or (None, False) when the
+    lowest rate already does."""
+    prev = None
+    for lat, tps in points:
+        if lat > latency:
+            if prev is None:
+                return None, False
+            return prev[1] + (tps - prev[1]) * (latency - prev[0]) / (lat - prev[0]), False
+        prev = (lat, tps)
+    return prev[1], True
+
+
+def setting(r):
+    return (r["steps_per_launch"], r["max_prefill_tokens"], r["prefill_chunk"])
+
+
+def at_equal_latency(rows):
+    """Throughput at equal p99 latency (the comparison of the vLLM paper): at each rate the
+    static batches were measured at, each engine setting's throughput at the static batches'
+    p99 time to first token and p99 end-to-end latency there, interpolated along the engine's
+    own rates (`throughput_at`), and the ratio."""
+    static = sorted((r for r in rows if r["mode"] == "static"), key=lambda r: r["rate"])
+    out = []
+    for key in dict.fromkeys(setting(r) for r in rows if r["mode"] == "continuous"):
+        engine = sorted((r for r in rows if r["mode"] == "continuous" and setting(r) == key),
+                        key=lambda r: r["rate"])
+        for metric in ("ttft_p99_s", "latency_p99_s"):
+            points = [(r[metric], r["tokens_per_s"]) for r in engine]
+            for s in static:
+                tps, bound = throughput_at(points, s[metric])
+                out.append({"bench": "at_equal_latency", "metric": metric,
+                            "steps_per_launch": key[0], "max_prefill_tokens": key[1],
+                            "prefill_chunk": key[2], "rate": s["rate"],
+                            "latency_s": s[metric], "static_tokens_per_s": s["tokens_per_s"],
+                            "continuous_tokens_per_s": tps, "at_least": bound,
+                            "ratio": tps / s["tokens_per_s"] if tps else None})
+    return out
+
+
+def plot(rows, path):
+    """Tokens per second against p99 time to first token and p99 latency, a line per mode
+    (each point a rate)."""
+    plt = common.pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, metric, label in zip(axes, ("ttft_p99_s", "latency_p99_s"),
+                                 ("p99 time to first token, s", "p99 end-to-end latency, s")):
+        for key in dict.fromkeys((r["mode"], setting(r)) for r in rows):
+            pts = sorted((r for r in rows if (r["mode"], setting(r)) == key),
+                         key=lambda r: r["rate"])
+            name = ("static generate batches" if key[0] == "static" else
+                    f"continuous, {key[1][0]} steps a launch")
+            ax.plot([r[metric] for r in pts], [r["tokens_per_s"] for r in pts], "o-",
+                    label=name)
+            for r in pts:
+                ax.annotate(f"{r['rate']:g}/s", (r[metric], r["tokens_per_s"]),
+                            textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("output tokens/s")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{rows[0]['machine']}, {rows[0]['model']}: throughput against p99 latency "
+                 "(a point per request rate)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -527,8 +527,10 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
     out += [f"| {r['steps_per_launch']} | {r['engine_step_ms']:.2f} | "
             f"{r['engine_step_device_ms']:.2f} | {r['generate_step_ms']:.2f} | "
             f"{r['all_slots_tokens_per_s']:.0f} |" for r in rows if r["bench"] == "limits"]
+    latency = any("latency_p99_s" in r for r in rows)  # reported since the rate sweeps
     out += ["", "| rate, req/s | mode | tokens/s | TTFT p50 / p99, s | TPOT p50 / p99, ms "
-            "| compile inside, s |", "| --- | --- | --- | --- | --- | --- |"]
+            + "| latency p50 / p99, s " * latency + "| compile inside, s |",
+            "| --- " * (6 + latency) + "|"]
     for r in sorted((r for r in rows if r["bench"] == "serving"),
                     key=lambda r: (r["rate"], r["mode"], r["steps_per_launch"] or 0,
                                    r.get("max_prefill_tokens") or 0)):
@@ -544,7 +546,27 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
         out.append(f"| {r['rate']:g} | {mode} | {r['tokens_per_s']:.0f} | "
                    f"{r['ttft_p50_s']:.2f} / {r['ttft_p99_s']:.2f} | "
                    f"{r['tpot_p50_s'] * 1e3:.1f} / {r['tpot_p99_s'] * 1e3:.1f} | "
-                   f"{r['compile_s_inside']:.1f} |")
+                   + (f"{r['latency_p50_s']:.2f} / {r['latency_p99_s']:.2f} | " if latency
+                      else "")
+                   + f"{r['compile_s_inside']:.1f} |")
+    equal = [r for r in rows if r["bench"] == "at_equal_latency"]
+    if equal:
+        out += ["", "| static batches at, req/s | their tokens/s | their p99 TTFT, s | the "
+                "engine's tokens/s at that p99 TTFT | ratio | their p99 latency, s | the "
+                "engine's tokens/s at that p99 latency | ratio |", "| --- " * 8 + "|"]
+        for rate in sorted({r["rate"] for r in equal}):
+            at = {r["metric"]: r for r in equal if r["rate"] == rate}
+            ttft, lat = at["ttft_p99_s"], at["latency_p99_s"]
+
+            def cells(r):
+                if r["continuous_tokens_per_s"] is None:
+                    return "(the engine's lowest rate is past it) | |"
+                more = "≥ " if r["at_least"] else ""
+                return (f"{more}{r['continuous_tokens_per_s']:.0f} | "
+                        f"**{more}{r['ratio']:.2f}×** |")
+            out.append(f"| {rate:g} | {ttft['static_tokens_per_s']:.0f} | "
+                       f"{ttft['latency_s']:.2f} | {cells(ttft)} {lat['latency_s']:.2f} | "
+                       f"{cells(lat)}")
     first = rows[0]
     (p0, p1), (o0, o1) = first.get("prompt_lens", (16, 1024)), first.get("output_lens", (16, 256))
     out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}, "
