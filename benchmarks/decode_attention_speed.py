@@ -7,8 +7,9 @@ keys per block and pipeline stages.
 Each timing is one jitted program over `--layers` layers, unrolled as a decode step runs them,
 the cache donated (written in place), launched back to back. "of_copy": the cache bytes the
 step reads (every sequence's keys and values up to its length) over the time, against the copy
-bandwidth measured in the same run. Result:
-benchmarks/results/decode_attention_speed_<machine>.jsonl.
+bandwidth measured in the same run. `--kv-dtypes bfloat16,float8_e4m3fn` times each setting
+with a 16-bit and an FP8 cache (rel_err_vs_first: against the point's first setting and dtype).
+Result: benchmarks/results/decode_attention_speed_<machine>.jsonl.
 
     python benchmarks/decode_attention_speed.py            # GPU
     python benchmarks/decode_attention_speed.py --tiny     # CPU plumbing (interpreted)
@@ -36,6 +37,11 @@ def main():
     ap.add_argument("--points", default="1x512,8x512,32x256,32x768,32x2048,1x4096",
                     help="batch x context, comma-separated")
     ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke run)")
+    ap.add_argument("--kv-dtypes", default="bfloat16",
+                    help="the cache's dtypes, comma-separated (float8_e4m3fn: an FP8 cache, "
+                         "CompileOptions(kv_cache_dtype='fp8'))")
+    ap.add_argument("--default-only", action="store_true",
+                    help="only the module's tiling (`default`), no sweep")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -43,6 +49,7 @@ def main():
     import jax.numpy as jnp
 
     from models import decode_attention as da
+    from models.cache import to_cache
 
     gpu = jax.default_backend() == "gpu"
     tag = "h200" if gpu and "H200" in jax.devices()[0].device_kind else jax.default_backend()
@@ -53,6 +60,7 @@ def main():
               [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")])
     settings = ([(256, 16, 32, 2), (1024, 64, 16, 2)] if args.tiny else
                 [(t, m, b, s) for (t, m), b, s in itertools.product(SPLITS, BLOCKS, STAGES)])
+    dtypes = [jnp.dtype(d) for d in args.kv_dtypes.split(",")]
     bandwidth, kinds = common.copy_bandwidth((1 << 30) if not args.tiny else (1 << 22))
     res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9,
               **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
@@ -65,9 +73,11 @@ def main():
         sin = jnp.zeros((batch, h), jnp.float32)
         pos = jnp.full((batch,), context - 1, jnp.int32)
         length = pos + 1
-        read = 2 * L * batch * context * kv * h * 2  # keys and values, bf16
         ref = None
-        for target, most, block, stages in settings:
+        default = (da.TARGET_PROGRAMS, da.MAX_SPLITS, da.BLOCK_S, da.stages(batch, kv))
+        todo = [default] if args.default_only else settings
+        for (target, most, block, stages), dtype in itertools.product(todo, dtypes):
+            read = 2 * L * batch * context * kv * h * dtype.itemsize  # keys and values
             def step(kc, vc, t=target, m=most, b=block, st=stages):
                 outs = []
                 for layer in range(L):
@@ -78,13 +88,12 @@ def main():
                 return jnp.stack(outs), kc, vc
 
             fn = jax.jit(step, donate_argnums=(0, 1))
-            kc = jax.random.normal(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
-            vc = jax.random.normal(jax.random.fold_in(key, 2), shape, jnp.bfloat16)
+            kc, vc = (to_cache(jax.random.normal(jax.random.fold_in(key, i), shape,
+                                                 jnp.bfloat16), dtype) for i in (1, 2))
             row = {"bench": "decode_attention", "batch": batch, "context": context,
                    "cache_len": s, "layers": L, "target_programs": target, "max_splits": most,
-                   "block_s": block, "num_stages": stages,
-                   "default": (target, most, block, stages) == (
-                       da.TARGET_PROGRAMS, da.MAX_SPLITS, da.BLOCK_S, da.stages(batch, kv))}
+                   "block_s": block, "num_stages": stages, "kv_dtype": dtype.name,
+                   "default": (target, most, block, stages) == default}
             try:
                 o, kc, vc = fn(kc, vc)
                 jax.block_until_ready(o)

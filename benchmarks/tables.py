@@ -161,7 +161,10 @@ def fp8_accuracy() -> str:
     out += ["", f"Prefill logits with `quantization=\"fp8\"` (the layers' projections) and "
             f"`\"fp8-head\"` (the LM head, or a tied embedding, too) against the same model and "
             f"weights without it ({rows[0]['dtype']}, every position of every prompt; "
-            f"`benchmarks/fp8_accuracy.py`)."]
+            f"`benchmarks/fp8_accuracy.py`)"
+            + ("; `kv_cache_dtype=fp8`: the logits of each prompt's second half read over an FP8 "
+               "cache of its first half, against the same positions of the full prefill."
+               if any(r.get("path") == "KV cache" for r in rows) else ".")]
     return "\n".join(out)
 
 

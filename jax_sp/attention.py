@@ -33,7 +33,8 @@ class Cudnn(Xla):
             local_window_size=(window - 1, 0) if window else None, implementation="cudnn")
 
     def cached(self, q_btnh, cache, layer, fwd: Forward, window):
-        if q_btnh.shape[1] != 1 or window:
+        if q_btnh.shape[1] != 1 or window or cache.k.dtype != q_btnh.dtype:
+            # (cuDNN reads 16-bit caches only: an FP8 one is widened by XLA's attention)
             return super().cached(q_btnh, cache, layer, fwd, window)
         if self.paged:
             return _paged(q_btnh, cache, layer, fwd.kv_len_b)

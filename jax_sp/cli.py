@@ -210,6 +210,9 @@ def _model_options(p) -> None:
                    help="fp8: the layers' projections in FP8, activations quantized per token "
                         "(comm xla or ring; GPU: Hopper or newer); fp8-head: the LM head too "
                         "(default: none)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="the KV cache's elements: auto (the compute dtype) or fp8 "
+                        "(float8_e4m3fn, half the bytes; GPU: Hopper or newer)")
     p.add_argument("--max-seq-len", type=_positive, default=2048,
                    help="prompt plus new tokens at most, per request (the KV cache's length)")
 
@@ -223,12 +226,13 @@ def _process_options(p, coordinator_help: str) -> None:
 
 def _load(args):
     """The LLM of generate's and serve's model options."""
-    from jax_sp import LLM, ParallelConfig
+    from jax_sp import LLM, CompileOptions, ParallelConfig
 
     parallel = ParallelConfig(tp=args.tp, pp=args.pp, sp=args.sp, comm=args.comm,
                               attn_dp=args.attn_dp)
     return LLM.from_pretrained(args.model, parallel=parallel, dtype=args.dtype,
-                               max_seq_len=args.max_seq_len, quantization=args.quantization)
+                               max_seq_len=args.max_seq_len, quantization=args.quantization,
+                               options=CompileOptions(kv_cache_dtype=args.kv_cache_dtype))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ SP_MODES = ("off", "on", "auto")
 COMM_MODES = ("xla", "ring", "mosaic")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
@@ -157,15 +158,15 @@ def check_quantization(quantization, parallel: ParallelConfig) -> None:
                          f"gathers carry the FP8 tokens); comm='mosaic' has no FP8 kernel")
 
 
-def check_fp8_devices(devices) -> None:
-    """FP8 matmuls on GPU need Hopper or newer (compute capability 8.9+); XLA:CPU emulates
-    them."""
+def check_fp8_devices(devices, what: str = "quantization='fp8' needs FP8 matmuls",
+                      instead: str = "quantization=None") -> None:
+    """FP8 matmuls (and the FP8 conversions of jax-sp's kernels) on GPU need Hopper or newer
+    (compute capability 8.9+); XLA:CPU emulates them."""
     for d in devices:
         cc = getattr(d, "compute_capability", None)
         if d.platform == "gpu" and cc is not None and float(cc) < 8.9:
-            raise ValueError(f"quantization='fp8' needs FP8 matmuls: {d.device_kind} (compute "
-                             f"capability {cc}) has none; use an H100/H200 or newer, or "
-                             f"quantization=None")
+            raise ValueError(f"{what}: {d.device_kind} (compute capability {cc}) has none; use "
+                             f"an H100/H200 or newer, or {instead}")
 
 
 def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
@@ -200,6 +201,10 @@ class CompileOptions:
     prompts) run: weight-only (16-bit activations times the widened FP8 weight) through
     jax-sp's Pallas kernel ("pallas", models/fp8_gemv.py; interpreted off GPU) or an XLA dot
     ("xla"), or "off": W8A8 as longer inputs run ("auto": pallas on GPU, xla elsewhere).
+    kv_cache_dtype: "auto" (the model's dtype) or "fp8": keys and values stored as
+    float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
+    calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads
+    (docs/fp8.md#the-kv-cache). Any weights, any attention mode.
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 
@@ -210,12 +215,16 @@ class CompileOptions:
     row_multiple: int | None = None
     pad_rows_min_weight: int = 1 << 20
     fp8_gemv: str = "auto"
+    kv_cache_dtype: str = "auto"
     xla_options: tuple | None = None
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"CompileOptions.attention must be one of {ATTENTION_MODES}, got "
                              f"{self.attention!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"CompileOptions.kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.fp8_gemv not in FP8_GEMV_MODES:
             raise ValueError(f"CompileOptions.fp8_gemv must be one of {FP8_GEMV_MODES}, got "
                              f"{self.fp8_gemv!r}")

@@ -21,6 +21,7 @@ from jax_sp.attention import choose
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_fp8_devices,
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
+from models.cache import cache_dtype
 from models.quant import Fp8, fp8_weights, is_scale, quantize_weight, scale_of, stored_order
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
@@ -89,6 +90,10 @@ class Runtime:
                      if mesh is None else mesh)
         if quantization:
             check_fp8_devices(self.mesh.devices.flat)
+        if self.options.kv_cache_dtype == "fp8":
+            check_fp8_devices(self.mesh.devices.flat, "kv_cache_dtype='fp8' needs FP8 "
+                              "conversions", "kv_cache_dtype='auto'")
+        self.cache_dtype = cache_dtype(self.options.kv_cache_dtype, self.dtype)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)
             self.mesh = tp_mesh(self.mesh)
@@ -232,13 +237,13 @@ class Runtime:
 
     def empty_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache inside a traced program, laid out as `cache_sharding`."""
-        zeros = jnp.zeros(self._cache_shape(batch, max_len), self.dtype)
+        zeros = jnp.zeros(self._cache_shape(batch, max_len), self.cache_dtype)
         zeros = jax.lax.with_sharding_constraint(zeros, self.cache_sharding())
         return KVCache(zeros, zeros)
 
     def abstract_cache(self, batch: int, max_len: int) -> KVCache:
         """The cache as ShapeDtypeStructs carrying its sharding (ahead-of-time compiles)."""
-        kv = jax.ShapeDtypeStruct(self._cache_shape(batch, max_len), self.dtype,
+        kv = jax.ShapeDtypeStruct(self._cache_shape(batch, max_len), self.cache_dtype,
                                   sharding=self.cache_sharding())
         return KVCache(kv, kv)
 

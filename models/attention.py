@@ -107,9 +107,9 @@ class Xla:
 
     def cached(self, q_btnh, cache, layer, fwd: Forward, window):
         """Attention of T new tokens per sequence over layer `layer` of the cache (slot s holds
-        position s)."""
+        position s). An FP8 cache is widened to q's dtype as it is read."""
         b = q_btnh.shape[0]
-        k_bskh, v_bskh = cache.layer(layer)
+        k_bskh, v_bskh = (c.astype(q_btnh.dtype) for c in cache.layer(layer))
         kpos_bs = jnp.broadcast_to(jnp.arange(k_bskh.shape[1]), (b, k_bskh.shape[1]))
         return attend(q_btnh, k_bskh, v_bskh, fwd.positions_bt, kpos_bs, fwd.kv_len_b, window)
 

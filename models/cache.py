@@ -20,6 +20,21 @@ import jax.numpy as jnp
 CACHE_AXES = ("layers", "cache_batch", "cache_seq", "kv_heads", "head_dim")
 
 
+def cache_dtype(kv_cache_dtype: str, dtype):
+    """The cache's element type: the model's dtype ("auto") or float8_e4m3fn ("fp8")."""
+    return jnp.dtype(jnp.float8_e4m3fn) if kv_cache_dtype == "fp8" else jnp.dtype(dtype)
+
+
+def to_cache(x, dtype):
+    """x in the cache's dtype; into FP8 saturated at its largest finite value (float8_e4m3fn
+    has no infinity: a plain conversion of anything past +-448 is NaN)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        top = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -top, top)
+    return x.astype(dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
@@ -39,12 +54,12 @@ class KVCache:
         does in place, instead of a per-row scatter."""
         if aligned:
             at = (layer, 0, start_b[0], 0, 0)
-            return KVCache(*(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), at)
+            return KVCache(*(jax.lax.dynamic_update_slice(c, to_cache(new[None], c.dtype), at)
                              for c, new in ((self.k, k_btkh), (self.v, v_btkh))))
 
         def one(cache_lskh, new_tkh, start):
             return jax.lax.dynamic_update_slice(
-                cache_lskh, new_tkh[None].astype(cache_lskh.dtype), (layer, start, 0, 0))
+                cache_lskh, to_cache(new_tkh[None], cache_lskh.dtype), (layer, start, 0, 0))
         write = jax.vmap(one, in_axes=(1, 0, 0), out_axes=1)
         return KVCache(write(self.k, k_btkh, start_b), write(self.v, v_btkh, start_b))
 

@@ -13,6 +13,9 @@ program whose split holds the new position writes k and v into the stacked cache
 programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
 then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
+A cache in FP8 (`CompileOptions(kv_cache_dtype="fp8")`) is read as it lies and widened to q's
+dtype in registers, block by block; the new key and value are stored saturated.
+
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
 interpreter (any backend; the tests use it on CPU). Measurements: docs/performance.md.
@@ -131,6 +134,8 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
+    from models.cache import to_cache
+
     f32 = jnp.float32
     bi, ki, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = qkv_ref.shape[-1]
@@ -144,8 +149,11 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         x1, x2 = qkv_ref[bi, ki, row, lo].astype(f32), qkv_ref[bi, ki, row, hi].astype(f32)
         return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
-    k1, k2 = (part.astype(k_out.dtype) for part in rope(g))
-    v_new = qkv_ref[bi, ki, g + 1, whole].astype(v_out.dtype)
+    # the dots run in q's dtype; a cache of another (FP8) is widened as it is read, and the new
+    # key and value are stored saturated (models/cache.py to_cache) and attended as stored
+    dtype = qkv_ref.dtype
+    k1, k2 = (to_cache(part, k_out.dtype) for part in rope(g))
+    v_new = to_cache(qkv_ref[bi, ki, g + 1, whole], v_out.dtype)
     first = pi * per_split * block_s
 
     @pl.when((pos >= first) & (pos < first + per_split * block_s))
@@ -162,7 +170,7 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         out = jnp.zeros((rows.size, half), f32)
         for j, part in enumerate(parts):
             out = jnp.where(rows[:, None] == j, part[None], out)
-        return out.astype(k_in.dtype)
+        return out.astype(dtype)
 
     qs = [rope(j) for j in range(g)]
     q1, q2 = tile([q[0] for q in qs]), tile([q[1] for q in qs])
@@ -176,9 +184,10 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         keys = pl.ds(pl.multiple_of(start, block_s), block_s)
         # the new key and value come from registers: the store above need not be visible to
         # this program's loads
-        kb1 = jnp.where(new, k1[None], k_in[layer, bi, keys, ki, lo])
-        kb2 = jnp.where(new, k2[None], k_in[layer, bi, keys, ki, hi])
-        vb = jnp.where(new, v_new[None], v_in[layer, bi, keys, ki, whole])
+        kb1 = jnp.where(new, k1.astype(dtype)[None], k_in[layer, bi, keys, ki, lo].astype(dtype))
+        kb2 = jnp.where(new, k2.astype(dtype)[None], k_in[layer, bi, keys, ki, hi].astype(dtype))
+        vb = jnp.where(new, v_new.astype(dtype)[None],
+                       v_in[layer, bi, keys, ki, whole].astype(dtype))
         scores = (plgpu.dot(q1, kb1, trans_b=True) + plgpu.dot(q2, kb2, trans_b=True)) * scale
         scores = jnp.where(keep, scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))

@@ -1,0 +1,177 @@
+"""An FP8 KV cache (CompileOptions(kv_cache_dtype="fp8")): keys and values stored as
+float8_e4m3fn and widened as attention reads them. Close to the full-precision cache, the same
+tokens on every layout and through the serving engine, half the bytes, bad settings named."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import random_prompts
+from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+from jax_sp.serving import Engine
+from models.attention import XLA, Forward
+from models.cache import KVCache, to_cache
+from models.layout import DENSE
+from test_decode_attention import _inputs, _llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fp8_accuracy import cached_logits  # noqa: E402
+
+FP8 = CompileOptions(kv_cache_dtype="fp8")
+F8 = jnp.float8_e4m3fn
+GREEDY = SamplingParams(max_new_tokens=8)
+
+
+def test_values_past_e4m3_s_range_saturate_instead_of_turning_nan():
+    x = jnp.asarray([1e4, -1e4, 448.0, 300.0, 0.1, -3.0], jnp.float32)
+    got = np.asarray(to_cache(x, F8).astype(jnp.float32))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[:3], [448.0, -448.0, 448.0])
+    # within e4m3's rounding (3 mantissa bits: 2^-4 of the value) elsewhere
+    np.testing.assert_allclose(got[3:], [300.0, 0.1, -3.0], rtol=2 ** -4)
+    assert np.isnan(np.asarray(x.astype(F8).astype(jnp.float32))[0])  # what it replaces
+    assert to_cache(x, jnp.bfloat16).dtype == jnp.bfloat16  # other dtypes: a plain cast
+
+
+def test_the_kernel_on_an_fp8_cache_equals_xla_s_attention_on_it():
+    """The fused decode kernel (interpreted) reads the FP8 cache, widens it in registers, and
+    stores the new key and value saturated; XLA's backend writes through `to_cache` and widens
+    the layer it reads. 3 sequences, 2 KV heads of 3 query heads, 96 slots, blocks of 16 keys
+    in 2 splits; one new value past e4m3's range."""
+    import models.decode_attention as da
+
+    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 96, rows=5)
+    qkv = qkv.at[1, 0, 4, 5].set(1e4)  # sequence 1's new value, head 0: saturates at 448
+    kc, vc = to_cache(kc, F8), to_cache(vc, F8)
+    positions, kv_len = jnp.asarray([0, 21, 70]), jnp.asarray([1, 22, 71])
+    out, k2, v2 = jax.jit(da.decode_attention, static_argnames=("block_s", "max_splits",
+                                                                "interpret"))(
+        qkv, cos, sin, kc, vc, 1, positions, kv_len, block_s=16, max_splits=2, interpret=True)
+    assert k2.dtype == v2.dtype == F8
+    fwd = Forward(positions[:, None], kv_len, (cos[:, None], sin[:, None]), False, DENSE, XLA)
+    want, cache = XLA(qkv[:3], fwd, KVCache(kc, vc), 1, 0)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want[:, 0]), atol=1e-5, rtol=1e-5)
+    for got, ref in ((k2, cache.k), (v2, cache.v)):
+        np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
+                                      np.asarray(ref.astype(jnp.float32)))
+    assert float(v2[1, 1, 21, 0, 5].astype(jnp.float32)) == 448.0
+    # the FP8 cache moved the output by about e4m3's rounding, not more: against the same
+    # step on the unrounded cache (the sequences without the saturated value)
+    _, _, kc0, vc0 = _inputs(3, 2, 3, 16, 3, 96, rows=5)[1:]
+    exact, _ = XLA(qkv[:3], fwd, KVCache(kc0, vc0), 1, 0)
+    rel = float(jnp.linalg.norm((want - exact)[::2]) / jnp.linalg.norm(exact[::2]))
+    assert 0 < rel < 2 ** -4 * 2, rel
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_fp8_cache_logits_stay_within_e4m3_rounding(hf_models, kind):
+    """Bound: e4m3 rounds a value by at most 2^-4 and 2^-4/sqrt(3) = 3.6% RMS. The cache rounds
+    keys and values, each one operand of one of attention's two products: the attention output
+    is off by about sqrt(2) * 3.6% = 5.1%, and the residual stream carries every layer's
+    unrounded input past it, so the logits stay within that; the top-1 token must hold at 85%
+    of the positions (the FP8 weights' bound, tests/test_quant.py). Measured: 0.4-1.9% and
+    100% (docs/fp8.md's table, tiny models); the embedded SmolLM2 6.5-8.0% and 98%. The 16-bit
+    cache read the same way gives the full prefill's logits, so the difference is the FP8
+    cache's."""
+    model = hf_models(kind)
+    prompts = random_prompts(model.config.vocab_size, (9, 13, 30, 61), seed=2)
+    full, kv = LLM.from_torch(model), LLM.from_torch(model, options=FP8)
+    assert kv.runtime.cache_dtype == F8 and full.runtime.cache_dtype == jnp.float32
+    rel, same = [], []
+    for p in prompts:
+        want = full.logits([p])[0][len(p) // 2:]
+        np.testing.assert_allclose(cached_logits(full, p, len(p) // 2), want, atol=1e-4,
+                                   rtol=1e-4)
+        got = cached_logits(kv, p, len(p) // 2)
+        rel.append(float(np.linalg.norm(got - want) / np.linalg.norm(want)))
+        same.append(got.argmax(-1) == want.argmax(-1))
+    assert 0 < max(rel) < 0.051, rel
+    assert np.mean(np.concatenate(same)) >= 0.85
+
+
+@pytest.mark.parametrize("parallel,options", [
+    (ParallelConfig(tp=2, sp="on"), FP8),
+    (ParallelConfig(tp=4, pp=2), FP8),  # KV heads padded to tp, pipeline stages
+    (ParallelConfig(tp=2, sp="on"), CompileOptions(kv_cache_dtype="fp8", attention="pallas")),
+], ids=["tp2-sp", "tp4pp2", "tp2-pallas"])
+def test_an_fp8_cache_gives_the_tokens_of_one_device_on_every_layout(parallel, options):
+    """Each value rounds on its own (no scale), so every layout stores the same FP8 values
+    as one device: the fused kernel per device on its KV heads too."""
+    model = _llama()
+    prompts = random_prompts(model.config.vocab_size, (5, 17, 3), seed=2)
+    want = [c.token_ids for c in LLM.from_torch(model, options=FP8).generate(prompts, GREEDY)]
+    llm = LLM.from_torch(model, parallel=parallel, options=options)
+    assert llm.runtime.cache_dtype == F8
+    assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
+
+
+def test_the_serving_engine_keeps_an_fp8_cache_and_generate_s_tokens(hf_models):
+    model = hf_models("llama")
+    llm = LLM.from_torch(model, options=FP8, max_seq_len=64)
+    prompts = random_prompts(model.config.vocab_size, (9, 30, 4), seed=3)
+    want = [c.token_ids for c in llm.generate(prompts, GREEDY)]
+    with Engine(llm, max_batch=2) as engine:
+        assert {c.dtype for c in jax.tree.leaves(engine.caches)} == {jnp.dtype(F8)}
+        got = [r.result() for r in [engine.submit(p, GREEDY) for p in prompts]]
+    assert got == want
+
+
+def test_an_fp8_cache_takes_half_a_16_bit_cache_s_bytes(hf_models):
+    model = hf_models("llama")
+    caches = [LLM.from_torch(model, dtype="bfloat16", options=o).runtime.abstract_cache(4, 64)
+              for o in (CompileOptions(), FP8)]
+    nbytes = [sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(c)) for c in caches]
+    assert [c.k.dtype for c in caches] == [jnp.bfloat16, F8]
+    assert nbytes[1] * 2 == nbytes[0]
+
+
+def test_the_embedded_model_still_answers_with_an_fp8_cache(smollm2):
+    cfg, params, tokenizer, _ = smollm2
+    llm = LLM(cfg, params, parallel=ParallelConfig(tp=2, sp="on"), tokenizer=tokenizer,
+              options=FP8)
+    (out,) = llm.generate(["What is the capital of France?"], SamplingParams(max_new_tokens=12))
+    assert "Paris" in out.text, out.text
+
+
+def test_an_unknown_kv_cache_dtype_is_named():
+    with pytest.raises(ValueError, match=r"CompileOptions.kv_cache_dtype must be one of "
+                                         r"\('auto', 'fp8'\), got 'int8'"):
+        CompileOptions(kv_cache_dtype="int8")
+
+
+def test_the_cli_passes_the_kv_cache_dtype(monkeypatch):
+    from jax_sp import cli
+
+    seen = {}
+    monkeypatch.setattr(LLM, "from_pretrained", classmethod(
+        lambda cls, name, **kw: seen.update(kw)))
+    cli._load(cli.build_parser().parse_args(["generate", "--kv-cache-dtype", "fp8", "hi"]))
+    assert seen["options"].kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["generate", "--kv-cache-dtype", "int8", "hi"])
+
+
+@pytest.mark.parametrize("kwargs,why", [
+    ({}, r"quantization='fp8' needs FP8 matmuls: NVIDIA A100 \(compute capability 8.0\) has "
+         r"none; use an H100/H200 or newer, or quantization=None"),
+    ({"what": "kv_cache_dtype='fp8' needs FP8 conversions", "instead": "kv_cache_dtype='auto'"},
+     r"kv_cache_dtype='fp8' needs FP8 conversions: NVIDIA A100 \(compute capability 8.0\) has "
+     r"none; use an H100/H200 or newer, or kv_cache_dtype='auto'"),
+])
+def test_fp8_on_a_gpu_before_hopper_is_named(kwargs, why):
+    """The runtime's check on the mesh's devices (described here: this machine has no GPU); an
+    H200 and CPU devices pass."""
+    from types import SimpleNamespace
+
+    from jax_sp.config import check_fp8_devices
+
+    def device(cc, kind):
+        return SimpleNamespace(platform="gpu", compute_capability=cc, device_kind=kind)
+
+    with pytest.raises(ValueError, match=why):
+        check_fp8_devices([device("9.0", "NVIDIA H200"), device("8.0", "NVIDIA A100")], **kwargs)
+    check_fp8_devices([device("9.0", "NVIDIA H200"), *jax.devices()], **kwargs)
