@@ -60,7 +60,7 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
     with Engine(llm, max_batch=max_batch, steps_per_launch=steps_per_launch,
                 max_prefill_tokens=max_prefill_tokens, prefill_chunk=prefill_chunk) as engine:
         engine.warm()  # every admission shape: none compiles inside the measured run
-        steps0 = engine.steps
+        steps0, compiled0 = engine.steps, llm.runner.compile_s()
         start, requests = time.perf_counter(), []
         for arrival, prompt, n in jobs:
             delay = start + arrival - time.perf_counter()
@@ -72,12 +72,14 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
             r.result()
         finish = max(r.finished for r in requests)
         steps = engine.steps - steps0
+        compiled = llm.runner.compile_s() - compiled0
     tokens = sum(len(r.token_ids) for r in requests)
     ttft = [r.first_token_s for r in requests]
     tpot = [(r.finished - r.submitted - r.first_token_s) / (len(r.token_ids) - 1)
             for r in requests if len(r.token_ids) > 1]
     return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
             "latency": [r.finished - r.submitted for r in requests],
+            "compile_s": compiled,  # inside the measured run (after the engine's warm())
             "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
             "steps": steps,
             "prefill_chunks": engine.chunks,
@@ -468,7 +470,8 @@ def main():
                 run(llm, jobs, args.max_batch)
             c0 = llm.runner.compile_s()
             r = run(llm, jobs, args.max_batch)
-            r["compile_s"] = llm.runner.compile_s() - c0  # shapes the warm run did not meet
+            # shapes the warm run did not meet (the engine's own count excludes its warm())
+            r.setdefault("compile_s", llm.runner.compile_s() - c0)
             served.append(res.emit({
                 "bench": "serving", "mode": mode, "steps_per_launch": k,
                 "max_prefill_tokens": budget, "prefill_chunk": chunk, "rate": rate,
@@ -489,18 +492,19 @@ def main():
 
 def throughput_at(points, latency):
     """The throughput a mode sustains with its p99 latency at most `latency`, from its
-    [(p99 s, tokens/s)] in rising rate order: along the rates while the p99 stays within,
-    interpolated linearly to the first rate past it. (tokens/s, False), or (the highest
+    [(p99 s, tokens/s)] in rising rate order: the most of the rates while the p99 stays within
+    and of the linear interpolation to the first rate past it. (tokens/s, False), or (the most
     measured, True) when no rate passes `latency` (a lower bound), or (None, False) when the
     lowest rate already does."""
-    prev = None
+    prev, best = None, None
     for lat, tps in points:
         if lat > latency:
             if prev is None:
                 return None, False
-            return prev[1] + (tps - prev[1]) * (latency - prev[0]) / (lat - prev[0]), False
-        prev = (lat, tps)
-    return prev[1], True
+            return max(best, prev[1] + (tps - prev[1]) * (latency - prev[0])
+                       / (lat - prev[0])), False
+        prev, best = (lat, tps), tps if best is None else max(best, tps)
+    return best, True
 
 
 def setting(r):

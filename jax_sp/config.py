@@ -169,6 +169,15 @@ def check_fp8_devices(devices, what: str = "quantization='fp8' needs FP8 matmuls
                              f"an H100/H200 or newer, or {instead}")
 
 
+def check_devices_for(options: CompileOptions, quantization: str | None, devices) -> None:
+    """What a runtime's FP8 settings need of its devices (`check_fp8_devices`)."""
+    if quantization:
+        check_fp8_devices(devices)
+    if options.kv_cache_dtype == "fp8":
+        check_fp8_devices(devices, "kv_cache_dtype='fp8' needs FP8 conversions",
+                          "kv_cache_dtype='auto'")
+
+
 def check_parallel(parallel: ParallelConfig, model: ModelConfig, num_devices: int) -> None:
     check_devices(parallel, num_devices)
     if parallel.pp > model.num_layers:

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jax_sp.attention import choose
-from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_fp8_devices,
+from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_devices_for,
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from models.cache import cache_dtype
@@ -88,11 +88,7 @@ class Runtime:
         self.options, self.quantization = options or CompileOptions(), quantization
         self.mesh = (make_mesh(parallel.tp, 1, cfg=parallel.cfg, attn_dp=parallel.attn_dp)
                      if mesh is None else mesh)
-        if quantization:
-            check_fp8_devices(self.mesh.devices.flat)
-        if self.options.kv_cache_dtype == "fp8":
-            check_fp8_devices(self.mesh.devices.flat, "kv_cache_dtype='fp8' needs FP8 "
-                              "conversions", "kv_cache_dtype='auto'")
+        check_devices_for(self.options, quantization, self.mesh.devices.flat)
         self.cache_dtype = cache_dtype(self.options.kv_cache_dtype, self.dtype)
         if parallel.comm == "mosaic":  # the kernel wants a one-axis mesh (sharding/mosaic.py)
             check_mesh(self.mesh, self.dtype)

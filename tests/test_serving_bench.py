@@ -19,6 +19,11 @@ def test_throughput_at_reads_along_the_rates_until_the_latency_is_passed():
     assert serving.throughput_at(points, 9.0) == (3500.0, True)
     # below the lowest rate's latency: nothing the engine measured sustains it
     assert serving.throughput_at(points, 0.05) == (None, False)
+    # the most within the latency, not the last: a rate that served less does not lower it
+    assert serving.throughput_at([(0.1, 1000.0), (0.5, 3000.0), (0.9, 2500.0)], 2.0) == \
+        (3000.0, True)
+    assert serving.throughput_at([(0.1, 1000.0), (0.5, 3000.0), (0.9, 2500.0), (3.0, 100.0)],
+                                 1.0)[0] == 3000.0
     # a later rate back under the latency does not count once one rate has passed it
     assert serving.throughput_at([(0.1, 1.0), (2.0, 2.0), (0.5, 3.0)], 1.0)[0] == \
         pytest.approx(1.0 + 0.9 / 1.9)
