@@ -63,34 +63,32 @@ def cached_logits(llm, prompt, split: int):
     return np.asarray(jax.jit(run)(llm.state, jnp.asarray([prompt], jnp.int32)))
 
 
-def compare(results, name, full, fp8, prompts, path, quantization):
+def emit(results, name, quantization, path, prompts, full, a, b):
+    """Relative L2 error of each prompt's logits b against a (`full`'s) [T_i, V], and top-1
+    agreement over every position."""
     import numpy as np
 
-    a = full.logits(prompts)
-    # weight-only: one prompt at a time, so each forward has at most 64 rows
-    b = fp8.logits(prompts) if path == "W8A8" else [fp8.logits([p])[0] for p in prompts]
     rel = [float(np.linalg.norm(x - y) / np.linalg.norm(x)) for x, y in zip(a, b)]
     same = np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b)])
     results.emit({"model": name, "quantization": quantization, "path": path,
-                  "prompts": len(prompts),
-                  "tokens": int(sum(len(p) for p in prompts)),
+                  "prompts": len(prompts), "tokens": int(sum(len(x) for x in a)),
                   "rel_l2_median": float(np.median(rel)), "rel_l2_max": max(rel),
                   "top1_agreement": float(same.mean()), "dtype": str(full.runtime.dtype.__name__)})
+
+
+def compare(results, name, full, fp8, prompts, path, quantization):
+    a = full.logits(prompts)
+    # weight-only: one prompt at a time, so each forward has at most 64 rows
+    b = fp8.logits(prompts) if path == "W8A8" else [fp8.logits([p])[0] for p in prompts]
+    emit(results, name, quantization, path, prompts, full, a, b)
 
 
 def compare_cache(results, name, full, kv, prompts):
     """The logits of each prompt's second half over an FP8 KV cache of its first half
     (`cached_logits`) against the same positions of the full prefill (no cache read)."""
-    import numpy as np
-
-    a = [full.logits([p])[0][len(p) // 2:] for p in prompts]
-    b = [cached_logits(kv, p, len(p) // 2) for p in prompts]
-    rel = [float(np.linalg.norm(x - y) / np.linalg.norm(x)) for x, y in zip(a, b)]
-    same = np.concatenate([x.argmax(-1) == y.argmax(-1) for x, y in zip(a, b)])
-    results.emit({"model": name, "quantization": "kv_cache_dtype=fp8", "path": "KV cache",
-                  "prompts": len(prompts), "tokens": int(sum(len(x) for x in a)),
-                  "rel_l2_median": float(np.median(rel)), "rel_l2_max": max(rel),
-                  "top1_agreement": float(same.mean()), "dtype": str(full.runtime.dtype.__name__)})
+    emit(results, name, "kv_cache_dtype=fp8", "KV cache", prompts, full,
+         [full.logits([p])[0][len(p) // 2:] for p in prompts],
+         [cached_logits(kv, p, len(p) // 2) for p in prompts])
 
 
 def main():

@@ -553,16 +553,17 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
                       else "")
                    + f"{r['compile_s_inside']:.1f} |")
     equal = [r for r in rows if r["bench"] == "at_equal_latency"]
-    settings = list(dict.fromkeys((r["steps_per_launch"], r["max_prefill_tokens"],
-                                   r["prefill_chunk"]) for r in equal))
+    def setting(r):
+        return r["steps_per_launch"], r["max_prefill_tokens"], r["prefill_chunk"]
+
+    settings = list(dict.fromkeys(map(setting, equal)))
     for key in settings:
         label = (f" (the engine at {key[0]} steps a launch, prefills together up to {key[1]} "
                  f"tokens, chunks of {key[2]})" if len(settings) > 1 else "")
         out += ["", f"| static batches at, req/s | their tokens/s | their p99 TTFT, s | the "
                 f"engine's tokens/s at that p99 TTFT{label} | ratio | their p99 latency, s | the "
                 f"engine's tokens/s at that p99 latency | ratio |", "| --- " * 8 + "|"]
-        mine = [r for r in equal if (r["steps_per_launch"], r["max_prefill_tokens"],
-                                     r["prefill_chunk"]) == key]
+        mine = [r for r in equal if setting(r) == key]
         for rate in sorted({r["rate"] for r in mine}):
             at = {r["metric"]: r for r in mine if r["rate"] == rate}
             ttft, lat = at["ttft_p99_s"], at["latency_p99_s"]
