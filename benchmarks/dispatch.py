@@ -71,7 +71,8 @@ def main():
     from jax_sp.generate import Static, decode_step_fn
     from jax_sp.presets import preset
     from jax_sp.sampling import row_keys
-    from jax_sp.serving import Engine, slots_step_fn
+    from jax_sp.serving import Engine
+    from jax_sp.slots import slots_step_fn
 
     cfg = dataclasses.replace(preset(args.model), num_layers=args.layers)
     device = "cuda" if jax.default_backend() == "gpu" else "cpu"

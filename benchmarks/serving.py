@@ -320,7 +320,7 @@ def slots_launcher(engine):
     """A launch of the engine's step program (greedy form, one stage) outside its loop, with
     the slots' rows put on the device once: launch(tokens) -> (tokens [steps, B], the last
     [B]), the engine's cache updated in place."""
-    from jax_sp.serving import slots_step_fn
+    from jax_sp.slots import slots_step_fn
 
     runner, k = engine.runner, engine.steps_per_launch
     st, static = runner.stages[0], engine.statics[False]

@@ -2,12 +2,13 @@
 on Starlette and uvicorn (`pip install -e ".[serve]"`).
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
-(streamed as server-sent events with `"stream": true`, whole otherwise) and `GET /metrics`
-(Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
-(`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
-away mid-stream has its request cancelled and its slot freed. `stop` strings are met on the
-decoded text: the text ends before the first one and the request ends there (finish_reason
-"stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
+(streamed as server-sent events with `"stream": true`, whole otherwise; `n` choices, each an
+engine request of its own, choice i sampled with seed + i; `stream_options.include_usage` ends a
+stream with a usage chunk) and `GET /metrics` (Prometheus' text format). Bad requests get HTTP
+400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and
+change nothing else. A client that goes away mid-stream has its request cancelled and its slot
+freed. `stop` strings are met on the decoded text: the text ends before the first one and the
+request ends there (finish_reason "stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
 open ones; then the engine drains what is left.
 
     jax-sp serve --model smollm2 --port 8000
@@ -15,6 +16,7 @@ open ones; then the engine drains what is left.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -51,6 +53,18 @@ def _number(body, name, default, low, high, integer=False):
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class Ask:
+    """One parsed request: what `Engine.submit` takes, and how to answer."""
+
+    prompt: object  # a string, token ids or a conversation
+    sampling: SamplingParams  # choice 0's; choice i's seed is seed + i
+    stop: list[str]
+    stream: bool
+    n: int = 1  # choices
+    usage_chunk: bool = False  # a stream ends with a chunk holding the usage
+
+
 class Server:
     """The app's state: the LLM, its engine, the served name, the metrics."""
 
@@ -65,8 +79,8 @@ class Server:
 
     # -- parsing -------------------------------------------------------------------------------
 
-    def parse(self, body, chat: bool):
-        """(prompt for Engine.submit, SamplingParams, stop strings, stream) or BadRequest."""
+    def parse(self, body, chat: bool) -> Ask:
+        """The request's Ask, or BadRequest."""
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")
         model = body.get("model")
@@ -90,8 +104,7 @@ class Server:
                     and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
                 raise BadRequest("'prompt' must be a non-empty string or a list of token ids "
                                  "(one prompt per request)", "prompt")
-        if _number(body, "n", 1, 1, 1, integer=True) != 1:
-            raise BadRequest("'n' must be 1", "n")
+        n = _number(body, "n", 1, 1, self.engine.slots, integer=True)  # side by side
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(
@@ -101,6 +114,15 @@ class Server:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+        options = body.get("stream_options")
+        if options is not None and not stream:
+            raise BadRequest("'stream_options' is only allowed with 'stream': true",
+                             "stream_options")
+        usage_chunk = (options or {}).get("include_usage") if isinstance(
+            options or {}, dict) else options
+        if not isinstance(usage_chunk or False, bool):
+            raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}"
+                             f", got {options!r}", "stream_options")
         limit = self.llm.max_seq_len
         max_tokens = _number(body, "max_completion_tokens" if chat and
                              "max_completion_tokens" in body else "max_tokens",
@@ -118,7 +140,7 @@ class Server:
                 raise BadRequest(f"the messages take {limit - room} tokens, the whole context "
                                  f"of {limit}", "messages", "context_length_exceeded")
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
-        return prompt, sampling, stop, stream
+        return Ask(prompt, sampling, stop, stream, n, bool(usage_chunk))
 
     @staticmethod
     def _logprobs(body, chat: bool) -> int | None:
@@ -160,16 +182,55 @@ class Server:
 
     # -- one request ---------------------------------------------------------------------------
 
-    def submit(self, prompt, sampling, chat: bool):
-        try:  # a completion's text goes in as it is, a chat's through the chat template
-            return self.engine.submit(prompt, sampling, chat=chat)
+    def submit(self, ask: Ask, chat: bool) -> list:
+        """One engine request per choice (choice i with seed + i, so that each is what a
+        request of that seed alone gives); a completion's text goes in as it is, a chat's
+        through the chat template. Bad input: BadRequest, and nothing stays queued."""
+        requests = []
+        try:
+            for i in range(ask.n):
+                sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
+                                               % 2**64) if i else ask.sampling
+                requests.append(self.engine.submit(ask.prompt, sampling, chat=chat))
         except (ValueError, TypeError) as e:
+            for request in requests:
+                self.engine.cancel(request)
             code = "context_length_exceeded" if "max_seq_len" in str(e) else None
             raise BadRequest(str(e), None, code) from None
+        return requests
 
-    async def pieces(self, request, stop: list[str]):
+    async def choices(self, requests: list, stop: list[str]):
+        """(choice index, text piece, finish_reason or None, its tokens so far) from every
+        choice as its tokens come (`pieces`); leaving early cancels the unfinished ones."""
+        out: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, request):
+            try:
+                async for item in self.pieces(request, stop, count_prompt=i == 0):
+                    out.put_nowait((i, *item))
+                out.put_nowait((i, None, None, None))
+            except Exception as e:  # noqa: BLE001 - raised below, in the caller's task
+                out.put_nowait((i, e, None, None))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            left = len(tasks)
+            while left:
+                i, piece, end, n = await out.get()
+                if isinstance(piece, Exception):
+                    raise piece
+                if piece is None:
+                    left -= 1
+                else:
+                    yield i, piece, end, n
+        finally:  # a cancelled pump's `pieces` cancels its request
+            for task in tasks:
+                task.cancel()
+
+    async def pieces(self, request, stop: list[str], count_prompt: bool = True):
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
-        come; the text ends before the first stop string, which ends the request."""
+        come; the text ends before the first stop string, which ends the request.
+        count_prompt: its prompt's tokens count in the metrics (one choice of n does)."""
         ids, shown, text = [], "", ""
         hold = max((len(s) for s in stop), default=1) - 1
         try:
@@ -193,12 +254,12 @@ class Server:
         finally:
             if not request.done:  # the client went away: free the slot
                 self.engine.cancel(request)
-            self.finished(request)
+            self.finished(request, count_prompt)
 
-    def finished(self, request):
+    def finished(self, request, count_prompt: bool = True):
         n = len(request.token_ids)
         self.counters["generation_tokens"] += n
-        self.counters["prompt_tokens"] += len(request.prompt)
+        self.counters["prompt_tokens"] += len(request.prompt) if count_prompt else 0
         if request.first_token_s is not None:
             self.ttft[0] += 1
             self.ttft[1] += request.first_token_s
@@ -207,8 +268,10 @@ class Server:
                 self.tpot[0] += 1
                 self.tpot[1] += (total - request.first_token_s) / (n - 1)
 
-    def usage(self, request):
-        p, c = len(request.prompt), len(request.token_ids)
+    @staticmethod
+    def usage(requests: list):
+        """OpenAI's usage of one HTTP request: its prompt once, every choice's tokens."""
+        p, c = len(requests[0].prompt), sum(len(r.token_ids) for r in requests)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def metrics(self) -> str:
@@ -263,45 +326,49 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     body = json.loads(await http.body())
                 except ValueError as e:
                     raise BadRequest(f"the request body is not valid JSON ({e})") from None
-                prompt, sampling, stop, stream = server.parse(body, chat)
-                request = server.submit(prompt, sampling, chat)
+                ask = server.parse(body, chat)
+                requests = server.submit(ask, chat)
             except BadRequest as e:
                 server.counters["request_errors"] += 1
                 return _error(str(e), e.param, e.code)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "created": int(time.time()), "model": model_name}
 
-            def choice(text, reason, delta, logprobs=None):
+            def choice(i, text, reason, delta, logprobs=None):
                 if not chat:
-                    return {"index": 0, "text": text, "logprobs": logprobs,
+                    return {"index": i, "text": text, "logprobs": logprobs,
                             "finish_reason": reason}
                 key = "delta" if delta else "message"
-                return {"index": 0, key: ({"content": text} if delta else
+                return {"index": i, key: ({"content": text} if delta else
                                           {"role": "assistant", "content": text}),
                         "logprobs": logprobs, "finish_reason": reason}
 
-            if not stream:
-                text, reason, n = "", None, 0
-                async for piece, end, n in server.pieces(request, stop):
-                    text, reason = text + piece, end or reason
-                return JSONResponse({**head, "object": kind, "choices": [choice(
-                    text, reason, False, server.logprobs(request, 0, n, chat))],
-                                     "usage": server.usage(request)})
+            if not ask.stream:
+                texts, reasons, counts = [""] * ask.n, [None] * ask.n, [0] * ask.n
+                async for i, piece, end, n in server.choices(requests, ask.stop):
+                    texts[i], reasons[i], counts[i] = texts[i] + piece, end or reasons[i], n
+                return JSONResponse({**head, "object": kind, "choices": [
+                    choice(i, texts[i], reasons[i], False,
+                           server.logprobs(r, 0, counts[i], chat))
+                    for i, r in enumerate(requests)], "usage": server.usage(requests)})
 
             async def events():
                 obj = kind + ".chunk" if chat else kind
-                if chat:
-                    first = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None}
-                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [first]})}\n\n"
-                sent, shown = 0, 0  # tokens and characters sent
-                async for piece, end, n in server.pieces(request, stop):
+
+                def event(choices, **extra):
+                    chunk = {**head, "object": obj, "choices": choices, **extra}
+                    return f"data: {json.dumps(chunk)}\n\n"
+                for i in range(ask.n if chat else 0):
+                    yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                sent, shown = [0] * ask.n, [0] * ask.n  # each choice's tokens, characters sent
+                async for i, piece, end, n in server.choices(requests, ask.stop):
                     if piece or end:
-                        logprobs = server.logprobs(request, sent, n, chat, shown)
-                        sent, shown = n, shown + len(piece)
-                        chunk = {**head, "object": obj,
-                                 "choices": [choice(piece, end, True, logprobs)]}
-                        yield f"data: {json.dumps(chunk)}\n\n"
+                        logprobs = server.logprobs(requests[i], sent[i], n, chat, shown[i])
+                        sent[i], shown[i] = n, shown[i] + len(piece)
+                        yield event([choice(i, piece, end, True, logprobs)])
+                if ask.usage_chunk:
+                    yield event([], usage=server.usage(requests))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")

@@ -102,7 +102,11 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served):
     ({"model": MODEL, "prompt": "hi " * 150, "max_tokens": 100}, "exceeds max_seq_len=192"),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
     ({"model": MODEL, "prompt": 7}, "'prompt' must be a non-empty string"),
-    ({"model": MODEL, "prompt": "hi", "n": 2}, "'n' must be an integer in"),
+    ({"model": MODEL, "prompt": "hi", "n": 5}, r"'n' must be an integer in \[1, 4\]"),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}},
+     "'stream_options' is only allowed with 'stream': true"),
+    ({"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
+     "'stream_options' must be an object like"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served, body,
                                                                              message):
@@ -163,10 +167,45 @@ def test_logprobs_through_the_openai_client(served):
         assert r.status_code == 400 and re.search(message, r.json()["error"]["message"]), r.text
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_slot(served):
+def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(served):
+    """n = 3 sampled choices: choice i is `generate`'s text for seed + i alone; streamed, each
+    index's pieces join into the same texts, and a usage chunk (stream_options) ends the
+    stream with the whole answer's usage: the prompt once, every choice's tokens."""
+    llm, _, _, client = served
+    prompt, n = "Once upon a time", 3
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    whole = client.completions.create(n=n, **kw)
+    alone = [llm.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.9,
+                                                   top_p=0.95, seed=11 + i), chat=False)[0]
+             for i in range(n)]
+    want = [c.text for c in alone]
+    assert len(set(want)) > 1  # the seeds really differ
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == want
+    chunks = list(client.completions.create(n=n, stream=True,
+                                            stream_options={"include_usage": True}, **kw))
+    streamed = ["".join(c.choices[0].text for c in chunks if c.choices
+                        and c.choices[0].index == i) for i in range(n)]
+    assert streamed == want
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert whole.usage.prompt_tokens == len(llm.encode(prompt, chat=False))
+    assert whole.usage.completion_tokens == sum(len(c.token_ids) for c in alone)
+
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+                max_tokens=4, temperature=0, n=2)
+    greedy = text_alone(llm, chat["messages"], 4, True)
+    assert [c.message.content for c in client.chat.completions.create(**chat).choices] == [
+        greedy, greedy]
+    chunks = list(client.chat.completions.create(stream=True, **chat))
+    assert sorted(c.choices[0].index for c in chunks if c.choices[0].delta.role) == [0, 1]
+    assert ["".join(c.choices[0].delta.content or "" for c in chunks
+                    if c.choices[0].index == i) for i in (0, 1)] == [greedy, greedy]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served, n):
     _, server, base, client = served
     body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, "n": n}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # decoding has begun

@@ -11,7 +11,8 @@ import torch
 
 from conftest import hf_logits, random_prompts
 from jax_sp import LLM, ParallelConfig, SamplingParams
-from jax_sp.serving import Engine, prefill_groups
+from jax_sp.serving import Engine
+from jax_sp.slots import prefill_groups
 
 
 def alone(llm, prompt, sampling):
