@@ -2,13 +2,14 @@
 on Starlette and uvicorn (`pip install -e ".[serve]"`).
 
 Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
-(streamed as server-sent events with `"stream": true`, whole otherwise; `n` choices, each an
-engine request of its own, choice i sampled with seed + i; `stream_options.include_usage` ends a
-stream with a usage chunk) and `GET /metrics` (Prometheus' text format). Bad requests get HTTP
-400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and
-change nothing else. A client that goes away mid-stream has its request cancelled and its slot
-freed. `stop` strings are met on the decoded text: the text ends before the first one and the
-request ends there (finish_reason "stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
+(streamed as server-sent events with `"stream": true`, whole otherwise; `n` choices and a
+completion's list of prompts, each choice an engine request of its own, sampled with seed + i;
+`stream_options.include_usage` ends a stream with a usage chunk) and `GET /metrics`
+(Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
+(`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
+away mid-stream has its request cancelled and its slot freed. `stop` strings are met on the
+decoded text: the text ends before the first one and the request ends there (finish_reason
+"stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
 open ones; then the engine drains what is left.
 
     jax-sp serve --model smollm2 --port 8000
@@ -57,7 +58,7 @@ def _number(body, name, default, low, high, integer=False):
 class Ask:
     """One parsed request: what `Engine.submit` takes, and how to answer."""
 
-    prompt: object  # a string, token ids or a conversation
+    prompts: list  # each a string, token ids or a conversation (chat: one)
     sampling: SamplingParams  # choice 0's; choice i's seed is seed + i
     stop: list[str]
     stream: bool
@@ -94,16 +95,18 @@ class Server:
                     and isinstance(m.get("content"), str) for m in messages):
                 raise BadRequest("'messages' must be a non-empty list of {\"role\": str, "
                                  "\"content\": str}", "messages")
-            prompt = [{"role": m["role"], "content": m["content"]} for m in messages]
+            prompts = [[{"role": m["role"], "content": m["content"]} for m in messages]]
         else:
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if not (isinstance(prompt, str) and prompt) and not (
-                    isinstance(prompt, list) and prompt
-                    and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
-                raise BadRequest("'prompt' must be a non-empty string or a list of token ids "
-                                 "(one prompt per request)", "prompt")
+            ids = lambda p: isinstance(p, list) and p and all(  # noqa: E731
+                isinstance(t, int) and not isinstance(t, bool) for t in p)
+            one = lambda p: (isinstance(p, str) and p) or ids(p)  # noqa: E731
+            # a string or token ids, or a list of either: one prompt each
+            prompts = [prompt] if one(prompt) else prompt
+            if not isinstance(prompts, list) or not prompts or not all(map(one, prompts)):
+                raise BadRequest("'prompt' must be a non-empty string, a list of token ids, or "
+                                 f"a list of those (one prompt each), got {prompt!r:.80}",
+                                 "prompt")
         n = _number(body, "n", 1, 1, self.engine.slots, integer=True)  # side by side
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
@@ -135,12 +138,12 @@ class Server:
             seed=_number(body, "seed", 0, -2 ** 63, 2 ** 64 - 1, integer=True),
             logprobs=self._logprobs(body, chat))
         if chat and max_tokens is None:  # as much as the context leaves
-            room = limit - len(self.llm.encode(prompt))
+            room = limit - len(self.llm.encode(prompts[0]))
             if room < 1:
                 raise BadRequest(f"the messages take {limit - room} tokens, the whole context "
                                  f"of {limit}", "messages", "context_length_exceeded")
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
-        return Ask(prompt, sampling, stop, stream, n, bool(usage_chunk))
+        return Ask(prompts, sampling, stop, stream, n, bool(usage_chunk))
 
     @staticmethod
     def _logprobs(body, chat: bool) -> int | None:
@@ -183,15 +186,17 @@ class Server:
     # -- one request ---------------------------------------------------------------------------
 
     def submit(self, ask: Ask, chat: bool) -> list:
-        """One engine request per choice (choice i with seed + i, so that each is what a
-        request of that seed alone gives); a completion's text goes in as it is, a chat's
-        through the chat template. Bad input: BadRequest, and nothing stays queued."""
+        """One engine request per choice, prompt by prompt (choice j * n + i: prompt j with
+        seed + i, so that each is what a request of that seed alone gives); a completion's text
+        goes in as it is, a chat's through the chat template. Bad input: BadRequest, and
+        nothing stays queued."""
         requests = []
         try:
-            for i in range(ask.n):
-                sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
-                                               % 2**64) if i else ask.sampling
-                requests.append(self.engine.submit(ask.prompt, sampling, chat=chat))
+            for prompt in ask.prompts:
+                for i in range(ask.n):
+                    sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
+                                                   % 2**64) if i else ask.sampling
+                    requests.append(self.engine.submit(prompt, sampling, chat=chat))
         except (ValueError, TypeError) as e:
             for request in requests:
                 self.engine.cancel(request)
@@ -199,14 +204,15 @@ class Server:
             raise BadRequest(str(e), None, code) from None
         return requests
 
-    async def choices(self, requests: list, stop: list[str]):
+    async def choices(self, requests: list, stop: list[str], n: int):
         """(choice index, text piece, finish_reason or None, its tokens so far) from every
-        choice as its tokens come (`pieces`); leaving early cancels the unfinished ones."""
+        choice as its tokens come (`pieces`; the first of each prompt's n counts its prompt);
+        leaving early cancels the unfinished ones."""
         out: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, request):
             try:
-                async for item in self.pieces(request, stop, count_prompt=i == 0):
+                async for item in self.pieces(request, stop, count_prompt=i % n == 0):
                     out.put_nowait((i, *item))
                 out.put_nowait((i, None, None, None))
             except Exception as e:  # noqa: BLE001 - raised below, in the caller's task
@@ -230,7 +236,7 @@ class Server:
     async def pieces(self, request, stop: list[str], count_prompt: bool = True):
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
         come; the text ends before the first stop string, which ends the request.
-        count_prompt: its prompt's tokens count in the metrics (one choice of n does)."""
+        count_prompt: its prompt's tokens count in the metrics (one choice of a prompt's n)."""
         ids, shown, text = [], "", ""
         hold = max((len(s) for s in stop), default=1) - 1
         try:
@@ -269,9 +275,11 @@ class Server:
                 self.tpot[1] += (total - request.first_token_s) / (n - 1)
 
     @staticmethod
-    def usage(requests: list):
-        """OpenAI's usage of one HTTP request: its prompt once, every choice's tokens."""
-        p, c = len(requests[0].prompt), sum(len(r.token_ids) for r in requests)
+    def usage(requests: list, n: int):
+        """OpenAI's usage of one HTTP request: each prompt once (its n choices share it), every
+        choice's tokens."""
+        p = sum(len(r.prompt) for r in requests[::n])
+        c = sum(len(r.token_ids) for r in requests)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def metrics(self) -> str:
@@ -344,13 +352,14 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                         "logprobs": logprobs, "finish_reason": reason}
 
             if not ask.stream:
-                texts, reasons, counts = [""] * ask.n, [None] * ask.n, [0] * ask.n
-                async for i, piece, end, n in server.choices(requests, ask.stop):
+                k = len(requests)  # prompts x n
+                texts, reasons, counts = [""] * k, [None] * k, [0] * k
+                async for i, piece, end, n in server.choices(requests, ask.stop, ask.n):
                     texts[i], reasons[i], counts[i] = texts[i] + piece, end or reasons[i], n
                 return JSONResponse({**head, "object": kind, "choices": [
                     choice(i, texts[i], reasons[i], False,
                            server.logprobs(r, 0, counts[i], chat))
-                    for i, r in enumerate(requests)], "usage": server.usage(requests)})
+                    for i, r in enumerate(requests)], "usage": server.usage(requests, ask.n)})
 
             async def events():
                 obj = kind + ".chunk" if chat else kind
@@ -361,14 +370,14 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                 for i in range(ask.n if chat else 0):
                     yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
-                sent, shown = [0] * ask.n, [0] * ask.n  # each choice's tokens, characters sent
-                async for i, piece, end, n in server.choices(requests, ask.stop):
+                sent, shown = [0] * len(requests), [0] * len(requests)  # tokens, characters sent
+                async for i, piece, end, n in server.choices(requests, ask.stop, ask.n):
                     if piece or end:
                         logprobs = server.logprobs(requests[i], sent[i], n, chat, shown[i])
                         sent[i], shown[i] = n, shown[i] + len(piece)
                         yield event([choice(i, piece, end, True, logprobs)])
                 if ask.usage_chunk:
-                    yield event([], usage=server.usage(requests))
+                    yield event([], usage=server.usage(requests, ask.n))
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")

@@ -102,6 +102,8 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served):
     ({"model": MODEL, "prompt": "hi " * 150, "max_tokens": 100}, "exceeds max_seq_len=192"),
     ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, "'temperature' must be a number"),
     ({"model": MODEL, "prompt": 7}, "'prompt' must be a non-empty string"),
+    ({"model": MODEL, "prompt": ["hi", 3]}, "'prompt' must be a non-empty string"),
+    ({"model": MODEL, "prompt": [[1, 2], []]}, "'prompt' must be a non-empty string"),
     ({"model": MODEL, "prompt": "hi", "n": 5}, r"'n' must be an integer in \[1, 4\]"),
     ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": True}},
      "'stream_options' is only allowed with 'stream': true"),
@@ -170,7 +172,8 @@ def test_logprobs_through_the_openai_client(served):
 def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(served):
     """n = 3 sampled choices: choice i is `generate`'s text for seed + i alone; streamed, each
     index's pieces join into the same texts, and a usage chunk (stream_options) ends the
-    stream with the whole answer's usage: the prompt once, every choice's tokens."""
+    stream with the whole answer's usage: the prompt once, every choice's tokens. A list of
+    prompts gives each its n choices; chat's n greedy choices are equal."""
     llm, _, _, client = served
     prompt, n = "Once upon a time", 3
     kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
@@ -189,6 +192,15 @@ def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert whole.usage.prompt_tokens == len(llm.encode(prompt, chat=False))
     assert whole.usage.completion_tokens == sum(len(c.token_ids) for c in alone)
+
+    # a list of prompts (text, or token ids): prompt j's choice i at index j * n + i
+    texts = ["The three primary colours are", "Once upon a time"]
+    for prompts in (texts, [llm.encode(t, chat=False) for t in texts]):
+        out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5,
+                                        temperature=0)
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
+            text_alone(llm, t, 5, False) for t in texts for _ in (0, 1)]
+        assert out.usage.prompt_tokens == sum(len(llm.encode(t, chat=False)) for t in texts)
 
     chat = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
                 max_tokens=4, temperature=0, n=2)
