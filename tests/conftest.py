@@ -114,3 +114,15 @@ def hf_greedy(model, prompts, max_new_tokens, eos_token_id=None):
                                  attention_mask=torch.ones(1, len(p), dtype=torch.long))
         out.append(ids[0, len(p):].tolist())
     return out
+
+
+def lowered_for_cuda(fn, *specs) -> str:
+    """The StableHLO text of `fn` lowered for CUDA on this machine (no GPU needed): Pallas
+    kernels go through their Triton lowering and sit in the module as Triton custom calls,
+    whose payload XLA compiles only on a GPU. An op the lowering cannot take raises here."""
+    import jax
+    from jax import export
+
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+        *specs).mlir_module()

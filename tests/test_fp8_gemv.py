@@ -6,12 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lowered_for_cuda
 from models.fp8_gemv import fp8_gemv, plan
 from models.quant import quantize_weight
 
 
 def reference(x, q, scale):
-    return np.asarray(x, np.float32) @ (np.asarray(q.astype(jnp.float32)) * np.asarray(scale)[:, None]).T
+    wide = np.asarray(q.astype(jnp.float32)) * np.asarray(scale)[:, None]
+    return np.asarray(x, np.float32) @ wide.T
 
 
 @pytest.mark.parametrize("rows,n,k,block_k,splits", [
@@ -55,6 +57,22 @@ def test_a_stacked_weight_is_read_at_the_layer_given():
         want = reference(x, ws[layer].q, ws[layer].scale)
         np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
                                    atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows):
+    """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload), on CUDA
+    cores (1 row) and tensor cores (32): the stacked FP8 weights go into the kernel as they
+    lie, with no slice or widened copy of them before it."""
+    spec = jax.ShapeDtypeStruct
+    text = lowered_for_cuda(lambda x, q, s, layer: fp8_gemv(x, q, s, layer, interpret=False),
+                            spec((rows, 4096), jnp.bfloat16),
+                            spec((4, 1024, 4096), jnp.float8_e4m3fn),
+                            spec((4, 1024), jnp.float32), spec((), jnp.int32))
+    calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+    assert len(calls) == 1 and "tensor<4x1024x4096xf8E4M3FN>" in calls[0]
+    assert "tensor<1024x4096xf8E4M3FN>" not in text and "x4096xbf16>" not in text.replace(
+        f"tensor<{rows}x4096xbf16>", "")
 
 
 def test_shapes_the_kernel_does_not_take_are_refused():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_prompts
+from conftest import lowered_for_cuda, random_prompts
 from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from jax_sp.serving import Engine
 from models.attention import XLA, Forward
@@ -65,6 +65,26 @@ def test_the_kernel_on_an_fp8_cache_equals_xla_s_attention_on_it():
     exact, _ = XLA(qkv[:3], fwd, KVCache(kc0, vc0), 1, 0)
     rel = float(jnp.linalg.norm((want - exact)[::2]) / jnp.linalg.norm(exact[::2]))
     assert 0 < rel < 2 ** -4 * 2, rel
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_the_fused_kernel_lowers_for_cuda_and_reads_the_fp8_cache_itself(batch):
+    """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload): the
+    kernel takes the FP8 cache as it lies, with no widened copy of it made before the call.
+    Batch 1 splits the keys over programs; batch 32 (x 8 KV heads) walks whole rows."""
+    import models.decode_attention as da
+
+    spec = jax.ShapeDtypeStruct
+    cache = spec((2, batch, 512, 8, 128), F8)
+    text = lowered_for_cuda(
+        lambda *a: da.decode_attention(*a, interpret=False),
+        spec((batch, 8, 6, 128), jnp.bfloat16), spec((batch, 128), jnp.float32),
+        spec((batch, 128), jnp.float32), cache, cache, spec((), jnp.int32),
+        spec((batch,), jnp.int32), spec((batch,), jnp.int32))
+    call = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+    assert len(call) == 1
+    fp8, wide = f"tensor<2x{batch}x512x8x128xf8E4M3FN>", f"tensor<2x{batch}x512x8x128xbf16>"
+    assert call[0].count(fp8) >= 2 and wide not in text  # both caches in, none widened
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
