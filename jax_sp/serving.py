@@ -11,7 +11,7 @@ on them. A background thread loops:
    forward (SP by `sp` as `generate` decides for that many tokens), samples each first token
    with its request's own settings and key, and writes the rows into their slots of the cache
    in place. One process, one stage: the first tokens and keys stay on the device and are
-   written into the next launch's inputs there (`join_first`), and read once that launch is issued,
+   written into the next launch's inputs there (`join_first`), read once that launch is issued,
    so an admission never waits for the device. A prompt longer than a chunk (the largest
    power of two within `prefill_chunk`; one stage) is prefilled in chunks, one a round into
    its held slot (`extend_fn` after the first), while the other slots decode; its last chunk
@@ -163,6 +163,7 @@ class Request:
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
+@dataclasses.dataclass
 class _Chunked:
     """A request whose prompt is prefilled in chunks into its reserved slot."""
 

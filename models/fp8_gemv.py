@@ -13,8 +13,11 @@ small fusion). Splitting the contracted axis keeps every multiprocessor busy whe
 has few output blocks (a tp shard of o_proj or down_proj).
 
 The activations stay in 16 bits (W8A16), so this is more accurate than the W8A8 path it serves
-beside (models/quant.py `dot` picks it for few rows). `interpret=True` runs the same kernel
-through Pallas' interpreter (the tests use it on CPU).
+beside (models/quant.py `dot` picks it for few rows). With `x_scale` the rows come quantized
+(FP8 values, one scale per row: W8A8, CompileOptions(fp8_gemv="pallas-w8a8")) and the tile's
+dot takes both operands in FP8 as they lie, with no widening in registers; one row still runs
+on CUDA cores. `interpret=True` runs the same kernel through Pallas' interpreter (the tests use
+it on CPU).
 """
 
 from __future__ import annotations
@@ -63,9 +66,12 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
 def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = NUM_WARPS,
              num_stages: int | None = None, fma: str = "reduce",
-             splits: int | None = None, interpret: bool | None = None):
+             splits: int | None = None, x_scale=None, out_dtype=None,
+             interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype:
-    sum_k x[m, k] * wq[n, k] * scale[n], accumulated in float32. With `layer` (an int or an
+    sum_k x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is
+    FP8 (W8A8) and row m is also scaled by x_scale[m]; the result is in out_dtype (bf16 by
+    default). With `layer` (an int or an
     int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights and the
     kernel reads layer `layer` where it lies: XLA copies a slice of a stack that it passes to a
     kernel, so a decode step's layers share the stacked weights this way (as
@@ -91,7 +97,16 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
                          f"power-of-two divisor >= 16 and splits dividing K's blocks, not "
                          f"x {x.shape}, weight {wq.shape}, splits {splits}")
     rows, bn, bk, splits = shape
+    if x_scale is not None and x_scale.shape != (m,):
+        raise ValueError(f"fp8_gemv: x_scale {x_scale.shape} must hold one scale per row of "
+                         f"x {x.shape}")
+    dtype = x.dtype if x_scale is None else (out_dtype or jnp.bfloat16)
+    if x_scale is not None and m <= FMA_ROWS:  # CUDA cores widen anyway: one scaled row
+        x, x_scale = (x.astype(jnp.float32) * x_scale[:, None]).astype(dtype), None
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
+    # padding rows: zeros, scale 1
+    xs = (jnp.ones((rows,), jnp.float32) if x_scale is None
+          else jnp.pad(x_scale.astype(jnp.float32), (0, rows - m), constant_values=1.0))
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -100,24 +115,26 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
             num_stages=num_stages or (FMA_STAGES if m <= FMA_ROWS else STAGES))
     # one split: scaled and written in x's dtype by the kernel; several: float32 partial sums,
     # added and scaled by XLA
-    out = (jax.ShapeDtypeStruct((rows, n), x.dtype) if splits == 1
+    out = (jax.ShapeDtypeStruct((rows, n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
                                splits=splits, fma=fma if m <= FMA_ROWS else False)
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
-                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale)
+                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, xs)
     if splits > 1:
         y = (jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
-             ).astype(x.dtype)
+             * xs[:, None]).astype(dtype)
     return y if rows == m else y[:m]
 
 
-def _kernel(layer_ref, x_ref, w_ref, s_ref, out_ref, *, bn, bk, per_split, splits, fma):
+def _kernel(layer_ref, x_ref, w_ref, s_ref, xs_ref, out_ref, *, bn, bk, per_split, splits,
+            fma):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
-    False: one tensor-core dot of the row tile."""
+    False: one tensor-core dot of the row tile, in FP8 when x is (W8A8: each row then scaled
+    by xs_ref, its scale; 1 in W8A16)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -166,6 +183,7 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, out_ref, *, bn, bk, per_split, split
 
     acc = jax.lax.fori_loop(0, per_split, step, jnp.zeros((rows, bn), f32))
     if splits == 1:
-        out_ref[every, channels] = (acc * s_ref[layer, channels][None, :]).astype(out_ref.dtype)
+        scaled = acc * s_ref[layer, channels][None, :] * xs_ref[every][:, None]
+        out_ref[every, channels] = scaled.astype(out_ref.dtype)
     else:
         out_ref[pi, every, channels] = acc

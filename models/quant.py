@@ -15,7 +15,9 @@ Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) run weight-only
 `weight_only`): the activations stay in 16 bits and the FP8 weight is widened as it is read,
 by the Pallas kernel of models/fp8_gemv.py on GPU (cuBLASLt's FP8 GEMM reaches a third of the
 copy bandwidth at such sizes, docs/fp8.md) or by XLA. Such a product is the weight rounding's
-alone, so it is closer to the 16-bit model than the W8A8 one.
+alone, so it is closer to the 16-bit model than the W8A8 one. "pallas-w8a8" runs them W8A8
+through the same kernel instead (FP8 operands in its tensor-core dot, no widening), so that
+every size is W8A8, as with "off".
 
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
@@ -39,8 +41,10 @@ FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 QUANTIZATIONS = (None, "fp8", "fp8-head")
 WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run weight-only (W8A16)
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
-# XLA dot on the widened weight, "off" W8A8 as longer inputs; "auto": pallas on GPU, else xla
-FP8_GEMV_MODES = ("auto", "pallas", "xla", "off")
+# XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
+# kernel (its tensor-core dot on FP8 operands); "auto": pallas on GPU, else xla
+FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8")
+KERNEL_GEMV = ("pallas", "pallas-w8a8")  # the modes that run few rows through the kernel
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
 # reduce over (the contracted ones) and the logical names of the scale they get. The
@@ -140,7 +144,7 @@ def quantize_tokens(x_tx, reduce=None):
 
 
 def weight_only_rows(w, rows: int, gemv: str) -> bool:
-    """Whether a product of `rows` rows with weight w runs weight-only (`weight_only`)."""
+    """Whether a product of `rows` rows with weight w runs as few rows (`weight_only`)."""
     return isinstance(w, Fp8) and rows <= WEIGHT_ONLY_ROWS and gemv != "off"
 
 
@@ -150,7 +154,8 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):
-        return weight_only(spec, x_tx, w, kernel=gemv == "pallas")
+        return weight_only(spec, x_tx, w, kernel=gemv in KERNEL_GEMV,
+                           w8a8=gemv == "pallas-w8a8")
     w = w.unstacked()
     xq, sx = quantize_tokens(x_tx)
     ins, out = spec.split("->")
@@ -168,11 +173,14 @@ def stored_letters(lhs: str, rhs: str) -> str:
     return "".join(c for c in rhs if c not in lhs) + "".join(c for c in rhs if c in lhs)
 
 
-def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False):
+def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = False,
+                reduce=None):
     """einsum(spec, x, w) with x in its own dtype and w's FP8 values widened to it (exact:
     e4m3 fits in bf16 and f16), accumulated in float32, scaled per output channel and written in
     x's dtype. kernel: through models/fp8_gemv.py's Pallas kernel where it takes the shapes;
-    else (and off it) an XLA dot on the widened weight."""
+    else (and off it) an XLA dot on the widened weight. w8a8: x quantized per token first
+    (`quantize_tokens`, `reduce` over the devices that split its features) and the FP8
+    values multiplied (the kernel's dot takes them as they are), then both scales."""
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     outputs = "".join(c for c in rhs if c not in lhs)
@@ -185,12 +193,14 @@ def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False):
     out_dims = w.q.shape[len(lead):len(lead) + len(outputs)]
     q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
     scale_n = w.scale.reshape(*lead, -1)
+    x, sx = quantize_tokens(x_tx, reduce) if w8a8 else (x_tx, None)
     if kernel:
         from models.fp8_gemv import fp8_gemv, plan
 
         if plan(rows, *q_nk.shape[-2:], interpret=jax.default_backend() != "gpu") is not None:
-            return fp8_gemv(x_tx, q_nk, scale_n, w.layer).reshape(rows, *out_dims)
+            return fp8_gemv(x, q_nk, scale_n, w.layer, x_scale=sx,
+                            out_dtype=x_tx.dtype).reshape(rows, *out_dims)
     q_nk, scale_n = Fp8(q_nk, scale_n, w.layer).unstacked()[:2]
-    y = jnp.einsum("tk,nk->tn", x_tx, q_nk.astype(x_tx.dtype),
-                   preferred_element_type=jnp.float32)
-    return (y * scale_n).astype(x_tx.dtype).reshape(rows, *out_dims)
+    y = jnp.einsum("tk,nk->tn", x, q_nk.astype(x.dtype), preferred_element_type=jnp.float32)
+    y = y * scale_n if sx is None else y * scale_n * sx[:, None]
+    return y.astype(x_tx.dtype).reshape(rows, *out_dims)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.quant import (WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
+from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
                           weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
 from sharding.mesh import tp_size
@@ -129,7 +129,7 @@ class ShardedLayout:
     def _rows(self) -> int:
         # SP forwards are long (and token-sharded): nothing to pad there; the FP8 kernel takes
         # any row count (one row runs on CUDA cores: models/fp8_gemv.py)
-        return 1 if self.sp or self.fp8_gemv == "pallas" else self.row_multiple
+        return 1 if self.sp or self.fp8_gemv in KERNEL_GEMV else self.row_multiple
 
     def column(self, x_td, *projections):
         if self._ring(x_td.shape[0], *(w for _, w in projections)):
@@ -154,10 +154,10 @@ class ShardedLayout:
 
     def stacked_fp8(self, rows: int) -> bool:
         """Whether a forward of `rows` rows keeps its FP8 weights stacked for the kernel."""
-        return self.fp8_gemv == "pallas" and rows <= WEIGHT_ONLY_ROWS
+        return self.fp8_gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS
 
     def _einsum(self, spec, x_td, w):
-        if self.fp8_gemv == "pallas" and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):
+        if self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):
             return self._weight_only_kernel(spec, x_td, w)
         if isinstance(w, Fp8):
             w = w.unstacked()
@@ -178,8 +178,10 @@ class ShardedLayout:
         summed = tuple(sorted({name for a in pspec(lhs[1:]) if a is not None
                                for name in ((a,) if isinstance(a, str) else a)}))
 
-        def body(x, w):
-            y = weight_only(spec, x, w, kernel=True)
+        def body(x, w):  # W8A8: each token's scale the maximum over every device's features
+            pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
+            y = weight_only(spec, x, w, kernel=True, w8a8=self.fp8_gemv == "pallas-w8a8",
+                            reduce=pmax)
             return jax.lax.psum(y, summed) if summed else y
 
         w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import lowered_for_cuda
 from models.fp8_gemv import fp8_gemv, plan
-from models.quant import quantize_weight
+from models.quant import quantize_tokens, quantize_weight
 
 
 def reference(x, q, scale):
@@ -35,6 +35,26 @@ def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block
                                atol=1e-2 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("rows,n,k,block_k,splits", [
+    (1, 96, 1536, 128, 12), (5, 40, 384, 128, 3), (32, 128, 256, 512, 1), (64, 48, 80, 512, 5)])
+def test_quantized_rows_give_the_fp8_product_times_both_scales(rows, n, k, block_k, splits):
+    """W8A8 (x_scale): x quantized per row, its tile multiplied in FP8 on tensor cores (one row
+    widened and scaled on CUDA cores), each output scaled by its row's and its channel's
+    scales; rows of very different sizes."""
+    kx, kw = jax.random.split(jax.random.key(rows + 100))
+    x = jax.random.normal(kx, (rows, k), jnp.float32) * jnp.logspace(-2, 2, rows)[:, None]
+    xq, sx = quantize_tokens(x)
+    w = quantize_weight(jax.random.normal(kw, (k, n), jnp.float32), (0,))
+    assert plan(rows, n, k, block_k=block_k, interpret=True)[3] == splits
+    y = fp8_gemv(xq, w.q, w.scale, block_k=block_k, x_scale=sx, out_dtype=jnp.float32,
+                 interpret=True)
+    assert y.shape == (rows, n) and y.dtype == jnp.float32
+    want = reference(np.asarray(xq.astype(jnp.float32)) * np.asarray(sx)[:, None], w.q,
+                     w.scale)
+    size = np.abs(want).max(axis=1, keepdims=True)  # each row to its own size
+    np.testing.assert_allclose(np.asarray(y) / size, want / size, atol=1e-5)
+
+
 @pytest.mark.parametrize("fma", ["reduce", "tile"])
 def test_both_ways_of_summing_one_row_on_cuda_cores_agree(fma):
     kx, kw = jax.random.split(jax.random.key(11))
@@ -59,20 +79,24 @@ def test_a_stacked_weight_is_read_at_the_layer_given():
                                    atol=1e-2 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("rows", [1, 32])
-def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows):
+@pytest.mark.parametrize("rows,w8a8", [(1, False), (32, False), (32, True)])
+def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8):
     """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload), on CUDA
-    cores (1 row) and tensor cores (32): the stacked FP8 weights go into the kernel as they
-    lie, with no slice or widened copy of them before it."""
+    cores (1 row) and tensor cores (32 rows; W8A8: their FP8 values): the stacked FP8 weights
+    go into the kernel as they lie, with no slice or widened copy of them before it, and
+    W8A8's rows in FP8."""
     spec = jax.ShapeDtypeStruct
-    text = lowered_for_cuda(lambda x, q, s, layer: fp8_gemv(x, q, s, layer, interpret=False),
-                            spec((rows, 4096), jnp.bfloat16),
-                            spec((4, 1024, 4096), jnp.float8_e4m3fn),
-                            spec((4, 1024), jnp.float32), spec((), jnp.int32))
+    x = spec((rows, 4096), jnp.float8_e4m3fn if w8a8 else jnp.bfloat16)
+    text = lowered_for_cuda(
+        lambda x, q, s, layer, sx: fp8_gemv(x, q, s, layer, x_scale=sx if w8a8 else None,
+                                            interpret=False),
+        x, spec((4, 1024, 4096), jnp.float8_e4m3fn), spec((4, 1024), jnp.float32),
+        spec((), jnp.int32), spec((rows,), jnp.float32))
     calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
     assert len(calls) == 1 and "tensor<4x1024x4096xf8E4M3FN>" in calls[0]
-    assert "tensor<1024x4096xf8E4M3FN>" not in text and "x4096xbf16>" not in text.replace(
-        f"tensor<{rows}x4096xbf16>", "")
+    assert f"tensor<{rows}x4096x{'f8E4M3FN' if w8a8 else 'bf16'}>" in calls[0]
+    assert "tensor<1024x4096xf8E4M3FN>" not in text
+    assert "x4096xbf16>" not in text.replace("" if w8a8 else f"tensor<{rows}x4096xbf16>", "")
 
 
 def test_shapes_the_kernel_does_not_take_are_refused():

@@ -83,6 +83,26 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
+@pytest.mark.parametrize("tp,sp", [(1, "off"), (2, "off"), (3, "on")])
+def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp):
+    """fp8_gemv="pallas-w8a8": few rows quantized per token (each token's scale the maximum
+    over every device's features, padded heads at tp 3 included) and multiplied in FP8 by the
+    kernel (interpreted on CPU) per device on its weight shards, against "off" (W8A8 in XLA at
+    every size) on one device: each prompt alone (at most 64 rows: the kernel's) gives the same
+    logits up to float32 rounding, and decoding the same tokens."""
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=5)
+    off = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="off"))
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp=sp), quantization="fp8",
+                         options=CompileOptions(fp8_gemv="pallas-w8a8"))
+    for p in prompts:
+        want = off.logits([p])[0]
+        np.testing.assert_allclose(llm.logits([p])[0], want, rtol=1e-4,
+                                   atol=1e-4 * np.abs(want).max())
+    assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
+            == [c.token_ids for c in off.generate(prompts, GREEDY)])
+
+
 @pytest.mark.parametrize("kind,tp,sp,comm,gemv", [("llama", 3, "on", "ring", "xla"),
                                                   ("qwen2", 2, "off", "xla", "pallas")])
 def test_an_fp8_head_gives_the_tokens_of_one_device_on_a_split_mesh(hf_models, kind, tp, sp,
