@@ -5,13 +5,17 @@ o 4096x4096, gate/up 28672x4096, down 4096x14336) at 1, 8 and 32 rows.
 Variants, each one jitted program over every layer's four projections, weights stacked [L, ...]
 as the model holds them and the layers unrolled as decode runs them:
   bf16        x @ w in 16 bits (the model's 16-bit path; weights [K, N]);
-  w8a8        models/quant.py's dot: tokens quantized, an FP8 dot (XLA picks cuBLASLt's FP8 GEMM
-              or a Triton GEMM fusion; here, 8 layers, Triton);
+  w8a8-xla    models/quant.py's dot at every size (gemv="off"): tokens quantized, an FP8 dot
+              (XLA picks cuBLASLt's FP8 GEMM or a Triton GEMM fusion). Runs before 2026-12-05
+              named this "w8a8" and called `dot` with its default, which sends at most 64 rows
+              weight-only: what they timed was XLA's weight-only path, not an FP8 dot;
   w8a16-xla   x @ convert(wq) * scale, left to XLA (does it widen the weights in a fusion of
               its own, writing a 16-bit copy, or inside the GEMM?);
   pallas      the kernel on each layer's weight, sliced from the stack by XLA;
   pallas-layer  the kernel on the whole stack with the layer index (no slice);
-plus a sweep of the kernel's tiles. The limit, the copy bandwidth, is measured in the same run;
+  pallas-w8a8   the same, W8A8: each row quantized (one XLA fusion, timed with it) and the
+              kernel's tensor-core dot on FP8 operands (CompileOptions(fp8_gemv="pallas-w8a8"));
+plus a sweep of the kernel's tiles (`--sweep`; tensor-core tiles for both operand kinds). The limit, the copy bandwidth, is measured in the same run;
 "of_copy" is (weight bytes / time) / copy bandwidth. Result:
 benchmarks/results/fp8_gemv_<machine>.jsonl.
 
@@ -51,7 +55,7 @@ def main():
     import jax.numpy as jnp
 
     from models.fp8_gemv import fp8_gemv
-    from models.quant import dot, quantize_weight
+    from models.quant import dot, quantize_tokens, quantize_weight
 
     gpu = jax.default_backend() == "gpu"
     tag = "h200" if gpu and "H200" in jax.devices()[0].device_kind else jax.default_backend()
@@ -88,15 +92,21 @@ def main():
         return (jnp.einsum("tk,nk->tn", x, q.q[l].astype(x.dtype))
                 * q.scale[l].astype(x.dtype))
 
+    def w8a8_kernel(name, q, l, x, **tile):
+        xq, sx = quantize_tokens(x)
+        return fp8_gemv(xq, q.q, q.scale, l, x_scale=sx, out_dtype=x.dtype, **tile)
+
     variants = {
         "bf16": (bf16, bytes16, over_layers(lambda name, w, l, x: x @ w[l])),
-        "w8a8": (fp8, bytes8, over_layers(
-            lambda name, q, l, x: dot("TK,KN->TN", x, q._replace(q=q.q[l], scale=q.scale[l])))),
+        "w8a8-xla": (fp8, bytes8, over_layers(
+            lambda name, q, l, x: dot("TK,KN->TN", x, q._replace(q=q.q[l], scale=q.scale[l]),
+                                      gemv="off"))),
         "w8a16-xla": (fp8, bytes8, over_layers(w8a16_xla)),
         "pallas": (fp8, bytes8, over_layers(
             lambda name, q, l, x: fp8_gemv(x, q.q[l], q.scale[l]))),
         "pallas-layer": (fp8, bytes8, over_layers(
             lambda name, q, l, x: fp8_gemv(x, q.q, q.scale, l))),
+        "pallas-w8a8": (fp8, bytes8, over_layers(w8a8_kernel)),
     }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
@@ -179,17 +189,21 @@ def main():
         xs_all = {rows: inputs(rows) for rows in rows_list}
         few = [r for r in rows_list if r <= 4]
         more = [r for r in rows_list if r > 4]
-        configs = ([(few, c) for c in [(16, 256, 4, 4), (32, 128, 4, 4), (32, 512, 4, 3),
-                                       (64, 128, 4, 4), (32, 256, 8, 4), (32, 256, 2, 4)]]
-                   + [(more, c) for c in [(32, 256, 4, 4), (128, 256, 4, 4), (64, 128, 4, 4),
-                                          (64, 512, 4, 3)]])
-        for rows_of, (bn, bk, warps, stages) in configs:
-            kernel = functools.partial(fp8_gemv, block_n=bn, block_k=bk, num_warps=warps,
-                                       num_stages=stages)
-            fn = over_layers(lambda name, q, l, x, kernel=kernel: kernel(x, q.q, q.scale, l))
+        tensor = [(32, 256, 4, 4), (128, 256, 4, 4), (64, 128, 4, 4), (64, 512, 4, 3),
+                  (64, 256, 4, 3), (128, 128, 4, 4), (128, 512, 8, 3), (32, 512, 4, 3)]
+        configs = ([(few, c, False) for c in [(16, 256, 4, 4), (32, 128, 4, 4), (32, 512, 4, 3),
+                                              (64, 128, 4, 4), (32, 256, 8, 4), (32, 256, 2, 4)]]
+                   + [(more, c, w8a8) for w8a8 in (False, True) for c in tensor])
+        for rows_of, (bn, bk, warps, stages), w8a8 in configs:
+            tile = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            if w8a8:
+                fn = over_layers(functools.partial(w8a8_kernel, **tile))
+            else:
+                kernel = functools.partial(fp8_gemv, **tile)
+                fn = over_layers(lambda name, q, l, x, kernel=kernel: kernel(x, q.q, q.scale, l))
             for rows in rows_of:
                 cfg = {"bench": "sweep", "rows": rows, "block_n": bn, "block_k": bk,
-                       "num_warps": warps, "num_stages": stages}
+                       "num_warps": warps, "num_stages": stages, "w8a8": w8a8}
                 try:
                     _, per = common.timed_bursts(lambda: fn(fp8, xs_all[rows]), 5, 10)
                 except Exception as e:  # a tile the compiler refuses is a result too

@@ -226,10 +226,14 @@ def fp8_gemv() -> str:
     if not rows:
         return "(no fp8_gemv results)"
     limits = next(r for r in _rows(rows[0]["_file"]) if r["bench"] == "limits")
-    names = {"bf16": "bf16 weights, XLA's GEMM", "w8a8": "W8A8, XLA's FP8 GEMM",
+    names = {"bf16": "bf16 weights, XLA's GEMM",
+             "w8a8": "W8A16, models/quant.py's XLA path (run as \"w8a8\": see below)",
+             "w8a8-xla": "W8A8, XLA's FP8 dot",
              "w8a16-xla": "W8A16, XLA (widens the weights in a fusion of its own)",
              "pallas": "W8A16 kernel on each layer's slice (XLA copies it)",
-             "pallas-layer": "W8A16 kernel on the stack (jax-sp's)"}
+             "pallas-layer": "W8A16 kernel on the stack (jax-sp's)",
+             "pallas-w8a8": "W8A8 kernel on the stack (FP8 operands)"}
+    names = {k: v for k, v in names.items() if any(r["variant"] == k for r in rows)}
     counts = sorted({r["rows"] for r in rows})
     out = ["| path | " + " | ".join(f"{n} row{'s' * (n > 1)}: ms / of copy" for n in counts)
            + " |", "| --- |" + " --- |" * len(counts)]

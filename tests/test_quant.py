@@ -84,12 +84,21 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
 
 
 @pytest.mark.parametrize("tp,sp", [(1, "off"), (2, "off"), (3, "on")])
-def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp):
+def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp,
+                                                                          monkeypatch):
     """fp8_gemv="pallas-w8a8": few rows quantized per token (each token's scale the maximum
     over every device's features, padded heads at tp 3 included) and multiplied in FP8 by the
     kernel (interpreted on CPU) per device on its weight shards, against "off" (W8A8 in XLA at
     every size) on one device: each prompt alone (at most 64 rows: the kernel's) gives the same
     logits up to float32 rounding, and decoding the same tokens."""
+    import models.fp8_gemv
+
+    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs.get("x_scale") is not None)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=5)
     off = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="off"))
@@ -101,6 +110,7 @@ def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_mod
                                    atol=1e-4 * np.abs(want).max())
     assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
             == [c.token_ids for c in off.generate(prompts, GREEDY)])
+    assert calls and all(calls)  # every few-row product went through the kernel, quantized
 
 
 @pytest.mark.parametrize("kind,tp,sp,comm,gemv", [("llama", 3, "on", "ring", "xla"),
@@ -168,7 +178,8 @@ def test_bad_quantization_settings_are_named(hf_models, kwargs, match):
 
 def test_an_unknown_fp8_gemv_is_named():
     with pytest.raises(ValueError, match=r"CompileOptions.fp8_gemv must be one of "
-                                         r"\('auto', 'pallas', 'xla', 'off'\), got 'cublas'"):
+                                         r"\('auto', 'pallas', 'xla', 'off', 'pallas-w8a8'\), "
+                                         r"got 'cublas'"):
         CompileOptions(fp8_gemv="cublas")
 
 
