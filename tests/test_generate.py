@@ -28,7 +28,7 @@ def test_greedy_matches_hf_on_tiny_model(hf_models, tp, sp):
     assert all(c is None for c in (o.text for o in llm.generate(prompts[:1], GREEDY)))
 
 
-@pytest.mark.parametrize("kind,tp", [("llama", 1), ("llama", 2), ("qwen2", 2), ("mistral", 1)])
+@pytest.mark.parametrize("kind,tp", [("llama", 2), ("qwen2", 2), ("mistral", 1)])
 def test_gpu_row_padding_changes_nothing(hf_models, kind, tp):
     """GPU runs projections of large weights on a multiple of 8 rows (sharding/layout.py
     `_einsum`), and one-token steps carry their whole residual stream on those rows
@@ -270,7 +270,7 @@ def test_seeded_sampling_is_the_same_on_every_mesh_and_differs_across_seeds(hf_m
     prompts = random_prompts(model.config.vocab_size, (9, 4))
     params = SamplingParams(max_new_tokens=16, temperature=0.8, top_k=20, top_p=0.9, seed=7)
     runs = {}
-    for tp, sp in [(1, "off"), (2, "off"), (2, "on"), (4, "off"), (4, "on")]:
+    for tp, sp in [(1, "off"), (2, "off"), (4, "off"), (4, "on")]:
         llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp=sp))
         runs[tp, sp] = [c.token_ids for c in llm.generate(prompts, params)]
     assert len({str(r) for r in runs.values()}) == 1
