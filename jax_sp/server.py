@@ -222,13 +222,13 @@ class Server:
         try:
             left = len(tasks)
             while left:
-                i, piece, end, n = await out.get()
+                i, piece, end, count = await out.get()
                 if isinstance(piece, Exception):
                     raise piece
                 if piece is None:
                     left -= 1
                 else:
-                    yield i, piece, end, n
+                    yield i, piece, end, count
         finally:  # a cancelled pump's `pieces` cancels its request
             for task in tasks:
                 task.cancel()
@@ -354,8 +354,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             if not ask.stream:
                 k = len(requests)  # prompts x n
                 texts, reasons, counts = [""] * k, [None] * k, [0] * k
-                async for i, piece, end, n in server.choices(requests, ask.stop, ask.n):
-                    texts[i], reasons[i], counts[i] = texts[i] + piece, end or reasons[i], n
+                async for i, piece, end, count in server.choices(requests, ask.stop, ask.n):
+                    texts[i], reasons[i], counts[i] = texts[i] + piece, end or reasons[i], count
                 return JSONResponse({**head, "object": kind, "choices": [
                     choice(i, texts[i], reasons[i], False,
                            server.logprobs(r, 0, counts[i], chat))
@@ -371,10 +371,10 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}])
                 sent, shown = [0] * len(requests), [0] * len(requests)  # tokens, characters sent
-                async for i, piece, end, n in server.choices(requests, ask.stop, ask.n):
+                async for i, piece, end, count in server.choices(requests, ask.stop, ask.n):
                     if piece or end:
-                        logprobs = server.logprobs(requests[i], sent[i], n, chat, shown[i])
-                        sent[i], shown[i] = n, shown[i] + len(piece)
+                        logprobs = server.logprobs(requests[i], sent[i], count, chat, shown[i])
+                        sent[i], shown[i] = count, shown[i] + len(piece)
                         yield event([choice(i, piece, end, True, logprobs)])
                 if ask.usage_chunk:
                     yield event([], usage=server.usage(requests, ask.n))
