@@ -68,18 +68,16 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              num_stages: int | None = None, fma: str = "reduce",
              splits: int | None = None, x_scale=None, out_dtype=None,
              interpret: bool | None = None):
-    """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype:
-    sum_k x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is
-    FP8 (W8A8) and row m is also scaled by x_scale[m]; the result is in out_dtype (bf16 by
-    default). With `layer` (an int or an
-    int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights and the
-    kernel reads layer `layer` where it lies: XLA copies a slice of a stack that it passes to a
-    kernel, so a decode step's layers share the stacked weights this way (as
-    models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan`
-    refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its
-    products, "reduce" (each block's across its columns) or "tile" (per column over the whole
-    loop, summed once at the end). splits: how many programs share the contracted axis (by
-    default `plan`'s choice)."""
+    """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype: sum_k
+    x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is FP8 (W8A8) and
+    row m is also scaled by x_scale[m]; the result is in out_dtype (bf16 by default). With `layer`
+    (an int or an int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights
+    and the kernel reads layer `layer` where it lies: XLA copies a slice of a stack that it passes
+    to a kernel, so a decode step's layers share the stacked weights this way (as
+    models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan` refuses
+    the shapes (callers check `plan` first). fma: how a CUDA-core row sums its products, "reduce"
+    (each block's across its columns) or "tile" (per column over the whole loop, summed once at the
+    end). splits: how many programs share the contracted axis (by default `plan`'s choice)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -104,9 +102,9 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     if x_scale is not None and m <= FMA_ROWS:  # CUDA cores widen anyway: one scaled row
         x, x_scale = (x.astype(jnp.float32) * x_scale[:, None]).astype(dtype), None
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
-    # padding rows: zeros, scale 1
-    xs = (jnp.ones((rows,), jnp.float32) if x_scale is None
-          else jnp.pad(x_scale.astype(jnp.float32), (0, rows - m), constant_values=1.0))
+    # W8A8 on tensor cores: the rows' scales (padding rows: 1) go in after the weights' scales
+    xs = () if x_scale is None else (
+        jnp.pad(x_scale.astype(jnp.float32), (0, rows - m), constant_values=1.0),)
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
@@ -121,23 +119,23 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
                                splits=splits, fma=fma if m <= FMA_ROWS else False)
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
-                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, xs)
+                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
     if splits > 1:
-        y = (jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
-             * xs[:, None]).astype(dtype)
+        y = jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
+        y = (y if x_scale is None else y * xs[0][:, None]).astype(dtype)
     return y if rows == m else y[:m]
 
 
-def _kernel(layer_ref, x_ref, w_ref, s_ref, xs_ref, out_ref, *, bn, bk, per_split, splits,
-            fma):
+def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
-    False: one tensor-core dot of the row tile, in FP8 when x is (W8A8: each row then scaled
-    by xs_ref, its scale; 1 in W8A16)."""
+    False: one tensor-core dot of the row tile, in FP8 when x is (W8A8: refs then begin with
+    the rows' scales, xs_ref). refs: ([xs_ref,] out_ref)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
+    *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
     layer = layer_ref[0]
     rows = x_ref.shape[0]
@@ -183,7 +181,9 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, xs_ref, out_ref, *, bn, bk, per_spli
 
     acc = jax.lax.fori_loop(0, per_split, step, jnp.zeros((rows, bn), f32))
     if splits == 1:
-        scaled = acc * s_ref[layer, channels][None, :] * xs_ref[every][:, None]
+        scaled = acc * s_ref[layer, channels][None, :]
+        if xs_ref:  # W8A8: each row's own scale too
+            scaled = scaled * xs_ref[0][every][:, None]
         out_ref[every, channels] = scaled.astype(out_ref.dtype)
     else:
         out_ref[pi, every, channels] = acc
