@@ -40,12 +40,13 @@ NUM_WARPS = 4
 
 def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | None = None,
          interpret: bool = False, splits: int | None = None):
-    """(tile rows, block_n, block_k, splits) for an [rows, k] x [n, k] product, or None when
-    the kernel does not take it: more than MAX_ROWS rows, n or k without a power-of-two
-    divisor of 16 on GPU (of min(16, block_n) for n on CUDA cores), or `splits` not dividing
-    the contracted blocks. Tile rows: `rows` itself up to FMA_ROWS (CUDA cores, one row at a
-    time), else rows rounded up to a multiple of 16 (tensor cores). Unless `splits` is given,
-    the contracted axis is split over programs until there are about TARGET_PROGRAMS."""
+    """(tile rows, block_n, block_k, splits) for an [rows, k] x [n, k] product, or None when the
+    kernel does not take it: more than MAX_ROWS rows, n or k without a power-of-two divisor of 16 on
+    GPU (of min(16, block_n) for n on CUDA cores), or `splits` not dividing the contracted blocks.
+    Tile rows: `rows` itself up to FMA_ROWS (CUDA cores, one row at a time), else rows rounded up to
+    a power of two of at least 16 (tensor cores: Pallas' Triton lowering takes power-of-two blocks
+    only, so 48 rows would not lower). Unless `splits` is given, the contracted axis is split over
+    programs until there are about TARGET_PROGRAMS."""
     if rows > MAX_ROWS:
         return None
     fma = rows <= FMA_ROWS
@@ -54,7 +55,7 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
     bn, bk = min(n & -n, block_n), min(k & -k, block_k)
     if not interpret and (bn < (min(16, block_n) if fma else 16) or bk < 16):
         return None
-    tile = rows if fma else -(-rows // 16) * 16
+    tile = rows if fma else max(16, 1 << (rows - 1).bit_length())
     blocks_n, blocks_k = n // bn, k // bk
     if splits is not None:
         return (tile, bn, bk, splits) if blocks_k % splits == 0 else None
@@ -70,14 +71,15 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype: sum_k
     x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is FP8 (W8A8) and
-    row m is also scaled by x_scale[m]; the result is in out_dtype (bf16 by default). With `layer`
-    (an int or an int32 scalar array), wq [L, N, K] and scale [L, N] are a stack of layers' weights
-    and the kernel reads layer `layer` where it lies: XLA copies a slice of a stack that it passes
-    to a kernel, so a decode step's layers share the stacked weights this way (as
-    models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan` refuses
-    the shapes (callers check `plan` first). fma: how a CUDA-core row sums its products, "reduce"
-    (each block's across its columns) or "tile" (per column over the whole loop, summed once at the
-    end). splits: how many programs share the contracted axis (by default `plan`'s choice)."""
+    row m is also scaled by x_scale[m]; the result is in out_dtype (default x's dtype; bf16 with
+    x_scale). With `layer` (an int or an int32 scalar array), wq [L, N, K] and scale [L, N] are a
+    stack of layers' weights and the kernel reads layer `layer` where it lies: XLA copies a slice of
+    a stack that it passes to a kernel, so a decode step's layers share the stacked weights this way
+    (as models/decode_attention.py shares the stacked KV cache). Raises ValueError when `plan`
+    refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its products,
+    "reduce" (each block's across its columns) or "tile" (per column over the whole loop, summed
+    once at the end). splits: how many programs share the contracted axis (by default `plan`'s
+    choice)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -98,9 +100,9 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     if x_scale is not None and x_scale.shape != (m,):
         raise ValueError(f"fp8_gemv: x_scale {x_scale.shape} must hold one scale per row of "
                          f"x {x.shape}")
-    dtype = x.dtype if x_scale is None else (out_dtype or jnp.bfloat16)
-    if x_scale is not None and m <= FMA_ROWS:  # CUDA cores widen anyway: one scaled row
-        x, x_scale = (x.astype(jnp.float32) * x_scale[:, None]).astype(dtype), None
+    dtype = out_dtype or (x.dtype if x_scale is None else jnp.bfloat16)
+    if x_scale is not None and m <= FMA_ROWS:  # CUDA cores widen anyway: the row scaled, f32
+        x, x_scale = x.astype(jnp.float32) * x_scale[:, None], None
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
     # W8A8 on tensor cores: the rows' scales (padding rows: 1) go in after the weights' scales
     xs = () if x_scale is None else (

@@ -79,24 +79,27 @@ def test_a_stacked_weight_is_read_at_the_layer_given():
                                    atol=1e-2 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("rows,w8a8", [(1, False), (32, False), (32, True)])
-def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8):
+@pytest.mark.parametrize("rows,w8a8,splits", [(1, False, None), (32, False, None),
+                                             (40, False, None), (32, True, None), (40, True, 1)])
+def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, splits):
     """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload), on CUDA
-    cores (1 row) and tensor cores (32 rows; W8A8: their FP8 values): the stacked FP8 weights
-    go into the kernel as they lie, with no slice or widened copy of them before it, and
-    W8A8's rows in FP8."""
+    cores (1 row) and tensor cores (32 rows, and 40 in a tile of 64: Triton's blocks are powers
+    of two; W8A8: their FP8 values, and with one split the rows' scales applied in the kernel):
+    the stacked FP8 weights go into the kernel as they lie, with no slice or widened copy of
+    them before it, and W8A8's rows in FP8."""
     spec = jax.ShapeDtypeStruct
     x = spec((rows, 4096), jnp.float8_e4m3fn if w8a8 else jnp.bfloat16)
     text = lowered_for_cuda(
         lambda x, q, s, layer, sx: fp8_gemv(x, q, s, layer, x_scale=sx if w8a8 else None,
-                                            interpret=False),
+                                            splits=splits, interpret=False),
         x, spec((4, 1024, 4096), jnp.float8_e4m3fn), spec((4, 1024), jnp.float32),
         spec((), jnp.int32), spec((rows,), jnp.float32))
     calls = [line for line in text.splitlines() if "xla.gpu.triton" in line]
     assert len(calls) == 1 and "tensor<4x1024x4096xf8E4M3FN>" in calls[0]
-    assert f"tensor<{rows}x4096x{'f8E4M3FN' if w8a8 else 'bf16'}>" in calls[0]
-    assert "tensor<1024x4096xf8E4M3FN>" not in text
-    assert "x4096xbf16>" not in text.replace("" if w8a8 else f"tensor<{rows}x4096xbf16>", "")
+    tile = 1 if rows == 1 else max(16, 1 << (rows - 1).bit_length())  # rows padded to a tile
+    assert f"tensor<{tile}x4096x{'f8E4M3FN' if w8a8 else 'bf16'}>" in calls[0]
+    # no layer sliced out of the stack, no weight widened to 16 bits
+    assert "tensor<1024x4096xf8E4M3FN>" not in text and "1024x4096xbf16" not in text
 
 
 def test_shapes_the_kernel_does_not_take_are_refused():
