@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import secrets
 import time
 import uuid
 
@@ -121,9 +122,9 @@ class Server:
         if options is not None and not stream:
             raise BadRequest("'stream_options' is only allowed with 'stream': true",
                              "stream_options")
-        usage_chunk = (options or {}).get("include_usage") if isinstance(
-            options or {}, dict) else options
-        if not isinstance(usage_chunk or False, bool):
+        usage_chunk = options.get("include_usage") if isinstance(options, dict) else None
+        if (options is not None and not isinstance(options, dict)) or not isinstance(
+                usage_chunk, (bool, type(None))):
             raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}"
                              f", got {options!r}", "stream_options")
         limit = self.llm.max_seq_len
@@ -135,7 +136,9 @@ class Server:
             temperature=float(_number(body, "temperature", 1.0, 0, 2)),
             top_p=float(_number(body, "top_p", 1.0, 1e-6, 1)),
             top_k=_number(body, "top_k", 0, 0, self.llm.cfg.vocab_size, integer=True),
-            seed=_number(body, "seed", 0, -2 ** 63, 2 ** 64 - 1, integer=True),
+            # no seed: one of its own (OpenAI's); a seed makes a choice reproducible
+            seed=_number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True)
+            if body.get("seed") is not None else secrets.randbits(63),
             logprobs=self._logprobs(body, chat))
         if chat and max_tokens is None:  # as much as the context leaves
             room = limit - len(self.llm.encode(prompts[0]))
@@ -191,17 +194,18 @@ class Server:
         goes in as it is, a chat's through the chat template. Bad input: BadRequest, and
         nothing stays queued."""
         requests = []
-        try:
-            for prompt in ask.prompts:
+        for j, prompt in enumerate(ask.prompts):
+            try:
                 for i in range(ask.n):
                     sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
                                                    % 2**64) if i else ask.sampling
                     requests.append(self.engine.submit(prompt, sampling, chat=chat))
-        except (ValueError, TypeError) as e:
-            for request in requests:
-                self.engine.cancel(request)
-            code = "context_length_exceeded" if "max_seq_len" in str(e) else None
-            raise BadRequest(str(e), None, code) from None
+            except (ValueError, TypeError) as e:
+                for request in requests:  # nothing of this HTTP request stays queued
+                    self.engine.cancel(request)
+                code = "context_length_exceeded" if "max_seq_len" in str(e) else None
+                which = f"prompt {j}: " if len(ask.prompts) > 1 else ""
+                raise BadRequest(which + str(e), None if chat else "prompt", code) from None
         return requests
 
     async def choices(self, requests: list, stop: list[str], n: int):
@@ -275,11 +279,12 @@ class Server:
                 self.tpot[1] += (total - request.first_token_s) / (n - 1)
 
     @staticmethod
-    def usage(requests: list, n: int):
+    def usage(requests: list, n: int, counts: list[int]):
         """OpenAI's usage of one HTTP request: each prompt once (its n choices share it), every
-        choice's tokens."""
+        choice's tokens as its answer consumed them (counts: a stop string's cut leaves tokens
+        the engine had already made uncounted)."""
         p = sum(len(r.prompt) for r in requests[::n])
-        c = sum(len(r.token_ids) for r in requests)
+        c = sum(counts)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def metrics(self) -> str:
@@ -351,34 +356,47 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                                           {"role": "assistant", "content": text}),
                         "logprobs": logprobs, "finish_reason": reason}
 
+            k = len(requests)  # prompts x n
             if not ask.stream:
-                k = len(requests)  # prompts x n
                 texts, reasons, counts = [""] * k, [None] * k, [0] * k
-                async for i, piece, end, count in server.choices(requests, ask.stop, ask.n):
-                    texts[i], reasons[i], counts[i] = texts[i] + piece, end or reasons[i], count
+                async with contextlib.aclosing(server.choices(requests, ask.stop, ask.n)) as got:
+                    async for i, piece, end, count in got:
+                        texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
+                        counts[i] = count
                 return JSONResponse({**head, "object": kind, "choices": [
                     choice(i, texts[i], reasons[i], False,
                            server.logprobs(r, 0, counts[i], chat))
-                    for i, r in enumerate(requests)], "usage": server.usage(requests, ask.n)})
+                    for i, r in enumerate(requests)],
+                                     "usage": server.usage(requests, ask.n, counts)})
 
             async def events():
                 obj = kind + ".chunk" if chat else kind
+                # with include_usage every chunk carries "usage", null but in the last (OpenAI's)
+                extra = {"usage": None} if ask.usage_chunk else {}
 
-                def event(choices, **extra):
-                    chunk = {**head, "object": obj, "choices": choices, **extra}
+                def event(choices, **more):
+                    chunk = {**head, "object": obj, "choices": choices, **extra, **more}
                     return f"data: {json.dumps(chunk)}\n\n"
-                for i in range(ask.n if chat else 0):
-                    yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}])
-                sent, shown = [0] * len(requests), [0] * len(requests)  # tokens, characters sent
-                async for i, piece, end, count in server.choices(requests, ask.stop, ask.n):
-                    if piece or end:
-                        logprobs = server.logprobs(requests[i], sent[i], count, chat, shown[i])
-                        sent[i], shown[i] = count, shown[i] + len(piece)
-                        yield event([choice(i, piece, end, True, logprobs)])
-                if ask.usage_chunk:
-                    yield event([], usage=server.usage(requests, ask.n))
-                yield "data: [DONE]\n\n"
+                sent, shown = [0] * k, [0] * k  # each choice's tokens and characters sent
+                merged = server.choices(requests, ask.stop, ask.n)
+                try:
+                    for i in range(ask.n if chat else 0):
+                        yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                      "logprobs": None, "finish_reason": None}])
+                    async for i, piece, end, count in merged:
+                        if piece or end:
+                            logprobs = server.logprobs(requests[i], sent[i], count, chat,
+                                                       shown[i])
+                            sent[i], shown[i] = count, shown[i] + len(piece)
+                            yield event([choice(i, piece, end, True, logprobs)])
+                    if ask.usage_chunk:
+                        yield event([], usage=server.usage(requests, ask.n, sent))
+                    yield "data: [DONE]\n\n"
+                finally:  # the client left (or the stream ended): nothing keeps decoding
+                    await merged.aclose()
+                    for request in requests:
+                        if not request.done:
+                            server.engine.cancel(request)
 
             return StreamingResponse(events(), media_type="text/event-stream")
 

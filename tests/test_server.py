@@ -44,6 +44,25 @@ def text_alone(llm, prompt, n, chat):
     return llm.generate([prompt], SamplingParams(max_new_tokens=n), chat=chat)[0].text
 
 
+@pytest.fixture
+def submitted(served, monkeypatch):
+    """The engine requests the server submits during a test, in order (the engine's own
+    submit runs; each request it returns is kept)."""
+    engine, requests = served[1].engine, []
+    submit = engine.submit
+
+    def keep(*args, **kwargs):
+        requests.append(submit(*args, **kwargs))
+        return requests[-1]
+    monkeypatch.setattr(engine, "submit", keep)
+    return requests
+
+
+def counter(base, name):
+    text = httpx.get(base + "/metrics").text
+    return int(re.search(rf"^jax_sp_{name}_total (\d+)$", text, re.M).group(1))
+
+
 def test_concurrent_chat_and_completions_streamed_or_not_match_generate(served):
     llm, _, _, client = served
     chats = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -109,6 +128,8 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served):
      "'stream_options' is only allowed with 'stream': true"),
     ({"model": MODEL, "prompt": "hi", "stream": True, "stream_options": {"include_usage": 1}},
      "'stream_options' must be an object like"),
+    ({"model": MODEL, "prompt": "hi", "stream": True, "stream_options": True},
+     "'stream_options' must be an object like"),
 ])
 def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served, body,
                                                                              message):
@@ -169,15 +190,21 @@ def test_logprobs_through_the_openai_client(served):
         assert r.status_code == 400 and re.search(message, r.json()["error"]["message"]), r.text
 
 
-def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(served):
+def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(served,
+                                                                                 submitted):
     """n = 3 sampled choices: choice i is `generate`'s text for seed + i alone; streamed, each
     index's pieces join into the same texts, and a usage chunk (stream_options) ends the
-    stream with the whole answer's usage: the prompt once, every choice's tokens. A list of
-    prompts gives each its n choices; chat's n greedy choices are equal."""
-    llm, _, _, client = served
+    stream with the whole answer's usage: the prompt once, every choice's tokens (the metrics
+    count alike). A list of prompts gives each its n choices, sampled with the same seeds;
+    chat's n greedy choices are equal; requests without a seed draw one each."""
+    llm, _, base, client = served
     prompt, n = "Once upon a time", 3
     kw = dict(model=MODEL, prompt=prompt, max_tokens=8, temperature=0.9, top_p=0.95, seed=11)
+    before = {k: counter(base, k) for k in ("prompt_tokens", "generation_tokens")}
     whole = client.completions.create(n=n, **kw)
+    assert counter(base, "prompt_tokens") - before["prompt_tokens"] == whole.usage.prompt_tokens
+    assert (counter(base, "generation_tokens") - before["generation_tokens"]
+            == whole.usage.completion_tokens)
     alone = [llm.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.9,
                                                    top_p=0.95, seed=11 + i), chat=False)[0]
              for i in range(n)]
@@ -201,6 +228,15 @@ def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(
         assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
             text_alone(llm, t, 5, False) for t in texts for _ in (0, 1)]
         assert out.usage.prompt_tokens == sum(len(llm.encode(t, chat=False)) for t in texts)
+    out = client.completions.create(model=MODEL, prompt=texts, n=2, max_tokens=6,
+                                    temperature=0.9, seed=5)
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
+        llm.generate([t], SamplingParams(max_new_tokens=6, temperature=0.9, seed=5 + i),
+                     chat=False)[0].text for t in texts for i in (0, 1)]
+    del submitted[:]
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0.9)
+    assert submitted[0].sampling.seed != submitted[1].sampling.seed
 
     chat = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
                 max_tokens=4, temperature=0, n=2)
@@ -214,18 +250,38 @@ def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(
 
 
 @pytest.mark.parametrize("n", [1, 2])
-def test_a_client_that_leaves_mid_stream_frees_its_slot(served, n):
+def test_a_client_that_leaves_mid_stream_frees_its_slot(served, submitted, n):
+    """Every choice of a stream the client leaves is cancelled there, short of its
+    max_tokens, and its slot freed."""
     _, server, base, client = served
     body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
             "temperature": 0, "stream": True, "n": n}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")  # decoding has begun
+    assert len(submitted) == n
+    for request in submitted:
+        request.result(timeout=30)
+        assert request.finish_reason == "abort" and len(request.token_ids) < 150
     deadline = time.time() + 30
     while any(server.engine.active) and time.time() < deadline:
         time.sleep(0.05)
     assert not any(server.engine.active)
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_a_bad_prompt_in_a_list_leaves_nothing_of_its_request_queued(served, submitted):
+    _, server, base, _ = served
+    r = httpx.post(base + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": ["hi", "hi " * 150], "max_tokens": 100, "n": 2})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith("prompt 1: ") and error["param"] == "prompt"
+    assert len(submitted) == 2  # prompt 0's two choices, then cancelled
+    for request in submitted:
+        request.result(timeout=30)
+        assert request.finish_reason == "abort"
+    assert server.engine.queued == 0 and not any(server.engine.active)
 
 
 def test_health_models_and_metrics(served):
