@@ -15,8 +15,9 @@ as the model holds them and the layers unrolled as decode runs them:
   pallas-layer  the kernel on the whole stack with the layer index (no slice);
   pallas-w8a8   the same, W8A8: each row quantized (one XLA fusion, timed with it) and the
               kernel's tensor-core dot on FP8 operands (CompileOptions(fp8_gemv="pallas-w8a8"));
-plus a sweep of the kernel's tiles (`--sweep`; tensor-core tiles for both operand kinds). The limit, the copy bandwidth, is measured in the same run;
-"of_copy" is (weight bytes / time) / copy bandwidth. Result:
+plus a sweep of the kernel's tiles (`--sweep`; tensor-core tiles for both operand kinds). The
+limit, the copy bandwidth, is measured in the same run; "of_copy" is (weight bytes / time) /
+copy bandwidth. Result:
 benchmarks/results/fp8_gemv_<machine>.jsonl.
 
     python benchmarks/fp8_gemv.py [--layers 8] [--tiny]

@@ -13,8 +13,8 @@ after it: XLA:GPU runs FP8 dots as cuBLASLt FP8 GEMMs on Hopper; XLA:CPU upcasts
 
 Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) run weight-only instead (W8A16,
 `weight_only`): the activations stay in 16 bits and the FP8 weight is widened as it is read,
-by the Pallas kernel of models/fp8_gemv.py on GPU (cuBLASLt's FP8 GEMM reaches a third of the
-copy bandwidth at such sizes, docs/fp8.md) or by XLA. Such a product is the weight rounding's
+by the Pallas kernel of models/fp8_gemv.py on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8
+decode ran slower than bf16: docs/fp8.md) or by XLA. Such a product is the weight rounding's
 alone, so it is closer to the 16-bit model than the W8A8 one. "pallas-w8a8" runs them W8A8
 through the same kernel instead (FP8 operands in its tensor-core dot, no widening), so that
 every size is W8A8, as with "off".
@@ -39,7 +39,7 @@ FP8_MAX = float(jnp.finfo(FP8).max)  # 448
 # "fp8": the layers' projections in FP8; "fp8-head": the LM head too (a tied model's embedding,
 # which is its LM head: its rows are then looked up in FP8 and widened)
 QUANTIZATIONS = (None, "fp8", "fp8-head")
-WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run weight-only (W8A16)
+WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run as few rows (`weight_only`)
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
 # kernel (its tensor-core dot on FP8 operands); "auto": pallas on GPU, else xla
@@ -150,7 +150,8 @@ def weight_only_rows(w, rows: int, gemv: str) -> bool:
 
 def dot(spec: str, x_tx, w, gemv: str = "xla"):
     """einsum(spec, x, w) for a plain weight; for an Fp8 weight the FP8 matmul above, in x's
-    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"; "off": W8A8 always)."""
+    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"), W8A8 always ("off"), or W8A8
+    with few rows through the kernel ("pallas-w8a8")."""
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):
