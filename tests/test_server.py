@@ -222,11 +222,12 @@ def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(
 
     # a list of prompts (text, or token ids): prompt j's choice i at index j * n + i
     texts = ["The three primary colours are", "Once upon a time"]
+    greedy = [text_alone(llm, t, 5, False) for t in texts]
     for prompts in (texts, [llm.encode(t, chat=False) for t in texts]):
         out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5,
                                         temperature=0)
         assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
-            text_alone(llm, t, 5, False) for t in texts for _ in (0, 1)]
+            g for g in greedy for _ in (0, 1)]
         assert out.usage.prompt_tokens == sum(len(llm.encode(t, chat=False)) for t in texts)
     out = client.completions.create(model=MODEL, prompt=texts, n=2, max_tokens=6,
                                     temperature=0.9, seed=5)
