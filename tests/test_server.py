@@ -220,20 +220,16 @@ def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(
     assert whole.usage.prompt_tokens == len(llm.encode(prompt, chat=False))
     assert whole.usage.completion_tokens == sum(len(c.token_ids) for c in alone)
 
-    # a list of prompts (text, or token ids): prompt j's choice i at index j * n + i
-    texts = ["The three primary colours are", "Once upon a time"]
-    greedy = [text_alone(llm, t, 5, False) for t in texts]
+    # a list of prompts (text, or token ids): prompt j's choice i at index j * n + i, sampled
+    # with seed + i as one prompt's are (the same settings: `generate` compiles nothing new)
+    texts = ["The three primary colours are", prompt]
+    first = [llm.generate([texts[0]], SamplingParams(max_new_tokens=8, temperature=0.9,
+                                                     top_p=0.95, seed=11 + i),
+                          chat=False)[0].text for i in (0, 1)]
     for prompts in (texts, [llm.encode(t, chat=False) for t in texts]):
-        out = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=5,
-                                        temperature=0)
-        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
-            g for g in greedy for _ in (0, 1)]
+        out = client.completions.create(**{**kw, "prompt": prompts, "n": 2})
+        assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == first + want[:2]
         assert out.usage.prompt_tokens == sum(len(llm.encode(t, chat=False)) for t in texts)
-    out = client.completions.create(model=MODEL, prompt=texts, n=2, max_tokens=6,
-                                    temperature=0.9, seed=5)
-    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == [
-        llm.generate([t], SamplingParams(max_new_tokens=6, temperature=0.9, seed=5 + i),
-                     chat=False)[0].text for t in texts for i in (0, 1)]
     del submitted[:]
     for _ in range(2):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, temperature=0.9)
