@@ -126,3 +126,33 @@ def lowered_for_cuda(fn, *specs) -> str:
     checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
         *specs).mlir_module()
+
+
+
+def triton_kernels(text: str) -> list[str]:
+    """The Triton IR of each Pallas kernel in a module lowered for CUDA (`lowered_for_cuda`'s
+    text), read back from the custom calls' payload: what the GPU would compile. Uses
+    JAX-internal MLIR bindings (jaxlib carries Triton's dialect for Pallas)."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib import triton
+    from jax._src.lib.mlir import ir
+
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for inner in block.operations:
+                    if inner.operation.name == "stablehlo.custom_call":
+                        calls.append(inner.operation)
+                    walk(inner.operation)
+    walk(ir.Module.parse(text, context=mlir.make_ir_context()).operation)
+    kernels = []
+    for call in calls:
+        config = ir.DictAttr(call.attributes["mhlo.backend_config"])
+        if "ir" in config:
+            context = ir.Context()
+            triton.dialect.register_dialect(context)
+            payload = ir.StringAttr(config["ir"]).value_bytes
+            kernels.append(str(ir.Module.parse(payload, context=context)))
+    return kernels

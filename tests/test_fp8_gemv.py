@@ -1,12 +1,14 @@
 """The weight-only FP8 kernel (models/fp8_gemv.py), interpreted on CPU, against the product it
 computes: x times the widened FP8 weight times its channel scales, in float32."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lowered_for_cuda
+from conftest import lowered_for_cuda, triton_kernels
 from models.fp8_gemv import fp8_gemv, plan
 from models.quant import quantize_tokens, quantize_weight
 
@@ -86,7 +88,8 @@ def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, spl
     cores (1 row) and tensor cores (32 rows, and 40 in a tile of 64: Triton's blocks are powers
     of two; W8A8: their FP8 values, and with one split the rows' scales applied in the kernel):
     the stacked FP8 weights go into the kernel as they lie, with no slice or widened copy of
-    them before it, and W8A8's rows in FP8."""
+    them before it, and W8A8's rows in FP8. Inside (its Triton IR) the tensor-core dot takes
+    FP8 operands in W8A8 and the weight widened to bf16 in W8A16."""
     spec = jax.ShapeDtypeStruct
     x = spec((rows, 4096), jnp.float8_e4m3fn if w8a8 else jnp.bfloat16)
     text = lowered_for_cuda(
@@ -100,6 +103,14 @@ def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, spl
     assert f"tensor<{tile}x4096x{'f8E4M3FN' if w8a8 else 'bf16'}>" in calls[0]
     # no layer sliced out of the stack, no weight widened to 16 bits
     assert "tensor<1024x4096xf8E4M3FN>" not in text and "1024x4096xbf16" not in text
+    (kernel,) = triton_kernels(text)
+    dots = [line for line in kernel.splitlines() if "tt.dot" in line]
+    if rows == 1:  # CUDA cores: multiply-adds, no dot
+        assert not dots
+    else:
+        kind = "f8E4M3FN" if w8a8 else "bf16"
+        assert dots and all(re.search(rf": tensor<{tile}x\d+x{kind}> \* tensor<\d+x\d+x{kind}>",
+                                      line) for line in dots), dots
 
 
 def test_shapes_the_kernel_does_not_take_are_refused():

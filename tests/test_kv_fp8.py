@@ -2,6 +2,7 @@
 float8_e4m3fn and widened as attention reads them. Close to the full-precision cache, the same
 tokens on every layout and through the serving engine, half the bytes, bad settings named."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lowered_for_cuda, random_prompts
+from conftest import lowered_for_cuda, random_prompts, triton_kernels
 from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 from jax_sp.serving import Engine
 from models.attention import XLA, Forward
@@ -70,8 +71,10 @@ def test_the_kernel_on_an_fp8_cache_equals_xla_s_attention_on_it():
 @pytest.mark.parametrize("batch", [1, 32])
 def test_the_fused_kernel_lowers_for_cuda_and_reads_the_fp8_cache_itself(batch):
     """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload): the
-    kernel takes the FP8 cache as it lies, with no widened copy of it made before the call.
-    Batch 1 splits the keys over programs; batch 32 (x 8 KV heads) walks whole rows."""
+    kernel takes the FP8 cache as it lies, with no widened copy of it made before the call;
+    inside (its Triton IR) it loads blocks of FP8 keys and values, widens them to bf16 in
+    registers, and stores the new key and value rounded to FP8. Batch 1 splits the keys over
+    programs; batch 32 (x 8 KV heads) walks whole rows."""
     import models.decode_attention as da
 
     spec = jax.ShapeDtypeStruct
@@ -85,6 +88,13 @@ def test_the_fused_kernel_lowers_for_cuda_and_reads_the_fp8_cache_itself(batch):
     assert len(call) == 1
     fp8, wide = f"tensor<2x{batch}x512x8x128xf8E4M3FN>", f"tensor<2x{batch}x512x8x128xbf16>"
     assert call[0].count(fp8) >= 2 and wide not in text  # both caches in, none widened
+    (kernel,) = triton_kernels(text)
+    blocks = re.findall(r"(%\d+) = tt.load \S+ : tensor<64x\d+x!tt.ptr<f8E4M3FN>>", kernel)
+    assert len(blocks) >= 2  # keys and values, block by block
+    for block in blocks:
+        assert re.search(rf"tt.fp_to_fp {block} : tensor<64x\d+xf8E4M3FN> -> "
+                         rf"tensor<64x\d+xbf16>", kernel)
+    assert len(re.findall(r"tt.store \S+, \S+ : tensor<\d+x!tt.ptr<f8E4M3FN>>", kernel)) >= 2
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
