@@ -7,10 +7,10 @@ completion's list of prompts, each choice an engine request of its own, sampled 
 `stream_options.include_usage` ends a stream with a usage chunk) and `GET /metrics`
 (Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
 (`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
-away mid-stream has its request cancelled and its slot freed. `stop` strings are met on the
-decoded text: the text ends before the first one and the request ends there (finish_reason
-"stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
-open ones; then the engine drains what is left.
+away, mid-stream or waiting for a whole answer, has its requests cancelled and their slots
+freed. `stop` strings are met on the decoded text: the text ends before the first one and the
+request ends there (finish_reason "stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops
+accepting connections and waits for the open ones; then the engine drains what is left.
 
     jax-sp serve --model smollm2 --port 8000
 """
@@ -237,6 +237,18 @@ class Server:
             for task in tasks:
                 task.cancel()
 
+    async def watch(self, http, requests: list, every: float = 0.2):
+        """Cancel the requests of a whole (not streamed) answer whose client has gone away
+        (a timed-out client, which the `openai` client then retries): their slots free at once
+        instead of decoding for no one. Ends when they are done."""
+        while not all(r.done for r in requests):
+            if await http.is_disconnected():
+                for request in requests:
+                    if not request.done:
+                        self.engine.cancel(request)
+                return
+            await asyncio.sleep(every)
+
     async def pieces(self, request, stop: list[str], count_prompt: bool = True):
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
         come; the text ends before the first stop string, which ends the request.
@@ -359,10 +371,15 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             k = len(requests)  # prompts x n
             if not ask.stream:
                 texts, reasons, counts = [""] * k, [None] * k, [0] * k
-                async with contextlib.aclosing(server.choices(requests, ask.stop, ask.n)) as got:
-                    async for i, piece, end, count in got:
-                        texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
-                        counts[i] = count
+                watch = asyncio.create_task(server.watch(http, requests))
+                try:
+                    async with contextlib.aclosing(
+                            server.choices(requests, ask.stop, ask.n)) as got:
+                        async for i, piece, end, count in got:
+                            texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
+                            counts[i] = count
+                finally:
+                    watch.cancel()
                 return JSONResponse({**head, "object": kind, "choices": [
                     choice(i, texts[i], reasons[i], False,
                            server.logprobs(r, 0, counts[i], chat))

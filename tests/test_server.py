@@ -267,6 +267,21 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served, submitted, n):
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(served, submitted):
+    """A client whose wait for a whole (not streamed) answer times out has every choice
+    cancelled short of its max_tokens (the `openai` client retries after a timeout: the
+    abandoned requests must not hold slots meanwhile)."""
+    _, server, base, _ = served
+    body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
+            "temperature": 0, "n": 2}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, timeout=1.0)
+    assert len(submitted) == 2
+    for request in submitted:
+        request.result(timeout=30)
+        assert request.finish_reason == "abort" and len(request.token_ids) < 150
+
+
 def test_a_bad_prompt_in_a_list_leaves_nothing_of_its_request_queued(served, submitted):
     _, server, base, _ = served
     r = httpx.post(base + "/v1/completions", timeout=60, json={
