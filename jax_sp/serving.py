@@ -256,7 +256,8 @@ class Engine:
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._stop = False
-        self._cancelled: dict[int, str] = {}  # request id -> finish reason, from any thread
+        # request id -> (request, finish reason), from any thread
+        self._cancelled: dict[int, tuple[Request, str]] = {}
         self._pending: dict[int, Request] = {}  # admitted by the plan, not yet applied
         # multi-process: process 0 takes the requests and plans; the others follow its plan
         self.leader = jax.process_index() == 0
@@ -293,8 +294,11 @@ class Engine:
 
     def cancel(self, request: Request, reason: str = "abort"):
         """End a request early (a client gone, a stop string met): its slot is freed before the
-        next decode step; a request still waiting never runs."""
-        self._cancelled[request.id] = reason
+        next decode step; a request still waiting never runs. A request already ended is left
+        as it is."""
+        if request.done:
+            return
+        self._cancelled[request.id] = (request, reason)
         with self._wake:
             self._wake.notify()
 
@@ -397,7 +401,11 @@ class Engine:
         """Process 0's decisions for this round, as plain data."""
         running = ({r.id for r in self.active if r is not None}
                    | {job.request.id for job in self._chunking})
-        cancel = {rid: self._cancelled.pop(rid) for rid in list(self._cancelled)
+        for rid, (request, _) in list(self._cancelled.items()):
+            if request.done:  # ended on its own as it was cancelled: nothing left to do (else
+                # the idle loop, woken by any pending cancel, would never sleep)
+                self._cancelled.pop(rid, None)
+        cancel = {rid: self._cancelled.pop(rid)[1] for rid in list(self._cancelled)
                   if rid in running}
         reserved = {job.slot for job in self._chunking}  # prefilling in chunks
         free = [slot for slot, r in enumerate(self.active)
@@ -406,7 +414,7 @@ class Engine:
         while free and not self._held and (self._deferred or not self.waiting.empty()):
             request = self._deferred.popleft() if self._deferred else self.waiting.get()
             if request.id in self._cancelled:  # cancelled before it ran: no process knew it
-                request._finish(self._cancelled.pop(request.id))
+                request._finish(self._cancelled.pop(request.id)[1])
                 continue
             if self.chunk is not None and len(request.prompt) > self.chunk:
                 if long:  # one prompt in chunks at a time: the next holds no slot meanwhile

@@ -128,7 +128,6 @@ def lowered_for_cuda(fn, *specs) -> str:
         *specs).mlir_module()
 
 
-
 def triton_kernels(text: str) -> list[str]:
     """The Triton IR of each Pallas kernel in a module lowered for CUDA (`lowered_for_cuda`'s
     text), read back from the custom calls' payload: what the GPU would compile. Uses

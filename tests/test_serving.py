@@ -3,6 +3,7 @@ get the tokens `generate` gives each prompt alone."""
 
 import collections
 import dataclasses
+import time
 
 import pytest
 
@@ -98,8 +99,6 @@ def test_a_free_slot_decodes_at_position_0_and_stays_there(hf_models):
     """A slot whose request ended goes back to position 0 on the device and stays there while
     the other slot decodes on (so its attention reads one key, not its last request's whole
     row); a request then takes the slot and gets generate's tokens."""
-    import time
-
     from jax_sp.runtime import to_host
 
     llm = LLM.from_torch(hf_models("llama"), max_seq_len=512)
@@ -128,6 +127,29 @@ def test_a_free_slot_decodes_at_position_0_and_stays_there(hf_models):
     assert [p[1 - running] for p in pos] == [0, 0], pos
     assert pos[0][running] > len(long_prompt) + short_s.max_new_tokens
     assert pos[1][running] > pos[0][running]  # it decoded on (launches run ahead of reads)
+
+
+def test_a_cancel_that_comes_after_the_end_leaves_the_engine_idle(tiny):
+    """Cancelling a request that has ended (a stop string found after its last token, a client
+    leaving as it ends) changes nothing: it keeps its tokens and finish reason, and no cancel
+    stays pending, which would keep the idle loop from ever sleeping. A cancel recorded as the
+    request ended (the race: `done` read just before) is dropped at the next round."""
+    _, llm = tiny
+    (prompt,) = random_prompts(llm.cfg.vocab_size, (6,), seed=21)
+    s = SamplingParams(max_new_tokens=3, stop_token_ids=())
+    with Engine(llm, max_batch=2) as engine:
+        first = engine.submit(prompt, s)
+        tokens = first.result(timeout=60)
+        engine.cancel(first)
+        assert (first.token_ids, first.finish_reason) == (tokens, "length")
+        second = engine.submit(prompt, s)
+        second.result(timeout=60)
+        engine._cancelled[second.id] = (second, "abort")  # as `cancel` records it
+        engine.cancel(engine.submit(prompt, s))  # a round runs (and this one ends)
+        deadline = time.time() + 10
+        while engine._cancelled and time.time() < deadline:
+            time.sleep(0.01)
+        assert not engine._cancelled and second.finish_reason == "length"
 
 
 def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
