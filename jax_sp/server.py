@@ -204,8 +204,13 @@ class Server:
                 for request in requests:  # nothing of this HTTP request stays queued
                     self.engine.cancel(request)
                 code = "context_length_exceeded" if "max_seq_len" in str(e) else None
-                which = f"prompt {j}: " if len(ask.prompts) > 1 else ""
-                raise BadRequest(which + str(e), None if chat else "prompt", code) from None
+                # past the first, only a prompt of its own can fail (they share the settings)
+                which, param = (f"prompt {j}: ", "prompt") if j else ("", None)
+                raise BadRequest(which + str(e), param, code) from None
+            except RuntimeError:  # the engine is shut down: nothing stays queued either
+                for request in requests:
+                    self.engine.cancel(request)
+                raise
         return requests
 
     async def choices(self, requests: list, stop: list[str], n: int):

@@ -7,10 +7,11 @@ With cuBLASLt's FP8 GEMMs (what XLA emits for an FP8 dot) at every size, FP8 dec
 Llama-3-8B shape ran at 0.62-0.68x bf16's speed on an H200 (docs/fp8.md), although it reads
 half the bytes. Here program (n, p) owns BLOCK_N output channels and split p of the contracted
 axis: it walks its split in blocks of BLOCK_K, widens the weight block to the activations' dtype
-and accumulates x_block @ w_block^T in float32 on tensor cores (x padded to 16 rows, their
-smallest tile). The splits' partial sums are added and scaled per output channel in XLA (one
-small fusion). Splitting the contracted axis keeps every multiprocessor busy when a projection
-has few output blocks (a tp shard of o_proj or down_proj).
+and accumulates x_block @ w_block^T in float32 on tensor cores (x padded to 16, 32 or 64
+rows: Triton's blocks are powers of two, 16 the smallest). The splits' partial sums are added
+and scaled per output channel in XLA (one small fusion). Splitting the contracted axis keeps
+every multiprocessor busy when a projection has few output blocks (a tp shard of o_proj or
+down_proj).
 
 The activations stay in 16 bits (W8A16), so this is more accurate than the W8A8 path it serves
 beside (models/quant.py `dot` picks it for few rows). With `x_scale` the rows come quantized
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_ROWS = 64  # the kernel serves at most this many rows
-FMA_ROWS = 1  # up to this many rows: CUDA-core multiply-adds; more: tensor cores on 16-row tiles
+FMA_ROWS = 1  # up to this many rows: CUDA-core multiply-adds; more: tensor cores (16-64-row tiles)
 TARGET_PROGRAMS = 264  # split the contracted axis while there are fewer programs (2 per SM)
 # tiles (channels, contracted) and pipeline stages, by the sweeps of benchmarks/fp8_gemv.py on
 # an H200: tensor cores benchmarks/results/fp8_gemv_h200.jsonl, one row (CUDA cores) per

@@ -142,16 +142,17 @@ def triton_kernels(text: str) -> list[str]:
         for region in op.regions:
             for block in region.blocks:
                 for inner in block.operations:
-                    if inner.operation.name == "stablehlo.custom_call":
+                    if inner.operation.name == "stablehlo.custom_call" and ir.StringAttr(
+                            inner.operation.attributes["call_target_name"]).value == (
+                                "__gpu$xla.gpu.triton"):
                         calls.append(inner.operation)
                     walk(inner.operation)
     walk(ir.Module.parse(text, context=mlir.make_ir_context()).operation)
     kernels = []
     for call in calls:
         config = ir.DictAttr(call.attributes["mhlo.backend_config"])
-        if "ir" in config:
-            context = ir.Context()
-            triton.dialect.register_dialect(context)
-            payload = ir.StringAttr(config["ir"]).value_bytes
-            kernels.append(str(ir.Module.parse(payload, context=context)))
+        context = ir.Context()
+        triton.dialect.register_dialect(context)
+        payload = ir.StringAttr(config["ir"]).value_bytes
+        kernels.append(str(ir.Module.parse(payload, context=context)))
     return kernels

@@ -22,7 +22,7 @@ def reference(x, q, scale):
     (1, 96, 1536, 128, 12), (5, 40, 384, 128, 3), (17, 128, 256, 512, 1), (64, 48, 80, 512, 5),
     (1, 8192, 256, 64, 1), (6, 8192, 256, 64, 2)])
 def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block_k, splits):
-    """Odd row counts (one on CUDA cores, more padded to a 16-row tensor-core tile), odd
+    """Odd row counts (one on CUDA cores, more padded to a 16-64-row tensor-core tile), odd
     channel blocks, the contracted axis split over programs (few channel blocks) or not (one
     block of it; n = 8192 on CUDA cores: 256 channel blocks)."""
     kx, kw = jax.random.split(jax.random.key(rows))

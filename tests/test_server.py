@@ -274,10 +274,12 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(served, submit
     _, server, base, _ = served
     body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
             "temperature": 0, "n": 2}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json=body, timeout=1.0)
+    with server.engine.hold():  # queued until the client has gone, however fast the device
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json=body, timeout=1.0)
+        time.sleep(0.5)  # the server notices within 0.2 s
     assert len(submitted) == 2
-    for request in submitted:
+    for request in submitted:  # ended by the server, not by decoding to the end
         request.result(timeout=30)
         assert request.finish_reason == "abort" and len(request.token_ids) < 150
 
@@ -293,6 +295,9 @@ def test_a_bad_prompt_in_a_list_leaves_nothing_of_its_request_queued(served, sub
     for request in submitted:
         request.result(timeout=30)
         assert request.finish_reason == "abort"
+    deadline = time.time() + 30
+    while (server.engine.queued or any(server.engine.active)) and time.time() < deadline:
+        time.sleep(0.05)
     assert server.engine.queued == 0 and not any(server.engine.active)
 
 
