@@ -200,17 +200,15 @@ class Server:
                     sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
                                                    % 2**64) if i else ask.sampling
                     requests.append(self.engine.submit(prompt, sampling, chat=chat))
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, RuntimeError) as e:
                 for request in requests:  # nothing of this HTTP request stays queued
                     self.engine.cancel(request)
+                if isinstance(e, RuntimeError):  # the engine is shut down
+                    raise
                 code = "context_length_exceeded" if "max_seq_len" in str(e) else None
                 # past the first, only a prompt of its own can fail (they share the settings)
                 which, param = (f"prompt {j}: ", "prompt") if j else ("", None)
                 raise BadRequest(which + str(e), param, code) from None
-            except RuntimeError:  # the engine is shut down: nothing stays queued either
-                for request in requests:
-                    self.engine.cancel(request)
-                raise
         return requests
 
     async def choices(self, requests: list, stop: list[str], n: int):

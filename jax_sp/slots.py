@@ -1,11 +1,11 @@
-"""The serving engine's compiled programs (jax_sp/serving.py schedules them): a launch of
-`steps` decode steps of every slot, an admission's prefill written into its slots, a later chunk
-of a long prompt extending its slot's rows, and the two small programs that move an admission's
-first tokens into the next launch's inputs and a pipeline stage's prefilled row into its slot;
-with the grouping of admissions into prefill batches. The programs that write the engine's cache
-return it written (jax_sp/serving.py donates it, so the writes land in place); none has
-data-dependent control flow (on GPU a
-conditional's predicate is read back to the host, and the launch would wait for the device).
+"""The serving engine's compiled programs (jax_sp/serving.py schedules them): a launch of `steps`
+decode steps of every slot, an admission's prefill written into its slots, a later chunk of a long
+prompt extending its slot's rows, and the two small programs that move an admission's first tokens
+into the next launch's inputs and a pipeline stage's prefilled row into its slot; with the grouping
+of admissions into prefill batches. The programs that write the engine's cache return it written
+(jax_sp/serving.py donates it, so the writes land in place); none has data-dependent control flow
+(on GPU a conditional's predicate is read back to the host, and the launch would wait for the
+device).
 
 Shapes: B slots (or an admission group's rows), T a prompt's or chunk's tokens, L layers of this
 stage, S the engine's cache length, K kv heads, H head dim; the cache is [L, B, S, K, H].
