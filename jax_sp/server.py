@@ -211,15 +211,14 @@ class Server:
                 raise BadRequest(which + str(e), param, code) from None
         return requests
 
-    async def choices(self, requests: list, stop: list[str], n: int):
+    async def choices(self, requests: list, stop: list[str]):
         """(choice index, text piece, finish_reason or None, its tokens so far) from every
-        choice as its tokens come (`pieces`; the first of each prompt's n counts its prompt);
-        leaving early cancels the unfinished ones."""
+        choice as its tokens come (`pieces`); leaving early cancels the unfinished ones."""
         out: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, request):
             try:
-                async for item in self.pieces(request, stop, count_prompt=i % n == 0):
+                async for item in self.pieces(request, stop):
                     out.put_nowait((i, *item))
                 out.put_nowait((i, None, None, None))
             except Exception as e:  # noqa: BLE001 - raised below, in the caller's task
@@ -252,10 +251,9 @@ class Server:
                 return
             await asyncio.sleep(every)
 
-    async def pieces(self, request, stop: list[str], count_prompt: bool = True):
+    async def pieces(self, request, stop: list[str]):
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
-        come; the text ends before the first stop string, which ends the request.
-        count_prompt: its prompt's tokens count in the metrics (one choice of a prompt's n)."""
+        come; the text ends before the first stop string, which ends the request."""
         ids, shown, text = [], "", ""
         hold = max((len(s) for s in stop), default=1) - 1
         try:
@@ -279,19 +277,29 @@ class Server:
         finally:
             if not request.done:  # the client went away: free the slot
                 self.engine.cancel(request)
-            self.finished(request, count_prompt)
 
-    def finished(self, request, count_prompt: bool = True):
-        n = len(request.token_ids)
-        self.counters["generation_tokens"] += n
-        self.counters["prompt_tokens"] += len(request.prompt) if count_prompt else 0
-        if request.first_token_s is not None:
+    def settle(self, requests: list, n: int, counts: list[int]):
+        """One HTTP request's end, however it came (answered, the client gone, a stream cut
+        off before its first piece): what is still running is cancelled, and the metrics count
+        what `usage` counts (each prompt once, each choice's consumed tokens), with the time to
+        the first token and per output token of every choice that began."""
+        for request in requests:
+            if not request.done:
+                self.engine.cancel(request)
+        usage = self.usage(requests, n, counts)
+        self.counters["prompt_tokens"] += usage["prompt_tokens"]
+        self.counters["generation_tokens"] += usage["completion_tokens"]
+        now = time.perf_counter()
+        for request in requests:
+            if request.first_token_s is None:
+                continue
             self.ttft[0] += 1
             self.ttft[1] += request.first_token_s
-            if n > 1:
-                total = time.perf_counter() - request.submitted
+            made = len(request.token_ids)
+            if made > 1:
+                total = (request.finished or now) - request.submitted
                 self.tpot[0] += 1
-                self.tpot[1] += (total - request.first_token_s) / (n - 1)
+                self.tpot[1] += (total - request.first_token_s) / (made - 1)
 
     @staticmethod
     def usage(requests: list, n: int, counts: list[int]):
@@ -332,6 +340,20 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                                           steps_per_launch=steps_per_launch,
                                           max_prefill_tokens=max_prefill_tokens,
                                           prefill_chunk=prefill_chunk), model_name)
+
+    class Stream(StreamingResponse):
+        """A streamed answer that calls `settle` once it has ended, however it ended: done,
+        the client gone, or cut off before its body began."""
+
+        def __init__(self, body, settle, **kwargs):
+            super().__init__(body, **kwargs)
+            self.settle = settle
+
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.settle()
 
     async def health(_):
         return JSONResponse({"status": "ok"})
@@ -376,18 +398,20 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                 texts, reasons, counts = [""] * k, [None] * k, [0] * k
                 watch = asyncio.create_task(server.watch(http, requests))
                 try:
-                    async with contextlib.aclosing(
-                            server.choices(requests, ask.stop, ask.n)) as got:
+                    async with contextlib.aclosing(server.choices(requests, ask.stop)) as got:
                         async for i, piece, end, count in got:
                             texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
                             counts[i] = count
                 finally:
                     watch.cancel()
+                    server.settle(requests, ask.n, counts)
                 return JSONResponse({**head, "object": kind, "choices": [
                     choice(i, texts[i], reasons[i], False,
                            server.logprobs(r, 0, counts[i], chat))
                     for i, r in enumerate(requests)],
                                      "usage": server.usage(requests, ask.n, counts)})
+
+            sent, shown = [0] * k, [0] * k  # each choice's tokens and characters sent
 
             async def events():
                 obj = kind + ".chunk" if chat else kind
@@ -397,8 +421,7 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                 def event(choices, **more):
                     chunk = {**head, "object": obj, "choices": choices, **extra, **more}
                     return f"data: {json.dumps(chunk)}\n\n"
-                sent, shown = [0] * k, [0] * k  # each choice's tokens and characters sent
-                merged = server.choices(requests, ask.stop, ask.n)
+                merged = server.choices(requests, ask.stop)
                 try:
                     for i in range(ask.n if chat else 0):
                         yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -412,13 +435,11 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     if ask.usage_chunk:
                         yield event([], usage=server.usage(requests, ask.n, sent))
                     yield "data: [DONE]\n\n"
-                finally:  # the client left (or the stream ended): nothing keeps decoding
+                finally:  # the client left (or the stream ended): its pumps stop
                     await merged.aclose()
-                    for request in requests:
-                        if not request.done:
-                            server.engine.cancel(request)
 
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return Stream(events(), lambda: server.settle(requests, ask.n, sent),
+                           media_type="text/event-stream")
 
         return handle
 

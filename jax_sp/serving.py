@@ -130,7 +130,10 @@ class Request:
                 self._out.put(item)
             else:
                 loop, feed = self._async
-                loop.call_soon_threadsafe(feed.put_nowait, item)
+                try:
+                    loop.call_soon_threadsafe(feed.put_nowait, item)
+                except RuntimeError:  # its event loop has closed: no one reads it any more
+                    pass
 
     def result(self, timeout: float | None = None) -> list[int]:
         if not self._done.wait(timeout):

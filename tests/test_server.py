@@ -2,7 +2,9 @@
 client: each greedy answer is what `generate` gives the same prompt alone, stop strings cut
 where the text would, bad requests get HTTP 400 and the server keeps serving."""
 
+import asyncio
 import concurrent.futures
+import json
 import re
 import socket
 import threading
@@ -265,6 +267,43 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(served, submitted, n):
         time.sleep(0.05)
     assert not any(server.engine.active)
     assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=2).choices[0].text
+
+
+def test_a_stream_whose_client_left_before_its_body_began_is_cancelled_and_counted(
+        served, submitted):
+    """A client gone before its stream's body began: the send of the response's start fails
+    (ASGI 2.4: OSError), so Starlette never starts the body. Every choice is still cancelled,
+    and the metrics count its prompt. The ASGI app is called directly, on the served engine."""
+    from starlette.requests import ClientDisconnect
+
+    from jax_sp.server import create_app
+
+    llm, server, _, _ = served
+    app = create_app(llm, server.engine, model_name=MODEL)
+    body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 150,
+            "temperature": 0, "stream": True, "n": 2}
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+
+    async def receive():
+        return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+
+    async def send(message):
+        raise OSError("the client has gone")
+
+    with server.engine.hold():  # queued until the app has returned
+        with pytest.raises(ClientDisconnect):
+            asyncio.run(app(scope, receive, send))
+    assert len(submitted) == 2
+    for request in submitted:
+        request.result(timeout=30)
+        assert request.finish_reason == "abort" and not request.token_ids
+    counters = app.state.server.counters
+    assert counters["prompt_tokens"] == len(llm.encode(body["prompt"], chat=False))
+    assert counters["generation_tokens"] == 0
 
 
 def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(served, submitted):

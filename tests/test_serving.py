@@ -1,7 +1,9 @@
 """Continuous batching (jax_sp/serving.py): requests that join and leave a running decode batch
 get the tokens `generate` gives each prompt alone."""
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import time
 
@@ -81,9 +83,12 @@ def test_admissions_prefilled_together_give_what_each_gives_alone(tiny, budget):
 def test_a_short_request_joins_a_running_batch_and_leaves_first(tiny):
     _, llm = tiny
     long_prompt, short_prompt = random_prompts(llm.cfg.vocab_size, (11, 6), seed=6)
-    long_s = SamplingParams(max_new_tokens=60, stop_token_ids=())
+    long_s = SamplingParams(max_new_tokens=80, stop_token_ids=())
     short_s = SamplingParams(max_new_tokens=3, stop_token_ids=())
-    with Engine(llm, max_batch=2) as engine:
+    # one step a launch, and the short one's programs compiled before the race: its admission
+    # takes one round while the long one has 78 left (a compile would take longer than those)
+    with Engine(llm, max_batch=2, steps_per_launch=1) as engine:
+        engine.submit(short_prompt, short_s).result(timeout=60)
         long_r = engine.submit(long_prompt, long_s)
         tokens = iter(long_r)
         next(tokens), next(tokens)  # the long one is decoding
@@ -175,6 +180,26 @@ def test_a_first_token_that_ends_a_request_frees_its_slot_for_the_next(tiny):
     assert got == [[first], alone(llm, one, one_s), alone(llm, after, after_s)]
     assert [r.finish_reason for r in requests] == ["stop", "length", "length"]
     assert long_ids == alone(llm, long_prompt, long_s)
+
+
+def test_a_stream_whose_event_loop_has_closed_leaves_the_engine_serving(tiny):
+    """A request streamed in an event loop that has since closed (`asyncio.run` gave up before
+    its first token) has its tokens dropped, not the engine's thread killed: it still ends
+    with its tokens, and the next request is served."""
+    _, llm = tiny
+    prompt, other = random_prompts(llm.cfg.vocab_size, (7, 5), seed=3)
+    s = SamplingParams(max_new_tokens=6, stop_token_ids=())
+
+    async def abandon(request):  # starts reading the stream, then leaves
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(anext(request.stream()), 0.05)
+
+    with Engine(llm, max_batch=2) as engine:
+        with engine.hold():  # no token comes before the loop has closed
+            request = engine.submit(prompt, s)
+            asyncio.run(abandon(request))
+        assert request.result(timeout=60) == alone(llm, prompt, s)
+        assert engine.submit(other, s).result(timeout=60) == alone(llm, other, s)
 
 
 def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
