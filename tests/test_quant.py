@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import random_prompts
+from conftest import hf_logits, random_prompts
 from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
 
 GREEDY = SamplingParams(max_new_tokens=8)
@@ -157,13 +157,33 @@ def test_fp8_weights_take_at_most_0_6_of_the_bf16_bytes_for_llama3_8b():
     assert 0.5 < weight_bytes("fp8-head") / bf16 <= 0.54
 
 
+QUESTION = "What is the capital of France?"
+CLEAR = QUESTION + " Reply with the name of the city only."
+
+
 @pytest.mark.parametrize("quantization", ["fp8", "fp8-head"])
 def test_the_embedded_model_still_answers_in_fp8(smollm2, quantization):
-    cfg, params, tokenizer, _ = smollm2
+    """FP8 answers with Paris where the 16-bit model's answer does not hang on a near-tie:
+    asking for the city's name only, the HF model's every token up to "Paris" leads the next by
+    at least 1 logit, five times what FP8 moved the bare question's two leading first tokens
+    apart (0.21 with FP8 weights, 0.16 with the FP8 head too). The bare question itself is
+    answered with FP8 weights; with the FP8 head too its first token is a tie (the 16-bit model
+    leads "The" over "L" by 0.08) that the rounding flips, to "L'Étoile..." (docs/fp8.md)."""
+    cfg, params, tokenizer, module = smollm2
     llm = LLM(cfg, params, parallel=ParallelConfig(tp=2, sp="on"), tokenizer=tokenizer,
               quantization=quantization)
-    (out,) = llm.generate(["What is the capital of France?"], SamplingParams(max_new_tokens=12))
-    assert "Paris" in out.text, out.text
+    questions = [CLEAR] + ([QUESTION] if quantization == "fp8" else [])
+    outs = llm.generate(questions, SamplingParams(max_new_tokens=12))
+    for question, out in zip(questions, outs):
+        assert "Paris" in out.text, (question, out.text)
+    prompt, answer = llm.encode(CLEAR, chat=True), list(outs[0].token_ids)
+    upto = next(i for i in range(1, len(answer) + 1)
+                if "Paris" in tokenizer.decode(answer[:i]))
+    (logits,) = hf_logits(module, [prompt + answer[:upto]])
+    logits = logits[len(prompt) - 1:-1]  # [upto, V]: those that chose each answer token
+    assert logits.argmax(-1).tolist() == answer[:upto]  # the 16-bit model's own answer
+    top2 = np.sort(logits, axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() >= 1.0
 
 
 @pytest.mark.parametrize("kwargs,match", [
