@@ -8,7 +8,8 @@ completion's list of prompts, each choice an engine request of its own, sampled 
 (Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
 (`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
 away, mid-stream or waiting for a whole answer, has its requests cancelled and their slots
-freed. `stop` strings are met on the decoded text: the text ends before the first one and the
+freed. A request the engine fails gets HTTP 500 (a stream: an error event); an engine stopped
+on a fault answers 503, /health too. `stop` strings are met on the decoded text: the text ends before the first one and the
 request ends there (finish_reason "stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops
 accepting connections and waits for the open ones; then the engine drains what is left.
 
@@ -38,10 +39,15 @@ class BadRequest(ValueError):
 
 
 def _error(message, param=None, code=None, status=400):
+    """OpenAI's error body: a bad request (400) or the server's own failure (5xx)."""
     from starlette.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error",
-                                   "param": param, "code": code}}, status_code=status)
+    return JSONResponse(_error_body(message, param, code, status), status_code=status)
+
+
+def _error_body(message, param=None, code=None, status=400):
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _number(body, name, default, low, high, integer=False):
@@ -356,6 +362,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                 self.settle()
 
     async def health(_):
+        if server.engine.fault is not None:  # the engine has stopped: restart the server
+            return JSONResponse({"status": "error", "error": repr(server.engine.fault)},
+                                status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def models(_):
@@ -381,6 +390,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             except BadRequest as e:
                 server.counters["request_errors"] += 1
                 return _error(str(e), e.param, e.code)
+            except RuntimeError as e:  # the engine is shut down, or stopped on a fault
+                server.counters["request_errors"] += 1
+                return _error(str(e), status=503)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "created": int(time.time()), "model": model_name}
 
@@ -402,6 +414,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                         async for i, piece, end, count in got:
                             texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
                             counts[i] = count
+                except Exception as e:  # noqa: BLE001 - the engine failed a request
+                    return _error(f"the engine failed this request: {e!r}", status=500)
                 finally:
                     watch.cancel()
                     server.settle(requests, ask.n, counts)
@@ -426,12 +440,19 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     for i in range(ask.n if chat else 0):
                         yield event([{"index": i, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}])
-                    async for i, piece, end, count in merged:
-                        if piece or end:
-                            logprobs = server.logprobs(requests[i], sent[i], count, chat,
-                                                       shown[i])
-                            sent[i], shown[i] = count, shown[i] + len(piece)
-                            yield event([choice(i, piece, end, True, logprobs)])
+                    try:
+                        async for i, piece, end, count in merged:
+                            if piece or end:
+                                logprobs = server.logprobs(requests[i], sent[i], count, chat,
+                                                           shown[i])
+                                sent[i], shown[i] = count, shown[i] + len(piece)
+                                yield event([choice(i, piece, end, True, logprobs)])
+                    except Exception as e:  # noqa: BLE001 - the engine failed a request
+                        # the status has gone out: an error event, as OpenAI and vLLM send
+                        body = _error_body(f"the engine failed this request: {e!r}", status=500)
+                        yield f"data: {json.dumps(body)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
                     if ask.usage_chunk:
                         yield event([], usage=server.usage(requests, ask.n, sent))
                     yield "data: [DONE]\n\n"

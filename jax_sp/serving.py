@@ -160,9 +160,11 @@ class Request:
         self._put(token)
 
     def _finish(self, reason):
-        self.finish_reason = reason
-        self.finished = time.perf_counter()
-        self._done.set()
+        with self._lock:  # once: a fault's sweep and a submit racing it may both end it
+            if self._done.is_set():
+                return
+            self.finish_reason, self.finished = reason, time.perf_counter()
+            self._done.set()
         self._put(reason if isinstance(reason, BaseException) else _DONE)
 
 
@@ -265,7 +267,9 @@ class Engine:
         # multi-process: process 0 takes the requests and plans; the others follow its plan
         self.leader = jax.process_index() == 0
         self.steps = 0  # decode steps run
-        self._thread = threading.Thread(target=self._loop, name="jax-sp-engine", daemon=True)
+        # what stopped the loop, if a fault its guards do not catch (a bug) did: see `_run`
+        self.fault: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="jax-sp-engine", daemon=True)
         self._thread.start()
 
     # -- the API's edge ------------------------------------------------------------------------
@@ -275,7 +279,8 @@ class Engine:
         """Queue one prompt (a string, token ids or a conversation, as `generate` takes);
         returns its Request at once. Bad input raises here."""
         if self._stop:
-            raise RuntimeError("the engine is shut down")
+            raise RuntimeError("the engine is shut down" if self.fault is None else
+                               f"the engine stopped on a fault: {self.fault!r}")
         if not self.leader:
             raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
                                f"submit requests to process 0")
@@ -291,6 +296,8 @@ class Engine:
         request = Request(next(self._ids), [int(t) for t in job.inputs[0, :job.lengths[0]]],
                           sampling, tuple(self.llm._stop_ids(sampling)))
         self.waiting.put(request)
+        if self.fault is not None:  # the loop stopped meanwhile: its sweep may have missed it
+            request._finish(self.fault)
         with self._wake:
             self._wake.notify()
         return request
@@ -326,15 +333,20 @@ class Engine:
         (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
         on process 0: the others stop with it."""
         if drain:
-            while self.queued or self.running or self._pending:
+            while (self.queued or self.running or self._pending) and self._thread.is_alive():
                 time.sleep(0.005)
         self._stop = True
         with self._wake:
             self._wake.notify()
         self._thread.join()
-        for r in ([r for r in self.active if r is not None] + list(self.waiting.queue)
-                  + list(self._deferred) + [job.request for job in self._chunking]):
+        for r in self._unfinished():
             r._finish("abort")
+
+    def _unfinished(self) -> list[Request]:
+        """Every request submitted and not ended: queued, admitted, decoding or in chunks."""
+        return ([r for r in self.active if r is not None] + list(self.waiting.queue)
+                + list(self._deferred) + list(self._pending.values())
+                + [job.request for job in self._chunking])
 
     @property
     def queued(self) -> int:
@@ -353,6 +365,19 @@ class Engine:
         self.shutdown(drain=exc[0] is None)
 
     # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self):
+        """The loop's thread. A fault that the loop's guards do not catch (a bug: they catch a
+        failing program) stops the engine rather than leaving its requests waiting forever:
+        every unfinished request ends with it, `submit` names it, and `fault` holds it (the
+        server's /health then answers 503)."""
+        try:
+            self._loop()
+        except BaseException as e:
+            self.fault, self._stop = e, True
+            for request in self._unfinished():
+                request._finish(e)
+            raise
 
     def _loop(self):
         """Each round: the plan (cancellations, admissions, stop) made by process 0 and, in a

@@ -306,6 +306,54 @@ def test_a_stream_whose_client_left_before_its_body_began_is_cancelled_and_count
     assert counters["generation_tokens"] == 0
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_engine_stopped_by_a_fault_answers_errors_and_health_says_so(served, monkeypatch):
+    """An engine stopped by a fault (a bug in its loop: here its planning raises) leaves no
+    request hanging: a whole answer it held gets HTTP 500 with an OpenAI error body, a stream
+    an error event and [DONE]; then /health and every new request answer 503 (a load
+    balancer or supervisor takes the server out). The app runs on an engine of its own."""
+    from jax_sp.server import create_app
+    from jax_sp.serving import Engine
+
+    llm = served[0]
+    engine = Engine(llm, max_batch=4)
+    app = create_app(llm, engine, model_name=MODEL)
+    body = {"model": MODEL, "prompt": "Count to one hundred:", "max_tokens": 50,
+            "temperature": 0}
+    fault = RuntimeError("a bug in the plan")
+
+    def plan():
+        raise fault
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://jax-sp") as c:
+            assert (await c.get("/health")).status_code == 200
+            with engine.hold():
+                whole = asyncio.create_task(c.post("/v1/completions", json=body))
+                streamed = asyncio.create_task(c.post("/v1/completions",
+                                                      json={**body, "stream": True}))
+                while engine.queued < 2:
+                    await asyncio.sleep(0.01)
+                monkeypatch.setattr(engine, "_plan", plan)
+                answers = await whole, await streamed
+            return (*answers, await c.get("/health"),
+                    await c.post("/v1/completions", json=body))
+
+    whole, streamed, health, after = asyncio.run(main())
+    assert whole.status_code == 500, whole.text
+    assert whole.json()["error"]["type"] == "server_error"
+    assert "a bug in the plan" in whole.json()["error"]["message"]
+    assert streamed.status_code == 200
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    assert "a bug in the plan" in json.loads(events[-2])["error"]["message"]
+    assert health.status_code == 503 and "a bug in the plan" in health.json()["error"]
+    assert after.status_code == 503, after.text
+    assert "the engine stopped on a fault" in after.json()["error"]["message"]
+    engine.shutdown()
+
+
 def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(served, submitted):
     """A client whose wait for a whole (not streamed) answer times out has every choice
     cancelled short of its max_tokens (the `openai` client retries after a timeout: the

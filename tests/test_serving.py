@@ -202,6 +202,36 @@ def test_a_stream_whose_event_loop_has_closed_leaves_the_engine_serving(tiny):
         assert engine.submit(other, s).result(timeout=60) == alone(llm, other, s)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_fault_the_loop_does_not_catch_ends_every_request_with_it(tiny, monkeypatch):
+    """A bug in the loop (here its planning raises) stops the engine rather than leaving
+    requests waiting forever: the decoding and the queued request end with the fault, `fault`
+    holds it, `submit` names it, and shutdown returns."""
+    _, llm = tiny
+    first, second = random_prompts(llm.cfg.vocab_size, (9, 4), seed=21)
+    s = SamplingParams(max_new_tokens=80, stop_token_ids=())
+    fault = RuntimeError("a bug in the plan")
+
+    def plan():
+        raise fault
+
+    engine = Engine(llm, max_batch=2, steps_per_launch=1)
+    decoding = engine.submit(first, s)
+    next(iter(decoding))
+    with engine.hold():
+        queued = engine.submit(second, s)
+        monkeypatch.setattr(engine, "_plan", plan)
+        for request in (decoding, queued):
+            with pytest.raises(RuntimeError, match="a bug in the plan"):
+                request.result(timeout=60)
+    assert engine.fault is fault
+    assert len(decoding.token_ids) < 80 and not queued.token_ids
+    with pytest.raises(RuntimeError, match=r"the engine stopped on a fault: "
+                                           r"RuntimeError\('a bug in the plan'\)"):
+        engine.submit(second, s)
+    engine.shutdown()
+
+
 def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
     _, llm = tiny
     prompt, *others = random_prompts(llm.cfg.vocab_size, (8, 13, 4, 21), seed=7)
