@@ -1,17 +1,16 @@
-"""An OpenAI-compatible HTTP server over the continuous-batching engine (jax_sp/serving.py),
-on Starlette and uvicorn (`pip install -e ".[serve]"`).
-
-Routes: `GET /health`, `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`
-(streamed as server-sent events with `"stream": true`, whole otherwise; `n` choices and a
-completion's list of prompts, each choice an engine request of its own, sampled with seed + i;
-`stream_options.include_usage` ends a stream with a usage chunk) and `GET /metrics`
-(Prometheus' text format). Bad requests get HTTP 400 with an OpenAI-style error body
-(`{"error": {"message", "type", "param", "code"}}`) and change nothing else. A client that goes
-away, mid-stream or waiting for a whole answer, has its requests cancelled and their slots
-freed. A request the engine fails gets HTTP 500 (a stream: an error event); an engine stopped
-on a fault answers 503, /health too. `stop` strings are met on the decoded text: the text ends before the first one and the
-request ends there (finish_reason "stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops
-accepting connections and waits for the open ones; then the engine drains what is left.
+"""An OpenAI-compatible HTTP server over the continuous-batching engine (jax_sp/serving.py), on
+Starlette and uvicorn (`pip install -e ".[serve]"`). Routes: `GET /health`, `GET /v1/models`,
+`POST /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events with
+`"stream": true`, whole otherwise; `n` choices and a completion's list of prompts, each choice
+an engine request of its own, sampled with seed + i; `stream_options.include_usage` ends a
+stream with a usage chunk) and `GET /metrics` (Prometheus' text format). Bad requests get HTTP
+400 with an OpenAI-style error body (`{"error": {"message", "type", "param", "code"}}`) and
+change nothing else. A client that goes away, mid-stream or waiting for a whole answer, has its
+requests cancelled and their slots freed. A request the engine fails gets HTTP 500 (a stream: an
+error event); an engine stopped on a fault answers 503, /health too. `stop` strings are met on
+the decoded text: the text ends before the first one and the request ends there (finish_reason
+"stop"). On shutdown (SIGTERM, Ctrl-C) uvicorn stops accepting connections and waits for the
+open ones; then the engine drains what is left.
 
     jax-sp serve --model smollm2 --port 8000
 """
@@ -27,7 +26,7 @@ import time
 import uuid
 
 from jax_sp.config import MAX_LOGPROBS, SamplingParams
-from jax_sp.serving import Engine
+from jax_sp.serving import Engine, EngineStopped
 
 _METRICS = ("requests", "request_errors", "prompt_tokens", "generation_tokens")
 
@@ -206,10 +205,10 @@ class Server:
                     sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
                                                    % 2**64) if i else ask.sampling
                     requests.append(self.engine.submit(prompt, sampling, chat=chat))
-            except (ValueError, TypeError, RuntimeError) as e:
+            except (ValueError, TypeError, EngineStopped) as e:
                 for request in requests:  # nothing of this HTTP request stays queued
                     self.engine.cancel(request)
-                if isinstance(e, RuntimeError):  # the engine is shut down
+                if isinstance(e, EngineStopped):
                     raise
                 code = "context_length_exceeded" if "max_seq_len" in str(e) else None
                 # past the first, only a prompt of its own can fail (they share the settings)
@@ -283,6 +282,14 @@ class Server:
         finally:
             if not request.done:  # the client went away: free the slot
                 self.engine.cancel(request)
+
+    def failed(self, requests: list, error: BaseException) -> bool:
+        """Whether `error` is what the engine ended one of these requests with (a program
+        failed, or the engine stopped on a fault); counted among the request errors."""
+        if any(r.finish_reason is error for r in requests):
+            self.counters["request_errors"] += 1
+            return True
+        return False
 
     def settle(self, requests: list, n: int, counts: list[int]):
         """One HTTP request's end, however it came (answered, the client gone, a stream cut
@@ -390,7 +397,7 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             except BadRequest as e:
                 server.counters["request_errors"] += 1
                 return _error(str(e), e.param, e.code)
-            except RuntimeError as e:  # the engine is shut down, or stopped on a fault
+            except EngineStopped as e:  # shut down, or stopped on a fault
                 server.counters["request_errors"] += 1
                 return _error(str(e), status=503)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -414,7 +421,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                         async for i, piece, end, count in got:
                             texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
                             counts[i] = count
-                except Exception as e:  # noqa: BLE001 - the engine failed a request
+                except Exception as e:
+                    if not server.failed(requests, e):
+                        raise  # the server's own bug: Starlette's 500
                     return _error(f"the engine failed this request: {e!r}", status=500)
                 finally:
                     watch.cancel()
@@ -447,7 +456,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                                                            shown[i])
                                 sent[i], shown[i] = count, shown[i] + len(piece)
                                 yield event([choice(i, piece, end, True, logprobs)])
-                    except Exception as e:  # noqa: BLE001 - the engine failed a request
+                    except Exception as e:
+                        if not server.failed(requests, e):
+                            raise
                         # the status has gone out: an error event, as OpenAI and vLLM send
                         body = _error_body(f"the engine failed this request: {e!r}", status=500)
                         yield f"data: {json.dumps(body)}\n\n"

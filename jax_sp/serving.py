@@ -74,6 +74,10 @@ from models.decode_attention import BLOCK_S
 _DONE = object()
 
 
+class EngineStopped(RuntimeError):
+    """`Engine.submit` after the engine has shut down or stopped on a fault."""
+
+
 @dataclasses.dataclass(eq=False)
 class Request:
     """One request in the engine: iterate it for its new token ids as they come (blocks), or
@@ -279,8 +283,8 @@ class Engine:
         """Queue one prompt (a string, token ids or a conversation, as `generate` takes);
         returns its Request at once. Bad input raises here."""
         if self._stop:
-            raise RuntimeError("the engine is shut down" if self.fault is None else
-                               f"the engine stopped on a fault: {self.fault!r}")
+            raise EngineStopped("the engine is shut down" if self.fault is None else
+                                f"the engine stopped on a fault: {self.fault!r}")
         if not self.leader:
             raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
                                f"submit requests to process 0")
@@ -296,8 +300,8 @@ class Engine:
         request = Request(next(self._ids), [int(t) for t in job.inputs[0, :job.lengths[0]]],
                           sampling, tuple(self.llm._stop_ids(sampling)))
         self.waiting.put(request)
-        if self.fault is not None:  # the loop stopped meanwhile: its sweep may have missed it
-            request._finish(self.fault)
+        if self._stop and (self.fault is not None or not self._thread.is_alive()):
+            request._finish(self.fault or "abort")  # stopped meanwhile: the sweep missed it
         with self._wake:
             self._wake.notify()
         return request
@@ -308,7 +312,8 @@ class Engine:
         as it is."""
         if request.done:
             return
-        self._cancelled[request.id] = (request, reason)
+        # the first reason stands (a stop string met, then the stream's end cancels again)
+        self._cancelled.setdefault(request.id, (request, reason))
         with self._wake:
             self._wake.notify()
 
@@ -377,6 +382,11 @@ class Engine:
             self.fault, self._stop = e, True
             for request in self._unfinished():
                 request._finish(e)
+            self.active = [None] * len(self.active)  # the gauges read nothing running
+            self._chunking, self._pending = [], {}
+            self._deferred.clear()
+            while not self.waiting.empty():
+                self.waiting.get_nowait()
             raise
 
     def _loop(self):

@@ -163,12 +163,13 @@ CLEAR = QUESTION + " Reply with the name of the city only."
 
 @pytest.mark.parametrize("quantization", ["fp8", "fp8-head"])
 def test_the_embedded_model_still_answers_in_fp8(smollm2, quantization):
-    """FP8 answers with Paris where the 16-bit model's answer does not hang on a near-tie:
-    asking for the city's name only, the HF model's every token up to "Paris" leads the next by
-    at least 1 logit, five times what FP8 moved the bare question's two leading first tokens
-    apart (0.21 with FP8 weights, 0.16 with the FP8 head too). The bare question itself is
-    answered with FP8 weights; with the FP8 head too its first token is a tie (the 16-bit model
-    leads "The" over "L" by 0.08) that the rounding flips, to "L'Étoile..." (docs/fp8.md)."""
+    """FP8 answers with Paris where the unquantized model's answer does not hang on a
+    near-tie: asking for the city's name only, the HF model's (float32) every token up to
+    "Paris" leads the next by at least 1 logit, five times what FP8 moved the bare question's
+    two leading first tokens apart (0.21 with FP8 weights, 0.16 with the FP8 head too). The bare
+    question itself is answered with FP8 weights; with the FP8 head too its first token is a
+    tie (the unquantized model leads "The" over "L" by 0.08) that the rounding flips, to
+    "L'Étoile..." (docs/fp8.md)."""
     cfg, params, tokenizer, module = smollm2
     llm = LLM(cfg, params, parallel=ParallelConfig(tp=2, sp="on"), tokenizer=tokenizer,
               quantization=quantization)
@@ -181,7 +182,7 @@ def test_the_embedded_model_still_answers_in_fp8(smollm2, quantization):
                 if "Paris" in tokenizer.decode(answer[:i]))
     (logits,) = hf_logits(module, [prompt + answer[:upto]])
     logits = logits[len(prompt) - 1:-1]  # [upto, V]: those that chose each answer token
-    assert logits.argmax(-1).tolist() == answer[:upto]  # the 16-bit model's own answer
+    assert logits.argmax(-1).tolist() == answer[:upto]  # the unquantized model's answer
     top2 = np.sort(logits, axis=-1)[:, -2:]
     assert (top2[:, 1] - top2[:, 0]).min() >= 1.0
 

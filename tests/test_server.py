@@ -96,7 +96,9 @@ def test_concurrent_chat_and_completions_streamed_or_not_match_generate(served):
     assert got == want
 
 
-def test_stop_strings_cut_the_text_where_it_meets_them(served):
+def test_stop_strings_cut_the_text_where_it_meets_them(served, submitted):
+    """The text ends before the stop string, and the engine's request ends "stop" there too
+    (the stream's end cancels it again, which leaves the first reason)."""
     llm, _, _, client = served
     prompt = "The three primary colours are"
     full = text_alone(llm, prompt, 24, False)
@@ -112,6 +114,9 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served):
             out = client.completions.create(**kw).choices[0]
             text, reason = out.text, out.finish_reason
         assert (text, reason) == (full[: full.index(stop)], "stop")
+        request = submitted[-1]
+        request.result(timeout=30)
+        assert request.finish_reason == "stop" and len(request.token_ids) < 24
 
 
 @pytest.mark.parametrize("body,message", [

@@ -204,28 +204,31 @@ def test_a_stream_whose_event_loop_has_closed_leaves_the_engine_serving(tiny):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_fault_the_loop_does_not_catch_ends_every_request_with_it(tiny, monkeypatch):
-    """A bug in the loop (here its planning raises) stops the engine rather than leaving
-    requests waiting forever: the decoding and the queued request end with the fault, `fault`
-    holds it, `submit` names it, and shutdown returns."""
+    """A bug in the loop (here its planning raises, in the first round after a request's first
+    token, once it has queued another) stops the engine rather than leaving requests waiting
+    forever: the decoding and the queued request end with the fault, `fault` holds it,
+    `submit` names it, the gauges read nothing left, and shutdown returns."""
     _, llm = tiny
     first, second = random_prompts(llm.cfg.vocab_size, (9, 4), seed=21)
     s = SamplingParams(max_new_tokens=80, stop_token_ids=())
     fault = RuntimeError("a bug in the plan")
+    engine = Engine(llm, max_batch=2)
+    plan, submitted = engine._plan, []
 
-    def plan():
-        raise fault
+    def faulty():
+        if submitted and submitted[0].token_ids:  # decoding: queue one more, then fail
+            submitted.append(engine.submit(second, s))
+            raise fault
+        return plan()
 
-    engine = Engine(llm, max_batch=2, steps_per_launch=1)
-    decoding = engine.submit(first, s)
-    next(iter(decoding))
-    with engine.hold():
-        queued = engine.submit(second, s)
-        monkeypatch.setattr(engine, "_plan", plan)
-        for request in (decoding, queued):
-            with pytest.raises(RuntimeError, match="a bug in the plan"):
-                request.result(timeout=60)
-    assert engine.fault is fault
-    assert len(decoding.token_ids) < 80 and not queued.token_ids
+    monkeypatch.setattr(engine, "_plan", faulty)
+    submitted.append(engine.submit(first, s))
+    while len(submitted) < 2:
+        time.sleep(0.01)
+    for request in submitted:
+        with pytest.raises(RuntimeError, match="a bug in the plan"):
+            request.result(timeout=60)
+    assert engine.fault is fault and engine.queued == engine.running == 0
     with pytest.raises(RuntimeError, match=r"the engine stopped on a fault: "
                                            r"RuntimeError\('a bug in the plan'\)"):
         engine.submit(second, s)
