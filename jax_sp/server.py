@@ -218,7 +218,8 @@ class Server:
 
     async def choices(self, requests: list, stop: list[str]):
         """(choice index, text piece, finish_reason or None, its tokens so far) from every
-        choice as its tokens come (`pieces`); leaving early cancels the unfinished ones."""
+        choice as its tokens come (`pieces`); leaving early stops reading them (`settle`
+        cancels the unfinished ones)."""
         out: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, request):
@@ -240,7 +241,7 @@ class Server:
                     left -= 1
                 else:
                     yield i, piece, end, count
-        finally:  # a cancelled pump's `pieces` cancels its request
+        finally:
             for task in tasks:
                 task.cancel()
 
@@ -258,30 +259,27 @@ class Server:
 
     async def pieces(self, request, stop: list[str]):
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
-        come; the text ends before the first stop string, which ends the request."""
+        come; the text ends before the first stop string, which ends the request. One left
+        early leaves its request running: `settle` cancels it as the HTTP request ends."""
         ids, shown, text = [], "", ""
         hold = max((len(s) for s in stop), default=1) - 1
-        try:
-            async for token in request.stream():
-                ids.append(token)
-                text = self.llm._detok(ids, request.stop_ids)
-                cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    self.engine.cancel(request, "stop")
-                    if cut > len(shown):
-                        yield text[len(shown):cut], None, len(ids)
-                    yield "", "stop", len(ids)
-                    return
-                ready = len(text) - hold if stop else len(text)
-                if ready > len(shown) and not text[:ready].endswith("\ufffd"):
-                    yield text[len(shown):ready], None, len(ids)
-                    shown = text[:ready]
-            if len(text) > len(shown):
-                yield text[len(shown):], None, len(ids)
-            yield "", request.finish_reason, len(ids)
-        finally:
-            if not request.done:  # the client went away: free the slot
-                self.engine.cancel(request)
+        async for token in request.stream():
+            ids.append(token)
+            text = self.llm._detok(ids, request.stop_ids)
+            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.engine.cancel(request, "stop")
+                if cut > len(shown):
+                    yield text[len(shown):cut], None, len(ids)
+                yield "", "stop", len(ids)
+                return
+            ready = len(text) - hold if stop else len(text)
+            if ready > len(shown) and not text[:ready].endswith("\ufffd"):
+                yield text[len(shown):ready], None, len(ids)
+                shown = text[:ready]
+        if len(text) > len(shown):
+            yield text[len(shown):], None, len(ids)
+        yield "", request.finish_reason, len(ids)
 
     def failed(self, requests: list, error: BaseException) -> bool:
         """Whether `error` is what the engine ended one of these requests with (a program
