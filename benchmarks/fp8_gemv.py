@@ -116,7 +116,12 @@ def main():
     for rows in rows_list:
         xs = inputs(rows)
         for variant, (ws, nbytes, fn) in variants.items():
-            compiled = fn.lower(ws, xs).compile()
+            try:
+                compiled = fn.lower(ws, xs).compile()
+            except Exception as e:  # a variant the compiler refuses is a result too
+                res.emit({"bench": "variant", "variant": variant, "rows": rows, "layers": L,
+                          "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                continue
             text = compiled.as_text() if gpu else ""
             if args.hlo_dir and rows == rows_list[0]:
                 with open(os.path.join(args.hlo_dir, f"{variant}.hlo.txt"), "w") as f:

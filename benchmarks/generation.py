@@ -242,9 +242,15 @@ def run_model(b: Bench, name: str):
 
         for (impl, (mode, quant, gemv)), setting in itertools.product(decoders.items(),
                                                                       unrolls):
-            llm = engine(mode, setting, quant, gemv)
-            unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
-            first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
+            try:
+                llm = engine(mode, setting, quant, gemv)
+                unroll = gen.decode_unroll(llm.runtime)  # what the library's default resolves to
+                first_s, out = first_call(lambda: llm.generate(ids.tolist(), sp), lambda _: None)
+            except Exception as e:  # noqa: BLE001 - recorded, and the other rows still run
+                b.emit({"bench": "decode", **common, "impl": impl, "batch": batch,
+                        "error": f"{type(e).__name__}: {str(e)[:400]}"})
+                traceback.print_exc()
+                continue
             tokens[f"{impl}/unroll={unroll}"] = [c.token_ids for c in out]
             totals, prefills, decodes = [], [], []
             for _ in range(args.repeats):

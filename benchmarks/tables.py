@@ -15,8 +15,11 @@ Tables:
             fp8_accuracy_*.jsonl: FP8 logits against the same model without quantization
   refactor  refactor_generation_*.jsonl: generation speed of the code before and after a
             refactor, alternating in one job
-  fp8_speed generation_fp8_*.jsonl: jax-sp with and without quantization="fp8", decode and
-            prefill, side by side in one run
+  fp8_speed generation_fp8_<gpu>_*.jsonl: jax-sp with and without quantization="fp8", decode
+            and prefill, side by side in one run
+  fp8_w8a8  generation_fp8_w8a8_*.jsonl: FP8 decode with the weight-only kernel against the
+            kernel's FP8 operands (fp8_gemv="pallas-w8a8" / "pallas-mixed") and bf16, per batch
+            (each row from one run)
   fp8_gemv  fp8_gemv_*.jsonl: decode's FP8 projections, the weight-only kernel against the
             other paths, per row count
   generation GPU MODEL
@@ -179,7 +182,8 @@ def _read_bytes(row) -> float:
 
 
 def fp8_speed() -> str:
-    rows = [r for r in _rows("generation_fp8_*.jsonl") if "error" not in r]
+    rows = [r for r in _rows("generation_fp8_*.jsonl") if "error" not in r
+            and not r["_file"].startswith("generation_fp8_w8a8_")]
     if not rows:
         return "(no generation_fp8 results)"
     cell = {(r["bench"], r["impl"], r["batch"]): r for r in rows if r["bench"] in ("decode",
@@ -220,9 +224,44 @@ def fp8_speed() -> str:
     return "\n".join(out)
 
 
+def fp8_w8a8() -> str:
+    rows = [r for r in _rows("generation_fp8_w8a8_*.jsonl") if "error" not in r]
+    if not rows:
+        return "(no generation_fp8_w8a8 results)"
+    out = ["| decode | bf16, ms | FP8 + LM head, weight-only kernel: ms (speed-up) | FP8 + LM "
+           "head, W8A8 kernel: ms (speed-up) | of the copy bandwidth: weight-only / W8A8 | run |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    files = sorted({r["_file"] for r in rows})
+    for batch in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
+        for name in files:  # each row from one run, side by side
+            cell = {r["impl"]: r for r in rows if r["_file"] == name
+                    and r["bench"] == "decode" and r["batch"] == batch}
+            base, wo = cell.get("jax-sp"), cell.get("jax-sp/fp8-head")
+            w8 = next((r for impl, r in sorted(cell.items()) if impl.startswith(
+                "jax-sp/fp8-head/fp8_gemv=pallas-")), None)
+            if not (base and wo and w8):
+                continue
+            bandwidth = next(r for r in rows if r["_file"] == name
+                             and r["bench"] == "limits")["copy_gb_s"] * 1e9
+            share = " / ".join(f"{_read_bytes(q) / (q['ms_per_token'] / 1e3) / bandwidth * 100:.0f}%"
+                               for q in (wo, w8))
+            mode = w8["impl"].split("=")[1]
+            out.append(f"| batch {batch} | {base['ms_per_token']:.2f} | "
+                       + " | ".join(f"{q['ms_per_token']:.2f} "
+                                    f"({base['ms_per_token'] / q['ms_per_token']:.2f}×)"
+                                    for q in (wo, w8))
+                       + f" | {share} | `{name}` ({mode}) |")
+    machine = rows[0].get("machine", "")
+    out += ["", f"`benchmarks/results/` ({machine}): Llama-3-8B shape, random weights, decode "
+            f"after a 128-token prompt, 256 greedy new tokens; medians, compile excluded; the "
+            f"copy bandwidth measured in each run. \"pallas-mixed\" runs one row as "
+            f"\"pallas\" and 2-64 rows as \"pallas-w8a8\"."]
+    return "\n".join(out)
+
+
 def fp8_gemv() -> str:
     rows = [r for r in _rows("fp8_gemv_*.jsonl") if r["bench"] == "variant"
-            and "_sweep" not in r["_file"]]
+            and "_sweep" not in r["_file"] and "error" not in r]
     if not rows:
         return "(no fp8_gemv results)"
     limits = next(r for r in _rows(rows[0]["_file"]) if r["bench"] == "limits")
@@ -750,7 +789,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "load": load, "fp8_accuracy": fp8_accuracy,
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
-          "fp8_speed": fp8_speed, "fp8_gemv": fp8_gemv, "refactor": refactor,
+          "fp8_speed": fp8_speed, "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

@@ -42,9 +42,16 @@ QUANTIZATIONS = (None, "fp8", "fp8-head")
 WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run as few rows (`weight_only`)
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
-# kernel (its tensor-core dot on FP8 operands); "auto": pallas on GPU, else xla
-FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8")
-KERNEL_GEMV = ("pallas", "pallas-w8a8")  # the modes that run few rows through the kernel
+# kernel (its tensor-core dot on FP8 operands), "pallas-mixed" the kernel weight-only at one
+# row and W8A8 at 2-64; "auto": pallas on GPU, else xla
+FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8", "pallas-mixed")
+# the modes that run few rows through the kernel
+KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed")
+
+
+def w8a8_rows(gemv: str, rows: int) -> bool:
+    """Whether a few-row product (`weight_only`) of `rows` rows quantizes its activations."""
+    return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > 1)
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
 # reduce over (the contracted ones) and the logical names of the scale they get. The
@@ -150,13 +157,14 @@ def weight_only_rows(w, rows: int, gemv: str) -> bool:
 
 def dot(spec: str, x_tx, w, gemv: str = "xla"):
     """einsum(spec, x, w) for a plain weight; for an Fp8 weight the FP8 matmul above, in x's
-    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"), W8A8 always ("off"), or W8A8
-    with few rows through the kernel ("pallas-w8a8")."""
+    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"), W8A8 always ("off"), W8A8
+    with few rows through the kernel ("pallas-w8a8"), or the kernel weight-only at one row and
+    W8A8 at more ("pallas-mixed")."""
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):
         return weight_only(spec, x_tx, w, kernel=gemv in KERNEL_GEMV,
-                           w8a8=gemv == "pallas-w8a8")
+                           w8a8=w8a8_rows(gemv, x_tx.shape[0]))
     w = w.unstacked()
     xq, sx = quantize_tokens(x_tx)
     ins, out = spec.split("->")

@@ -83,34 +83,44 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
-@pytest.mark.parametrize("tp,sp", [(2, "off"), (3, "on")])
+@pytest.mark.parametrize("tp,sp,gemv", [(2, "off", "pallas-w8a8"), (3, "on", "pallas-w8a8"),
+                                         (2, "on", "pallas-mixed")])
 def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp,
-                                                                          monkeypatch):
+                                                                          gemv, monkeypatch):
     """fp8_gemv="pallas-w8a8": few rows quantized per token (each token's scale the maximum
     over every device's features, padded heads at tp 3 included) and multiplied in FP8 by the
     kernel (interpreted on CPU) per device on its weight shards, against "off" (W8A8 in XLA at
     every size) on one device: each prompt alone (at most 64 rows: the kernel's) gives the same
-    logits up to float32 rounding, and decoding the same tokens."""
+    logits up to float32 rounding, and decoding the same tokens. "pallas-mixed" does the same
+    at 2-64 rows, and one row (a single prompt's decode steps) runs weight-only through the
+    kernel ("pallas"; its numbers are tested beside the weight-only tests above)."""
     import models.fp8_gemv
 
     kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
 
-    def recorded(*args, **kwargs):
-        calls.append(kwargs.get("x_scale") is not None)
-        return kernel(*args, **kwargs)
+    def recorded(x, *args, **kwargs):
+        calls.append((x.shape[0], kwargs.get("x_scale") is not None))
+        return kernel(x, *args, **kwargs)
     monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=5)
     off = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="off"))
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=tp, sp=sp), quantization="fp8",
-                         options=CompileOptions(fp8_gemv="pallas-w8a8"))
+                         options=CompileOptions(fp8_gemv=gemv))
     for p in prompts:
         want = off.logits([p])[0]
         np.testing.assert_allclose(llm.logits([p])[0], want, rtol=1e-4,
                                    atol=1e-4 * np.abs(want).max())
     assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
             == [c.token_ids for c in off.generate(prompts, GREEDY)])
-    assert calls and all(calls)  # every few-row product went through the kernel, quantized
+    assert calls and all(quantized for _, quantized in calls)  # every few-row product went
+    # through the kernel, quantized
+    if gemv == "pallas-mixed":  # one prompt on one device (tp pads the batch to a multiple
+        calls.clear()  # of tp): its decode steps' products run weight-only
+        LLM.from_torch(model, quantization="fp8", options=CompileOptions(
+            fp8_gemv=gemv)).generate(prompts[:1], GREEDY)
+        assert {rows for rows, quantized in calls if not quantized} == {1}
+        assert all(quantized for rows, quantized in calls if rows > 1)
 
 
 @pytest.mark.parametrize("kind,tp,sp,comm,gemv", [("llama", 3, "on", "ring", "xla"),
@@ -199,7 +209,8 @@ def test_bad_quantization_settings_are_named(hf_models, kwargs, match):
 
 def test_an_unknown_fp8_gemv_is_named():
     with pytest.raises(ValueError, match=r"CompileOptions.fp8_gemv must be one of "
-                                         r"\('auto', 'pallas', 'xla', 'off', 'pallas-w8a8'\), "
+                                         r"\('auto', 'pallas', 'xla', 'off', 'pallas-w8a8', "
+                                         r"'pallas-mixed'\), "
                                          r"got 'cublas'"):
         CompileOptions(fp8_gemv="cublas")
 
