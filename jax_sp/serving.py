@@ -449,21 +449,28 @@ class Engine:
         free = [slot for slot, r in enumerate(self.active)
                 if (r is None or r.id in cancel) and slot not in reserved]
         admit, deferred, long = [], [], bool(self._chunking)
-        while free and not self._held and (self._deferred or not self.waiting.empty()):
-            request = self._deferred.popleft() if self._deferred else self.waiting.get()
-            if request.id in self._cancelled:  # cancelled before it ran: no process knew it
-                request._finish(self._cancelled.pop(request.id)[1])
-                continue
-            if self.chunk is not None and len(request.prompt) > self.chunk:
-                if long:  # one prompt in chunks at a time: the next holds no slot meanwhile
+        try:
+            while free and not self._held and (self._deferred or not self.waiting.empty()):
+                request = self._deferred.popleft() if self._deferred else self.waiting.get()
+                try:
+                    if request.id in self._cancelled:  # cancelled before it ran: no process
+                        request._finish(self._cancelled.pop(request.id)[1])  # knew it
+                        continue
+                    if self.chunk is not None and len(request.prompt) > self.chunk:
+                        if long:  # one prompt in chunks at a time: the next holds no slot
+                            deferred.append(request)  # meanwhile
+                            continue
+                        long = True
+                    admit.append({"slot": free[0], "id": request.id, "prompt": request.prompt,
+                                  "sampling": dataclasses.asdict(request.sampling),
+                                  "stop_ids": list(request.stop_ids)})
+                except BaseException:  # a fault: back where the engine's sweep finds it
                     deferred.append(request)
-                    continue
-                long = True
-            self._pending[request.id] = request
-            admit.append({"slot": free.pop(0), "id": request.id, "prompt": request.prompt,
-                          "sampling": dataclasses.asdict(request.sampling),
-                          "stop_ids": list(request.stop_ids)})
-        self._deferred.extendleft(reversed(deferred))
+                    raise
+                free.pop(0)
+                self._pending[request.id] = request
+        finally:
+            self._deferred.extendleft(reversed(deferred))
         return {"stop": self._stop, "cancel": cancel, "admit": admit}
 
     def _share(self, plan):

@@ -235,6 +235,35 @@ def test_a_fault_the_loop_does_not_catch_ends_every_request_with_it(tiny, monkey
     engine.shutdown()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_fault_while_admitting_ends_every_request_of_the_round(tiny, monkeypatch):
+    """A fault in the middle of a round's admissions (here reading the third request's
+    sampling) ends every request the round took from the queue: the long prompt admitted to
+    run in chunks, the long prompt it deferred (one prompt in chunks at a time) and the one
+    being admitted. None is lost between the queue and the slots."""
+    import jax_sp.serving
+
+    _, llm = tiny
+    prompts = random_prompts(llm.cfg.vocab_size, (20, 24, 4), seed=22)
+    s, broken = (SamplingParams(max_new_tokens=4, stop_token_ids=()) for _ in range(2))
+    asdict = jax_sp.serving.dataclasses.asdict
+
+    def failing(obj, *args, **kwargs):  # only the marked request's sampling fails
+        if obj is broken:
+            raise RuntimeError("unreadable sampling")
+        return asdict(obj, *args, **kwargs)
+
+    monkeypatch.setattr(jax_sp.serving.dataclasses, "asdict", failing)
+    engine = Engine(llm, max_batch=3, prefill_chunk=16)
+    with engine.hold():  # all three taken in one round
+        requests = [engine.submit(p, sampling) for p, sampling in zip(prompts, (s, s, broken))]
+    for request in requests:
+        with pytest.raises(RuntimeError, match="unreadable sampling"):
+            request.result(timeout=60)
+    assert engine.queued == engine.running == 0
+    engine.shutdown()
+
+
 def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
     _, llm = tiny
     prompt, *others = random_prompts(llm.cfg.vocab_size, (8, 13, 4, 21), seed=7)
