@@ -380,13 +380,14 @@ class Engine:
             self._loop()
         except BaseException as e:
             self.fault, self._stop = e, True
-            for request in self._unfinished():
-                request._finish(e)
-            self.active = [None] * len(self.active)  # the gauges read nothing running
-            self._chunking, self._pending = [], {}
+            unfinished = self._unfinished()
+            self.active = [None] * len(self.active)  # the gauges read nothing running by the
+            self._chunking, self._pending = [], {}  # time a request's caller wakes
             self._deferred.clear()
             while not self.waiting.empty():
                 self.waiting.get_nowait()
+            for request in unfinished:
+                request._finish(e)
             raise
 
     def _loop(self):

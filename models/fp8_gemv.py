@@ -102,8 +102,9 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
         raise ValueError(f"fp8_gemv: x_scale {x_scale.shape} must hold one scale per row of "
                          f"x {x.shape}")
     dtype = out_dtype or (x.dtype if x_scale is None else jnp.bfloat16)
-    if x_scale is not None and m <= FMA_ROWS:  # CUDA cores widen anyway: the row scaled, f32
-        x, x_scale = x.astype(jnp.float32) * x_scale[:, None], None
+    # W8A8 rows go in as FP8 on either path (CUDA cores widen them in registers): widened and
+    # scaled by XLA beforehand, the FP8 round trip was simplified away on GPU (one row then
+    # had the weight-only path's error to every digit)
     xp = x if rows == m else jnp.pad(x, ((0, rows - m), (0, 0)))
     # W8A8 on tensor cores: the rows' scales (padding rows: 1) go in after the weights' scales
     xs = () if x_scale is None else (
@@ -169,7 +170,10 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     if fma:
         for r, a in enumerate(acc):
             if splits == 1:
-                out_ref[r, channels] = (a * s_ref[layer, channels]).astype(out_ref.dtype)
+                a = a * s_ref[layer, channels]
+                if xs_ref:  # W8A8: the row's own scale too
+                    a = a * xs_ref[0][r]
+                out_ref[r, channels] = a.astype(out_ref.dtype)
             else:
                 out_ref[pi, r, channels] = a
         return

@@ -17,7 +17,8 @@ by the Pallas kernel of models/fp8_gemv.py on GPU (with cuBLASLt's FP8 GEMMs at 
 decode ran slower than bf16: docs/fp8.md) or by XLA. Such a product is the weight rounding's
 alone, so it is closer to the 16-bit model than the W8A8 one. "pallas-w8a8" runs them W8A8
 through the same kernel instead (FP8 operands in its tensor-core dot, no widening), so that
-every size is W8A8, as with "off".
+every size is W8A8, as with "off"; "pallas-mixed" runs one row weight-only and 2-64 rows W8A8
+(the rows a program runs, after any padding: tp pads a batch to a multiple of tp).
 
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
@@ -52,6 +53,7 @@ KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed")
 def w8a8_rows(gemv: str, rows: int) -> bool:
     """Whether a few-row product (`weight_only`) of `rows` rows quantizes its activations."""
     return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > 1)
+
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
 # reduce over (the contracted ones) and the logical names of the scale they get. The

@@ -38,11 +38,12 @@ def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block
 
 
 @pytest.mark.parametrize("rows,n,k,block_k,splits", [
-    (1, 96, 1536, 128, 12), (5, 40, 384, 128, 3), (32, 128, 256, 512, 1), (64, 48, 80, 512, 5)])
+    (1, 96, 1536, 128, 12), (1, 96, 128, 128, 1), (5, 40, 384, 128, 3), (32, 128, 256, 512, 1),
+    (64, 48, 80, 512, 5)])
 def test_quantized_rows_give_the_fp8_product_times_both_scales(rows, n, k, block_k, splits):
     """W8A8 (x_scale): x quantized per row, its tile multiplied in FP8 on tensor cores (one row
-    widened and scaled on CUDA cores), each output scaled by its row's and its channel's
-    scales; rows of very different sizes."""
+    widened on CUDA cores), each output scaled by its row's and its channel's scales (in the
+    kernel with one split, by XLA after the splits' sum); rows of very different sizes."""
     kx, kw = jax.random.split(jax.random.key(rows + 100))
     x = jax.random.normal(kx, (rows, k), jnp.float32) * jnp.logspace(-2, 2, rows)[:, None]
     xq, sx = quantize_tokens(x)
@@ -82,11 +83,13 @@ def test_a_stacked_weight_is_read_at_the_layer_given():
 
 
 @pytest.mark.parametrize("rows,w8a8,splits", [(1, False, None), (32, False, None),
-                                             (40, False, None), (32, True, None), (40, True, 1)])
+                                             (40, False, None), (32, True, None), (40, True, 1),
+                                             (1, True, None), (1, True, 1)])
 def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, splits):
     """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload), on CUDA
     cores (1 row) and tensor cores (32 rows, and 40 in a tile of 64: Triton's blocks are powers
-    of two; W8A8: their FP8 values, and with one split the rows' scales applied in the kernel):
+    of two; W8A8: their FP8 values, one row's too, and with one split the rows' scales applied
+    in the kernel):
     the stacked FP8 weights go into the kernel as they lie, with no slice or widened copy of
     them before it, and W8A8's rows in FP8. Inside (its Triton IR) the tensor-core dot takes
     FP8 operands in W8A8 and the weight widened to bf16 in W8A16."""
