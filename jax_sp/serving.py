@@ -454,19 +454,21 @@ class Engine:
             while free and not self._held and (self._deferred or not self.waiting.empty()):
                 request = self._deferred.popleft() if self._deferred else self.waiting.get()
                 try:
-                    if request.id in self._cancelled:  # cancelled before it ran: no process
-                        request._finish(self._cancelled.pop(request.id)[1])  # knew it
+                    # cancelled before it ran: no process knew it
+                    if request.id in self._cancelled:
+                        request._finish(self._cancelled.pop(request.id)[1])
                         continue
+                    # one prompt in chunks at a time: the next holds no slot meanwhile
                     if self.chunk is not None and len(request.prompt) > self.chunk:
-                        if long:  # one prompt in chunks at a time: the next holds no slot
-                            deferred.append(request)  # meanwhile
+                        if long:
+                            deferred.append(request)
                             continue
                         long = True
                     admit.append({"slot": free[0], "id": request.id, "prompt": request.prompt,
                                   "sampling": dataclasses.asdict(request.sampling),
                                   "stop_ids": list(request.stop_ids)})
-                except BaseException:  # a fault: back where the engine's sweep finds it
-                    deferred.append(request)
+                except BaseException:  # a fault (it stops the engine: `_run`): back where
+                    deferred.append(request)  # the sweep finds it
                     raise
                 free.pop(0)
                 self._pending[request.id] = request
