@@ -181,6 +181,11 @@ def _read_bytes(row) -> float:
     return row["weight_bytes"] - table
 
 
+def _copy_share(row, bandwidth: float) -> str:
+    """A decode row's bytes read a step over its time, as a share of the copy bandwidth."""
+    return f"{_read_bytes(row) / (row['ms_per_token'] / 1e3) / bandwidth * 100:.0f}%"
+
+
 def fp8_speed() -> str:
     rows = [r for r in _rows("generation_fp8_*.jsonl") if "error" not in r
             and not r["_file"].startswith("generation_fp8_w8a8_")]
@@ -207,8 +212,8 @@ def fp8_speed() -> str:
         key = "ms_per_token" if bench == "decode" else "median_ms"
         what = (f"decode batch {batch}, per token" if bench == "decode"
                 else f"prefill {batch}×{r['tokens']}")
-        share = (" / ".join(f"{_read_bytes(q) / (q[key] / 1e3) / bandwidth * 100:.0f}%"
-                            if q else "-" for q in qs) if bench == "decode" else "")
+        share = (" / ".join(_copy_share(q, bandwidth) if q else "-" for q in qs)
+                 if bench == "decode" else "")
         off = (f"{w8a8[key]:.2f}" if w8a8 else "(the same)" if bench == "prefill"
                else "not run")
         out.append(f"| {what} | {r[key]:.2f} | "
@@ -243,8 +248,7 @@ def fp8_w8a8() -> str:
                 continue
             bandwidth = next(r for r in rows if r["_file"] == name
                              and r["bench"] == "limits")["copy_gb_s"] * 1e9
-            share = " / ".join(f"{_read_bytes(q) / (q['ms_per_token'] / 1e3) / bandwidth * 100:.0f}%"
-                               for q in (wo, w8))
+            share = " / ".join(_copy_share(q, bandwidth) for q in (wo, w8))
             mode = w8["impl"].split("=")[1]
             out.append(f"| batch {batch} | {base['ms_per_token']:.2f} | "
                        + " | ".join(f"{q['ms_per_token']:.2f} "
