@@ -4,13 +4,16 @@ model.safetensors.index.json, read row range by row range (bridges/streaming.py 
 FP8 checkpoints in the common HF layout (vLLM's and llm-compressor's "fp8" format) load too:
 a `*.weight` in F8_E4M3 beside its `*.weight_scale` (one float per tensor, or one per output
 channel, [out] or [out, 1]) is dequantized row by row as it is read; a static `*.input_scale`
-is not needed (quantization="fp8" scales activations per token) and is skipped. The model
-then runs in its dtype, or in FP8 again with quantization="fp8", with the values and scales it
-stores (`scale_view`: a per-tensor scale becomes every output channel's)."""
+is not needed (quantization="fp8" scales activations per token) and is skipped, as are the
+attention's calibrated scales (`self_attn.k_scale`, `v_scale`, ...; the FP8 KV cache runs
+unscaled), with a warning. Block-wise scales are refused. The model then runs in its dtype, or
+in FP8 again with quantization="fp8", with the values and scales it stores (`scale_view`: a
+per-tensor scale becomes every output channel's)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import types
@@ -22,7 +25,13 @@ from bridges.hf import config_from_hf
 from bridges.streaming import CheckpointError, TensorSource
 from models.config import ModelConfig
 
+log = logging.getLogger(__name__)
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+# an FP8 checkpoint's calibrated attention scales (llm-compressor's and vLLM's kv-cache schemes:
+# self_attn.k_scale / v_scale, q_scale and prob_scale; older ones: k_proj.output_scale)
+_ATTENTION_SCALES = tuple(f"self_attn.{n}" for n in ("k_scale", "v_scale", "q_scale",
+                                                     "prob_scale")) + tuple(
+    f"self_attn.{p}_proj.output_scale" for p in "qkv")
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
                        "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": _FP8}
 
@@ -69,16 +78,27 @@ class SafetensorsSource(TensorSource):
                 raise CheckpointError(f"{self._where[key][2]}: FP8 tensor {key} has no {name}; "
                                       f"an FP8 checkpoint stores each weight's scale beside it")
             out = self.shapes[key][0]
-            if math.prod(self.shapes[name]) not in (1, out):
+            if math.prod(self.shapes[name]) != 1 and tuple(self.shapes[name]) not in (
+                    (out,), (out, 1)):
+                block = " (block-wise FP8 scales are not supported)" if len(
+                    self.shapes[name]) == 2 and self.shapes[name][1] > 1 else ""
                 raise CheckpointError(f"{self._where[name][2]}: {name} has shape "
-                                      f"{self.shapes[name]}; expected one scale, or one per "
-                                      f"output channel ({out})")
+                                      f"{list(self.shapes[name])}; expected one scale ([] or "
+                                      f"[1]), or one per output channel ([{out}] or [{out}, "
+                                      f"1]){block}")
             scales[key] = self._read(name, np.arange(self.shapes[name][0]) if
                                      self.shapes[name] else None).astype(np.float32).reshape(-1)
             self.dtypes[key] = np.dtype(np.float32)
         for key in [k for k in self.shapes if k.endswith((".weight_scale", ".input_scale"))
                     and k.rsplit(".", 1)[0] + ".weight" in self._stored]:
             del self.shapes[key], self.dtypes[key]
+        attention = [k for k in self.shapes if k.endswith(_ATTENTION_SCALES)]
+        if attention:
+            log.warning("%s: %d attention scale tensor(s) (%s, ...) are not used: the FP8 KV "
+                        "cache (kv_cache_dtype='fp8') stores keys and values unscaled, "
+                        "saturated at +-448", self.description, len(attention), attention[0])
+            for key in attention:
+                del self.shapes[key], self.dtypes[key]
         return scales
 
     @staticmethod

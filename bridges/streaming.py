@@ -187,9 +187,11 @@ class LazyParams:
         return np.ascontiguousarray(got.transpose(order))
 
     def build(self, path: str, names: tuple, plan, shape, sharding, dtype,
-              layer_offset: int = 0) -> jax.Array:
+              layer_offset: int = 0, first_of: tuple = ()) -> jax.Array:
         """The padded parameter `path` of global `shape` as a device array with `sharding`;
-        for stacked parameters, layers [layer_offset, layer_offset + shape[0]).
+        for stacked parameters, layers [layer_offset, layer_offset + shape[0]). first_of: axes
+        of size 1 in `shape` that hold the parameter's first position only (on every padded
+        axis a real one), unsharded.
 
         One device at a time: its block is filled in place (layer by layer for stacked
         parameters), copied to the device and dropped before the next device's is read, so the
@@ -200,6 +202,7 @@ class LazyParams:
         dtype = np.dtype(dtype)
         shards = []
         for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+            index = tuple(slice(0, 1) if a in first_of else s for a, s in enumerate(index))
             sizes = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
             host = np.empty(sizes, dtype)
             if stacked:
@@ -223,15 +226,18 @@ class LazyParams:
 
     def fp8_scales(self) -> "LazyParams | None":
         """The checkpoint's FP8 scale of every parameter value, placed as the parameters are
-        (TensorSource.scale_view), or None when the source stores no FP8 tensors."""
+        (TensorSource.scale_view), or None when the source stores no FP8 tensors. A weight's
+        values share their output channel's scale: place it with `first_of` its contracted
+        axes, one value a channel."""
         view = getattr(self.source, "scale_view", lambda: None)()
         return None if view is None else LazyParams(view, self.cfg, progress=False)
 
-    def place(self, targets, plan, dtype, layers):
+    def place(self, targets, plan, dtype, layers, first_of: tuple = ()):
         """The weight-source protocol (sharding/weights.py): each target built device by device,
-        a stage's layers [start, end) of the stacked ones."""
+        a stage's layers [start, end) of the stacked ones (first_of: as `build`)."""
         return {path: self.build(path, t.names, plan, t.shape, t.sharding, dtype,
-                                 layer_offset=layers[0]) for path, t in targets.items()}
+                                 layer_offset=layers[0], first_of=first_of)
+                for path, t in targets.items()}
 
     def _fill(self, host, e, parts, plan, index):
         """Write one layer's block `index` of parameter entry e into host; parts: the HF key of

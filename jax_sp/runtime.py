@@ -180,16 +180,18 @@ class Runtime:
                                      self.sharding_of(names))}
             (x,) = source.place(unstored, self.plan, self.dtype, layers).values()
             given = None
-            if checkpoint_scales is not None:  # each value's scale; a channel's are all one
-                (g,) = checkpoint_scales.place(unstored, self.plan, jnp.float32,
-                                               layers).values()
-                given = jax.jit(lambda g, axes=axes: jnp.max(g, axis=axes))(g)  # noqa: E731
+            if checkpoint_scales is not None:  # one value a channel: its contracted axes at 1
+                one = tuple(None if a in axes else n for a, n in enumerate(names))
+                (g,) = checkpoint_scales.place(
+                    {path: Target(one, tuple(1 if a in axes else n for a, n in
+                                             enumerate(unstored[path].shape)),
+                                  self.sharding_of(one))},
+                    self.plan, jnp.float32, layers, first_of=axes).values()
+                given = jax.jit(lambda g, axes=axes: jnp.squeeze(g, axes))(g)  # noqa: E731
                 del g
             scale_path = scale_of(path)
-            fn = jax.jit(lambda w, s, axes=axes: quantize_weight(w, axes, s),  # noqa: E731
-                         out_shardings=Fp8(target.sharding,
-                                           self.sharding_of(self.param_names[scale_path])))
-            fp8 = fn(x, given)
+            fp8 = _quantize(x, given, axes, stacked, Fp8(
+                target.sharding, self.sharding_of(self.param_names[scale_path])))
             arrays[path], arrays[scale_path] = fp8.q, fp8.scale
             del x, given
         return self._map_state(lambda path, var: arrays[path])
@@ -377,3 +379,33 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
         else:
             params[path_str(p)] = (0.02 * rng.standard_normal(shape, np.float32))
     return params
+
+
+# a stack whose float32 copy would take more bytes than this is quantized layer by layer
+QUANTIZE_BY_LAYER_BYTES = 256 << 20
+
+
+def _quantize(w, scale, axes, stacked: bool, shardings: Fp8) -> Fp8:
+    """quantize_weight(w, axes, scale) into `shardings`. XLA computes it in a float32 copy of
+    w, so a large stacked weight goes one layer at a time into FP8 buffers updated in place:
+    the float32 then spans one layer, not the stack (whose float32 copy, twice its 16-bit
+    bytes, set the load's peak memory)."""
+    if not stacked or w.size * 4 <= QUANTIZE_BY_LAYER_BYTES:
+        return jax.jit(lambda w, s: quantize_weight(w, axes, s), out_shardings=shardings)(
+            w, scale)
+    inner = tuple(a - 1 for a in axes)
+    shape = jax.eval_shape(lambda w: quantize_weight(w, axes), w)
+    q, s = jax.jit(lambda: (jnp.zeros(shape.q.shape, shape.q.dtype),
+                            jnp.zeros(shape.scale.shape, shape.scale.dtype)),
+                   out_shardings=(shardings.q, shardings.scale))()
+
+    def step(q, s, w, scale, i):
+        pick = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)  # noqa: E731
+        layer = quantize_weight(pick(w), inner, None if scale is None else pick(scale))
+        return (jax.lax.dynamic_update_index_in_dim(q, layer.q, i, 0),
+                jax.lax.dynamic_update_index_in_dim(s, layer.scale, i, 0))
+
+    step = jax.jit(step, donate_argnums=(0, 1), out_shardings=(shardings.q, shardings.scale))
+    for i in range(w.shape[0]):
+        q, s = step(q, s, w, scale, np.int32(i))
+    return Fp8(q, s)

@@ -48,6 +48,11 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
     a power of two of at least 16 (tensor cores: Pallas' Triton lowering takes power-of-two blocks
     only, so 48 rows would not lower). Unless `splits` is given, the contracted axis is split over
     programs until there are about TARGET_PROGRAMS."""
+    for name, value in (("block_n", block_n), ("block_k", block_k), ("splits", splits)):
+        if value is not None and (value < 1 or (name != "splits" and value & (value - 1))):
+            raise ValueError(f"fp8_gemv: {name} must be "
+                             f"{'at least 1' if name == 'splits' else 'a power of two'}, got "
+                             f"{value}")
     if rows > MAX_ROWS:
         return None
     fma = rows <= FMA_ROWS

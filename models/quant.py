@@ -174,9 +174,17 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     stored = stored_letters(lhs, rhs)
     # accumulated in float32 and written in x's dtype (bf16 in serving): a row-parallel
     # product's partial sums then cross devices in 16 bits, as they do unquantized
-    y = jnp.einsum(f"{lhs},{stored}->{out}", xq, w.q, preferred_element_type=x_tx.dtype)
-    sx = sx.reshape(sx.shape + (1,) * (y.ndim - 1)).astype(x_tx.dtype)
-    return y * sx * w.scale.astype(x_tx.dtype)
+    acc = product_dtype(x_tx.dtype)
+    y = jnp.einsum(f"{lhs},{stored}->{out}", xq, w.q, preferred_element_type=acc)
+    sx = sx.reshape(sx.shape + (1,) * (y.ndim - 1)).astype(acc)
+    return (y * sx * w.scale.astype(acc)).astype(x_tx.dtype)
+
+
+def product_dtype(dtype):
+    """The dtype an FP8 x FP8 product is written in before its scales: the activations' own,
+    but float32 for float16, whose range (65504) the unscaled sums exceed: each operand spans
+    +-448, so one product alone reaches 2e5."""
+    return jnp.float32 if jnp.dtype(dtype) == jnp.float16 else dtype
 
 
 def stored_letters(lhs: str, rhs: str) -> str:

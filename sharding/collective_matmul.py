@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from models.quant import Fp8, quantize_tokens, stored_letters
+from models.quant import Fp8, product_dtype, quantize_tokens, stored_letters
 
 AXIS = "tp"
 
@@ -47,8 +47,9 @@ def _fp8_matmul(dtype):
     with its scale [F]: the scaled FP8 product [L, F] in `dtype`."""
     def matmul(chunk, w):
         xq, sx = chunk
-        y = jnp.einsum("ld,fd->lf", xq, w.q, preferred_element_type=dtype)
-        return y * sx[:, None].astype(dtype) * w.scale.astype(dtype)
+        acc = product_dtype(dtype)
+        y = jnp.einsum("ld,fd->lf", xq, w.q, preferred_element_type=acc)
+        return (y * sx[:, None].astype(acc) * w.scale.astype(acc)).astype(dtype)
     return matmul
 
 

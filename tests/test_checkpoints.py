@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -382,11 +383,14 @@ def test_a_changed_gguf_file_is_read_again_and_an_unwritable_cache_only_warns(
     np.testing.assert_array_equal(again, other)
 
 
-def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False):
+def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False,
+                    scale_shape=None):
     """model saved in the common HF FP8 layout: each layer projection's weight (and with head
     the LM head's) in float8_e4m3fn beside its weight_scale ([out, 1] per channel, or one per
-    tensor) and a static input_scale; returns the model with the weights those values
-    dequantize to."""
+    tensor; scale_shape: every scale broadcast to that shape instead) and a static
+    input_scale, with the attention's KV-cache scales (llm-compressor's self_attn.k_scale /
+    v_scale per channel, the older k_proj / v_proj.output_scale per tensor); returns the model
+    with the weights those values dequantize to."""
     from safetensors.torch import save_file
 
     model.save_pretrained(folder)
@@ -400,8 +404,14 @@ def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False
         q = (w / scale).to(torch.float8_e4m3fn)
         state[key] = q
         if key != drop_scale:
-            state[key + "_scale"] = scale.float()
+            state[key + "_scale"] = (scale.float() if scale_shape is None else
+                                     scale.float().max().expand(scale_shape).clone())
         state[key.replace("weight", "input_scale")] = torch.tensor(1.0)
+        if key.endswith("k_proj.weight") and per_channel:
+            for kv in "kv":
+                state[key.replace("k_proj.weight", f"{kv}_scale")] = torch.tensor(0.02)
+        elif key.endswith(("k_proj.weight", "v_proj.weight")) and not per_channel:
+            state[key.replace("weight", "output_scale")] = torch.tensor([0.02])
         exact.state_dict()[key].copy_(q.float() * scale)
     for f in os.listdir(folder):
         if f.endswith(".safetensors") or f.endswith(".index.json"):
@@ -411,15 +421,24 @@ def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False
 
 
 @pytest.mark.parametrize("per_channel,tp", [(True, 2), (False, 4)])
-def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, per_channel, tp):
+def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, caplog, monkeypatch,
+                                                          per_channel, tp):
     """F8_E4M3 weights with per-channel or per-tensor weight_scale are dequantized on read: the
-    logits of the model whose weights are those values; quantization="fp8" runs on them too."""
+    logits of the model whose weights are those values; quantization="fp8" runs on them too.
+    The checkpoint's KV-cache scales are skipped with a warning (the FP8 cache runs
+    unscaled). Per channel, every stack is quantized layer by layer, as a large one is."""
+    if per_channel:
+        monkeypatch.setattr("jax_sp.runtime.QUANTIZE_BY_LAYER_BYTES", 0)
     model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
     exact = _fp8_checkpoint(model, tmp_path, per_channel)
     prompts = random_prompts(101, (7, 12), seed=4)
     ref = LLM.from_torch(exact).logits(prompts)
-    llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp, sp="on"),
-                              progress=False)
+    with caplog.at_level("WARNING", logger="bridges.safetensors_source"):
+        llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp, sp="on"),
+                                  progress=False)
+    assert re.search(rf"{2 * model.config.num_hidden_layers} attention scale tensor\(s\) "
+                     r"\(model\.layers\.0\.self_attn\.(k_scale|k_proj\.output_scale)",
+                     caplog.text), caplog.text
     logits_close(llm, ref, prompts)
     fp8 = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp),
                               quantization="fp8", progress=False)
@@ -454,6 +473,16 @@ def test_an_fp8_lm_head_keeps_the_checkpoint_s_values_with_fp8_head(tmp_path):
     params = unpadded_params(llm.runtime, llm.state)
     got = params["head_dv"].astype(np.float32) * params["s_head_dv"][:, None]  # [V, D]
     np.testing.assert_array_equal(got, exact.state_dict()["lm_head.weight"].numpy())
+
+
+def test_fp8_hf_checkpoint_with_block_wise_scales_is_refused_by_name(tmp_path):
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    _fp8_checkpoint(model, tmp_path, scale_shape=(1, 1))  # [1, 1] is one scale: loads
+    LLM.from_pretrained(str(tmp_path), progress=False)
+    _fp8_checkpoint(model, tmp_path, scale_shape=(1, 2))  # 128x128 blocks of [out, 96]
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.\S+_scale has shape \[1, "
+                       r"2\]; expected one scale .*block-wise FP8 scales are not supported"):
+        LLM.from_pretrained(str(tmp_path), progress=False)
 
 
 def test_fp8_hf_checkpoint_without_a_scale_names_the_tensor(tmp_path):

@@ -126,3 +126,9 @@ def test_shapes_the_kernel_does_not_take_are_refused():
         fp8_gemv(x, w.q, w.scale, interpret=True)
     with pytest.raises(ValueError, match="do not fit"):
         fp8_gemv(x[:, :32], w.q, w.scale, interpret=True)
+    # a block that is no power of two would leave columns or channels out
+    for kw, match in [({"block_k": 48}, "block_k must be a power of two, got 48"),
+                      ({"block_n": 12}, "block_n must be a power of two, got 12"),
+                      ({"splits": 0}, "splits must be at least 1, got 0")]:
+        with pytest.raises(ValueError, match=match):
+            fp8_gemv(x[:2], w.q, w.scale, interpret=True, **kw)

@@ -52,6 +52,43 @@ def test_fp8_logits_stay_within_e4m3_rounding_of_the_full_model(hf_models, kind,
     assert top1 >= 0.85, top1
 
 
+@pytest.mark.parametrize("parallel", [ParallelConfig(),
+                                      ParallelConfig(tp=2, sp="on", comm="ring")],
+                         ids=["tp1", "tp2-sp-ring"])
+def test_w8a8_in_float16_stays_within_the_w8a8_bound(hf_models, parallel):
+    """A float16 model (an F16 checkpoint's dtype) runs W8A8 with every product's unscaled sum
+    beyond float16's range (each operand spans +-448, one product alone 2e5 > 65504): the sums
+    are written in float32 before their scales (`product_dtype`), in XLA's dot and in the ring's
+    chunks alike. Bound: the W8A8 bound above (10%) against the full-precision model, float16's
+    own rounding (2^-11) being far below e4m3's."""
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (9, 70), seed=3)
+    full = LLM.from_torch(model).logits(prompts)
+    llm = LLM.from_torch(model, dtype="float16", quantization="fp8", parallel=parallel,
+                         options=CompileOptions(fp8_gemv="off"))
+    for a, b in zip(full, llm.logits(prompts)):
+        b = np.asarray(b, np.float32)
+        assert np.isfinite(b).all()
+        assert float(np.linalg.norm(a - b) / np.linalg.norm(a)) < 0.10
+
+
+def test_a_stack_quantized_layer_by_layer_is_the_stack_quantized_whole(hf_models, monkeypatch):
+    """A large stacked weight is quantized one layer at a time on load (its float32 copy would
+    set the peak memory): the same FP8 values and scales, at tp 2 with padded heads."""
+    model = hf_models("llama")
+    parallel = ParallelConfig(tp=2)
+    whole = LLM.from_torch(model, parallel=parallel, quantization="fp8-head")
+    monkeypatch.setattr("jax_sp.runtime.QUANTIZE_BY_LAYER_BYTES", 0)
+    by_layer = LLM.from_torch(model, parallel=parallel, quantization="fp8-head")
+    a, b = nnx.to_flat_state(whole.state), nnx.to_flat_state(by_layer.state)
+    assert [k for k, _ in a] == [k for k, _ in b]
+    for (key, x), (_, y) in zip(a, b):
+        x, y = x.get_value(), y.get_value()
+        assert x.dtype == y.dtype and x.sharding == y.sharding, key
+        np.testing.assert_array_equal(np.asarray(x.astype(np.float32)),
+                                      np.asarray(y.astype(np.float32)), err_msg=str(key))
+
+
 @pytest.mark.parametrize("tp,pp,sp,comm", [(2, 1, "off", "xla"), (3, 1, "on", "xla"),
                                            (2, 2, "on", "xla"), (2, 1, "on", "ring"),
                                            (4, 1, "on", "ring")])
