@@ -272,16 +272,25 @@ class SamplingParams:
 
     def __post_init__(self):
         _positive_int("SamplingParams", "max_new_tokens", self.max_new_tokens)
-        if not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0 (0 = greedy), got "
-                             f"{self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        real = lambda v: not isinstance(v, bool) and isinstance(  # noqa: E731
+            v, (int, float, np.integer, np.floating))
+        if not real(self.temperature) or not self.temperature >= 0:
+            raise ValueError(f"SamplingParams.temperature must be a number >= 0 (0 = greedy), "
+                             f"got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or (
+                self.top_k < 0):
             raise ValueError(f"SamplingParams.top_k must be an integer >= 0 (0 = off), got "
                              f"{self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p must be in (0, 1] (1 = off), got "
+                             f"{self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"SamplingParams.seed must be an integer, got {self.seed!r}")
+        # plain Python numbers from here on (numpy's do not serialize: a multi-process
+        # engine sends each request's settings to the other processes as JSON)
+        for name, kind in (("temperature", float), ("top_p", float), ("top_k", int),
+                           ("seed", int)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
         if self.stop_token_ids is not None:
             object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if self.guidance_scale is not None and (
@@ -291,6 +300,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.guidance_scale must be a number > 0 (1: no "
                              f"guidance; transformers' classifier-free guidance), got "
                              f"{self.guidance_scale!r}")
+        if self.guidance_scale is not None:
+            object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
                 self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise ValueError(f"SamplingParams.logprobs must be None or an integer in "

@@ -317,7 +317,7 @@ class LLM:
 
     def _sampling(self, sampling) -> SamplingParams:
         """The API's edge for sampling settings: a SamplingParams (None: the defaults) whose
-        stop ids are in the vocabulary."""
+        stop ids are in the vocabulary (a top_k of the vocabulary or more: top_k 0)."""
         if sampling is None:
             return SamplingParams()
         if not isinstance(sampling, SamplingParams):
@@ -329,6 +329,8 @@ class LLM:
         if bad:
             raise ValueError(f"SamplingParams.stop_token_ids has {bad[:5]} outside the "
                              f"vocabulary [0, {self.cfg.vocab_size})")
+        if sampling.top_k >= self.cfg.vocab_size:  # keeps every token, as top_k=0 does
+            sampling = dataclasses.replace(sampling, top_k=0)
         return sampling
 
     def _stop_ids(self, sampling: SamplingParams) -> tuple[int, ...]:

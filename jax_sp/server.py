@@ -60,6 +60,40 @@ def _number(body, name, default, low, high, integer=False):
     return value
 
 
+def _text(content) -> str | None:
+    """A message's text: a string, OpenAI's list of text parts (joined by newlines, as vLLM
+    joins them) or null (an assistant turn with no text); None when it is none of these."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    return None
+
+
+# fields this server does not act on, with the values that ask for nothing
+_NOT_SERVED = {"echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+               "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+               "response_format": (None, {"type": "text"})}
+
+
+def _unsupported(body: dict):
+    """A request that asks for something this server does not do gets a 400 naming it, rather
+    than an answer that silently ignores it."""
+    for name, neutral in _NOT_SERVED.items():
+        if name in body and not any(body[name] == v and type(body[name]) is type(v)
+                                    for v in neutral):
+            raise BadRequest(f"'{name}' is not supported by this server (got "
+                             f"{body[name]!r:.80}); leave it out", name)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != (body.get("n") or 1):
+        raise BadRequest(f"'best_of' is not supported by this server (got {best_of!r}): ask "
+                         f"for n choices instead", "best_of")
+
+
 @dataclasses.dataclass(frozen=True)
 class Ask:
     """One parsed request: what `Engine.submit` takes, and how to answer."""
@@ -94,14 +128,16 @@ class Server:
         if model != self.model_name:
             raise BadRequest(f"model {model!r} is not served here; this server serves "
                              f"{self.model_name!r}", "model", "model_not_found")
+        _unsupported(body)
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages or not all(
                     isinstance(m, dict) and isinstance(m.get("role"), str)
-                    and isinstance(m.get("content"), str) for m in messages):
+                    and _text(m.get("content")) is not None for m in messages):
                 raise BadRequest("'messages' must be a non-empty list of {\"role\": str, "
-                                 "\"content\": str}", "messages")
-            prompts = [[{"role": m["role"], "content": m["content"]} for m in messages]]
+                                 "\"content\": str, or a list of {\"type\": \"text\", "
+                                 "\"text\": str} parts}", "messages")
+            prompts = [[{"role": m["role"], "content": _text(m["content"])} for m in messages]]
         else:
             prompt = body.get("prompt")
             ids = lambda p: isinstance(p, list) and p and all(  # noqa: E731
@@ -120,7 +156,7 @@ class Server:
                 isinstance(s, str) and s for s in stop):
             raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings",
                              "stop")
-        stream = body.get("stream", False)
+        stream = body.get("stream") or False  # null: not streamed, as OpenAI takes it
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
         options = body.get("stream_options")
@@ -133,8 +169,8 @@ class Server:
             raise BadRequest("'stream_options' must be an object like {\"include_usage\": true}"
                              f", got {options!r}", "stream_options")
         limit = self.llm.max_seq_len
-        max_tokens = _number(body, "max_completion_tokens" if chat and
-                             "max_completion_tokens" in body else "max_tokens",
+        max_tokens = _number(body, "max_completion_tokens" if chat and body.get(
+                             "max_completion_tokens") is not None else "max_tokens",
                              None, 1, limit, integer=True)
         sampling = SamplingParams(
             max_new_tokens=max_tokens or (16 if not chat else 1),
@@ -145,8 +181,14 @@ class Server:
             seed=_number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True)
             if body.get("seed") is not None else secrets.randbits(63),
             logprobs=self._logprobs(body, chat))
+        if chat:  # the chat template takes the messages, or the request is a bad one
+            try:
+                length = len(self.llm.encode(prompts[0]))
+            except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, no template, ...
+                raise BadRequest(f"the messages do not fit the model's chat template "
+                                 f"({type(e).__name__}: {e})", "messages") from None
         if chat and max_tokens is None:  # as much as the context leaves
-            room = limit - len(self.llm.encode(prompts[0]))
+            room = limit - length
             if room < 1:
                 raise BadRequest(f"the messages take {limit - room} tokens, the whole context "
                                  f"of {limit}", "messages", "context_length_exceeded")
@@ -170,10 +212,10 @@ class Server:
             raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return (top or 0) if wanted else None
 
-    def logprobs(self, request, start: int, end: int, chat: bool, offset: int = 0):
+    def logprobs(self, request, start: int, end: int, chat: bool):
         """The OpenAI `logprobs` object of the request's tokens [start, end) (None when the
-        request asked for none): chat's {"content": [...]} or completions' token lists;
-        offset: where token `start`'s text begins in the completion's text."""
+        request asked for none): chat's {"content": [...]} or completions' token lists, each
+        token's text_offset where its text begins in the completion's text."""
         if request.sampling.logprobs is None:
             return None
         text = lambda i: self.llm.tokenizer.decode([i])  # noqa: E731
@@ -185,7 +227,7 @@ class Server:
             return {"content": [{**one(i, lp), "top_logprobs": [one(j, v) for j, v in top]}
                                 for i, (lp, top) in zip(ids, entries)]}
         tokens = [text(i) for i in ids]
-        offsets = [offset + len(self.llm._detok(request.token_ids[start:start + n]) or "")
+        offsets = [len(self.llm._detok(request.token_ids[:start + n]) or "")
                    for n in range(len(ids))]
         return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
                 "top_logprobs": [{text(j): v for j, v in top} for _, top in entries],
@@ -227,7 +269,9 @@ class Server:
                 async for item in self.pieces(request, stop):
                     out.put_nowait((i, *item))
                 out.put_nowait((i, None, None, None))
-            except Exception as e:  # noqa: BLE001 - raised below, in the caller's task
+            except asyncio.CancelledError:
+                raise
+            except BaseException as e:  # noqa: BLE001 - raised below, in the caller's task
                 out.put_nowait((i, e, None, None))
 
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
@@ -235,7 +279,7 @@ class Server:
             left = len(tasks)
             while left:
                 i, piece, end, count = await out.get()
-                if isinstance(piece, Exception):
+                if isinstance(piece, BaseException):
                     raise piece
                 if piece is None:
                     left -= 1
@@ -398,6 +442,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
             except EngineStopped as e:  # shut down, or stopped on a fault
                 server.counters["request_errors"] += 1
                 return _error(str(e), status=503)
+            except Exception as e:  # noqa: BLE001 - the server's own failure: an error body
+                server.counters["request_errors"] += 1
+                return _error(f"the server failed this request: {e!r}", status=500)
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             head = {"id": rid, "created": int(time.time()), "model": model_name}
 
@@ -432,7 +479,7 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     for i, r in enumerate(requests)],
                                      "usage": server.usage(requests, ask.n, counts)})
 
-            sent, shown = [0] * k, [0] * k  # each choice's tokens and characters sent
+            sent = [0] * k  # each choice's tokens sent
 
             async def events():
                 obj = kind + ".chunk" if chat else kind
@@ -450,9 +497,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                     try:
                         async for i, piece, end, count in merged:
                             if piece or end:
-                                logprobs = server.logprobs(requests[i], sent[i], count, chat,
-                                                           shown[i])
-                                sent[i], shown[i] = count, shown[i] + len(piece)
+                                logprobs = server.logprobs(requests[i], sent[i], count, chat)
+                                sent[i] = count
                                 yield event([choice(i, piece, end, True, logprobs)])
                     except Exception as e:
                         if not server.failed(requests, e):

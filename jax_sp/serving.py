@@ -74,6 +74,12 @@ from models.decode_attention import BLOCK_S
 _DONE = object()
 
 
+def _temperature(sampling: SamplingParams) -> float:
+    """A row's temperature as the sampling programs take it: 0 greedy, else kept off 0 as
+    `generate` keeps it (`SamplingParams.scalars`; 1e-38 would overflow the logits)."""
+    return float(sampling.scalars()[0]) if sampling.temperature > 0 else 0.0
+
+
 class EngineStopped(RuntimeError):
     """`Engine.submit` after the engine has shut down or stopped on a fault."""
 
@@ -265,6 +271,7 @@ class Engine:
         self._ids = itertools.count()
         self._wake = threading.Condition()
         self._stop = False
+        self._draining = False  # shutdown(drain=True): stop once nothing is left
         # request id -> (request, finish reason), from any thread
         self._cancelled: dict[int, tuple[Request, str]] = {}
         self._pending: dict[int, Request] = {}  # admitted by the plan, not yet applied
@@ -337,14 +344,15 @@ class Engine:
         """Stop the loop: after every queued and running request ends (drain) or at once
         (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
         on process 0: the others stop with it."""
-        if drain:
-            while (self.queued or self.running or self._pending) and self._thread.is_alive():
-                time.sleep(0.005)
-        self._stop = True
+        if drain:  # the loop stops once it finds nothing queued or running (`_plan`)
+            self._draining = True
+        else:
+            self._stop = True
         with self._wake:
             self._wake.notify()
         self._thread.join()
-        for r in self._unfinished():
+        self._stop = True
+        for r in self._unfinished():  # a request submitted as the loop stopped
             r._finish("abort")
 
     def _unfinished(self) -> list[Request]:
@@ -415,8 +423,8 @@ class Engine:
                     and not self._chunking):
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
-                    self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
-                        not self._held and self.queued), 0.1)
+                    self._wake.wait_for(lambda: self._stop or self._draining or bool(
+                        self._cancelled) or (not self._held and self.queued), 0.1)
 
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""
@@ -446,6 +454,18 @@ class Engine:
                 self._cancelled.pop(rid, None)
         cancel = {rid: self._cancelled.pop(rid)[1] for rid in list(self._cancelled)
                   if rid in running}
+        # those not admitted yet (no other process knew them) end here, whether or not a slot
+        # is free, and leave the queue (a cancel that came since `cancel` was made waits)
+        for rid, (request, reason) in list(self._cancelled.items()):
+            if rid in running or request.done:
+                continue
+            self._cancelled.pop(rid)
+            with self.waiting.mutex:
+                if request in self.waiting.queue:
+                    self.waiting.queue.remove(request)
+            if request in self._deferred:
+                self._deferred.remove(request)
+            request._finish(reason)
         reserved = {job.slot for job in self._chunking}  # prefilling in chunks
         free = [slot for slot, r in enumerate(self.active)
                 if (r is None or r.id in cancel) and slot not in reserved]
@@ -474,6 +494,8 @@ class Engine:
                 self._pending[request.id] = request
         finally:
             self._deferred.extendleft(reversed(deferred))
+        if self._draining and not (admit or self.queued or self.running):
+            self._stop = True  # drained (here, on the loop's thread: nothing is in between)
         return {"stop": self._stop, "cancel": cancel, "admit": admit}
 
     def _share(self, plan):
@@ -559,7 +581,7 @@ class Engine:
         starts[:len(group)] = start or 0
         host = (job.inputs, job.kv_len + starts, slots,
                 np.array([s.key_seed() for s in settings]),
-                np.array([s.temperature for s in settings], np.float32),
+                np.array([_temperature(s) for s in settings], np.float32),
                 np.array([s.top_k for s in settings], np.int32),
                 np.array([s.top_p for s in settings], np.float32))
         ends = chunk is None or start + len(chunk) == len(group[0][0].prompt)
@@ -642,7 +664,7 @@ class Engine:
         put before the next launch."""
         s = request.sampling
         self.pos[slot], self.step[slot] = len(request.prompt), 1
-        self.temperature[slot] = s.temperature
+        self.temperature[slot] = _temperature(s)
         self.top_k[slot], self.top_p[slot] = s.top_k, s.top_p
         self._rows = [None] * len(self._rows)  # put again before the next step
 

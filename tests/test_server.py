@@ -119,7 +119,7 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served, submitted):
         assert request.finish_reason == "stop" and len(request.token_ids) < 24
 
 
-@pytest.mark.parametrize("body,message", [
+BAD = [
     ("{not json", "not valid JSON"),
     ({"model": "gpt-4", "prompt": "hi"}, "model 'gpt-4' is not served here"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, "'max_tokens' must be an integer"),
@@ -137,19 +137,78 @@ def test_stop_strings_cut_the_text_where_it_meets_them(served, submitted):
      "'stream_options' must be an object like"),
     ({"model": MODEL, "prompt": "hi", "stream": True, "stream_options": True},
      "'stream_options' must be an object like"),
-])
-def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served, body,
-                                                                             message):
+    # asked for and not done: refused, not silently ignored
+    ({"model": MODEL, "prompt": "hi", "echo": True}, "'echo' is not supported"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": 0.5},
+     "'presence_penalty' is not supported"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 3}, "'best_of' is not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+      "tools": [{"type": "function", "function": {"name": "f"}}]}, "'tools' is not supported"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+     "'messages' must be a non-empty list"),
+]
+
+
+def test_bad_requests_get_400_with_an_openai_error_body_and_serving_goes_on(served):
     llm, _, base, client = served
-    data = body if isinstance(body, str) else None
-    r = httpx.post(base + "/v1/completions", content=data, json=None if data else body,
-                   timeout=60)
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
-    assert re.search(message, error["message"]) and error["type"] == "invalid_request_error"
+    errors = counter(base, "request_errors")
+    for body, message in BAD:
+        data = body if isinstance(body, str) else None
+        path = "chat/completions" if isinstance(body, dict) and "messages" in body else (
+            "completions")
+        r = httpx.post(f"{base}/v1/{path}", content=data, json=None if data else body,
+                       timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert re.search(message, error["message"]), (message, error)
+        assert error["type"] == "invalid_request_error"
+    assert counter(base, "request_errors") - errors == len(BAD)
+    # neutral values of the fields not acted on are taken as OpenAI's clients send them
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4,
+                                    temperature=0, presence_penalty=0, echo=False, best_of=1)
+    assert out.choices[0].text == text_alone(llm, "Once upon a time", 4, False)
+
+
+def test_a_chat_template_that_refuses_the_messages_gets_400(served, monkeypatch):
+    """A template's own error (transformers' raise_exception: roles that do not alternate, a
+    system turn it does not take) is the request's fault: 400 naming it, counted, and the
+    server goes on."""
+    llm, _, base, client = served
+    errors = counter(base, "request_errors")
+    monkeypatch.setattr(llm.tokenizer, "chat_template",
+                        "{{ raise_exception('Conversation roles must alternate') }}")
+    for max_tokens in (None, 4):  # the room left is counted, or the engine templates it
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": max_tokens})
+        assert r.status_code == 400, r.text
+        assert re.search(r"do not fit the model's chat template \(TemplateError: "
+                         r"Conversation roles must alternate\)", r.json()["error"]["message"])
+    assert counter(base, "request_errors") - errors == 2
+    monkeypatch.undo()
     out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4,
                                     temperature=0)
     assert out.choices[0].text == text_alone(llm, "Once upon a time", 4, False)
+
+
+def test_text_parts_and_null_fields_are_taken_as_openai_takes_them(served):
+    """A message's content as a list of text parts (joined by newlines, as vLLM joins them) or
+    null (an assistant turn); "stream": null is not streamed; "max_completion_tokens": null
+    leaves max_tokens in force."""
+    llm, _, base, _ = served
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Name a colour."},
+                                          {"type": "text", "text": "One word."}]},
+             {"role": "assistant", "content": None},
+             {"role": "user", "content": "Another one?"}]
+    plain = [{"role": "user", "content": "Name a colour.\nOne word."},
+             {"role": "assistant", "content": ""}, {"role": "user", "content": "Another one?"}]
+    r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": parts, "max_tokens": 5, "max_completion_tokens": None,
+        "temperature": 0, "stream": None})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["choices"][0]["message"]["content"] == text_alone(llm, plain, 5, True)
+    assert answer["usage"]["completion_tokens"] <= 5
 
 
 def test_logprobs_through_the_openai_client(served):
@@ -187,6 +246,15 @@ def test_logprobs_through_the_openai_client(served):
         assert bytes(e.bytes).decode() == e.token
     plain = client.chat.completions.create(**{**kw, "logprobs": False, "top_logprobs": None})
     assert plain.choices[0].logprobs is None
+
+    # streamed with a stop string, which holds text back: each token's text_offset is still
+    # where its text begins in the completion, as in the whole answer
+    skw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=1,
+               stop=["zzz"])
+    offsets = client.completions.create(**skw).choices[0].logprobs.text_offset
+    streamed = [o for ch in client.completions.create(stream=True, **skw)
+                if ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+    assert streamed == offsets == c.logprobs.text_offset
 
     for path, body, message in [
             ("chat/completions", {**kw, "logprobs": False}, "'top_logprobs' needs 'logprobs'"),

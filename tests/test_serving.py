@@ -279,6 +279,76 @@ def test_seeded_sampling_is_the_request_s_own_whatever_shares_the_batch(tiny):
     assert by_itself == alone(llm, prompt, sampled)
 
 
+def test_odd_settings_sample_what_generate_samples(tiny):
+    """Settings at the edges of what SamplingParams takes: numpy numbers (plain Python ones
+    from then on: a multi-process engine sends them as JSON), a top_k past the vocabulary's
+    size (top_k 0's tokens; an int32 row would overflow, which stopped the engine for a prompt
+    in chunks) and a temperature so small that dividing the logits by it overflows them
+    (`generate` keeps it off 0 at 1e-6: the same draws), beside each other in one batch."""
+    _, llm = tiny
+    short, long_ = random_prompts(llm.cfg.vocab_size, (9, 21), seed=12)
+    numpy = SamplingParams(max_new_tokens=6, temperature=np.float32(0.5),
+                           top_p=np.float64(0.9), top_k=np.int32(7), seed=np.int64(4),
+                           stop_token_ids=())
+    assert [type(getattr(numpy, f)) for f in ("temperature", "top_p", "top_k", "seed")] == [
+        float, float, int, int]
+    wide = SamplingParams(max_new_tokens=6, temperature=0.8, top_k=2 ** 40, seed=5,
+                          stop_token_ids=())
+    cold = SamplingParams(max_new_tokens=6, temperature=1e-37, seed=6, stop_token_ids=())
+    jobs = [(short, numpy), (long_, wide), (short, cold)]
+    with Engine(llm, max_batch=4, prefill_chunk=16) as engine:
+        got = [r.result(timeout=60) for r in [engine.submit(p, s) for p, s in jobs]]
+    assert got == [alone(llm, p, s) for p, s in jobs]
+    assert got[1] == alone(llm, long_, dataclasses.replace(wide, top_k=0))
+
+
+def test_a_cancelled_request_that_waits_for_a_slot_ends_at_once(tiny):
+    """A request cancelled while it waits (every slot busy, or the engine held) ends then and
+    leaves the queue; the running one goes on."""
+    _, llm = tiny
+    long_prompt, prompt = random_prompts(llm.cfg.vocab_size, (8, 5), seed=13)
+    with Engine(llm, max_batch=1) as engine:
+        long_r = engine.submit(long_prompt, SamplingParams(max_new_tokens=80,
+                                                           stop_token_ids=()))
+        next(iter(long_r))  # it holds the one slot
+        waiting = engine.submit(prompt, SamplingParams(max_new_tokens=4))
+        engine.cancel(waiting)
+        assert waiting.result(timeout=10) == [] and waiting.finish_reason == "abort"
+        assert engine.queued == 0 and not long_r.done
+        engine.cancel(long_r)
+        with engine.hold():
+            held = engine.submit(prompt, SamplingParams(max_new_tokens=4))
+            engine.cancel(held)
+            assert held.result(timeout=10) == [] and engine.queued == 0
+            deadline = time.time() + 10
+            while engine._cancelled and time.time() < deadline:  # nothing left pending
+                time.sleep(0.01)
+            assert not engine._cancelled
+
+
+def test_shutdown_drains_a_request_the_loop_is_admitting(tiny, monkeypatch):
+    """shutdown(drain=True) as the loop takes a request from the queue (neither queued nor
+    running for a moment, here a long one): the loop decides when nothing is left, so the
+    request is served, not aborted."""
+    _, llm = tiny
+    (prompt,) = random_prompts(llm.cfg.vocab_size, (7,), seed=14)
+    s = SamplingParams(max_new_tokens=5, stop_token_ids=())
+    engine = Engine(llm, max_batch=2)
+    get = engine.waiting.get
+
+    def slow_get(*args, **kwargs):
+        item = get(*args, **kwargs)
+        time.sleep(0.5)
+        return item
+    monkeypatch.setattr(engine.waiting, "get", slow_get)
+    request = engine.submit(prompt, s)
+    deadline = time.time() + 10
+    while engine.waiting.qsize() and time.time() < deadline:
+        time.sleep(0.005)
+    engine.shutdown(drain=True)
+    assert (request.token_ids, request.finish_reason) == (alone(llm, prompt, s), "length")
+
+
 def test_stop_ids_end_a_request_and_bad_input_is_refused_at_submit(tiny):
     _, llm = tiny
     prompt = random_prompts(llm.cfg.vocab_size, (9,), seed=8)[0]
