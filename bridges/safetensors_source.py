@@ -28,9 +28,10 @@ from models.config import ModelConfig
 log = logging.getLogger(__name__)
 _FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 # an FP8 checkpoint's calibrated attention scales (llm-compressor's and vLLM's kv-cache schemes:
-# self_attn.k_scale / v_scale, q_scale and prob_scale; older ones: k_proj.output_scale)
+# self_attn.k_scale / v_scale, q_scale and prob_scale; older ones: k_proj.output_scale,
+# AutoFP8's self_attn.kv_scale)
 _ATTENTION_SCALES = tuple(f"self_attn.{n}" for n in ("k_scale", "v_scale", "q_scale",
-                                                     "prob_scale")) + tuple(
+                                                     "prob_scale", "kv_scale")) + tuple(
     f"self_attn.{p}_proj.output_scale" for p in "qkv")
 _SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
                        "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": _FP8}
@@ -74,6 +75,10 @@ class SafetensorsSource(TensorSource):
         scales = {}
         for key in [k for k, d in self._stored.items() if d == _FP8]:
             name = key + "_scale"
+            if key + "_scale_inv" in self.shapes:  # DeepSeek-V3's, Qwen3-FP8's
+                raise CheckpointError(f"{self._where[key][2]}: {key} has a {key}_scale_inv: "
+                                      f"block-wise FP8 scales are not supported (one scale "
+                                      f"per tensor or per output channel is what loads)")
             if name not in self.shapes:
                 raise CheckpointError(f"{self._where[key][2]}: FP8 tensor {key} has no {name}; "
                                       f"an FP8 checkpoint stores each weight's scale beside it")

@@ -208,11 +208,11 @@ def _model_options(p) -> None:
                    help="compute dtype (None: the checkpoint's; GGUF: float32)")
     p.add_argument("--quantization", default=None, choices=("fp8", "fp8-head"),
                    help="fp8: the layers' projections in FP8, activations quantized per token "
-                        "(comm xla or ring; GPU: Hopper or newer); fp8-head: the LM head too "
+                        "(comm xla or ring; GPU: Ada, Hopper or newer); fp8-head: the LM head too "
                         "(default: none)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
                    help="the KV cache's elements: auto (the compute dtype) or fp8 "
-                        "(float8_e4m3fn, half the bytes; GPU: Hopper or newer)")
+                        "(float8_e4m3fn, half the bytes; GPU: Ada, Hopper or newer)")
     p.add_argument("--max-seq-len", type=_positive, default=2048,
                    help="prompt plus new tokens at most, per request (the KV cache's length)")
 

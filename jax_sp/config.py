@@ -160,8 +160,8 @@ def check_quantization(quantization, parallel: ParallelConfig) -> None:
 
 def check_fp8_devices(devices, what: str = "quantization='fp8' needs FP8 matmuls",
                       instead: str = "quantization=None") -> None:
-    """FP8 matmuls (and the FP8 conversions of jax-sp's kernels) on GPU need Hopper or newer
-    (compute capability 8.9+); XLA:CPU emulates them."""
+    """FP8 matmuls (and the FP8 conversions of jax-sp's kernels) on GPU need Ada, Hopper or
+    newer (compute capability 8.9+); XLA:CPU emulates them."""
     for d in devices:
         cc = getattr(d, "compute_capability", None)
         if d.platform == "gpu" and cc is not None and float(cc) < 8.9:
@@ -271,9 +271,16 @@ class SamplingParams:
     guidance_scale: float | None = None
 
     def __post_init__(self):
+        for name in ("max_new_tokens", "logprobs"):  # numpy integers as Python ones
+            if isinstance(getattr(self, name), np.integer):
+                object.__setattr__(self, name, int(getattr(self, name)))
         _positive_int("SamplingParams", "max_new_tokens", self.max_new_tokens)
-        real = lambda v: not isinstance(v, bool) and isinstance(  # noqa: E731
-            v, (int, float, np.integer, np.floating))
+
+        def real(v):  # a Python, numpy or 0-d array number (not a bool)
+            dtype = getattr(v, "dtype", None)
+            if dtype is not None and getattr(v, "shape", None) == ():
+                return np.issubdtype(dtype, np.number)
+            return not isinstance(v, bool) and isinstance(v, (int, float))
         if not real(self.temperature) or not self.temperature >= 0:
             raise ValueError(f"SamplingParams.temperature must be a number >= 0 (0 = greedy), "
                              f"got {self.temperature!r}")

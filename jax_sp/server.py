@@ -156,7 +156,8 @@ class Server:
                 isinstance(s, str) and s for s in stop):
             raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings",
                              "stop")
-        stream = body.get("stream") or False  # null: not streamed, as OpenAI takes it
+        stream = body.get("stream")
+        stream = False if stream is None else stream  # null: not streamed, as OpenAI takes it
         if not isinstance(stream, bool):
             raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
         options = body.get("stream_options")
@@ -247,10 +248,10 @@ class Server:
                     sampling = dataclasses.replace(ask.sampling, seed=(ask.sampling.seed + i)
                                                    % 2**64) if i else ask.sampling
                     requests.append(self.engine.submit(prompt, sampling, chat=chat))
-            except (ValueError, TypeError, EngineStopped) as e:
+            except Exception as e:
                 for request in requests:  # nothing of this HTTP request stays queued
                     self.engine.cancel(request)
-                if isinstance(e, EngineStopped):
+                if not isinstance(e, (ValueError, TypeError)):  # EngineStopped, or a bug
                     raise
                 code = "context_length_exceeded" if "max_seq_len" in str(e) else None
                 # past the first, only a prompt of its own can fail (they share the settings)
@@ -466,8 +467,8 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                         async for i, piece, end, count in got:
                             texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
                             counts[i] = count
-                except Exception as e:
-                    if not server.failed(requests, e):
+                except BaseException as e:
+                    if isinstance(e, asyncio.CancelledError) or not server.failed(requests, e):
                         raise  # the server's own bug: Starlette's 500
                     return _error(f"the engine failed this request: {e!r}", status=500)
                 finally:
@@ -500,8 +501,9 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                                 logprobs = server.logprobs(requests[i], sent[i], count, chat)
                                 sent[i] = count
                                 yield event([choice(i, piece, end, True, logprobs)])
-                    except Exception as e:
-                        if not server.failed(requests, e):
+                    except BaseException as e:
+                        if isinstance(e, asyncio.CancelledError) or not server.failed(requests,
+                                                                                      e):
                             raise
                         # the status has gone out: an error event, as OpenAI and vLLM send
                         body = _error_body(f"the engine failed this request: {e!r}", status=500)

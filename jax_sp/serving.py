@@ -289,9 +289,10 @@ class Engine:
                chat: bool = True) -> Request:
         """Queue one prompt (a string, token ids or a conversation, as `generate` takes);
         returns its Request at once. Bad input raises here."""
-        if self._stop:
-            raise EngineStopped("the engine is shut down" if self.fault is None else
-                                f"the engine stopped on a fault: {self.fault!r}")
+        if self._stop or self._draining:
+            raise EngineStopped(f"the engine stopped on a fault: {self.fault!r}" if self.fault
+                                is not None else "the engine is shut down" if self._stop else
+                                "the engine is shutting down (draining its requests)")
         if not self.leader:
             raise RuntimeError(f"process {jax.process_index()} follows process 0's schedule; "
                                f"submit requests to process 0")
@@ -341,9 +342,10 @@ class Engine:
         self._thread.join()
 
     def shutdown(self, drain: bool = True):
-        """Stop the loop: after every queued and running request ends (drain) or at once
-        (the unfinished ones end with finish_reason "abort"). In a multi-process job, call it
-        on process 0: the others stop with it."""
+        """Stop the loop: after every queued and running request ends (drain; `submit`
+        refuses new ones meanwhile, and under `hold()` the drain waits for the hold to end) or
+        at once (the unfinished ones end with finish_reason "abort"). In a multi-process job,
+        call it on process 0: the others stop with it."""
         if drain:  # the loop stops once it finds nothing queued or running (`_plan`)
             self._draining = True
         else:
@@ -423,8 +425,8 @@ class Engine:
                     and not self._chunking):
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
                     # wait in the next broadcast)
-                    self._wake.wait_for(lambda: self._stop or self._draining or bool(
-                        self._cancelled) or (not self._held and self.queued), 0.1)
+                    self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
+                        not self._held and (self.queued or self._draining)), 0.1)
 
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""

@@ -173,7 +173,8 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     lhs, rhs = ins.split(",")
     stored = stored_letters(lhs, rhs)
     # accumulated in float32 and written in x's dtype (bf16 in serving): a row-parallel
-    # product's partial sums then cross devices in 16 bits, as they do unquantized
+    # product's partial sums then cross devices in 16 bits, as they do unquantized (float16
+    # models: in float32, `product_dtype`)
     acc = product_dtype(x_tx.dtype)
     y = jnp.einsum(f"{lhs},{stored}->{out}", xq, w.q, preferred_element_type=acc)
     sx = sx.reshape(sx.shape + (1,) * (y.ndim - 1)).astype(acc)

@@ -384,13 +384,14 @@ def test_a_changed_gguf_file_is_read_again_and_an_unwritable_cache_only_warns(
 
 
 def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False,
-                    scale_shape=None):
+                    scale_shape=None, scale_name="weight_scale"):
     """model saved in the common HF FP8 layout: each layer projection's weight (and with head
     the LM head's) in float8_e4m3fn beside its weight_scale ([out, 1] per channel, or one per
-    tensor; scale_shape: every scale broadcast to that shape instead) and a static
-    input_scale, with the attention's KV-cache scales (llm-compressor's self_attn.k_scale /
-    v_scale per channel, the older k_proj / v_proj.output_scale per tensor); returns the model
-    with the weights those values dequantize to."""
+    tensor; scale_shape: every scale broadcast to that shape instead; scale_name: the scales'
+    name) and a static input_scale, with the attention's KV-cache scales (llm-compressor's
+    self_attn.k_scale / v_scale per channel; per tensor the older k_proj / v_proj.output_scale
+    and AutoFP8's self_attn.kv_scale); returns the model with the weights those values
+    dequantize to."""
     from safetensors.torch import save_file
 
     model.save_pretrained(folder)
@@ -404,7 +405,7 @@ def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False
         q = (w / scale).to(torch.float8_e4m3fn)
         state[key] = q
         if key != drop_scale:
-            state[key + "_scale"] = (scale.float() if scale_shape is None else
+            state[key.replace("weight", scale_name)] = (scale.float() if scale_shape is None else
                                      scale.float().max().expand(scale_shape).clone())
         state[key.replace("weight", "input_scale")] = torch.tensor(1.0)
         if key.endswith("k_proj.weight") and per_channel:
@@ -412,6 +413,7 @@ def _fp8_checkpoint(model, folder, per_channel=True, drop_scale=None, head=False
                 state[key.replace("k_proj.weight", f"{kv}_scale")] = torch.tensor(0.02)
         elif key.endswith(("k_proj.weight", "v_proj.weight")) and not per_channel:
             state[key.replace("weight", "output_scale")] = torch.tensor([0.02])
+            state[key[:key.index("self_attn.") + 10] + "kv_scale"] = torch.tensor(0.02)
         exact.state_dict()[key].copy_(q.float() * scale)
     for f in os.listdir(folder):
         if f.endswith(".safetensors") or f.endswith(".index.json"):
@@ -436,7 +438,8 @@ def test_fp8_hf_checkpoint_loads_as_the_weights_it_stores(tmp_path, caplog, monk
     with caplog.at_level("WARNING", logger="bridges.safetensors_source"):
         llm = LLM.from_pretrained(str(tmp_path), parallel=ParallelConfig(tp=tp, sp="on"),
                                   progress=False)
-    assert re.search(rf"{2 * model.config.num_hidden_layers} attention scale tensor\(s\) "
+    assert re.search(rf"{(2 if per_channel else 3) * model.config.num_hidden_layers} attention "
+                     r"scale tensor\(s\) "
                      r"\(model\.layers\.0\.self_attn\.(k_scale|k_proj\.output_scale)",
                      caplog.text), caplog.text
     logits_close(llm, ref, prompts)
@@ -482,6 +485,10 @@ def test_fp8_hf_checkpoint_with_block_wise_scales_is_refused_by_name(tmp_path):
     _fp8_checkpoint(model, tmp_path, scale_shape=(1, 2))  # 128x128 blocks of [out, 96]
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.\S+_scale has shape \[1, "
                        r"2\]; expected one scale .*block-wise FP8 scales are not supported"):
+        LLM.from_pretrained(str(tmp_path), progress=False)
+    _fp8_checkpoint(model, tmp_path, scale_shape=(1, 2), scale_name="weight_scale_inv")
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.\S+\.weight has a \S+"
+                       r"weight_scale_inv: block-wise FP8 scales are not supported"):
         LLM.from_pretrained(str(tmp_path), progress=False)
 
 

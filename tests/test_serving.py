@@ -302,51 +302,53 @@ def test_odd_settings_sample_what_generate_samples(tiny):
     assert got[1] == alone(llm, long_, dataclasses.replace(wide, top_k=0))
 
 
-def test_a_cancelled_request_that_waits_for_a_slot_ends_at_once(tiny):
-    """A request cancelled while it waits (every slot busy, or the engine held) ends then and
-    leaves the queue; the running one goes on."""
+def test_a_cancelled_request_that_waits_ends_at_once(tiny):
+    """A request cancelled while it waits (here the engine held: no admissions, as when every
+    slot is busy) ends at the next round and leaves the queue; the one running goes on to
+    its own tokens."""
     _, llm = tiny
     long_prompt, prompt = random_prompts(llm.cfg.vocab_size, (8, 5), seed=13)
+    long_s = SamplingParams(max_new_tokens=60, stop_token_ids=())
     with Engine(llm, max_batch=1) as engine:
-        long_r = engine.submit(long_prompt, SamplingParams(max_new_tokens=80,
-                                                           stop_token_ids=()))
+        long_r = engine.submit(long_prompt, long_s)
         next(iter(long_r))  # it holds the one slot
-        waiting = engine.submit(prompt, SamplingParams(max_new_tokens=4))
-        engine.cancel(waiting)
-        assert waiting.result(timeout=10) == [] and waiting.finish_reason == "abort"
-        assert engine.queued == 0 and not long_r.done
-        engine.cancel(long_r)
         with engine.hold():
-            held = engine.submit(prompt, SamplingParams(max_new_tokens=4))
-            engine.cancel(held)
-            assert held.result(timeout=10) == [] and engine.queued == 0
+            waiting = engine.submit(prompt, SamplingParams(max_new_tokens=4))
+            engine.cancel(waiting)
+            assert waiting.result(timeout=10) == [] and waiting.finish_reason == "abort"
+            assert engine.queued == 0
             deadline = time.time() + 10
             while engine._cancelled and time.time() < deadline:  # nothing left pending
                 time.sleep(0.01)
             assert not engine._cancelled
+        assert long_r.result(timeout=60) == alone(llm, long_prompt, long_s)
 
 
 def test_shutdown_drains_a_request_the_loop_is_admitting(tiny, monkeypatch):
-    """shutdown(drain=True) as the loop takes a request from the queue (neither queued nor
-    running for a moment, here a long one): the loop decides when nothing is left, so the
-    request is served, not aborted."""
+    """shutdown(drain=True) while the loop holds a request it took from the queue (neither
+    queued nor running then; here until the drain has begun): the loop decides when nothing
+    is left, so the request is served, not aborted; submit refuses new ones."""
+    from jax_sp.serving import EngineStopped
+
     _, llm = tiny
     (prompt,) = random_prompts(llm.cfg.vocab_size, (7,), seed=14)
     s = SamplingParams(max_new_tokens=5, stop_token_ids=())
     engine = Engine(llm, max_batch=2)
     get = engine.waiting.get
 
-    def slow_get(*args, **kwargs):
+    def get_as_the_drain_begins(*args, **kwargs):
         item = get(*args, **kwargs)
-        time.sleep(0.5)
+        deadline = time.time() + 10
+        while not (getattr(engine, "_draining", False) or engine._stop) and (
+                time.time() < deadline):
+            time.sleep(0.005)
         return item
-    monkeypatch.setattr(engine.waiting, "get", slow_get)
+    monkeypatch.setattr(engine.waiting, "get", get_as_the_drain_begins)
     request = engine.submit(prompt, s)
-    deadline = time.time() + 10
-    while engine.waiting.qsize() and time.time() < deadline:
-        time.sleep(0.005)
     engine.shutdown(drain=True)
     assert (request.token_ids, request.finish_reason) == (alone(llm, prompt, s), "length")
+    with pytest.raises(EngineStopped, match="shut down"):
+        engine.submit(prompt, s)
 
 
 def test_stop_ids_end_a_request_and_bad_input_is_refused_at_submit(tiny):
