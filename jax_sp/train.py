@@ -181,7 +181,9 @@ class Trainer:
 
 def unpadded_params(rt: Runtime, state) -> dict[str, np.ndarray]:
     """The model's parameters without tp padding (first replica of each KV head), as host
-    arrays keyed by path: what `LLM(cfg, params)` and `bridges.orbax_source.save` take."""
+    arrays keyed by path: what `LLM(cfg, params)` and `bridges.orbax_source.save` take. An FP8
+    state gives its FP8 values as stored (contracted axes last) and their `s_*` scales, which
+    neither takes (they load 16-bit weights)."""
     return {path_str(p): unpad_param(np.asarray(jax.device_get(v.get_value())),
                                      rt.param_names[path_str(p)], rt.plan)
             for p, v in nnx.to_flat_state(state)}

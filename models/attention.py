@@ -95,7 +95,13 @@ class Xla:
         k = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]), *fwd.rope)  # [B, T, K, H]
         v = v_tkh.reshape(b, t, *v_tkh.shape[1:])
         if cache is not None:
-            cache = cache.write(layer, k, v, fwd.positions_bt[:, 0], aligned=fwd.fresh)
+            k_new = k
+            if jnp.dtype(cache.k.dtype).itemsize == 1:  # FP8: rotated in float32 and rounded
+                # once, as the decode kernel stores it (a 16-bit rotation first would round
+                # twice: 1 in 32 values one e4m3 step off)
+                k_new = apply_rope(k_tkh.reshape(b, t, *k_tkh.shape[1:]).astype(jnp.float32),
+                                   *fwd.rope)
+            cache = cache.write(layer, k_new, v, fwd.positions_bt[:, 0], aligned=fwd.fresh)
         if fwd.fresh or cache is None:  # this forward's keys are all the keys
             return self.fresh(q, k, v, fwd, window), cache
         return self.cached(q, cache, layer, fwd, window), cache

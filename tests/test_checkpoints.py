@@ -478,6 +478,19 @@ def test_an_fp8_lm_head_keeps_the_checkpoint_s_values_with_fp8_head(tmp_path):
     np.testing.assert_array_equal(got, exact.state_dict()["lm_head.weight"].numpy())
 
 
+def test_an_fp8_checkpoint_converts_to_orbax_dequantized_with_a_warning(tmp_path, caplog):
+    """`jax-sp convert` of an FP8 checkpoint writes the weights its values and scales give (the
+    logits of the dequantized model) and says that quantization="fp8" quantizes them again."""
+    model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
+    exact = _fp8_checkpoint(model, tmp_path / "fp8", per_channel=False)
+    prompts = random_prompts(101, (7, 12), seed=4)
+    with caplog.at_level("WARNING", logger="jax_sp"):
+        assert cli(["convert", str(tmp_path / "fp8"), str(tmp_path / "orbax")]) == 0
+    assert "stores FP8 weights: the Orbax copy holds them dequantized" in caplog.text
+    logits_close(LLM.from_pretrained(str(tmp_path / "orbax"), progress=False),
+                 LLM.from_torch(exact).logits(prompts), prompts)
+
+
 def test_fp8_hf_checkpoint_with_block_wise_scales_is_refused_by_name(tmp_path):
     model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
     _fp8_checkpoint(model, tmp_path, scale_shape=(1, 1))  # [1, 1] is one scale: loads
