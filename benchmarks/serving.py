@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import time
 
@@ -48,8 +49,10 @@ def workload(rng, n, rate, prompt_lens, output_lens, vocab):
 
 
 def pct(values, q):
+    """The q-quantile by nearest rank: the smallest value with at least q of them at or
+    below it (p99 of 100 values is the 99th, p50 of an even count the lower median)."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+    return values[max(0, math.ceil(q * len(values)) - 1)] if values else None
 
 
 def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048,
@@ -74,11 +77,15 @@ def continuous(llm, jobs, max_batch, steps_per_launch=4, max_prefill_tokens=2048
         steps = engine.steps - steps0
         compiled = llm.runner.compile_s() - compiled0
     tokens = sum(len(r.token_ids) for r in requests)
-    ttft = [r.first_token_s for r in requests]
-    tpot = [(r.finished - r.submitted - r.first_token_s) / (len(r.token_ids) - 1)
-            for r in requests if len(r.token_ids) > 1]
-    return {"tokens": tokens, "seconds": finish - start, "ttft": ttft, "tpot": tpot,
-            "latency": [r.finished - r.submitted for r in requests],
+    # from each request's arrival, as the static batches are timed (a submit that came late,
+    # the loop busy, counts against the engine)
+    arrived = [start + arrival for arrival, _, _ in jobs]
+    first = [r.submitted + r.first_token_s for r in requests]
+    tpot = [(r.finished - f) / (len(r.token_ids) - 1)
+            for r, f in zip(requests, first) if len(r.token_ids) > 1]
+    return {"tokens": tokens, "seconds": finish - start,
+            "ttft": [f - a for f, a in zip(first, arrived)], "tpot": tpot,
+            "latency": [r.finished - a for r, a in zip(requests, arrived)],
             "compile_s": compiled,  # inside the measured run (after the engine's warm())
             "occupancy": (tokens - len(requests)) / max(steps, 1) / engine.slots,
             "steps": steps,
@@ -118,9 +125,11 @@ def static(llm, jobs, max_batch):
 
 def ceiling(llm, max_batch, steps_per_launch=4, steps=32, temperature=0.0):
     """The engine with every slot decoding, prefills excluded: tokens per second over `steps`
-    steps once every slot holds a request (the throughput limit of the engine), next to
-    `generate`'s decode of the same batch with the same cache length, and the engine's step
-    program launched back to back without the host's per-step work (device time)."""
+    steps once every slot holds a request of 4 prompt tokens (the throughput limit of the
+    engine), next to `generate`'s decode of a batch of the same size (prompts of 128 tokens,
+    so it attends 130-160 keys a step against the engine's 5-40, in a cache of its own), and
+    the engine's step program launched back to back without the host's per-step work (device
+    time)."""
     from jax_sp import SamplingParams
     from jax_sp.serving import Engine
 
@@ -403,6 +412,7 @@ def main():
     from generation import hf_module
     from jax_sp import LLM, ParallelConfig
     from jax_sp.presets import preset
+    from jax_sp.serving import slot_count
 
     cfg = preset(args.model)
     if args.tiny:
@@ -462,14 +472,15 @@ def main():
         run(llm, workload(np.random.default_rng(0), args.requests, max(rates), plens, olens,
                           cfg.vocab_size)[:4 * args.max_batch], args.max_batch)
     served = []
+    slots = slot_count(llm, args.max_batch)  # static batches take as many rows as it has
     for rate in rates:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)
         for mode, k, budget, chunk, run in modes:
             if mode == "static":  # its batch shapes form by arrival times: every rate warms
-                run(llm, jobs, args.max_batch)
+                run(llm, jobs, slots)
             c0 = llm.runner.compile_s()
-            r = run(llm, jobs, args.max_batch)
+            r = run(llm, jobs, slots if mode == "static" else args.max_batch)
             # shapes the warm run did not meet (the engine's own count excludes its warm())
             r.setdefault("compile_s", llm.runner.compile_s() - c0)
             served.append(res.emit({

@@ -123,6 +123,7 @@ def _serve(args) -> int:
         raise ValueError("jax-sp serve needs starlette and uvicorn: pip install -e '.[serve]'"
                          ) from None
     from jax_sp.server import serve
+    from jax_sp.serving import slot_count
 
     llm = _load(args)
     parallel = llm.parallel
@@ -140,8 +141,10 @@ def _serve(args) -> int:
         return 0
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    slots = slot_count(llm, args.max_batch)
+    asked = f" (--max-batch {args.max_batch} rounded up)" if slots != args.max_batch else ""
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1 ({parallel.describe()}, "
-          f"{args.max_batch} slots{hosts})", flush=True)
+          f"{slots} slots{asked}{hosts})", flush=True)
     serve(llm, args.host, args.port, args.max_batch, name, args.steps_per_launch,
           args.max_prefill_tokens, args.warm, args.prefill_chunk or None)
     return 0

@@ -29,11 +29,13 @@ on them. A background thread loops:
    a request that ends inside a launch has its later tokens dropped, and a new one joins at
    the next launch. The
    slots' tokens, positions and step numbers stay on the device from launch to launch (put
-   again from the host only after an admission), and each launch is issued before the previous
+   again from the host after a round that admitted, ended or cancelled a request), and each
+   launch is issued before the previous
    one's tokens are read, so the host's work runs while the device computes (one process, one
    stage; pipelines and multi-process jobs read each launch before issuing the next);
 3. each request that reached a stop id or its max_new_tokens ends and frees its slot at once
-   (its slot computes one step more in the step already launched; that token is dropped).
+   (its slot still computes the launch already issued, up to steps_per_launch steps; those
+   tokens are dropped).
 
 A request's row draws with the key `generate` gives row 0 of a batch with its seed, at the same
 step numbers, so a request decodes the tokens `generate` gives its prompt alone, whatever else
@@ -72,6 +74,12 @@ from models.cache import KVCache
 from models.decode_attention import BLOCK_S
 
 _DONE = object()
+
+
+def slot_count(llm, max_batch: int) -> int:
+    """The decode slots of an engine of `max_batch`: a power of two, padded as Runner.batch
+    pads a batch (and so is each admission group, one stage)."""
+    return round_up(pow2_at_least(max_batch), llm.runner.row_unit)
 
 
 def _temperature(sampling: SamplingParams) -> float:
@@ -207,19 +215,14 @@ class Engine:
         self.llm, self.runner = llm, runner
         tp, stages = llm.parallel.tp, runner.stages
         self.decode_sp = llm.parallel.sp == "on" and tp > 1
-        # slots: a power of two, padded as Runner.batch pads a batch (and so is each admission
-        # group, one stage)
-        self.slots = round_up(pow2_at_least(max_batch), runner.row_unit)
+        self.slots = slot_count(llm, max_batch)
         # with the Pallas decode kernel, whole blocks of its keys: a length that is only a
         # multiple of 16 (784 = 16 x 49) made it walk every row 16 keys a block
         # (models/decode_attention.py); the other backends take any multiple of 16
         pallas = any(st.runtime.decode_attention.name == "pallas" for st in stages)
         self.cache_len = round_up(llm.max_seq_len, BLOCK_S if pallas else 16)
         # one cache per stage, its layers' rows of every slot
-        self.caches = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
-                               out_shardings=KVCache(st.runtime.cache_sharding(),
-                                                     st.runtime.cache_sharding()))()
-                       for st in stages]
+        self.caches = self._new_caches()
         self._insert = jax.jit(insert_row, donate_argnums=0)
         # the launch's settings when some running request samples (True) or none does: the
         # greedy form has no sampling work, and neither form data-dependent control flow
@@ -237,7 +240,7 @@ class Engine:
         self.top_p = np.ones(b, np.float32)
         self.active: list[Request | None] = [None] * b
         # the slots' rows on each stage's devices, advanced there by every step; put again from
-        # the host arrays above when a round changed them (an admission)
+        # the host arrays above when a round changed them (an admission, a slot freed)
         self._rows: list[tuple | None] = [None] * len(stages)
         self._tokens = None  # the last launched step's tokens, on the device
         self._inflight = None  # (tokens, the slots' requests) of a step launched, not yet read
@@ -428,23 +431,43 @@ class Engine:
                     self._wake.wait_for(lambda: self._stop or bool(self._cancelled) or (
                         not self._held and (self.queued or self._draining)), 0.1)
 
+    def _new_caches(self) -> list[KVCache]:
+        """Every stage's cache, empty: its layers' rows of every slot."""
+        return [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
+                        out_shardings=KVCache(st.runtime.cache_sharding(),
+                                              st.runtime.cache_sharding()))()
+                for st in self.runner.stages]
+
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""
         try:
             return step()
         except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
-            self._inflight = self._tokens = None
-            self._rows = [None] * len(self._rows)
-            self._joining, self._welcoming = [], []
-            for slot, r in enumerate(self.active):
-                if r is not None:
-                    r._finish(e)
-                    self._free(slot)
-            for job in self._chunking:  # their cache rows went with the failed program's
-                job.request._finish(e)
-                self._free(job.slot)
-            self._chunking = []
+            self._fail_running(e)
             return None
+
+    def _cache_lost(self, e: BaseException):
+        """After a program failed: if it took a stage's cache with it (a donated input is gone
+        once the program has run, and a failed program's outputs fail whatever reads them),
+        every running request's rows went too: they fail with `e`, and the cache starts anew."""
+        if any(a.is_deleted() for c in self.caches for a in (c.k, c.v)):
+            self._fail_running(e)
+
+    def _fail_running(self, e: BaseException):
+        """Fail every request in flight with `e`; the engine goes on from empty caches (those
+        the failed program read or wrote can fail every later program that reads them)."""
+        self._inflight = self._tokens = None
+        self._rows = [None] * len(self._rows)
+        self._joining, self._welcoming = [], []
+        for slot, r in enumerate(self.active):
+            if r is not None:
+                r._finish(e)
+                self._free(slot)
+        for job in self._chunking:  # their cache rows went with the failed program's
+            job.request._finish(e)
+            self._free(job.slot)
+        self._chunking = []
+        self.caches = self._new_caches()
 
     def _plan(self) -> dict:
         """Process 0's decisions for this round, as plain data."""
@@ -555,6 +578,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
                 for request, _ in group:
                     request._finish(e)
+                self._cache_lost(e)
                 continue
             for request, slot in group:
                 # a request joined on the device gets its first token (which may end it) once
@@ -630,6 +654,7 @@ class Engine:
             self._chunking.pop(0)
             request._finish(e)
             self._free(job.slot)
+            self._cache_lost(e)
             return
         job.done += len(piece)
         if joined is None:  # more chunks to come
@@ -713,8 +738,10 @@ class Engine:
                     (st.state, self.caches[0], spec((b, t), jnp.int32), *rows),
                     variant=(self.cache_len, False))
             n = 1
-            while n <= self.slots and (n == 1 or round_up(n, self.runner.row_unit) * t
-                                       <= self.max_prefill_tokens):
+            # up to the largest group: a round admits up to every slot, and Runner.batch
+            # pads n requests to a power of two, then to the row unit (9 to 18 at tp 3)
+            while n <= pow2_at_least(self.slots) and (
+                    n == 1 or round_up(n, self.runner.row_unit) * t <= self.max_prefill_tokens):
                 b = round_up(n, self.runner.row_unit)  # as Runner.batch pads a group
                 rows = [spec((b,), d) for d in (jnp.int32, jnp.int32, seed, jnp.float32,
                                                 jnp.int32, jnp.float32)]

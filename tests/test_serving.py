@@ -203,6 +203,32 @@ def test_a_stream_whose_event_loop_has_closed_leaves_the_engine_serving(tiny):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_program_that_fails_with_the_cache_leaves_the_engine_serving(tiny, monkeypatch):
+    """A decode launch that fails after taking the cache with it (a device fault: the donated
+    cache is gone, and a failed program's outputs fail whatever reads them) fails the requests
+    it was running; the engine goes on from an empty cache, and the next request gets
+    `generate`'s tokens."""
+    _, llm = tiny
+    first_prompt, prompt = random_prompts(llm.cfg.vocab_size, (6, 9), seed=15)
+    s = SamplingParams(max_new_tokens=6, stop_token_ids=())
+    with Engine(llm, max_batch=2) as engine:
+        programs = engine.runner.stages[0].programs
+        run, failed = programs.run, []
+
+        def failing(name, build, static, args, **kwargs):
+            if name == "slots_step" and not failed:
+                failed.append(name)
+                args[1].k.delete()
+                args[1].v.delete()
+                raise RuntimeError("a device fault")
+            return run(name, build, static, args, **kwargs)
+        monkeypatch.setattr(programs, "run", failing)
+        first = engine.submit(first_prompt, s)
+        with pytest.raises(RuntimeError, match="a device fault"):
+            first.result(timeout=60)
+        assert engine.submit(prompt, s).result(timeout=60) == alone(llm, prompt, s)
+
+
 def test_a_fault_the_loop_does_not_catch_ends_every_request_with_it(tiny, monkeypatch):
     """A bug in the loop (here its planning raises, in the first round after a request's first
     token, once it has queued another) stops the engine rather than leaving requests waiting
@@ -420,6 +446,27 @@ def test_sp_on_a_split_mesh_gives_the_single_device_tokens(tiny):
     s = SamplingParams(max_new_tokens=6, stop_token_ids=())
     with Engine(sharded, max_batch=2) as engine:
         got = [r.result(timeout=120) for r in [engine.submit(p, s) for p in prompts]]
+    assert got == [alone(llm, p, s) for p in prompts]
+
+
+def test_warm_compiles_the_largest_group_when_slots_are_no_power_of_two(hf_models):
+    """tp 3 with SP: 4 slots asked for become 6 (rows in threes), and a round that admits 5
+    requests is one group padded to 9 rows (8, a power of two, in threes): warm() compiles it
+    too, so those requests meet no new program, and each gets `generate`'s tokens."""
+    llm = LLM.from_torch(hf_models("llama"), parallel=ParallelConfig(tp=3, sp="on"),
+                         max_seq_len=32)
+    prompts = random_prompts(llm.cfg.vocab_size, (4, 5, 3, 6, 4), seed=16)
+    s = SamplingParams(max_new_tokens=4, stop_token_ids=())
+    with Engine(llm, max_batch=4) as engine:
+        assert engine.slots == 6
+        engine.warm()
+        programs = engine.runner.stages[0].programs
+        compiled = set(programs.compiled)
+        with engine.hold():
+            requests = [engine.submit(p, s) for p in prompts]
+        got = [r.result(timeout=120) for r in requests]
+        assert set(programs.compiled) == compiled
+    assert engine.prefill_sizes == collections.Counter({5: 1})
     assert got == [alone(llm, p, s) for p in prompts]
 
 

@@ -50,3 +50,10 @@ def test_at_equal_latency_compares_each_static_point_per_metric():
     lat = out["latency_p99_s", 16]  # 2.5 s: halfway along the engine's latencies
     assert lat["continuous_tokens_per_s"] == pytest.approx(2600.0)
     assert lat["ratio"] == pytest.approx(2600 / 2900)
+
+
+def test_percentiles_are_by_nearest_rank():
+    values = list(range(1, 101))[::-1]  # 1..100, in any order
+    assert serving.pct(values, 0.99) == 99 and serving.pct(values, 0.5) == 50
+    assert serving.pct([3.0, 1.0], 0.5) == 1.0 and serving.pct([7.0], 0.99) == 7.0
+    assert serving.pct([], 0.5) is None
