@@ -472,7 +472,7 @@ def main():
         run(llm, workload(np.random.default_rng(0), args.requests, max(rates), plens, olens,
                           cfg.vocab_size)[:4 * args.max_batch], args.max_batch)
     served = []
-    slots = slot_count(llm, args.max_batch)  # static batches take as many rows as it has
+    slots = slot_count(llm, args.max_batch)  # static batches: up to as many requests
     for rate in rates:
         jobs = workload(np.random.default_rng(0), args.requests, rate, plens, olens,
                         cfg.vocab_size)

@@ -275,6 +275,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self._draining = False  # shutdown(drain=True): stop once nothing is left
+        self._failures = 0  # rounds whose programs failed (`_fail_running`)
         # request id -> (request, finish reason), from any thread
         self._cancelled: dict[int, tuple[Request, str]] = {}
         self._pending: dict[int, Request] = {}  # admitted by the plan, not yet applied
@@ -418,8 +419,10 @@ class Engine:
             self._apply(plan)
             launched = self._guard(self._launch) if any(self.active) else None
             if self._ahead:  # read the previous step while this one runs
+                failures = self._failures
                 self._guard(self._collect)
-                self._inflight = launched
+                # a launch issued from the caches a failure dropped is dropped with them
+                self._inflight = launched if self._failures == failures else None
                 self._guard(self._welcome)  # the first tokens of this launch's admissions
             else:  # read this step now: the next one takes its tokens from the host
                 self._inflight = launched
@@ -432,11 +435,20 @@ class Engine:
                         not self._held and (self.queued or self._draining)), 0.1)
 
     def _new_caches(self) -> list[KVCache]:
-        """Every stage's cache, empty: its layers' rows of every slot."""
-        return [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
-                        out_shardings=KVCache(st.runtime.cache_sharding(),
-                                              st.runtime.cache_sharding()))()
-                for st in self.runner.stages]
+        """Every stage's cache, empty: its layers' rows of every slot. Those it replaces are
+        deleted first (a failed request's traceback may still hold them), so that the engine
+        never holds two."""
+        for cache in getattr(self, "caches", ()):
+            for a in (cache.k, cache.v):
+                if not a.is_deleted():
+                    a.delete()
+        if not hasattr(self, "_empty"):
+            self._empty = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots,
+                                                                         self.cache_len),
+                                   out_shardings=KVCache(st.runtime.cache_sharding(),
+                                                         st.runtime.cache_sharding()))
+                           for st in self.runner.stages]
+        return [empty() for empty in self._empty]
 
     def _guard(self, step):
         """Run `step`; if it raises, fail every request in flight and go on serving."""
@@ -447,15 +459,17 @@ class Engine:
             return None
 
     def _cache_lost(self, e: BaseException):
-        """After a program failed: if it took a stage's cache with it (a donated input is gone
-        once the program has run, and a failed program's outputs fail whatever reads them),
-        every running request's rows went too: they fail with `e`, and the cache starts anew."""
+        """After an admission failed: if it took a stage's cache with it (a donated input is
+        gone once the program has run), every running request's rows went too: they fail with
+        `e`, and the cache starts anew. A failure the device reports only when an output is
+        read fails them at that read (`_guard`)."""
         if any(a.is_deleted() for c in self.caches for a in (c.k, c.v)):
             self._fail_running(e)
 
     def _fail_running(self, e: BaseException):
         """Fail every request in flight with `e`; the engine goes on from empty caches (those
         the failed program read or wrote can fail every later program that reads them)."""
+        self._failures += 1
         self._inflight = self._tokens = None
         self._rows = [None] * len(self._rows)
         self._joining, self._welcoming = [], []
