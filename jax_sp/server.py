@@ -98,7 +98,7 @@ def _unsupported(body: dict):
 class Ask:
     """One parsed request: what `Engine.submit` takes, and how to answer."""
 
-    prompts: list  # each a string, token ids or a conversation (chat: one)
+    prompts: list  # each a string or token ids (chat: one, the conversation's ids)
     sampling: SamplingParams  # choice 0's; choice i's seed is seed + i
     stop: list[str]
     stream: bool
@@ -182,14 +182,14 @@ class Server:
             seed=_number(body, "seed", None, -2 ** 63, 2 ** 64 - 1, integer=True)
             if body.get("seed") is not None else secrets.randbits(63),
             logprobs=self._logprobs(body, chat))
-        if chat:  # the chat template takes the messages, or the request is a bad one
+        if chat:  # through the chat template once, here: the engine takes the token ids
             try:
-                length = len(self.llm.encode(prompts[0]))
+                prompts = [self.llm.encode(prompts[0])]
             except Exception as e:  # noqa: BLE001 - jinja2's TemplateError, no template, ...
                 raise BadRequest(f"the messages do not fit the model's chat template "
                                  f"({type(e).__name__}: {e})", "messages") from None
         if chat and max_tokens is None:  # as much as the context leaves
-            room = limit - length
+            room = limit - len(prompts[0])
             if room < 1:
                 raise BadRequest(f"the messages take {limit - room} tokens, the whole context "
                                  f"of {limit}", "messages", "context_length_exceeded")
@@ -239,8 +239,8 @@ class Server:
     def submit(self, ask: Ask, chat: bool) -> list:
         """One engine request per choice, prompt by prompt (choice j * n + i: prompt j with
         seed + i, so that each is what a request of that seed alone gives); a completion's text
-        goes in as it is, a chat's through the chat template. Bad input: BadRequest, and
-        nothing stays queued."""
+        goes in as it is, a chat's as the ids `parse` made through the chat template. Bad
+        input: BadRequest, and nothing stays queued."""
         requests = []
         for j, prompt in enumerate(ask.prompts):
             try:

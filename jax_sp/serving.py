@@ -222,7 +222,11 @@ class Engine:
         pallas = any(st.runtime.decode_attention.name == "pallas" for st in stages)
         self.cache_len = round_up(llm.max_seq_len, BLOCK_S if pallas else 16)
         # one cache per stage, its layers' rows of every slot
-        self.caches = self._new_caches()
+        self._empty = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots, self.cache_len),
+                               out_shardings=KVCache(st.runtime.cache_sharding(),
+                                                     st.runtime.cache_sharding()))
+                       for st in stages]
+        self.caches = [empty() for empty in self._empty]
         self._insert = jax.jit(insert_row, donate_argnums=0)
         # the launch's settings when some running request samples (True) or none does: the
         # greedy form has no sampling work, and neither form data-dependent control flow
@@ -435,19 +439,11 @@ class Engine:
                         not self._held and (self.queued or self._draining)), 0.1)
 
     def _new_caches(self) -> list[KVCache]:
-        """Every stage's cache, empty: its layers' rows of every slot. Those it replaces are
-        deleted first (a failed request's traceback may still hold them), so that the engine
-        never holds two."""
-        for cache in getattr(self, "caches", ()):
-            for a in (cache.k, cache.v):
-                if not a.is_deleted():
-                    a.delete()
-        if not hasattr(self, "_empty"):
-            self._empty = [jax.jit(lambda rt=st.runtime: rt.empty_cache(self.slots,
-                                                                         self.cache_len),
-                                   out_shardings=KVCache(st.runtime.cache_sharding(),
-                                                         st.runtime.cache_sharding()))
-                           for st in self.runner.stages]
+        """Every stage's cache, empty. Those it replaces are deleted first (a failed request's
+        traceback may still hold them), so that the engine never holds two."""
+        for a in (a for cache in self.caches for a in (cache.k, cache.v)):
+            if not a.is_deleted():
+                a.delete()
         return [empty() for empty in self._empty]
 
     def _guard(self, step):
