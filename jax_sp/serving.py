@@ -781,7 +781,8 @@ class Engine:
         """A pipeline: the request's prefill on its own (the runner's: every stage, SP as
         `generate` decides), each stage's cache row written into the slot."""
         job = self.runner.batch([np.array(request.prompt, np.int32)], 1, False)
-        job = dataclasses.replace(job, cache_len=max(self.cache_len, job.inputs.shape[1]))
+        # the prefill's cache holds the prompt's bucket only: its positions go into the slot
+        job = dataclasses.replace(job, cache_len=job.inputs.shape[1])
         run = self.runner.prefill(job, request.sampling)
         self.prefill_sizes[1] += 1
         for i, rows in enumerate(run.caches):

@@ -90,9 +90,12 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
         b, t = tokens_bt.shape
         positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         rows = jnp.arange(b) * t + kv_len_b - 1  # each prompt's last token
-        # a bucket may pass the cache's length: those positions hold padding only
-        out = _forward(rt, st, state, rt.empty_cache(b, max(cache_len, t)), positions_bt,
-                       kv_len_b, rows, fresh=True, tokens_bt=tokens_bt)
+        # the forward's cache holds the prompts' T positions only (not cache_len: at 8B, 16
+        # rows of 8192 would be 17 GB), and they alone are written into the slots; what a
+        # slot's last request left past them is never read (attention stops at a row's
+        # position, and a decode step writes its key before it reads it)
+        out = _forward(rt, st, state, rt.empty_cache(b, t), positions_bt, kv_len_b, rows,
+                       fresh=True, tokens_bt=tokens_bt)
         return _into_slots(rt, out, cache, cache_len, logprobs, slots_b, seeds_b,
                            temperature_b, top_k_b, top_p_b)
     return run
@@ -103,7 +106,8 @@ def _into_slots(rt, out, cache: KVCache, cache_len: int, logprobs: bool, slots_b
     """An admission's or a chunk's outputs: each row's token sampled from its logits with its
     own settings and the key `generate` gives row 0 of a batch with its seed (and with
     logprobs its log-probabilities), replicated, and the forward's cache rows (up to
-    cache_len) written into slots slots_b of the engine's (a slot past the end is dropped)."""
+    cache_len; an admission's, its T) written into slots slots_b of the engine's from
+    position 0 (a slot past the end is dropped; a bucket past cache_len holds padding there)."""
     keys_b = jax.vmap(lambda seed: row_keys(seed, 1)[0])(seeds_b)
     logits = _logits(rt, out)
     token = sample_rows(logits, keys_b, jnp.zeros(logits.shape[0], jnp.int32), temperature_b,
@@ -112,7 +116,8 @@ def _into_slots(rt, out, cache: KVCache, cache_len: int, logprobs: bool, slots_b
         logits, token, min(MAX_LOGPROBS, logits.shape[-1]))) if logprobs else ())
 
     def put(big, small):
-        big = big.at[:, slots_b].set(small[:, :, :cache_len].astype(big.dtype), mode="drop")
+        n = min(small.shape[2], cache_len)
+        big = big.at[:, slots_b, :n].set(small[:, :, :n].astype(big.dtype), mode="drop")
         return jax.lax.with_sharding_constraint(big, rt.cache_sharding())
 
     every = rt.sharding_of(())
@@ -176,8 +181,9 @@ def join_first(tokens, keys, first, first_keys, slots):
 
 
 def insert_row(cache: KVCache, rows: KVCache, slot):
-    """Row 0 of a prefill's cache into slot `slot` of the engine's (in place: donated; a
-    prefill's cache longer than the engine's, its bucket's, holds only padding past it)."""
+    """Row 0 of a prefill's cache (its prompt's bucket of positions) into slot `slot` of the
+    engine's from position 0 (in place: donated; a bucket longer than the engine's cache holds
+    only padding past it)."""
     put = lambda big, small: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
         big, small[:, :1, :big.shape[2]].astype(big.dtype), slot, axis=1)
     return KVCache(put(cache.k, rows.k), put(cache.v, rows.v))

@@ -470,6 +470,34 @@ def test_warm_compiles_the_largest_group_when_slots_are_no_power_of_two(hf_model
     assert got == [alone(llm, p, s) for p in prompts]
 
 
+def test_an_admission_holds_its_prompts_cache_not_a_whole_row_per_request(hf_models):
+    """An admission's prefill makes a cache of its prompts' positions only, not of the engine's
+    cache length (at 8B, 16 rows of 8192 positions would be 17 GB on top of the engine's
+    cache), and writes those positions alone into its slots: short prompts taken into slots
+    that long requests left get `generate`'s tokens."""
+    llm = LLM.from_torch(hf_models("llama"), max_seq_len=8192)
+    long_prompts = random_prompts(llm.cfg.vocab_size, (40, 33), seed=21)
+    short_prompts = random_prompts(llm.cfg.vocab_size, (3, 5), seed=22)
+    long_s = SamplingParams(max_new_tokens=30, stop_token_ids=())
+    short_s = SamplingParams(max_new_tokens=12, stop_token_ids=())
+    with Engine(llm, max_batch=2) as engine:
+        for prompts, s in ((long_prompts, long_s), (short_prompts, short_s)):
+            with engine.hold():  # each pair admitted together into the two slots
+                requests = [engine.submit(p, s) for p in prompts]
+            assert [r.result(timeout=120) for r in requests] == [alone(llm, p, s)
+                                                                 for p in prompts]
+        admits = {key: c for key, c in engine.runner.stages[0].programs.compiled.items()
+                  if key[0] == "admit"}
+        cache = engine.caches[0].k
+    assert engine.prefill_sizes == collections.Counter({2: 2})
+    # keys and values of two rows at the engine's cache length
+    rows_bytes = 2 * cache.nbytes * 2 // cache.shape[1]
+    assert len(admits) == 2
+    for key, compiled in admits.items():
+        temp = compiled.memory_analysis().temp_size_in_bytes
+        assert temp < rows_bytes / 4, (key[1], temp, rows_bytes)
+
+
 @pytest.mark.parametrize("kind,parallel", [("qwen2", ParallelConfig(tp=3, sp="auto")),
                                            ("mistral", ParallelConfig(tp=2)),
                                            ("llama", ParallelConfig(tp=4, attn_dp=2, sp="on"))])
