@@ -326,13 +326,19 @@ class Server:
             yield text[len(shown):], None, len(ids)
         yield "", request.finish_reason, len(ids)
 
-    def failed(self, requests: list, error: BaseException) -> bool:
-        """Whether `error` is what the engine ended one of these requests with (a program
-        failed, or the engine stopped on a fault); counted among the request errors."""
+    def failure(self, requests: list, error: BaseException) -> str | None:
+        """The error message of an answer cut short by `error`, counted among the request
+        errors: what the engine ended one of these requests with (a program failed, or the
+        engine stopped on a fault), or the server's own failure (a bug) while answering. None
+        for the end of a client's wait (a cancellation, a closed stream), which is re-raised."""
         if any(r.finish_reason is error for r in requests):
-            self.counters["request_errors"] += 1
-            return True
-        return False
+            why = f"the engine failed this request: {error!r}"
+        elif isinstance(error, Exception):
+            why = f"the server failed this request: {error!r}"
+        else:  # asyncio.CancelledError, GeneratorExit
+            return None
+        self.counters["request_errors"] += 1
+        return why
 
     def settle(self, requests: list, n: int, counts: list[int]):
         """One HTTP request's end, however it came (answered, the client gone, a stream cut
@@ -467,18 +473,19 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                         async for i, piece, end, count in got:
                             texts[i], reasons[i] = texts[i] + piece, end or reasons[i]
                             counts[i] = count
+                    return JSONResponse({**head, "object": kind, "choices": [
+                        choice(i, texts[i], reasons[i], False,
+                               server.logprobs(r, 0, counts[i], chat))
+                        for i, r in enumerate(requests)],
+                        "usage": server.usage(requests, ask.n, counts)})
                 except BaseException as e:
-                    if isinstance(e, asyncio.CancelledError) or not server.failed(requests, e):
-                        raise  # the server's own bug: Starlette's 500
-                    return _error(f"the engine failed this request: {e!r}", status=500)
+                    why = server.failure(requests, e)
+                    if why is None:
+                        raise  # cancelled: the client has gone
+                    return _error(why, status=500)
                 finally:
                     watch.cancel()
                     server.settle(requests, ask.n, counts)
-                return JSONResponse({**head, "object": kind, "choices": [
-                    choice(i, texts[i], reasons[i], False,
-                           server.logprobs(r, 0, counts[i], chat))
-                    for i, r in enumerate(requests)],
-                                     "usage": server.usage(requests, ask.n, counts)})
 
             sent = [0] * k  # each choice's tokens sent
 
@@ -501,17 +508,17 @@ def create_app(llm, engine: Engine | None = None, model_name: str = "jax-sp",
                                 logprobs = server.logprobs(requests[i], sent[i], count, chat)
                                 sent[i] = count
                                 yield event([choice(i, piece, end, True, logprobs)])
+                        if ask.usage_chunk:
+                            yield event([], usage=server.usage(requests, ask.n, sent))
                     except BaseException as e:
-                        if isinstance(e, asyncio.CancelledError) or not server.failed(requests,
-                                                                                      e):
-                            raise
+                        why = server.failure(requests, e)
+                        if why is None:
+                            raise  # the client has gone, or the stream is closed
                         # the status has gone out: an error event, as OpenAI and vLLM send
-                        body = _error_body(f"the engine failed this request: {e!r}", status=500)
+                        body = _error_body(why, status=500)
                         yield f"data: {json.dumps(body)}\n\n"
                         yield "data: [DONE]\n\n"
                         return
-                    if ask.usage_chunk:
-                        yield event([], usage=server.usage(requests, ask.n, sent))
                     yield "data: [DONE]\n\n"
                 finally:  # the client left (or the stream ended): its pumps stop
                     await merged.aclose()

@@ -427,6 +427,38 @@ def test_an_engine_stopped_by_a_fault_answers_errors_and_health_says_so(served, 
     engine.shutdown()
 
 
+def test_a_server_bug_while_answering_gets_an_error_body_and_the_server_goes_on(served,
+                                                                               monkeypatch):
+    """A failure of the server's own code as it builds an answer (here its log-probabilities
+    raise) gets what an engine failure gets, counted among the errors: a whole answer HTTP
+    500 with an OpenAI error body (not Starlette's plain-text 500), a stream an error event
+    and [DONE] (not a stream cut off); the next request is served."""
+    llm, server, base, client = served
+    body = {"model": MODEL, "prompt": "Count to three:", "max_tokens": 4, "temperature": 0,
+            "logprobs": 1}
+
+    def logprobs(*_):
+        raise RuntimeError("a bug in the answer")
+
+    errors = counter(base, "request_errors")
+    monkeypatch.setattr(server, "logprobs", logprobs)
+    whole = httpx.post(base + "/v1/completions", json=body, timeout=60)
+    streamed = httpx.post(base + "/v1/completions", json={**body, "stream": True}, timeout=60)
+    monkeypatch.undo()
+    assert whole.status_code == 500, whole.text
+    assert whole.json()["error"]["type"] == "server_error"
+    assert "the server failed this request" in whole.json()["error"]["message"]
+    assert "a bug in the answer" in whole.json()["error"]["message"]
+    assert streamed.status_code == 200
+    events = [line[len("data: "):] for line in streamed.text.splitlines() if line]
+    assert events[-1] == "[DONE]"
+    assert "a bug in the answer" in json.loads(events[-2])["error"]["message"]
+    assert counter(base, "request_errors") == errors + 2
+    after = client.completions.create(model=MODEL, prompt="Count to three:", max_tokens=4,
+                                      temperature=0)
+    assert after.choices[0].text == text_alone(llm, "Count to three:", 4, chat=False)
+
+
 def test_a_client_that_gives_up_on_a_whole_answer_frees_its_slots(served, submitted):
     """A client whose wait for a whole (not streamed) answer times out has every choice
     cancelled short of its max_tokens (the `openai` client retries after a timeout: the
