@@ -235,13 +235,7 @@ class Engine:
             Static.of(stages[0].runtime, "decode", self.decode_sp), greedy=not sampled, top_k=0)
             for sampled in (False, True)}
         b = self.slots
-        self.tokens = np.zeros(b, np.int32)
-        self.pos = np.zeros(b, np.int32)
-        self.step = np.zeros(b, np.int32)
-        self.keys = np.zeros((b, 2), np.uint32)
-        self.temperature = np.zeros(b, np.float32)
-        self.top_k = np.zeros(b, np.int32)
-        self.top_p = np.ones(b, np.float32)
+        self._clear_rows()
         self.active: list[Request | None] = [None] * b
         # the slots' rows on each stage's devices, advanced there by every step; put again from
         # the host arrays above when a round changed them (an admission, a slot freed)
@@ -280,6 +274,9 @@ class Engine:
         self._stop = False
         self._draining = False  # shutdown(drain=True): stop once nothing is left
         self._failures = 0  # rounds whose programs failed (`_fail_running`)
+        self._multi = jax.process_count() > 1
+        # multi-process: a failure this round caught on this process (`_agree`)
+        self._round_error: BaseException | None = None
         # request id -> (request, finish reason), from any thread
         self._cancelled: dict[int, tuple[Request, str]] = {}
         self._pending: dict[int, Request] = {}  # admitted by the plan, not yet applied
@@ -416,7 +413,7 @@ class Engine:
         the device computes the next: a request that ends at step n has its slot computed once
         more in step n + 1, and that token is dropped."""
         while True:
-            plan = self._share(self._plan() if self.leader else None)
+            plan = self._share(self._lead() if self.leader else None)
             if plan["stop"]:
                 self._guard(self._collect)
                 return
@@ -431,6 +428,8 @@ class Engine:
             else:  # read this step now: the next one takes its tokens from the host
                 self._inflight = launched
                 self._guard(self._collect)
+            if self._multi:
+                self._agree()
             if (launched is None and not any(self.active) and self.leader and not plan["admit"]
                     and not self._chunking):
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
@@ -451,8 +450,40 @@ class Engine:
         try:
             return step()
         except Exception as e:  # noqa: BLE001 - fail the requests in flight, go on
+            self._caught(e)
             self._fail_running(e)
             return None
+
+    def _caught(self, e: BaseException):
+        if self._multi:  # every process hears of it at the round's end
+            self._round_error = e
+
+    def _lead(self) -> dict:
+        """Process 0's plan. In a multi-process job, a plan that fails to be made first stops
+        the other processes (they wait in its broadcast: nothing else has run this round),
+        then stops this one (`_run`)."""
+        try:
+            return self._plan()
+        except BaseException:
+            if self._multi:
+                self._share({"stop": True, "cancel": {}, "admit": []})
+            raise
+
+    def _agree(self):
+        """A multi-process round's end: every process learns whether any caught a failure
+        this round (a program's, an admission's, a read's, on its own host); if one did, every
+        process fails every request in flight and goes on from empty caches, so that all
+        hold the same slots and caches for the next plan (one small all-gather a round)."""
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(
+            np.int32(self._round_error is not None)))
+        error, self._round_error = self._round_error, None
+        if failed.any():
+            self._fail_running(error or RuntimeError(
+                f"process {int(np.argmax(failed))} of this multi-process job failed its "
+                f"part of this round; every process fails the requests in flight to stay in "
+                f"step"))
 
     def _cache_lost(self, e: BaseException):
         """After an admission failed: if it took a stage's cache with it (a donated input is
@@ -477,6 +508,7 @@ class Engine:
             job.request._finish(e)
             self._free(job.slot)
         self._chunking = []
+        self._clear_rows()  # a failure may have come between two rows' updates
         self.caches = self._new_caches()
 
     def _plan(self) -> dict:
@@ -586,6 +618,7 @@ class Engine:
                 else:
                     joined = self._prefill(*group[0])
             except Exception as e:  # noqa: BLE001 - these requests fail, the others go on
+                self._caught(e)
                 for request, _ in group:
                     request._finish(e)
                 self._cache_lost(e)
@@ -661,6 +694,7 @@ class Engine:
         try:
             joined = self._prefill_group([(request, job.slot)], piece, job.done)
         except Exception as e:  # noqa: BLE001 - this request fails, the others go on
+            self._caught(e)
             self._chunking.pop(0)
             request._finish(e)
             self._free(job.slot)
@@ -801,6 +835,19 @@ class Engine:
         request._finish(reason)
         self._free(slot)
         return True
+
+    def _clear_rows(self):
+        """The slots' host rows as a new engine has them (every process alike: in a
+        multi-process job each launch puts them, and jax checks that every process puts the
+        same values)."""
+        b = self.slots
+        self.tokens = np.zeros(b, np.int32)
+        self.pos = np.zeros(b, np.int32)
+        self.step = np.zeros(b, np.int32)
+        self.keys = np.zeros((b, 2), np.uint32)
+        self.temperature = np.zeros(b, np.float32)
+        self.top_k = np.zeros(b, np.int32)
+        self.top_p = np.ones(b, np.float32)
 
     def _free(self, slot: int):
         """Slot `slot` free: its position 0 (put before the next launch), where its decode

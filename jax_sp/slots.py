@@ -92,8 +92,9 @@ def admit_fn(rt, st: Static, cache_len: int, logprobs: bool = False):
         rows = jnp.arange(b) * t + kv_len_b - 1  # each prompt's last token
         # the forward's cache holds the prompts' T positions only (not cache_len: at 8B, 16
         # rows of 8192 would be 17 GB), and they alone are written into the slots; what a
-        # slot's last request left past them is never read (attention stops at a row's
-        # position, and a decode step writes its key before it reads it)
+        # slot's last request left past them is masked (weight 0: past a row's position, and
+        # a decode step writes its key before it reads it) and finite (models/cache.py
+        # to_cache), so it adds nothing
         out = _forward(rt, st, state, rt.empty_cache(b, t), positions_bt, kv_len_b, rows,
                        fresh=True, tokens_bt=tokens_bt)
         return _into_slots(rt, out, cache, cache_len, logprobs, slots_b, seeds_b,

@@ -26,12 +26,15 @@ def cache_dtype(kv_cache_dtype: str, dtype):
 
 
 def to_cache(x, dtype):
-    """x in the cache's dtype; into FP8 saturated at its largest finite value (float8_e4m3fn
-    has no infinity: a plain conversion of anything past +-448 is NaN)."""
+    """x in the cache's dtype, finite: saturated at the dtype's largest finite value
+    (float8_e4m3fn has no infinity: a plain conversion of anything past +-448 is NaN) and a
+    NaN stored as 0. A cache row holds what its slot's earlier requests left past the current
+    one's keys; attention gives those positions weight 0, and 0 times a NaN or an infinity
+    left there would still be NaN (a request gone bad would spoil its slot's next ones)."""
     dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+    if jnp.issubdtype(dtype, jnp.floating):
         top = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -top, top)
+        x = jnp.where(x == x, jnp.clip(x, -top, top), 0)  # x != x: NaN
     return x.astype(dtype)
 
 

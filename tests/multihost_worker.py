@@ -5,7 +5,10 @@ Scenarios tp8, tp4pp2, die: build the same tiny HF model in every process, run i
 results (logits, greedy and sampled tokens; tp8 also FP8's logits and greedy tokens) to
 OUT_JSON. Scenario ckpt: load each checkpoint of
 the JSON in $MH_CKPT ({"tp", "pp", "paths": {format: path}, "prompts"}) with from_pretrained and
-write each one's greedy tokens."""
+write each one's greedy tokens. Scenario serve_fault: a serving engine at tp 2 across the
+processes whose process 1 alone fails to read one launch; process 0 writes what its requests
+ended with and what the same prompts got afterwards, then its planning fails (process 1 must
+stop with it)."""
 
 import json
 import os
@@ -50,6 +53,50 @@ if scenario == "ckpt":  # no torch here: every format through from_pretrained
     sys.exit(0)
 
 from conftest import SAMPLED, _build, random_prompts  # noqa: E402
+
+if scenario == "serve_fault":  # tp 2 over the two processes, one device each
+    from jax_sp.serving import Engine
+
+    model = _build("llama")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"))
+    prompts = random_prompts(model.config.vocab_size, (5, 11), seed=7)
+    greedy = SamplingParams(max_new_tokens=24, stop_token_ids=())
+    alone = [c.token_ids for c in llm.generate(prompts, greedy)]
+    engine = Engine(llm, max_batch=2)
+    if pid == 1:  # this process alone fails one read of a launch's tokens (a host-side error)
+        collect, failed = engine._collect, []
+
+        def failing():
+            if any(engine.active) and not failed:
+                failed.append(True)
+                raise RuntimeError("a read failed on process 1")
+            return collect()
+        engine._collect = failing
+        engine.join()  # follows process 0's plan until it shuts down
+        result = {"failed_here": bool(failed)}
+    else:
+        first = [engine.submit(p, greedy) for p in prompts]
+        errors = []
+        for r in first:
+            try:
+                r.result(timeout=120)
+                errors.append(None)
+            except RuntimeError as e:
+                errors.append(str(e))
+        again = [engine.submit(p, greedy).result(timeout=120) for p in prompts]
+
+        def plan():  # then a bug in process 0's planning: process 1 must stop, not wait
+            raise RuntimeError("a bug in the plan")
+        engine._plan = plan
+        try:
+            engine.submit(prompts[0], greedy).result(timeout=120)
+            fault = None
+        except RuntimeError as e:
+            fault = str(e)
+        engine.join()
+        result = {"errors": errors, "again": again, "alone": alone, "fault": fault}
+    json.dump({"process": jax.process_index(), **result}, open(out, "w"))
+    sys.exit(0)
 
 if scenario == "die" and pid == 1:
     os._exit(3)

@@ -27,7 +27,7 @@ F8 = jnp.float8_e4m3fn
 GREEDY = SamplingParams(max_new_tokens=8)
 
 
-def test_values_past_e4m3_s_range_saturate_instead_of_turning_nan():
+def test_cache_values_saturate_and_a_nan_is_stored_as_0():
     x = jnp.asarray([1e4, -1e4, 448.0, 300.0, 0.1, -3.0], jnp.float32)
     got = np.asarray(to_cache(x, F8).astype(jnp.float32))
     assert np.isfinite(got).all()
@@ -35,7 +35,11 @@ def test_values_past_e4m3_s_range_saturate_instead_of_turning_nan():
     # within e4m3's rounding (3 mantissa bits: 2^-4 of the value) elsewhere
     np.testing.assert_allclose(got[3:], [300.0, 0.1, -3.0], rtol=2 ** -4)
     assert np.isnan(np.asarray(x.astype(F8).astype(jnp.float32))[0])  # what it replaces
-    assert to_cache(x, jnp.bfloat16).dtype == jnp.bfloat16  # other dtypes: a plain cast
+    y = jnp.asarray([jnp.nan, jnp.inf, -jnp.inf, 2.0 ** 20, 1.5], jnp.float32)
+    for dtype in (F8, jnp.float16, jnp.bfloat16, jnp.float32):  # every cache stays finite
+        got = np.asarray(to_cache(y, dtype).astype(jnp.float32))
+        top = float(jnp.finfo(dtype).max)
+        np.testing.assert_array_equal(got, [0.0, top, -top, min(2.0 ** 20, top), 1.5])
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])

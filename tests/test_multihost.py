@@ -122,6 +122,21 @@ def test_every_checkpoint_format_loads_on_every_process_layout(checkpoints, layo
         np.testing.assert_allclose(np.array(got), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_a_failure_on_one_serving_process_fails_the_round_on_every_process(tmp_path):
+    """Serving at tp 2 across two processes, process 1 alone fails to read a launch's tokens:
+    every process fails the requests in flight at the round's end (process 0's requests end
+    with an error naming process 1, not left to a process whose slots and caches went out of
+    step), and the engine goes on in step: the same prompts then get `generate`'s tokens. Then
+    process 0's planning fails: its request ends with the fault, and process 1, waiting for
+    the plan, stops too (the job ends instead of hanging)."""
+    code, outs, logs = run_job(tmp_path, "serve_fault", devices=1, timeout=300)
+    assert code == 0, logs
+    assert outs[1]["failed_here"], logs
+    assert all(e is not None and "process 1" in e for e in outs[0]["errors"]), outs[0]
+    assert outs[0]["again"] == outs[0]["alone"]
+    assert "a bug in the plan" in outs[0]["fault"]
+
+
 def test_a_dying_process_fails_the_job_without_hanging(tmp_path):
     code, _, _ = run_job(tmp_path, "die", timeout=120)
     assert code != 0

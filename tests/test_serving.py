@@ -498,6 +498,28 @@ def test_an_admission_holds_its_prompts_cache_not_a_whole_row_per_request(hf_mod
         assert temp < rows_bytes / 4, (key[1], temp, rows_bytes)
 
 
+def test_a_request_gone_nan_leaves_its_slot_fit_for_the_next(hf_models):
+    """A request whose activations turn NaN (here a token whose embedding is NaN) leaves its
+    keys and values in its slot past what a shorter prompt admitted there next writes; the
+    cache stores them finite, so the masked positions add nothing and the next request gets
+    `generate`'s tokens (0 times a NaN would make its every logit NaN)."""
+    import copy
+
+    model = copy.deepcopy(hf_models("llama"))
+    bad_token = 7
+    with torch.no_grad():
+        model.model.embed_tokens.weight[bad_token] = float("nan")
+    llm = LLM.from_torch(model, max_seq_len=96)
+    bad, short = random_prompts(llm.cfg.vocab_size, (60, 4), seed=23)
+    bad[0] = bad_token
+    short = [t if t != bad_token else t + 1 for t in short]
+    s = SamplingParams(max_new_tokens=10, stop_token_ids=())
+    with Engine(llm, max_batch=1) as engine:  # one slot: the next request takes the same
+        engine.submit(bad, s).result(timeout=120)
+        got = engine.submit(short, s).result(timeout=120)
+    assert got == alone(llm, short, s)
+
+
 @pytest.mark.parametrize("kind,parallel", [("qwen2", ParallelConfig(tp=3, sp="auto")),
                                            ("mistral", ParallelConfig(tp=2)),
                                            ("llama", ParallelConfig(tp=4, attn_dp=2, sp="on"))])
