@@ -9,6 +9,14 @@ this tp and the whole layer stack is wanted (pp=1); other parameters (padded hea
 MLP; a pipeline stage's layer range) come through host memory one parameter at a time and are
 padded and placed like any other weight.
 
+An FP8 source (a safetensors folder of F8_E4M3 weights and their scales) is written as the
+weights its values and scales give, in the checkpoint's dtype, and its scales beside them in
+`fp8_scales/` (float32, one per output channel: each FP8 weight's shape with its contracted axes
+at 1): loaded with quantization="fp8", `fp8_scales()` gives them back and the weights come back
+as the FP8 values the source stored (a 16-bit dequantized value divided by its scale rounds to
+the same e4m3 value: 8 significant bits against e4m3's 4), as the safetensors folder itself
+loads.
+
 Format 2 (q apart from k/v: `w_q_dnh` [D, N, H], `w_kv_dckh` [D, 2, K, H], and their biases) is
 read too: those two come through host memory and are fused by KV group on load.
 """
@@ -24,10 +32,12 @@ import numpy as np
 
 from bridges.hf import group_qkv
 from models.config import ModelConfig, RopeScaling
+from models.quant import fp8_weights
 from sharding.padding import pad_param
 from sharding.weights import Target, as_weights, stage_slice
 
 MARKER = "jax_sp.json"
+SCALES = "fp8_scales"  # an FP8 source's weight scales, beside params/
 FORMAT = 3  # 2: k/v and gate/up stored fused; 3: q/k/v fused by KV group (w_qkv_dkch)
 # format 2's q and k/v parameters -> the fused one (and the axis of the heads in q)
 FORMAT2_QKV = {"layers/attn/w_qkv_dkch": ("layers/attn/w_q_dnh", "layers/attn/w_kv_dckh", 2),
@@ -71,13 +81,38 @@ def save(dst: str, cfg: ModelConfig, params, dtype: str, tokenizer=None) -> None
     targets = {path: Target(("layers",) if path.startswith("layers/") else (),
                             source.shape(path), cpu) for path in source.keys()}
     flat = source.place(targets, None, np.dtype(jax.numpy.dtype(dtype)), (0, cfg.num_layers))
+    scales = _fp8_scales(source, targets, cfg.num_layers)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.abspath(os.path.join(dst, "params")), _nest(flat))
+        if scales:
+            ckpt.save(os.path.abspath(os.path.join(dst, SCALES)), _nest(scales))
     config = dataclasses.asdict(cfg)
-    json.dump({"format": FORMAT, "dtype": dtype, "config": config},
+    json.dump({"format": FORMAT, "dtype": dtype, "config": config, SCALES: bool(scales)},
               open(os.path.join(dst, MARKER), "w"), indent=1)
     if tokenizer is not None:
         tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
+
+
+def _fp8_scales(source, targets: dict, layers: int) -> dict:
+    """An FP8 source's scale of every weight it stores in FP8 (any that quantization="fp8" or
+    "fp8-head" quantizes), one per output channel on the host: {path: float32 array of the
+    weight's shape with its contracted axes at 1}; {} for any other source."""
+    view = getattr(source, "fp8_scales", lambda: None)()
+    if view is None:
+        return {}
+    out = {}
+    for path, (names, shape, sharding) in targets.items():
+        name = path.rpartition("/")[2]
+        if name not in fp8_weights("fp8-head"):
+            continue
+        stacked = names[:1] == ("layers",)
+        axes = tuple(a + stacked for a in fp8_weights("fp8-head")[name][0])
+        one = tuple(1 if a in axes else n for a, n in enumerate(shape))
+        (scale,) = view.place({path: Target(names, one, sharding)}, None, np.float32,
+                              (0, layers), first_of=axes).values()
+        if np.asarray(scale).any():  # 0: a tensor the source does not store in FP8
+            out[path] = scale
+    return out
 
 
 def open_checkpoint(path: str):
@@ -93,17 +128,20 @@ def open_checkpoint(path: str):
         c["rope_scaling"] = RopeScaling(**c["rope_scaling"])
     cfg = ModelConfig(**c)
     params = OrbaxParams(os.path.abspath(os.path.join(path, "params")),
-                         fuse_qkv=meta["format"] == 2)
+                         fuse_qkv=meta["format"] == 2,
+                         scales=os.path.abspath(os.path.join(path, SCALES))
+                         if meta.get(SCALES) else None)
     return cfg, params, meta["dtype"]
 
 
 class OrbaxParams:
-    """The parameters of an Orbax checkpoint: a weight source (sharding/weights.py)."""
+    """The parameters of an Orbax checkpoint: a weight source (sharding/weights.py). scales:
+    the folder of an FP8 source's scales (`fp8_scales`)."""
 
-    def __init__(self, directory: str, fuse_qkv: bool = False):
+    def __init__(self, directory: str, fuse_qkv: bool = False, scales: str | None = None):
         import orbax.checkpoint as ocp
 
-        self.directory = directory
+        self.directory, self.scales = directory, scales
         with ocp.StandardCheckpointer() as ckpt:
             meta = ckpt.metadata(directory)
         tree = getattr(meta, "item_metadata", None) or meta
@@ -117,6 +155,12 @@ class OrbaxParams:
 
     def keys(self):
         return list(self.paths)
+
+    def fp8_scales(self) -> "_Scales | None":
+        """The FP8 source's scales this checkpoint keeps, placed as their weights are (one
+        value a channel: targets of the weight's shape with its contracted axes at 1), or None
+        when the source was not FP8; jax_sp/runtime.py places them as it does LazyParams'."""
+        return None if self.scales is None else _Scales(self.scales)
 
     def __iter__(self):
         return iter(self.paths)
@@ -179,4 +223,18 @@ class OrbaxParams:
                 del x
             host = stage_slice(host, names, layers)
             out[path] = jax.device_put(pad_param(host, names, plan).astype(dtype), sharding)
+        return out
+
+
+class _Scales(OrbaxParams):
+    """An FP8 source's scales (`fp8_scales/`): a weight the source did not store in FP8 has
+    none, and gets 0 (quantize_weight then takes its channels' maxima)."""
+
+    def place(self, targets: dict, plan, dtype, layers: tuple[int, int],
+              first_of: tuple = ()) -> dict:
+        stored = {path: t for path, t in targets.items() if path in self.meta}
+        out = super().place(stored, plan, dtype, layers) if stored else {}
+        for path, (_, shape, sharding) in targets.items():
+            if path not in out:
+                out[path] = jax.device_put(np.zeros(shape, dtype), sharding)
         return out

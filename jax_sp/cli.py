@@ -174,12 +174,6 @@ def _convert(args) -> int:
                          f"folder for the converted checkpoint")  # before reading anything
     t0 = time.perf_counter()
     cfg, params, tokenizer, stored = load_pretrained(args.src, progress=True)
-    if getattr(getattr(params, "source", None), "scale_view", lambda: None)() is not None:
-        logging.getLogger("jax_sp").warning(
-            "%s stores FP8 weights: the Orbax copy holds them dequantized, in %s; loaded with "
-            "quantization='fp8' it is quantized again from each channel's maximum, while the "
-            "safetensors folder itself keeps the stored FP8 values and scales exactly",
-            args.src, args.dtype or stored)
     try:
         save(args.dst, cfg, params, args.dtype or stored, tokenizer)
     finally:

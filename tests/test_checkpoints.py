@@ -478,17 +478,34 @@ def test_an_fp8_lm_head_keeps_the_checkpoint_s_values_with_fp8_head(tmp_path):
     np.testing.assert_array_equal(got, exact.state_dict()["lm_head.weight"].numpy())
 
 
-def test_an_fp8_checkpoint_converts_to_orbax_dequantized_with_a_warning(tmp_path, caplog):
+@pytest.mark.parametrize("per_channel,dtype", [(False, None), (True, "bfloat16")])
+def test_an_fp8_checkpoint_converted_to_orbax_keeps_its_fp8_values(tmp_path, per_channel,
+                                                                    dtype):
     """`jax-sp convert` of an FP8 checkpoint writes the weights its values and scales give (the
-    logits of the dequantized model) and says that quantization="fp8" quantizes them again."""
+    logits of the dequantized model) and its scales beside them: loaded with
+    quantization="fp8" (tp 2, padded heads), every FP8 weight dequantizes to exactly what the
+    checkpoint's does, as loading the safetensors folder gives, also through a bfloat16 copy
+    (requantized per channel from their maxima, all but each channel's largest value would
+    round again)."""
+    from jax_sp.train import unpadded_params
+
     model = tiny_llama(hidden=48, inter=72, heads=6, kv=2, head_dim=8, vocab=101)
-    exact = _fp8_checkpoint(model, tmp_path / "fp8", per_channel=False)
+    exact = _fp8_checkpoint(model, tmp_path / "fp8", per_channel=per_channel)
     prompts = random_prompts(101, (7, 12), seed=4)
-    with caplog.at_level("WARNING", logger="jax_sp"):
-        assert cli(["convert", str(tmp_path / "fp8"), str(tmp_path / "orbax")]) == 0
-    assert "stores FP8 weights: the Orbax copy holds them dequantized" in caplog.text
-    logits_close(LLM.from_pretrained(str(tmp_path / "orbax"), progress=False),
-                 LLM.from_torch(exact).logits(prompts), prompts)
+    assert cli(["convert", str(tmp_path / "fp8"), str(tmp_path / "orbax")]
+               + (["--dtype", dtype] if dtype else [])) == 0
+    if dtype is None:
+        logits_close(LLM.from_pretrained(str(tmp_path / "orbax"), progress=False),
+                     LLM.from_torch(exact).logits(prompts), prompts)
+    fp8 = [unpadded_params(llm.runtime, llm.state) for llm in (
+        LLM.from_pretrained(str(tmp_path / where), parallel=ParallelConfig(tp=2),
+                            quantization="fp8", progress=False) for where in ("orbax", "fp8"))]
+    paths = [p for p in fp8[1] if p.rpartition("/")[2].startswith("s_w_")]
+    assert len(paths) == 4
+    for path in paths:
+        for scale_path in (path, path.replace("/s_w_", "/w_")):
+            np.testing.assert_array_equal(np.asarray(fp8[0][scale_path], np.float32),
+                                          np.asarray(fp8[1][scale_path], np.float32))
 
 
 def test_fp8_hf_checkpoint_with_block_wise_scales_is_refused_by_name(tmp_path):
