@@ -418,6 +418,8 @@ class Engine:
                 self._guard(self._collect)
                 return
             self._apply(plan)
+            if self._multi:  # before the launch, which every process must make alike
+                self._agree()
             launched = self._guard(self._launch) if any(self.active) else None
             if self._ahead:  # read the previous step while this one runs
                 failures = self._failures
@@ -428,8 +430,6 @@ class Engine:
             else:  # read this step now: the next one takes its tokens from the host
                 self._inflight = launched
                 self._guard(self._collect)
-            if self._multi:
-                self._agree()
             if (launched is None and not any(self.active) and self.leader and not plan["admit"]
                     and not self._chunking):
                 with self._wake:  # idle: until a request, a cancel or the stop (followers
@@ -470,10 +470,11 @@ class Engine:
             raise
 
     def _agree(self):
-        """A multi-process round's end: every process learns whether any caught a failure
-        this round (a program's, an admission's, a read's, on its own host); if one did, every
-        process fails every request in flight and goes on from empty caches, so that all
-        hold the same slots and caches for the next plan (one small all-gather a round)."""
+        """A multi-process round, after its plan is applied and before its launch: every
+        process learns whether any caught a failure since the last launch (the last round's
+        launch or read, this round's admissions, on its own host); if one did, every process
+        fails every request in flight and goes on from empty caches, so that all hold the same
+        slots, rows and caches when they launch (one small all-gather a round)."""
         from jax.experimental import multihost_utils
 
         failed = np.asarray(multihost_utils.process_allgather(

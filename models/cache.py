@@ -32,9 +32,10 @@ def to_cache(x, dtype):
     one's keys; attention gives those positions weight 0, and 0 times a NaN or an infinity
     left there would still be NaN (a request gone bad would spoil its slot's next ones)."""
     dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating):
+    if jnp.issubdtype(dtype, jnp.floating):  # in float32: a 16-bit x may not hold the bound
         top = float(jnp.finfo(dtype).max)
-        x = jnp.where(x == x, jnp.clip(x, -top, top), 0)  # x != x: NaN
+        x32 = x.astype(jnp.float32)
+        x = jnp.where(x32 == x32, jnp.clip(x32, -top, top), 0)  # x != x: NaN
     return x.astype(dtype)
 
 

@@ -75,7 +75,8 @@ if scenario == "serve_fault":  # tp 2 over the two processes, one device each
         engine.join()  # follows process 0's plan until it shuts down
         result = {"failed_here": bool(failed)}
     else:
-        first = [engine.submit(p, greedy) for p in prompts]
+        with engine.hold():  # admitted together: both running when process 1 fails
+            first = [engine.submit(p, greedy) for p in prompts]
         errors = []
         for r in first:
             try:
