@@ -455,7 +455,7 @@ class Engine:
             return None
 
     def _caught(self, e: BaseException):
-        if self._multi:  # every process hears of it at the round's end
+        if self._multi:  # every process hears of it before the next launch (`_agree`)
             self._round_error = e
 
     def _lead(self) -> dict:
