@@ -32,7 +32,7 @@ import numpy as np
 
 from bridges.hf import group_qkv
 from models.config import ModelConfig, RopeScaling
-from models.quant import fp8_weights
+from models.quant import fp8_axes, fp8_weights
 from sharding.padding import pad_param
 from sharding.weights import Target, as_weights, stage_slice
 
@@ -105,8 +105,7 @@ def _fp8_scales(source, targets: dict, layers: int) -> dict:
         name = path.rpartition("/")[2]
         if name not in fp8_weights("fp8-head"):
             continue
-        stacked = names[:1] == ("layers",)
-        axes = tuple(a + stacked for a in fp8_weights("fp8-head")[name][0])
+        axes = fp8_axes("fp8-head", name, names[:1] == ("layers",))
         one = tuple(1 if a in axes else n for a, n in enumerate(shape))
         (scale,) = view.place({path: Target(names, one, sharding)}, None, np.float32,
                               (0, layers), first_of=axes).values()

@@ -22,7 +22,7 @@ from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_de
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
 from models.cache import cache_dtype
-from models.quant import Fp8, fp8_weights, is_scale, quantize_weight, scale_of, stored_order
+from models.quant import Fp8, fp8_axes, is_scale, quantize_weight, scale_of, stored_order
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
@@ -172,7 +172,7 @@ class Runtime:
                 continue
             # the source gives the weight in its 16-bit layout; FP8 stores it transposed
             stacked = target.names[:1] == ("layers",)
-            axes = tuple(a + stacked for a in fp8_weights(self.quantization)[name][0])
+            axes = fp8_axes(self.quantization, name, stacked)
             order = stored_order(len(target.shape), axes)
             back = np.argsort(order)
             names = tuple(target.names[a] for a in back)

@@ -81,6 +81,12 @@ def fp8_weights(quantization) -> dict:
     return FP8_WEIGHTS if quantization == "fp8" else {}
 
 
+def fp8_axes(quantization, name: str, stacked: bool) -> tuple[int, ...]:
+    """The contracted axes of FP8 weight `name` (its scale holds one value for each position
+    of the others), counted in a layer stack when `stacked`."""
+    return tuple(a + stacked for a in fp8_weights(quantization)[name][0])
+
+
 def embedding_rows(table, ids, dtype):
     """Rows `ids` of an embedding table in `dtype`: a 16-bit table's own, an FP8 one's widened
     and scaled (a tied model's embedding under "fp8-head")."""
@@ -172,13 +178,18 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     stored = stored_letters(lhs, rhs)
-    # accumulated in float32 and written in x's dtype (bf16 in serving): a row-parallel
-    # product's partial sums then cross devices in 16 bits, as they do unquantized (float16
-    # models: in float32, `product_dtype`)
-    acc = product_dtype(x_tx.dtype)
-    y = jnp.einsum(f"{lhs},{stored}->{out}", xq, w.q, preferred_element_type=acc)
+    return scaled_product(f"{lhs},{stored}->{out}", xq, sx, w, x_tx.dtype)
+
+
+def scaled_product(spec: str, xq, sx, w: Fp8, dtype):
+    """einsum(spec) of per-token FP8 activations (values xq [T, ...], scales sx [T]) and an
+    FP8 weight, times both scales, in `dtype`: accumulated in float32 and written in `dtype`
+    (bf16 in serving: a row-parallel product's partial sums then cross devices in 16 bits, as
+    they do unquantized; float16 models: in float32, `product_dtype`)."""
+    acc = product_dtype(dtype)
+    y = jnp.einsum(spec, xq, w.q, preferred_element_type=acc)
     sx = sx.reshape(sx.shape + (1,) * (y.ndim - 1)).astype(acc)
-    return (y * sx * w.scale.astype(acc)).astype(x_tx.dtype)
+    return (y * sx * w.scale.astype(acc)).astype(dtype)
 
 
 def product_dtype(dtype):

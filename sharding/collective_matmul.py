@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from models.quant import Fp8, product_dtype, quantize_tokens, stored_letters
+from models.quant import Fp8, quantize_tokens, scaled_product, stored_letters
 
 AXIS = "tp"
 
@@ -47,9 +47,7 @@ def _fp8_matmul(dtype):
     with its scale [F]: the scaled FP8 product [L, F] in `dtype`."""
     def matmul(chunk, w):
         xq, sx = chunk
-        acc = product_dtype(dtype)
-        y = jnp.einsum("ld,fd->lf", xq, w.q, preferred_element_type=acc)
-        return (y * sx[:, None].astype(acc) * w.scale.astype(acc)).astype(dtype)
+        return scaled_product("ld,fd->lf", xq, sx, w, dtype)
     return matmul
 
 
