@@ -376,6 +376,9 @@ def main():
     ap.add_argument("--prompt-lens", default="16,1024")
     ap.add_argument("--output-lens", default="16,256")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", default=None,
+                    help="fp8 or fp8-head: the model's projections (and LM head) in FP8, "
+                         "docs/fp8.md; file name suffix _<quantization>")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model, CPU-sized workload")
     ap.add_argument("--layers", type=int, default=None,
                     help="the model's first N layers only (a profile's shorter load)")
@@ -426,15 +429,17 @@ def main():
     plens = [int(x) for x in args.prompt_lens.split(",")]
     olens = [int(x) for x in args.output_lens.split(",")]
     llm = LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
-                         max_seq_len=plens[1] + olens[1] + 16)
+                         max_seq_len=plens[1] + olens[1] + 16, quantization=args.quantization)
     del module
     tag = common.machine().split(" ", 1)[1].split()[-1].lower()
     args.tag = args.tag or ("_profile" if args.profile else
                             "_trace" if args.trace_workload else "")
-    name = f"serving_{tag}_{'tiny' if args.tiny else args.model}{args.tag}.jsonl"
+    quant = f"_{args.quantization}" if args.quantization else ""
+    name = f"serving_{tag}_{'tiny' if args.tiny else args.model}{quant}{args.tag}.jsonl"
     out = args.out or os.path.join(common.RESULTS, name)
     res = common.Results(out, machine=common.machine(), model=args.model, tiny=args.tiny,
-                         max_batch=args.max_batch, prompt_lens=plens, output_lens=olens)
+                         max_batch=args.max_batch, prompt_lens=plens, output_lens=olens,
+                         quantization=args.quantization)
     launches = [int(k) for k in args.steps_per_launch.split(",")]
     if args.profile:
         for k in launches:

@@ -186,11 +186,12 @@ def _copy_share(row, bandwidth: float) -> str:
     return f"{_read_bytes(row) / (row['ms_per_token'] / 1e3) / bandwidth * 100:.0f}%"
 
 
-def fp8_speed() -> str:
-    rows = [r for r in _rows("generation_fp8_*.jsonl") if "error" not in r
-            and not r["_file"].startswith("generation_fp8_w8a8_")]
+def fp8_speed(name: str = "generation_fp8_h200_llama3-8b", gemv: str = "pallas") -> str:
+    """FP8 against 16-bit decode and prefill, one run (benchmarks/generation.py
+    --quantization); gemv: what `fp8_gemv="auto"` ran as on that GPU when it ran."""
+    rows = [r for r in _rows(f"{name}.jsonl") if "error" not in r]
     if not rows:
-        return "(no generation_fp8 results)"
+        return f"(no {name} results)"
     cell = {(r["bench"], r["impl"], r["batch"]): r for r in rows if r["bench"] in ("decode",
                                                                                   "prefill")}
     limits = next(r for r in rows if r["bench"] == "limits")
@@ -224,8 +225,9 @@ def fp8_speed() -> str:
     out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
             f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "
             f"new tokens; medians, compile excluded; copy bandwidth measured in the same run "
-            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s. FP8 decode runs the weight-only kernel "
-            f"(`fp8_gemv=\"auto\"`), prefill of more than 64 rows W8A8 either way."]
+            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s. FP8 decode runs `fp8_gemv=\"auto\"`, "
+            f"which was \"{gemv}\" on this GPU then; prefill of more than 64 rows W8A8 either "
+            f"way."]
     return "\n".join(out)
 
 
@@ -233,9 +235,9 @@ def fp8_w8a8() -> str:
     rows = [r for r in _rows("generation_fp8_w8a8_*.jsonl") if "error" not in r]
     if not rows:
         return "(no generation_fp8_w8a8 results)"
-    out = ["| decode | bf16, ms | FP8 + LM head, weight-only kernel: ms (speed-up) | FP8 + LM "
-           "head, W8A8 kernel: ms (speed-up) | of the copy bandwidth: weight-only / W8A8 | run |",
-           "| --- | --- | --- | --- | --- | --- |"]
+    out = ["| GPU | decode | bf16, ms | FP8 + LM head, weight-only kernel: ms (speed-up) | FP8 "
+           "+ LM head, W8A8 kernel: ms (speed-up) | of the copy bandwidth: weight-only / W8A8 "
+           "| run |", "| --- | --- | --- | --- | --- | --- | --- |"]
     files = sorted({r["_file"] for r in rows})
     for batch in sorted({r["batch"] for r in rows if r["bench"] == "decode"}):
         for name in files:  # each row from one run, side by side
@@ -250,24 +252,83 @@ def fp8_w8a8() -> str:
                              and r["bench"] == "limits")["copy_gb_s"] * 1e9
             share = " / ".join(_copy_share(q, bandwidth) for q in (wo, w8))
             mode = w8["impl"].split("=")[1]
-            out.append(f"| batch {batch} | {base['ms_per_token']:.2f} | "
+            out.append(f"| {_gpu(base['machine'])} | batch {batch} | "
+                       f"{base['ms_per_token']:.2f} | "
                        + " | ".join(f"{q['ms_per_token']:.2f} "
                                     f"({base['ms_per_token'] / q['ms_per_token']:.2f}×)"
                                     for q in (wo, w8))
                        + f" | {share} | `{name}` ({mode}) |")
-    machine = rows[0].get("machine", "")
-    out += ["", f"`benchmarks/results/` ({machine}): Llama-3-8B shape, random weights, decode "
+    machines = "; ".join(dict.fromkeys(r["machine"] for r in rows))
+    out += ["", f"`benchmarks/results/` ({machines}): Llama-3-8B shape, random weights, decode "
             f"after a 128-token prompt, 256 greedy new tokens; medians, compile excluded; the "
             f"copy bandwidth measured in each run. \"pallas-mixed\" runs one row as "
             f"\"pallas\" and 2-64 rows as \"pallas-w8a8\"."]
     return "\n".join(out)
 
 
-def fp8_gemv() -> str:
-    rows = [r for r in _rows("fp8_gemv_*.jsonl") if r["bench"] == "variant"
-            and "_sweep" not in r["_file"] and "error" not in r]
+def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
+    """The FP8 KV cache against the 16-bit one: decode in the model (benchmarks/kv_cache_speed.py)
+    and the decode-attention kernel alone (benchmarks/decode_attention_speed.py --kv-dtypes), at
+    the kernel's default tiling and, from a sweep's file, at the fastest tiling for each."""
+    steps, kern = _rows(f"{model}.jsonl"), _rows(f"{kernel}.jsonl")
+    if not steps or not kern:
+        return f"(no {model} / {kernel} results)"
+    dec = {(r["batch"], r["kv_cache_dtype"]): r for r in steps if r["bench"] == "decode"}
+    agree = {r["batch"]: r for r in steps if r["bench"] == "agreement"}
+    first = steps[0]
+    out = [f"| {first['model']} decode, batch | 16-bit cache: ms / of copy | FP8 cache: ms / of "
+           "copy | FP8's speed-up | cache bytes read a step: 16-bit / FP8 |",
+           "| --- | --- | --- | --- | --- |"]
+    for b in sorted(agree):
+        a, f = dec[(b, "auto")], dec[(b, "fp8")]
+        out.append(f"| {b} | {a['ms_per_token']:.2f} / {a['of_copy'] * 100:.0f}% | "
+                   f"{f['ms_per_token']:.2f} / {f['of_copy'] * 100:.0f}% | "
+                   f"{a['ms_per_token'] / f['ms_per_token']:.2f}× | "
+                   f"{a['cache_bytes'] / 1e9:.2f} / {f['cache_bytes'] / 1e9:.2f} GB |")
+    out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}): "
+            f"{first['prompt']}-token prompts, {first['new_tokens']} greedy new tokens, random "
+            f"weights; medians; \"of copy\": weights and cache read a step over the time, "
+            f"against the copy bandwidth measured in the same run. The greedy tokens of the two "
+            f"caches part after a median of "
+            + " and ".join(f"{agree[b]['first_difference_median']:g}" for b in sorted(agree))
+            + " tokens: random weights give near-tied logits, so this says nothing of accuracy "
+            "(the table above does)."]
+
+    def cell(r):
+        return f"{r['us_per_layer']:.1f} / {r['of_copy'] * 100:.0f}%"
+    att = [r for r in kern if r["bench"] == "decode_attention"]
+    swept = [r for r in (_rows(f"{sweep}.jsonl") if sweep else [])
+             if r["bench"] == "decode_attention"]
+    out += ["", "| kernel alone, batch × context | 16-bit: µs a layer / of copy | FP8: µs a layer "
+            "/ of copy | FP8's speed-up" + (" | fastest tiling of the sweep: 16-bit / FP8, µs"
+                                            if swept else "") + " |",
+            "| --- | --- | --- | ---" + (" | ---" if swept else "") + " |"]
+    points = list(dict.fromkeys((r["batch"], r["context"]) for r in att))
+    for b, c in points:
+        by = {r["kv_dtype"]: r for r in att if (r["batch"], r["context"]) == (b, c)}
+        a, f = by["bfloat16"], by["float8_e4m3fn"]
+        best = ""
+        if swept:
+            mins = [min((r for r in swept
+                         if (r["batch"], r["context"], r["kv_dtype"]) == (b, c, d)),
+                        key=lambda r: r["us_per_layer"], default=None)
+                    for d in ("bfloat16", "float8_e4m3fn")]
+            best = " | " + (" / ".join(f"{m['us_per_layer']:.1f}" for m in mins)
+                            if all(mins) else "not swept")
+        out.append(f"| {b} × {c} | {cell(a)} | {cell(f)} | "
+                   f"{a['us_per_layer'] / f['us_per_layer']:.2f}×{best} |")
+    out += ["", _source(att[0]) + f"Llama-3-8B's attention (8 KV heads of 128, 4 query heads "
+            f"each), {att[0]['layers']} layers a program; \"of copy\": the cache bytes read over "
+            f"the time, against the copy bandwidth measured in the same run"
+            + (f"; the sweep: `{sweep}.jsonl`." if swept else ".")]
+    return "\n".join(out)
+
+
+def fp8_gemv(name: str = "fp8_gemv_h200") -> str:
+    """The FP8 projections of a few rows alone, per path (benchmarks/fp8_gemv.py), one run."""
+    rows = [r for r in _rows(f"{name}.jsonl") if r["bench"] == "variant" and "error" not in r]
     if not rows:
-        return "(no fp8_gemv results)"
+        return f"(no {name} results)"
     limits = next(r for r in _rows(rows[0]["_file"]) if r["bench"] == "limits")
     names = {"bf16": "bf16 weights, XLA's GEMM",
              "w8a8": "W8A16, models/quant.py's XLA path (run as \"w8a8\": see below)",
@@ -626,8 +687,9 @@ def serving(name: str = "serving_h200_llama3-8b") -> str:
                        f"{cells(lat)}")
     first = rows[0]
     (p0, p1), (o0, o1) = first.get("prompt_lens", (16, 1024)), first.get("output_lens", (16, 256))
+    quant = f", `quantization=\"{first['quantization']}\"`" if first.get("quantization") else ""
     out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}, "
-            f"{first['model']} shape, random weights, {first['max_batch']} slots): "
+            f"{first['model']} shape{quant}, random weights, {first['max_batch']} slots): "
             f"{next(r['requests'] for r in rows if r['bench'] == 'serving')} requests, prompts "
             f"{p0}-{p1} and outputs {o0}-{o1} tokens, Poisson arrivals."]
     return "\n".join(out)
@@ -793,7 +855,8 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "load": load, "fp8_accuracy": fp8_accuracy,
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
-          "fp8_speed": fp8_speed, "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "refactor": refactor,
+          "fp8_speed": fp8_speed, "kv_fp8_speed": kv_fp8_speed, "fp8_w8a8": fp8_w8a8,
+          "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

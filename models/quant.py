@@ -44,7 +44,7 @@ WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run as few ro
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
 # kernel (its tensor-core dot on FP8 operands), "pallas-mixed" the kernel weight-only at one
-# row and W8A8 at 2-64; "auto": pallas on GPU, else xla
+# row and W8A8 at 2-64; "auto": pallas-mixed on GPU, else xla
 FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8", "pallas-mixed")
 # the modes that run few rows through the kernel
 KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed")
