@@ -17,6 +17,7 @@ import numpy as np
 
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, SamplingParams,
                            check_devices, check_parallel, check_quantization)
+from jax_sp.detok import TextStream
 from jax_sp.runner import Batch, Runner, bucket
 from jax_sp.runtime import resolve_dtype, to_host
 from models.quant import Fp8, embedding_rows
@@ -406,19 +407,17 @@ class LLM:
     def _stream(self, job: Batch, sampling: SamplingParams):
         stop = self._stop_ids(sampling)
         c0, t0, t1, c1 = self.runner.compile_s(), time.perf_counter(), None, None
-        ids, shown = [], ""
+        text = TextStream(lambda ids: self._detok(ids, stop))
         for token in self._token_stream(job, sampling):
-            ids.append(token)
             if t1 is None:
                 t1, c1 = time.perf_counter(), self.runner.compile_s()
-            text = self._detok(ids, stop)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown):]
-                shown = text
+            if piece := text.add(token):
+                yield piece
             if token in stop:
                 break
-        if len(text) > len(shown):  # what the last token left half a character of
-            yield text[len(shown):]
+        if piece := text.finish():  # what the last token left half a character of
+            yield piece
+        ids = text.ids
         t2, c2 = time.perf_counter(), self.runner.compile_s()
         self.last_stats = GenerationStats(job.lengths[0], len(ids), t1 - t0 - (c1 - c0),
                                           t2 - t1 - (c2 - c1), c2 - c0, job.prefill_sp,

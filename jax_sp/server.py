@@ -24,8 +24,10 @@ import json
 import secrets
 import time
 import uuid
+import weakref
 
 from jax_sp.config import MAX_LOGPROBS, SamplingParams
+from jax_sp.detok import PARTIAL, TextStream
 from jax_sp.serving import Engine, EngineStopped
 
 _METRICS = ("requests", "request_errors", "prompt_tokens", "generation_tokens")
@@ -117,6 +119,8 @@ class Server:
         # (count, sum of seconds): time to the first token, per output token after the first
         self.ttft, self.tpot = [0, 0.0], [0, 0.0]
         self.created = int(time.time())
+        # each request's text as `pieces` decodes it (its tokens' text offsets: `logprobs`)
+        self.texts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- parsing -------------------------------------------------------------------------------
 
@@ -228,8 +232,7 @@ class Server:
             return {"content": [{**one(i, lp), "top_logprobs": [one(j, v) for j, v in top]}
                                 for i, (lp, top) in zip(ids, entries)]}
         tokens = [text(i) for i in ids]
-        offsets = [len(self.llm._detok(request.token_ids[:start + n]) or "")
-                   for n in range(len(ids))]
+        offsets = self.texts[request].offsets[start:end]  # decoded by `pieces`, before this
         return {"tokens": tokens, "token_logprobs": [lp for lp, _ in entries],
                 "top_logprobs": [{text(j): v for j, v in top} for _, top in entries],
                 "text_offset": offsets}
@@ -306,24 +309,31 @@ class Server:
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
         come; the text ends before the first stop string, which ends the request. One left
         early leaves its request running: `settle` cancels it as the HTTP request ends."""
-        ids, shown, text = [], "", ""
-        hold = max((len(s) for s in stop), default=1) - 1
+        decoded = self.texts[request] = TextStream(
+            lambda ids: self.llm._detok(ids, request.stop_ids))
+        ids, shown = decoded.ids, ""
+        longest = max((len(s) for s in stop), default=1)
         async for token in request.stream():
-            ids.append(token)
-            text = self.llm._detok(ids, request.stop_ids)
-            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+            before = len(decoded.text)
+            if not decoded.add(token):
+                continue  # no new text (half a character)
+            text = decoded.text
+            # a stop string not in the text before ends in the new text (so starts late enough)
+            since = max(0, before - longest + 1)
+            cut = min((i for i in (text.find(s, since) for s in stop) if i >= 0), default=-1)
             if cut >= 0:
                 self.engine.cancel(request, "stop")
                 if cut > len(shown):
                     yield text[len(shown):cut], None, len(ids)
                 yield "", "stop", len(ids)
                 return
-            ready = len(text) - hold if stop else len(text)
-            if ready > len(shown) and not text[:ready].endswith("\ufffd"):
+            ready = len(text) - (longest - 1) if stop else len(text)
+            if ready > len(shown) and not text[:ready].endswith(PARTIAL):
                 yield text[len(shown):ready], None, len(ids)
                 shown = text[:ready]
-        if len(text) > len(shown):
-            yield text[len(shown):], None, len(ids)
+        decoded.finish()
+        if len(decoded.text) > len(shown):
+            yield decoded.text[len(shown):], None, len(ids)
         yield "", request.finish_reason, len(ids)
 
     def failure(self, requests: list, error: BaseException) -> str | None:

@@ -223,6 +223,9 @@ def test_logprobs_through_the_openai_client(served):
     assert c.text == text_alone(llm, prompt, 6, False)
     assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == n
     assert len(c.logprobs.top_logprobs) == len(c.logprobs.text_offset) == n
+    # each token's text_offset is where its text begins: the tokens' texts laid end to end
+    assert "".join(c.logprobs.tokens) == c.text
+    assert c.logprobs.text_offset == [len("".join(c.logprobs.tokens[:i])) for i in range(n)]
     direct = server.engine.submit(prompt, SamplingParams(max_new_tokens=6, logprobs=2),
                                   chat=False)
     direct.result(timeout=60)
