@@ -7,9 +7,11 @@ host's CPU. Here each decode spans the tokens of the last piece of text and the 
 a stream costs O(n). The window keeps the previous piece's tokens as context because a
 tokenizer's decode is not additive token by token: SentencePiece-style decoders drop the
 leading space of the first token they are given, and byte-level tokens can split a character
-(the text waits, without emitting U+FFFD, until the character is whole). A tokenizer whose decode
-of the window is not an extension of its decode of the window's head (text clean-up rules that
-look across tokens) gets the whole list decoded for that token, as before.
+(its text waits, without emitting U+FFFD, until the character is whole; the whole characters
+before it do not wait). Where decoding the window rewrites the text of its first tokens (byte
+fallback decodes a run of byte tokens that is not whole UTF-8 as one U+FFFD a byte, the bytes of
+an emitted character among them) the token's text comes from decoding the whole list, as every
+token's did before, at the same length.
 """
 
 from __future__ import annotations
@@ -21,40 +23,44 @@ PARTIAL = "\ufffd"  # what decode gives for the bytes of a character not yet com
 
 class TextStream:
     """`add` token ids one at a time; `text` is their text so far (a character split over tokens
-    appears once its last token is added), `offsets[i]` where token i's text begins in it.
-    `finish` adds what an incomplete last character leaves (as U+FFFD, as a whole decode
-    would). decode: ids -> str, the tokenizer's (e.g. `LLM._detok`)."""
+    appears once its last token is added), `offsets[i]` where token i's text begins in it
+    (after the whole characters of the tokens before it). `finish` adds what an incomplete last
+    character leaves (as U+FFFD, as a whole decode would). decode: ids -> str, the tokenizer's
+    (e.g. `LLM._detok`)."""
 
     def __init__(self, decode: Callable[[Sequence[int]], str]):
         self._decode = decode
         self.ids: list[int] = []
         self.text = ""
         self.offsets: list[int] = []
-        self._prefix = 0  # the window: ids[_prefix:_read] made the last piece of text
-        self._read = 0
+        # the window: ids[_prefix:_read] made the last whole piece of text (the context the
+        # tokens after them are decoded with); ids[_read:]'s text begins at text[_base]
+        self._prefix = self._read = self._base = 0
 
-    def add(self, token: int) -> str:
-        """Append one token; returns the text it completes ("" while a character is split)."""
-        self.offsets.append(len(self.text))
-        self.ids.append(token)
+    def _tail(self) -> str:
+        """The text of ids[_read:], its last character possibly incomplete."""
         head = self._decode(self.ids[self._prefix:self._read])
         window = self._decode(self.ids[self._prefix:])
         if window.startswith(head):
-            new = window[len(head):]
-        else:  # decode is not prefix-stable here: the whole text, as a full decode gives it
-            whole = self._decode(self.ids)
-            new = whole[len(self.text):] if whole.startswith(self.text) else ""
-        if not new or new.endswith(PARTIAL):
-            return ""
+            return window[len(head):]
+        return self._decode(self.ids)[self._base:]  # not prefix-stable here: decode it whole
+
+    def add(self, token: int) -> str:
+        """Append one token; returns the text it adds ("" while a character is split)."""
+        self.offsets.append(len(self.text))
+        self.ids.append(token)
+        tail = self._tail()
+        ready = tail.rstrip(PARTIAL)  # a character split over tokens waits for its last one
+        new = ready[len(self.text) - self._base:]
         self.text += new
-        self._prefix, self._read = self._read, len(self.ids)
+        if ready and len(ready) == len(tail):  # all whole: these tokens become the context
+            self._prefix, self._read, self._base = self._read, len(self.ids), len(self.text)
         return new
 
     def finish(self) -> str:
         """The rest of the text: a last character left incomplete decodes as U+FFFD."""
-        head = self._decode(self.ids[self._prefix:self._read])
-        window = self._decode(self.ids[self._prefix:])
-        new = window[len(head):] if window.startswith(head) else ""
+        new = self._tail()[len(self.text) - self._base:]
         self.text += new
         self._prefix = self._read = len(self.ids)
+        self._base = len(self.text)
         return new

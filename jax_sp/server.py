@@ -309,19 +309,24 @@ class Server:
         """(text piece, finish_reason or None, tokens consumed so far) as the request's tokens
         come; the text ends before the first stop string, which ends the request. One left
         early leaves its request running: `settle` cancels it as the HTTP request ends."""
-        decoded = self.texts[request] = TextStream(
-            lambda ids: self.llm._detok(ids, request.stop_ids))
+        stop_ids = request.stop_ids  # (the stream's decode must not hold the request: `texts`)
+        decoded = self.texts[request] = TextStream(lambda ids: self.llm._detok(ids, stop_ids))
         ids, shown = decoded.ids, ""
         longest = max((len(s) for s in stop), default=1)
+
+        def stop_at(before: int) -> int:
+            """Where the first stop string begins, -1 if none: one not in the text before
+            ends in the new text, so begins late enough."""
+            since = max(0, before - longest + 1)
+            return min((i for i in (decoded.text.find(s, since) for s in stop) if i >= 0),
+                       default=-1)
+
         async for token in request.stream():
             before = len(decoded.text)
             if not decoded.add(token):
                 continue  # no new text (half a character)
             text = decoded.text
-            # a stop string not in the text before ends in the new text (so starts late enough)
-            since = max(0, before - longest + 1)
-            cut = min((i for i in (text.find(s, since) for s in stop) if i >= 0), default=-1)
-            if cut >= 0:
+            if (cut := stop_at(before)) >= 0:
                 self.engine.cancel(request, "stop")
                 if cut > len(shown):
                     yield text[len(shown):cut], None, len(ids)
@@ -331,10 +336,12 @@ class Server:
             if ready > len(shown) and not text[:ready].endswith(PARTIAL):
                 yield text[len(shown):ready], None, len(ids)
                 shown = text[:ready]
-        decoded.finish()
-        if len(decoded.text) > len(shown):
-            yield decoded.text[len(shown):], None, len(ids)
-        yield "", request.finish_reason, len(ids)
+        before = len(decoded.text)
+        decoded.finish()  # a character the last token left incomplete
+        text, cut = decoded.text, stop_at(before)
+        if len(text[:cut] if cut >= 0 else text) > len(shown):
+            yield (text[len(shown):cut] if cut >= 0 else text[len(shown):]), None, len(ids)
+        yield "", "stop" if cut >= 0 else request.finish_reason, len(ids)
 
     def failure(self, requests: list, error: BaseException) -> str | None:
         """The error message of an answer cut short by `error`, counted among the request
@@ -358,6 +365,7 @@ class Server:
         for request in requests:
             if not request.done:
                 self.engine.cancel(request)
+            self.texts.pop(request, None)
         usage = self.usage(requests, n, counts)
         self.counters["prompt_tokens"] += usage["prompt_tokens"]
         self.counters["generation_tokens"] += usage["completion_tokens"]

@@ -267,6 +267,12 @@ def test_logprobs_through_the_openai_client(served):
         r = httpx.post(f"{base}/v1/{path}", json=body, timeout=60)
         assert r.status_code == 400 and re.search(message, r.json()["error"]["message"]), r.text
 
+    # each answer's decoded text (its tokens' offsets) ends with its HTTP request
+    deadline = time.monotonic() + 10
+    while server.texts and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.texts
+
 
 def test_n_choices_are_each_what_a_request_of_seed_plus_i_gives_streamed_or_not(served,
                                                                                  submitted):
