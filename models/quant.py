@@ -11,14 +11,15 @@ the weight's other (output) dimensions. With x ~ xq · sx (sx [T], per token) an
 one FP8 matmul (accumulated in float32, written in the activations' dtype) and two scalings
 after it: XLA:GPU runs FP8 dots as cuBLASLt FP8 GEMMs on Hopper; XLA:CPU upcasts them.
 
-Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) run weight-only instead (W8A16,
-`weight_only`): the activations stay in 16 bits and the FP8 weight is widened as it is read,
-by the Pallas kernel of models/fp8_gemv.py on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8
-decode ran slower than bf16: docs/fp8.md) or by XLA. Such a product is the weight rounding's
-alone, so it is closer to the 16-bit model than the W8A8 one. "pallas-w8a8" runs them W8A8
-through the same kernel instead (FP8 operands in its tensor-core dot, no widening), so that
-every size is W8A8, as with "off"; "pallas-mixed" runs one row weight-only and 2-64 rows W8A8
-(the rows a program runs, after any padding: tp pads a batch to a multiple of tp).
+Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) can run weight-only instead
+(W8A16, `weight_only`; on GPU by default one row, CompileOptions.fp8_gemv): the activations stay
+in 16 bits and the FP8 weight is widened as it is read, by the Pallas kernel of models/fp8_gemv.py
+on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8 decode ran slower than bf16: docs/fp8.md) or
+by XLA. Such a product is the weight rounding's alone, so it is closer to the 16-bit model than
+the W8A8 one. "pallas-w8a8" runs them W8A8 through the same kernel instead (FP8 operands in its
+tensor-core dot, no widening), so that every size is W8A8, as with "off"; "pallas-mixed" runs one
+row weight-only and 2-64 rows W8A8 (the rows a program runs, after any padding: tp pads a batch to
+a multiple of tp).
 
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
