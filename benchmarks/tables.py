@@ -304,8 +304,10 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
                                             if swept else "") + " |",
             "| --- | --- | --- | ---" + (" | ---" if swept else "") + " |"]
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in att))
+    swept = [r for r in swept if r.get("widen_to", "auto") == "auto"]
     for b, c in points:
-        by = {r["kv_dtype"]: r for r in att if (r["batch"], r["context"]) == (b, c)}
+        by = {r["kv_dtype"]: r for r in att if (r["batch"], r["context"]) == (b, c)
+              and r.get("widen_to", "auto") == "auto"}  # the kernel's own widening
         a, f = by["bfloat16"], by["float8_e4m3fn"]
         best = ""
         if swept:

@@ -13,8 +13,12 @@ program whose split holds the new position writes k and v into the stacked cache
 programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
 then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
-A cache in FP8 (`CompileOptions(kv_cache_dtype="fp8")`) is read as it lies and widened to q's
-dtype in registers, block by block; the new key and value are stored saturated.
+A cache in FP8 (`CompileOptions(kv_cache_dtype="fp8")`) is read as it lies and widened in
+registers, block by block, for the dots: to float16 where q is bfloat16 (`widen_to`), since
+Hopper widens e4m3 to float16 in one instruction a pair and to bfloat16 only through float16
+(Triton's conversion: two more a pair), and float16 holds every e4m3 value and q and the
+probabilities to more digits than bfloat16 (q is clipped to float16's range). The new key and
+value are stored saturated.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
@@ -52,7 +56,8 @@ def supported(head_dim: int, interpret: bool = False) -> bool:
 def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, positions_b, kv_len_b,
                      *, block_s: int | None = None, max_splits: int | None = None,
                      target_programs: int | None = None, num_stages: int | None = None,
-                     num_warps: int | None = None, interpret: bool | None = None):
+                     num_warps: int | None = None, interpret: bool | None = None,
+                     widen_to: str | None = None):
     """Returns (out [B, N, H] in q's dtype, k_cache, v_cache).
 
     qkv_bkch: [R, K, G + 2, H], per KV head its G query heads, then k, then v (un-rotated); the
@@ -65,7 +70,9 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     k * G + j attends with KV head k. block_s, max_splits, target_programs, num_stages,
     num_warps: the tiling (default: the module's constants and `stages`;
     benchmarks/decode_attention_speed.py sweeps them). interpret: run through Pallas'
-    interpreter (default: unless the default backend is a GPU)."""
+    interpreter (default: unless the default backend is a GPU). widen_to: the dtype the dots
+    take an FP8 cache's keys and values (and q) in (None: float16 where q is bfloat16, else
+    q's dtype; the module docstring says why)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -97,8 +104,10 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     g, rows = c - 2, max(16, pl.next_power_of_2(c - 2))
     scalars = (jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)),
                positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
+    wide = jnp.dtype(widen_to or (jnp.float16 if k_cache.dtype.itemsize == 1
+                                  and qkv_bkch.dtype == jnp.bfloat16 else qkv_bkch.dtype))
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
-                               per_split=per_split, scale=h ** -0.5)
+                               per_split=per_split, scale=h ** -0.5, wide=wide)
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
@@ -125,7 +134,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
 
 
 def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
-            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale):
+            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale, wide):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
     the cache (the last split's end past the cache's: its loop stops at kv_len <= S) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
@@ -149,9 +158,10 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         x1, x2 = qkv_ref[bi, ki, row, lo].astype(f32), qkv_ref[bi, ki, row, hi].astype(f32)
         return x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2
 
-    # the dots run in q's dtype; a cache of another (FP8) is widened as it is read, and the new
-    # key and value are stored saturated (models/cache.py to_cache) and attended as stored
-    dtype = qkv_ref.dtype
+    # the dots run in `wide` (q's dtype, or float16 over an FP8 cache: module docstring); an
+    # FP8 cache is widened as it is read, and the new key and value are stored saturated
+    # (models/cache.py to_cache) and attended as stored
+    dtype = wide
     k1, k2 = (to_cache(part, k_out.dtype) for part in rope(g))
     v_new = to_cache(qkv_ref[bi, ki, g + 1, whole], v_out.dtype)
     first = pi * per_split * block_s
@@ -170,6 +180,8 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         out = jnp.zeros((rows.size, half), f32)
         for j, part in enumerate(parts):
             out = jnp.where(rows[:, None] == j, part[None], out)
+        if dtype == jnp.float16:  # q in bfloat16 may pass float16's range
+            out = jnp.clip(out, -65504.0, 65504.0)
         return out.astype(dtype)
 
     qs = [rope(j) for j in range(g)]

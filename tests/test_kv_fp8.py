@@ -81,8 +81,9 @@ def test_the_kernel_on_an_fp8_cache_equals_xla_s_attention_on_it(dtype, tol):
 def test_the_fused_kernel_lowers_for_cuda_and_reads_the_fp8_cache_itself(batch):
     """Lowered for CUDA here (Pallas' Triton lowering; the GPU compiles its payload): the
     kernel takes the FP8 cache as it lies, with no widened copy of it made before the call;
-    inside (its Triton IR) it loads blocks of FP8 keys and values, widens them to bf16 in
-    registers, and stores the new key and value rounded to FP8. Batch 1 splits the keys over
+    inside (its Triton IR) it loads blocks of FP8 keys and values, widens them to float16 in
+    registers (q is bfloat16: e4m3 widens to float16 in one instruction a pair), runs both dots
+    in float16, and stores the new key and value rounded to FP8. Batch 1 splits the keys over
     programs; batch 32 (x 8 KV heads) walks whole rows."""
     import models.decode_attention as da
 
@@ -102,7 +103,9 @@ def test_the_fused_kernel_lowers_for_cuda_and_reads_the_fp8_cache_itself(batch):
     assert len(blocks) >= 2  # keys and values, block by block
     for block in blocks:
         assert re.search(rf"tt.fp_to_fp {block} : tensor<64x\d+xf8E4M3FN> -> "
-                         rf"tensor<64x\d+xbf16>", kernel)
+                         rf"tensor<64x\d+xf16>", kernel)
+    dots = re.findall(r"tt.dot .* : tensor<(\d+x\d+x\w+)> \* tensor<(\d+x\d+x\w+)>", kernel)
+    assert len(dots) == 3 and all(a.endswith("xf16") and b.endswith("xf16") for a, b in dots)
     assert len(re.findall(r"tt.store \S+, \S+ : tensor<\d+x!tt.ptr<f8E4M3FN>>", kernel)) >= 2
 
 
