@@ -311,7 +311,7 @@ class Server:
         early leaves its request running: `settle` cancels it as the HTTP request ends."""
         stop_ids = request.stop_ids  # (the stream's decode must not hold the request: `texts`)
         decoded = self.texts[request] = TextStream(lambda ids: self.llm._detok(ids, stop_ids))
-        ids, shown = decoded.ids, ""
+        ids, shown = decoded.ids, 0  # the characters sent
         longest = max((len(s) for s in stop), default=1)
 
         def stop_at(before: int) -> int:
@@ -328,19 +328,20 @@ class Server:
             text = decoded.text
             if (cut := stop_at(before)) >= 0:
                 self.engine.cancel(request, "stop")
-                if cut > len(shown):
-                    yield text[len(shown):cut], None, len(ids)
+                if cut > shown:
+                    yield text[shown:cut], None, len(ids)
                 yield "", "stop", len(ids)
                 return
             ready = len(text) - (longest - 1) if stop else len(text)
-            if ready > len(shown) and not text[:ready].endswith(PARTIAL):
-                yield text[len(shown):ready], None, len(ids)
-                shown = text[:ready]
+            if ready > shown and not text[:ready].endswith(PARTIAL):
+                yield text[shown:ready], None, len(ids)
+                shown = ready
         before = len(decoded.text)
         decoded.finish()  # a character the last token left incomplete
         text, cut = decoded.text, stop_at(before)
-        if len(text[:cut] if cut >= 0 else text) > len(shown):
-            yield (text[len(shown):cut] if cut >= 0 else text[len(shown):]), None, len(ids)
+        end = cut if cut >= 0 else len(text)
+        if end > shown:
+            yield text[shown:end], None, len(ids)
         yield "", "stop" if cut >= 0 else request.finish_reason, len(ids)
 
     def failure(self, requests: list, error: BaseException) -> str | None:
