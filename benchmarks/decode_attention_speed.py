@@ -40,10 +40,11 @@ def main():
     ap.add_argument("--kv-dtypes", default="bfloat16",
                     help="the cache's dtypes, comma-separated (float8_e4m3fn: an FP8 cache, "
                          "CompileOptions(kv_cache_dtype='fp8'))")
-    ap.add_argument("--fp8-widen", default="auto",
-                    help="with an FP8 cache, the dtypes its blocks are widened to for the "
-                         "dots, comma-separated (auto: the module's choice; float16, "
-                         "bfloat16)")
+    ap.add_argument("--fp8-dots", default="auto",
+                    help="with an FP8 cache, the dtypes the dots take its blocks in, "
+                         "comma-separated (auto: the module's choice; float16, bfloat16: "
+                         "widened; float8_e4m3fn: as they lie, q and the probabilities "
+                         "quantized)")
     ap.add_argument("--default-only", action="store_true",
                     help="only the module's tiling (`default`), no sweep")
     ap.add_argument("--out", default=None)
@@ -80,19 +81,18 @@ def main():
         ref = None
         default = (da.TARGET_PROGRAMS, da.MAX_SPLITS, da.BLOCK_S, da.stages(batch, kv))
         todo = [default] if args.default_only else settings
-        widths = args.fp8_widen.split(",")
-        for (target, most, block, stages), dtype, widen in itertools.product(todo, dtypes,
-                                                                             widths):
-            if dtype.itemsize > 1 and widen != widths[0]:
-                continue  # a 16-bit cache is not widened: once
-            widen = None if widen == "auto" or dtype.itemsize > 1 else widen
+        dots = args.fp8_dots.split(",")
+        for (target, most, block, stages), dtype, dot in itertools.product(todo, dtypes, dots):
+            if dtype.itemsize > 1 and dot != dots[0]:
+                continue  # a 16-bit cache's dots take q's dtype: once
+            dot = None if dot == "auto" or dtype.itemsize > 1 else dot
             read = 2 * L * batch * context * kv * h * dtype.itemsize  # keys and values
-            def step(kc, vc, t=target, m=most, b=block, st=stages, w=widen):
+            def step(kc, vc, t=target, m=most, b=block, st=stages, d=dot):
                 outs = []
                 for layer in range(L):
                     o, kc, vc = da.decode_attention(
                         qkv, cos, sin, kc, vc, layer, pos, length, block_s=b, max_splits=m,
-                        target_programs=t, num_stages=st, widen_to=w)
+                        target_programs=t, num_stages=st, dot_dtype=d)
                     outs.append(o)
                 return jnp.stack(outs), kc, vc
 
@@ -102,7 +102,7 @@ def main():
             row = {"bench": "decode_attention", "batch": batch, "context": context,
                    "cache_len": s, "layers": L, "target_programs": target, "max_splits": most,
                    "block_s": block, "num_stages": stages, "kv_dtype": dtype.name,
-                   "widen_to": widen or "auto",
+                   "dot_dtype": dot or "auto",
                    "default": (target, most, block, stages) == default}
             try:
                 o, kc, vc = fn(kc, vc)

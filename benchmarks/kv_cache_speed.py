@@ -3,7 +3,10 @@
 context, the bytes a step reads (weights once, every sequence's keys and values up to its
 position) against the copy bandwidth measured in the same run, and how many greedy tokens the
 FP8 cache keeps (random weights in the model's shape; the first token comes from the prefill,
-which reads no cache, so agreement is over the decoded ones). Result:
+which reads no cache, so agreement is over the decoded ones). `--fp8-dots float8_e4m3fn` also
+runs the FP8 cache with the decode kernel's dots on FP8 operands (models/decode_attention.py
+`dot_dtype`, which CompileOptions does not expose: the kernel's default is patched while that
+model compiles). Result:
 benchmarks/results/kv_cache_speed_<machine>_<model>.jsonl (and .png).
 
     python benchmarks/kv_cache_speed.py --model llama3.2-1b --batches 8,32 --prompt 2048  # GPU
@@ -13,7 +16,9 @@ benchmarks/results/kv_cache_speed_<machine>_<model>.jsonl (and .png).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import os
 import statistics
 
@@ -29,6 +34,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU plumbing)")
+    ap.add_argument("--fp8-dots", default="",
+                    help="also the FP8 cache with the attention kernel's dots in these dtypes, "
+                         "comma-separated (float8_e4m3fn, bfloat16, float16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tiny:
@@ -56,9 +64,12 @@ def main():
     bandwidth, _ = common.copy_bandwidth((1 << 30) if gpu else (1 << 24))
     res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9})
     max_len = args.prompt + args.new_tokens
-    llms = {kv: LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
-                               max_seq_len=max_len, options=CompileOptions(kv_cache_dtype=kv))
-            for kv in ("auto", "fp8")}
+    # label -> (kv_cache_dtype, the attention kernel's dot_dtype over the FP8 cache)
+    kinds = {"auto": ("auto", None), "fp8": ("fp8", None),
+             **{f"fp8/dots={d}": ("fp8", d) for d in args.fp8_dots.split(",") if d}}
+    llms = {label: LLM.from_torch(module, parallel=ParallelConfig(tp=1), dtype=args.dtype,
+                                  max_seq_len=max_len, options=CompileOptions(kv_cache_dtype=kv))
+            for label, (kv, _) in kinds.items()}
     del module
     weights = sum(x.nbytes for x in jax.tree.leaves(llms["auto"].state))
     table = cfg.vocab_size * cfg.hidden_size * np.dtype(llms["auto"].runtime.dtype).itemsize
@@ -68,8 +79,9 @@ def main():
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
         tokens = {}
-        for kv, llm in llms.items():
-            tokens[kv] = [c.token_ids for c in llm.generate(prompts, sampling)]  # compiles
+        for label, llm in llms.items():
+            with dots(kinds[label][1]):  # compiles
+                tokens[label] = [c.token_ids for c in llm.generate(prompts, sampling)]
             per = []
             for _ in range(args.repeats):
                 llm.generate(prompts, sampling)
@@ -80,22 +92,40 @@ def main():
             cache = 2 * cfg.num_layers * batch * context * cfg.num_kv_heads * cfg.head_dim
             read = weights + cache * itemsize
             ms = statistics.median(per)
-            res.emit({"bench": "decode", "kv_cache_dtype": kv, "batch": batch,
+            res.emit({"bench": "decode", "kv_cache_dtype": kinds[label][0],
+                      "dot_dtype": kinds[label][1] or "auto", "batch": batch,
                       "ms_per_token": ms * 1e3, "spread_ms": [p * 1e3 for p in per],
                       "read_bytes": read, "cache_bytes": cache * itemsize,
                       "weight_bytes": weights, "of_copy": read / ms / bandwidth})
-        same = np.concatenate([np.asarray(a[1:]) == np.asarray(b[1:])
-                               for a, b in zip(tokens["auto"], tokens["fp8"])])
-        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-                 for a, b in zip(tokens["auto"], tokens["fp8"])]
-        res.emit({"bench": "agreement", "batch": batch, "decoded_tokens_equal": float(same.mean()),
-                  "first_difference_median": float(np.median(first))})
+        for label in list(kinds)[1:]:
+            same = np.concatenate([np.asarray(a[1:]) == np.asarray(b[1:])
+                                   for a, b in zip(tokens["auto"], tokens[label])])
+            first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+                     for a, b in zip(tokens["auto"], tokens[label])]
+            res.emit({"bench": "agreement", "batch": batch, "dot_dtype": kinds[label][1] or "auto",
+                      "decoded_tokens_equal": float(same.mean()),
+                      "first_difference_median": float(np.median(first))})
     plot(res.rows, out.replace(".jsonl", ".png"))
+
+
+@contextlib.contextmanager
+def dots(dot_dtype):
+    """The attention kernel's dots over an FP8 cache in `dot_dtype` while a program traces
+    (None: the kernel's own choice)."""
+    from models import decode_attention as da
+
+    kernel = da.decode_attention
+    if dot_dtype:
+        da.decode_attention = functools.partial(kernel, dot_dtype=dot_dtype)
+    try:
+        yield
+    finally:
+        da.decode_attention = kernel
 
 
 def plot(rows, path):
     plt = common.pyplot()
-    dec = [r for r in rows if r["bench"] == "decode"]
+    dec = [r for r in rows if r["bench"] == "decode" and r.get("dot_dtype", "auto") == "auto"]
     if plt is None or not dec:
         return
     batches = sorted({r["batch"] for r in dec})

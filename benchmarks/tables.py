@@ -298,7 +298,7 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
         return f"{r['us_per_layer']:.1f} / {r['of_copy'] * 100:.0f}%"
     att = [r for r in kern if r["bench"] == "decode_attention"]
     swept = [r for r in (_rows(f"{sweep}.jsonl") if sweep else [])
-             if r["bench"] == "decode_attention" and r.get("widen_to", "auto") == "auto"]
+             if r["bench"] == "decode_attention" and r.get("dot_dtype", "auto") == "auto"]
     out += ["", "| kernel alone, batch × context | 16-bit: µs a layer / of copy | FP8: µs a layer "
             "/ of copy | FP8's speed-up" + (" | fastest tiling of the sweep: 16-bit / FP8, µs"
                                             if swept else "") + " |",
@@ -306,7 +306,7 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in att))
     for b, c in points:
         by = {r["kv_dtype"]: r for r in att if (r["batch"], r["context"]) == (b, c)
-              and r.get("widen_to", "auto") == "auto"}  # the kernel's own widening
+              and r.get("dot_dtype", "auto") == "auto"}  # the kernel's own widening
         a, f = by["bfloat16"], by["float8_e4m3fn"]
         best = ""
         if swept:
