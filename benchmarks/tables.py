@@ -273,8 +273,10 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
     steps, kern = _rows(f"{model}.jsonl"), _rows(f"{kernel}.jsonl")
     if not steps or not kern:
         return f"(no {model} / {kernel} results)"
-    dec = {(r["batch"], r["kv_cache_dtype"]): r for r in steps if r["bench"] == "decode"}
-    agree = {r["batch"]: r for r in steps if r["bench"] == "agreement"}
+    # the kernel's own dots (kv_cache_speed.py --fp8-dots adds rows with others)
+    own = [r for r in steps if r.get("dot_dtype", "auto") == "auto"]
+    dec = {(r["batch"], r["kv_cache_dtype"]): r for r in own if r["bench"] == "decode"}
+    agree = {r["batch"]: r for r in own if r["bench"] == "agreement"}
     first = steps[0]
     out = [f"| {first['model']} decode, batch | 16-bit cache: ms / of copy | FP8 cache: ms / of "
            "copy | FP8's speed-up | cache bytes read a step: 16-bit / FP8 |",
