@@ -41,10 +41,9 @@ def main():
                     help="the cache's dtypes, comma-separated (float8_e4m3fn: an FP8 cache, "
                          "CompileOptions(kv_cache_dtype='fp8'))")
     ap.add_argument("--fp8-dots", default="auto",
-                    help="with an FP8 cache, the dtypes the dots take its blocks in, "
-                         "comma-separated (auto: the module's choice; float16, bfloat16: "
-                         "widened; float8_e4m3fn: as they lie, q and the probabilities "
-                         "quantized)")
+                    help="with an FP8 cache, the dtypes its blocks are widened to for the "
+                         "dots, comma-separated (auto: the module's choice; float16, "
+                         "bfloat16)")
     ap.add_argument("--default-only", action="store_true",
                     help="only the module's tiling (`default`), no sweep")
     ap.add_argument("--out", default=None)

@@ -15,6 +15,8 @@ as the model holds them and the layers unrolled as decode runs them:
   pallas-layer  the kernel on the whole stack with the layer index (no slice);
   pallas-w8a8   the same, W8A8: each row quantized (one XLA fusion, timed with it) and the
               kernel's tensor-core dot on FP8 operands (CompileOptions(fp8_gemv="pallas-w8a8"));
+  pallas-f16    the same, weight-only with the rows rounded to float16 (one XLA fusion, timed
+              with it), so the tile widens the weight to float16 (fp8_gemv="pallas-f16");
 plus a sweep of the kernel's tiles (`--sweep`; tensor-core tiles for both operand kinds). The
 limit, the copy bandwidth, is measured in the same run; "of_copy" is (weight bytes / time) /
 copy bandwidth. Result:
@@ -56,7 +58,7 @@ def main():
     import jax.numpy as jnp
 
     from models.fp8_gemv import fp8_gemv
-    from models.quant import dot, quantize_tokens, quantize_weight
+    from models.quant import F16_MAX, dot, quantize_tokens, quantize_weight
 
     gpu = jax.default_backend() == "gpu"
     tag = "h200" if gpu and "H200" in jax.devices()[0].device_kind else jax.default_backend()
@@ -97,6 +99,10 @@ def main():
         xq, sx = quantize_tokens(x)
         return fp8_gemv(xq, q.q, q.scale, l, x_scale=sx, out_dtype=x.dtype, **tile)
 
+    def f16_kernel(name, q, l, x, **tile):
+        x16 = jnp.clip(x, -F16_MAX, F16_MAX).astype(jnp.float16)
+        return fp8_gemv(x16, q.q, q.scale, l, out_dtype=x.dtype, **tile)
+
     variants = {
         "bf16": (bf16, bytes16, over_layers(lambda name, w, l, x: x @ w[l])),
         "w8a8-xla": (fp8, bytes8, over_layers(
@@ -108,6 +114,7 @@ def main():
         "pallas-layer": (fp8, bytes8, over_layers(
             lambda name, q, l, x: fp8_gemv(x, q.q, q.scale, l))),
         "pallas-w8a8": (fp8, bytes8, over_layers(w8a8_kernel)),
+        "pallas-f16": (fp8, bytes8, over_layers(f16_kernel)),
     }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}

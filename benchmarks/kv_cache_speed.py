@@ -3,10 +3,10 @@
 context, the bytes a step reads (weights once, every sequence's keys and values up to its
 position) against the copy bandwidth measured in the same run, and how many greedy tokens the
 FP8 cache keeps (random weights in the model's shape; the first token comes from the prefill,
-which reads no cache, so agreement is over the decoded ones). `--fp8-dots float8_e4m3fn` also
-runs the FP8 cache with the decode kernel's dots on FP8 operands (models/decode_attention.py
-`dot_dtype`, which CompileOptions does not expose: the kernel's default is patched while that
-model compiles). Result:
+which reads no cache, so agreement is over the decoded ones). `--fp8-dots bfloat16` also runs
+the FP8 cache with the decode kernel's blocks widened to bfloat16 rather than its own choice
+(models/decode_attention.py `dot_dtype`, which CompileOptions does not expose: the kernel's
+default is patched while that model compiles). Result:
 benchmarks/results/kv_cache_speed_<machine>_<model>.jsonl (and .png).
 
     python benchmarks/kv_cache_speed.py --model llama3.2-1b --batches 8,32 --prompt 2048  # GPU
@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU plumbing)")
     ap.add_argument("--fp8-dots", default="",
                     help="also the FP8 cache with the attention kernel's dots in these dtypes, "
-                         "comma-separated (float8_e4m3fn, bfloat16, float16)")
+                         "comma-separated (bfloat16, float16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.tiny:

@@ -339,7 +339,8 @@ def fp8_gemv(name: str = "fp8_gemv_h200") -> str:
              "w8a16-xla": "W8A16, XLA (widens the weights in a fusion of its own)",
              "pallas": "W8A16 kernel on each layer's slice (XLA copies it)",
              "pallas-layer": "W8A16 kernel on the stack (jax-sp's)",
-             "pallas-w8a8": "W8A8 kernel on the stack (FP8 operands)"}
+             "pallas-w8a8": "W8A8 kernel on the stack (FP8 operands)",
+             "pallas-f16": "W8A16 kernel on the stack, rows in float16"}
     names = {k: v for k, v in names.items() if any(r["variant"] == k for r in rows)}
     counts = sorted({r["rows"] for r in rows})
     out = ["| path | " + " | ".join(f"{n} row{'s' * (n > 1)}: ms / of copy" for n in counts)

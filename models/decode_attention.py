@@ -17,11 +17,11 @@ A cache in FP8 (`CompileOptions(kv_cache_dtype="fp8")`) is read as it lies and w
 registers, block by block, for the dots: to float16 where q is bfloat16 (`dot_dtype`), since
 Hopper widens e4m3 to float16 in one instruction a pair and to bfloat16 only through float16
 (Triton's conversion: two more a pair), and float16 holds every e4m3 value and q and the
-probabilities to more digits than bfloat16 (q is clipped to float16's range). With
-`dot_dtype="float8_e4m3fn"` the blocks are not widened: the dots take them as they lie, q
-quantized per query head (its scale applied to the scores) and the probabilities times 2^8
-rounded to e4m3 (FlashAttention-3's FP8 P @ V; 2^8 keeps them off e4m3's subnormals down to
-about 6e-5). The new key and value are stored saturated.
+probabilities to more digits than bfloat16 (q is clipped to float16's range). Dots on the FP8
+blocks as they lie would not read them faster on Hopper: a 16-row tile is below wgmma's 64, and
+Triton runs an FP8 `mma.sync` there as float16 after widening both operands (its
+AccelerateMatmul pass: native only on sm_89 and sm_120). The new key and value are stored
+saturated.
 
 The layer index is read at run time, so every layer of an unrolled step shares one compiled
 kernel and the cache is never sliced. `interpret=True` runs the same kernel through Pallas'
@@ -73,10 +73,9 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     k * G + j attends with KV head k. block_s, max_splits, target_programs, num_stages,
     num_warps: the tiling (default: the module's constants and `stages`;
     benchmarks/decode_attention_speed.py sweeps them). interpret: run through Pallas'
-    interpreter (default: unless the default backend is a GPU). dot_dtype: the dtype the dots
-    take an FP8 cache's keys and values (and q) in: float16, bfloat16, or float8_e4m3fn (as
-    they lie; q and the probabilities quantized) (None: float16 where q is bfloat16, else q's
-    dtype; the module docstring says why)."""
+    interpreter (default: unless the default backend is a GPU). dot_dtype: the 16-bit dtype the
+    dots take an FP8 cache's keys and values (and q) in (None: float16 where q is bfloat16,
+    else q's dtype; the module docstring says why)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -110,12 +109,6 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
     wide = jnp.dtype(dot_dtype or (jnp.float16 if k_cache.dtype.itemsize == 1
                                    and qkv_bkch.dtype == jnp.bfloat16 else qkv_bkch.dtype))
-    if wide.itemsize == 1 and (wide != k_cache.dtype or (not interpret and min(h // 2, block_s)
-                                                         < 32)):
-        raise ValueError(f"decode_attention: dot_dtype {wide.name} takes a cache of that dtype "
-                         f"(got {k_cache.dtype.name}), and on GPU heads of 64 or more and blocks "
-                         f"of 32 keys or more (FP8 tensor-core dots contract 32; got head "
-                         f"{h}, block {block_s}); float16 or bfloat16 takes any")
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
                                per_split=per_split, scale=h ** -0.5, wide=wide)
     f32 = jnp.float32
@@ -190,22 +183,12 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         out = jnp.zeros((rows.size, half), f32)
         for j, part in enumerate(parts):
             out = jnp.where(rows[:, None] == j, part[None], out)
-        return out
+        if dtype == jnp.float16:  # q in bfloat16 may pass float16's range
+            out = jnp.clip(out, -65504.0, 65504.0)
+        return out.astype(dtype)
 
     qs = [rope(j) for j in range(g)]
     q1, q2 = tile([q[0] for q in qs]), tile([q[1] for q in qs])
-    fp8 = dtype.itemsize == 1
-    row_scale = jnp.full((rows.size,), scale, f32)
-    if fp8:  # each query head rounded to e4m3 at its own scale, which the scores take back
-        top = float(jnp.finfo(dtype).max)
-        amax = jnp.maximum(jnp.max(jnp.abs(q1), axis=1), jnp.max(jnp.abs(q2), axis=1))
-        q_scale = jnp.maximum(amax, 1e-30) / top
-        q1, q2 = q1 / q_scale[:, None], q2 / q_scale[:, None]
-        row_scale = row_scale * q_scale
-    elif dtype == jnp.float16:  # q in bfloat16 may pass float16's range
-        q1, q2 = jnp.clip(q1, -65504.0, 65504.0), jnp.clip(q2, -65504.0, 65504.0)
-    q1, q2 = q1.astype(dtype), q2.astype(dtype)
-    p_scale = 256.0 if fp8 else 1.0  # probabilities in [0, 1] times 2^8: e4m3's normals
 
     def step(i, carry):
         m, l, acc = carry
@@ -220,13 +203,12 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
         kb2 = jnp.where(new, k2.astype(dtype)[None], k_in[layer, bi, keys, ki, hi].astype(dtype))
         vb = jnp.where(new, v_new.astype(dtype)[None],
                        v_in[layer, bi, keys, ki, whole].astype(dtype))
-        scores = (plgpu.dot(q1, kb1, trans_b=True)
-                  + plgpu.dot(q2, kb2, trans_b=True)) * row_scale[:, None]
+        scores = (plgpu.dot(q1, kb1, trans_b=True) + plgpu.dot(q2, kb2, trans_b=True)) * scale
         scores = jnp.where(keep, scores, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(scores, axis=1))
         p = jnp.where(keep, jnp.exp(scores - m_new[:, None]), 0.0)
         alpha = jnp.exp(m - m_new)
-        acc = acc * alpha[:, None] + plgpu.dot((p * p_scale).astype(vb.dtype), vb)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(vb.dtype), vb)
         return m_new, l * alpha + jnp.sum(p, axis=1), acc
 
     init = (jnp.full((rows.size,), -1e30, f32), jnp.zeros((rows.size,), f32),
@@ -234,7 +216,7 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     n_blocks = jnp.clip((n_keys - first + block_s - 1) // block_s, 0, per_split)
     m, l, acc = jax.lax.fori_loop(0, n_blocks, step, init)
     every = pl.ds(0, rows.size)
-    out_ref[bi, ki, pi, every, whole] = (acc / (p_scale * jnp.maximum(l, 1e-30))[:, None]
-                                         ).astype(out_ref.dtype)
+    out_ref[bi, ki, pi, every, whole] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(
+        out_ref.dtype)
     # no keys in this split: -inf, so the combine gives it no weight
     lse_ref[bi, ki, pi, every] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)

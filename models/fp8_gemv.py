@@ -16,9 +16,13 @@ down_proj).
 The activations stay in 16 bits (W8A16), so this is more accurate than the W8A8 path it serves
 beside (models/quant.py `dot` picks it for few rows). With `x_scale` the rows come quantized
 (FP8 values, one scale per row: W8A8, CompileOptions(fp8_gemv="pallas-w8a8")) and the tile's
-dot takes both operands in FP8 as they lie, with no widening in registers; one row still runs
-on CUDA cores. `interpret=True` runs the same kernel through Pallas' interpreter (the tests use
-it on CPU).
+dot takes both operands in FP8 as they lie; one row still runs on CUDA cores. On Hopper Triton
+does not run that dot on FP8 tensor cores: below wgmma's 64 rows, and with no
+`max_num_imprecise_acc` from Pallas, its `mma.sync` path widens both operands to float16 (native
+FP8 `mma.sync` is sm_89's and sm_120's). What W8A8 saves there is the widening: e4m3 to float16
+is one instruction a pair of values, to bfloat16 three. Rows in float16 (fp8_gemv="pallas-f16")
+get the same widening of the weight without quantizing the rows. `interpret=True` runs the same
+kernel through Pallas' interpreter (the tests use it on CPU).
 """
 
 from __future__ import annotations

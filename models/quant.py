@@ -17,9 +17,12 @@ in 16 bits and the FP8 weight is widened as it is read, by the Pallas kernel of 
 on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8 decode ran slower than bf16: docs/fp8.md) or
 by XLA. Such a product is the weight rounding's alone, so it is closer to the 16-bit model than
 the W8A8 one. "pallas-w8a8" runs them W8A8 through the same kernel instead (FP8 operands in its
-tensor-core dot, no widening), so that every size is W8A8, as with "off"; "pallas-mixed" runs one
-row weight-only and 2-64 rows W8A8 (the rows a program runs, after any padding: tp pads a batch to
-a multiple of tp).
+tensor-core dot; Triton runs it on Hopper as float16 after widening both), so that every size is
+W8A8, as with "off"; "pallas-mixed" runs one row weight-only and 2-64 rows W8A8 (the rows a
+program runs, after any padding: tp pads a batch to a multiple of tp); "pallas-f16" runs every
+few-row product weight-only, 2-64 rows rounded to float16 (clipped to its range) so that the
+kernel's tile widens the weight to float16, which Hopper does in one instruction a pair of values
+(to bfloat16 in three): the widening W8A8's tile runs, without quantizing the activations.
 
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
@@ -45,15 +48,23 @@ WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run as few ro
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
 # kernel (its tensor-core dot on FP8 operands), "pallas-mixed" the kernel weight-only at one
-# row and W8A8 at 2-64; "auto": pallas-mixed on GPU, else xla
-FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8", "pallas-mixed")
+# row and W8A8 at 2-64, "pallas-f16" the kernel weight-only with 2-64 rows in float16;
+# "auto": pallas-mixed on GPU, else xla
+FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8", "pallas-mixed", "pallas-f16")
 # the modes that run few rows through the kernel
-KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed")
+KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed", "pallas-f16")
+F16_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
 
 
 def w8a8_rows(gemv: str, rows: int) -> bool:
     """Whether a few-row product (`weight_only`) of `rows` rows quantizes its activations."""
     return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > 1)
+
+
+def f16_rows(gemv: str, rows: int) -> bool:
+    """Whether a few-row product (`weight_only`) of `rows` rows takes its activations in float16
+    (the kernel's tensor-core tile; one row runs on CUDA cores in float32 either way)."""
+    return gemv == "pallas-f16" and rows > 1
 
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
@@ -166,14 +177,15 @@ def weight_only_rows(w, rows: int, gemv: str) -> bool:
 
 def dot(spec: str, x_tx, w, gemv: str = "xla"):
     """einsum(spec, x, w) for a plain weight; for an Fp8 weight the FP8 matmul above, in x's
-    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"), W8A8 always ("off"), W8A8
-    with few rows through the kernel ("pallas-w8a8"), or the kernel weight-only at one row and
-    W8A8 at more ("pallas-mixed")."""
+    dtype: weight-only for few rows (`gemv`: "pallas" or "xla"; "pallas-f16": 2-64 rows in
+    float16), W8A8 always ("off"), W8A8 with few rows through the kernel ("pallas-w8a8"), or
+    the kernel weight-only at one row and W8A8 at more ("pallas-mixed")."""
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):
+        rows = x_tx.shape[0]
         return weight_only(spec, x_tx, w, kernel=gemv in KERNEL_GEMV,
-                           w8a8=w8a8_rows(gemv, x_tx.shape[0]))
+                           w8a8=w8a8_rows(gemv, rows), f16=f16_rows(gemv, rows))
     w = w.unstacked()
     xq, sx = quantize_tokens(x_tx)
     ins, out = spec.split("->")
@@ -206,13 +218,15 @@ def stored_letters(lhs: str, rhs: str) -> str:
 
 
 def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = False,
-                reduce=None):
+                reduce=None, f16: bool = False):
     """einsum(spec, x, w) with x in its own dtype and w's FP8 values widened to it (exact:
     e4m3 fits in bf16 and f16), accumulated in float32, scaled per output channel and written in
     x's dtype. kernel: through models/fp8_gemv.py's Pallas kernel where it takes the shapes;
     else (and off it) an XLA dot on the widened weight. w8a8: x quantized per token first
     (`quantize_tokens`, `reduce` over the devices that split its features) and the FP8
-    values multiplied (the kernel's dot takes them as they are), then both scales."""
+    values multiplied (the kernel's dot takes them as they are), then both scales. f16: x
+    rounded to float16 first (clipped to its range), so that the weight is widened to float16
+    (still exact); the result is in x's own dtype."""
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     outputs = "".join(c for c in rhs if c not in lhs)
@@ -226,6 +240,8 @@ def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = Fals
     q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
     scale_n = w.scale.reshape(*lead, -1)
     x, sx = quantize_tokens(x_tx, reduce) if w8a8 else (x_tx, None)
+    if f16 and not w8a8:
+        x = jnp.clip(x, -F16_MAX, F16_MAX).astype(jnp.float16)
     if kernel:
         from models.fp8_gemv import fp8_gemv, plan
 

@@ -116,6 +116,26 @@ def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, spl
                                       line) for line in dots), dots
 
 
+def test_float16_rows_widen_the_weight_to_float16_in_the_tile():
+    """fp8_gemv="pallas-f16"'s rows, lowered for CUDA: 32 rows in float16 go in as they are,
+    and the tile's dot takes them and the weight block widened from e4m3 to float16 (one
+    conversion a pair of values on Hopper, where bfloat16 takes three), accumulating in float32;
+    the result comes out in the dtype asked for."""
+    spec = jax.ShapeDtypeStruct
+    text = lowered_for_cuda(
+        lambda x, q, s, layer: fp8_gemv(x, q, s, layer, out_dtype=jnp.bfloat16, interpret=False),
+        spec((32, 4096), jnp.float16), spec((4, 1024, 4096), jnp.float8_e4m3fn),
+        spec((4, 1024), jnp.float32), spec((), jnp.int32))
+    (call,) = [line for line in text.splitlines() if "xla.gpu.triton" in line]
+    assert "tensor<32x4096xf16>" in call and "1024x4096xf16" not in text
+    (kernel,) = triton_kernels(text)
+    dots = [line for line in kernel.splitlines() if "tt.dot" in line]
+    assert dots and all(re.search(r": tensor<32x\d+xf16> \* tensor<\d+x\d+xf16> -> "
+                                  r"tensor<32x\d+xf32>", line) for line in dots), dots
+    assert re.search(r"tt.fp_to_fp \S+ : tensor<\d+x\d+xf8E4M3FN> -> tensor<\d+x\d+xf16>",
+                     kernel)
+
+
 def test_shapes_the_kernel_does_not_take_are_refused():
     x = jnp.zeros((65, 64), jnp.bfloat16)
     w = quantize_weight(jnp.ones((64, 32)), (0,))

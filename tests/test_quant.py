@@ -160,6 +160,42 @@ def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_mod
         assert all(quantized for rows, quantized in calls if rows > 1)
 
 
+def test_the_float16_rows_kernel_computes_weight_only_on_a_split_mesh(hf_models, monkeypatch):
+    """fp8_gemv="pallas-f16": few-row products weight-only through the kernel (interpreted on
+    CPU) per device at tp 2 with sp, 2-64 rows rounded to float16 and one row as it is (float32
+    here), against the XLA weight-only dot on one device. Rounding an activation to float16
+    moves it by at most 2^-11 of itself, about 2^-12 RMS, so a projection moves by about that
+    and the logits (every layer's projections, the residual stream carrying their unrounded
+    inputs) by a few times it: within 2^-9 of their largest value, against e4m3's 2^-4 that
+    W8A8's rounding of the same rows allows; and the same tokens."""
+    import models.fp8_gemv
+
+    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
+
+    def recorded(x, *args, **kwargs):
+        calls.append((x.shape[0], str(x.dtype), kwargs.get("x_scale") is not None))
+        return kernel(x, *args, **kwargs)
+    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=6)
+    xla = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="xla"))
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), quantization="fp8",
+                         options=CompileOptions(fp8_gemv="pallas-f16"))
+    errs = []
+    for p in prompts:
+        want, got = xla.logits([p])[0], llm.logits([p])[0]
+        errs.append(float(np.abs(got - want).max() / np.abs(want).max()))
+    assert 0 < max(errs) < 2 ** -9, errs  # rounded, and by float16's rounding only
+    assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
+            == [c.token_ids for c in xla.generate(prompts, GREEDY)])
+    assert {dtype for rows, dtype, _ in calls if rows > 1} == {"float16"}
+    assert not any(quantized for *_, quantized in calls)
+    calls.clear()  # one prompt on one device: its decode steps' rows go in as they are
+    LLM.from_torch(model, quantization="fp8", options=CompileOptions(
+        fp8_gemv="pallas-f16")).generate(prompts[:1], GREEDY)
+    assert {dtype for rows, dtype, _ in calls if rows == 1} == {"float32"}
+
+
 @pytest.mark.parametrize("kind,tp,sp,comm,gemv", [("llama", 3, "on", "ring", "xla"),
                                                   ("qwen2", 2, "off", "xla", "pallas")])
 def test_an_fp8_head_gives_the_tokens_of_one_device_on_a_split_mesh(hf_models, kind, tp, sp,
@@ -247,7 +283,7 @@ def test_bad_quantization_settings_are_named(hf_models, kwargs, match):
 def test_an_unknown_fp8_gemv_is_named():
     with pytest.raises(ValueError, match=r"CompileOptions.fp8_gemv must be one of "
                                          r"\('auto', 'pallas', 'xla', 'off', 'pallas-w8a8', "
-                                         r"'pallas-mixed'\), "
+                                         r"'pallas-mixed', 'pallas-f16'\), "
                                          r"got 'cublas'"):
         CompileOptions(fp8_gemv="cublas")
 
