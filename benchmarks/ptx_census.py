@@ -76,16 +76,20 @@ def main():
             lambda dot=dot: da.decode_attention(qkv, trig, trig * 0, cache, cache, 1, pos,
                                                 pos + 1, dot_dtype=dot)[0])
     for name, fn in cases.items():
-        before = set(glob.glob(os.path.join(dump, "*.ptx")))
+        before = set(glob.glob(os.path.join(dump, "*")))
         jax.block_until_ready(jax.jit(fn)())
-        new = sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before)
+        made = set(glob.glob(os.path.join(dump, "*"))) - before
+        # the program's PTX; else its optimized LLVM IR (Triton writes its mma as inline PTX)
+        new = (sorted(p for p in made if p.endswith(".ptx"))
+               or sorted(p for p in made if p.endswith("ir-with-opt.ll")))
         counts = collections.Counter()
         for path in new:
             text = open(path).read()
             for k, pattern in PATTERNS.items():
                 counts[k] += len(re.findall(pattern, text))
-        res.emit({"bench": "ptx", "case": name, "ptx_files": len(new), **counts})
-    if not any(r["ptx_files"] for r in res.rows):
+        res.emit({"bench": "ptx", "case": name, "files": [os.path.basename(p) for p in new],
+                  **counts})
+    if not any(r["files"] for r in res.rows):
         print(f"no PTX in the dump ({dump}): {sorted(os.listdir(dump))[:20]}", file=sys.stderr)
 
 
