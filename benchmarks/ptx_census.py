@@ -29,8 +29,20 @@ PATTERNS = {
     "wgmma": r"wgmma\.mma_async",
     "cvt_e4m3x2_to_f16x2": r"cvt\.rn\.f16x2\.e4m3x2",
     "cvt_f16_to_bf16": r"cvt\.(rn\.)?bf16\.f16",
+    "cvt_f16_to_f32": r"cvt\.f32\.f16",
+    "cvt_f32_to_bf16": r"cvt\.rn\.bf16\.f32",
     "cvt_to_e4m3x2": r"cvt\.rn\.satfinite\.e4m3x2",
 }
+KERNELS = ("fp8_gemv", "decode_attention")  # the Pallas kernels' entry names contain these
+
+
+def entries(text: str) -> dict:
+    """PTX (or LLVM IR) text -> {kernel name: its body}, one per `.entry` (`define`)."""
+    if re.search(r"^\s*(?:\.visible\s+)?\.entry\s", text, flags=re.M):
+        parts = re.split(r"^\s*(?:\.visible\s+)?\.entry\s+", text, flags=re.M)[1:]
+        return {part.split("(", 1)[0].strip(): part for part in parts}
+    parts = re.split(r"^define\s", text, flags=re.M)[1:]
+    return {m.group(1): part for part in parts if (m := re.search(r"@([\w.$]+)\(", part))}
 
 
 def main():
@@ -47,25 +59,26 @@ def main():
     from models.cache import to_cache
     from models.fp8_gemv import fp8_gemv
 
-    tag = common.machine().split(" ", 1)[1].split()[-1].lower()
+    tag = common.machine().split()[2].lower()  # "1x NVIDIA H100 80GB HBM3" -> h100
     out = args.out or os.path.join(common.RESULTS, f"ptx_census_{tag}.jsonl")
     res = common.Results(out, machine=common.machine(), jax=jax.__version__)
     key = jax.random.key(0)
     f8 = jnp.float8_e4m3fn
     wq = jax.random.normal(key, (2, 1024, 4096), jnp.float32).astype(f8)
     scale = jnp.ones((2, 1024), jnp.float32)
-    x = jax.random.normal(key, (32, 4096), jnp.bfloat16)
-    # fp8_gemv's tensor-core tile (32 rows) with its rows in bf16 ("pallas"), float16
-    # ("pallas-f16") and FP8 ("pallas-w8a8"); the decode-attention kernel over an FP8 cache
-    # with its blocks widened to float16 (its default) and to bfloat16
-    cases = {
-        "gemv_tile_bf16": lambda: fp8_gemv(x, wq, scale, 1),
-        "gemv_tile_f16": lambda: fp8_gemv(x.astype(jnp.float16), wq, scale, 1,
-                                          out_dtype=jnp.bfloat16),
-        "gemv_tile_w8a8": lambda: fp8_gemv(x.astype(f8), wq, scale, 1,
-                                           x_scale=jnp.ones((32,), jnp.float32),
-                                           out_dtype=jnp.bfloat16),
-    }
+    # fp8_gemv's tensor-core tile (32 and 64 rows: wgmma takes 64) with its rows in bf16
+    # ("pallas"), float16 ("pallas-f16") and FP8 ("pallas-w8a8"); the decode-attention kernel
+    # over an FP8 cache with its blocks widened to float16 (its default) and to bfloat16
+    cases = {}
+    for rows in (32, 64):
+        x = jax.random.normal(key, (rows, 4096), jnp.bfloat16)
+        cases.update({
+            f"gemv_tile{rows}_bf16": lambda x=x: fp8_gemv(x, wq, scale, 1),
+            f"gemv_tile{rows}_f16": lambda x=x: fp8_gemv(x.astype(jnp.float16), wq, scale, 1,
+                                                          out_dtype=jnp.bfloat16),
+            f"gemv_tile{rows}_w8a8": lambda x=x: fp8_gemv(
+                x.astype(f8), wq, scale, 1, x_scale=jnp.ones((x.shape[0],), jnp.float32),
+                out_dtype=jnp.bfloat16)})
     shape = (2, 8, 1024, 8, 128)
     cache = to_cache(jax.random.normal(key, shape, jnp.bfloat16), f8)
     qkv = jax.random.normal(key, (8, 8, 6, 128), jnp.bfloat16)
@@ -82,15 +95,18 @@ def main():
         # the program's PTX; else its optimized LLVM IR (Triton writes its mma as inline PTX)
         new = (sorted(p for p in made if p.endswith(".ptx"))
                or sorted(p for p in made if p.endswith("ir-with-opt.ll")))
-        counts = collections.Counter()
-        for path in new:
-            text = open(path).read()
-            for k, pattern in PATTERNS.items():
-                counts[k] += len(re.findall(pattern, text))
+        counts, names = collections.Counter(), []
+        for path in new:  # the Pallas kernels' entries only, not XLA's own fusions
+            for entry, body in entries(open(path).read()).items():
+                if any(k in entry for k in KERNELS):
+                    names.append(entry)
+                    for k, pattern in PATTERNS.items():
+                        counts[k] += len(re.findall(pattern, body))
         res.emit({"bench": "ptx", "case": name, "files": [os.path.basename(p) for p in new],
-                  **counts})
-    if not any(r["files"] for r in res.rows):
-        print(f"no PTX in the dump ({dump}): {sorted(os.listdir(dump))[:20]}", file=sys.stderr)
+                  "entries": names, **{k: counts[k] for k in PATTERNS}})
+    if not any(r["entries"] for r in res.rows):
+        print(f"no kernel entry in the dump ({dump}): {sorted(os.listdir(dump))[:20]}",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

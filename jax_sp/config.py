@@ -213,10 +213,10 @@ class CompileOptions:
     kernel, whose tensor-core dot then takes FP8 operands (on Hopper Triton widens both to
     float16 for it), or "pallas-mixed": the kernel weight-only at one row and W8A8 at 2-64
     rows (the rows a program runs: with sp="on" or pp > 1 a batch is padded to a multiple of
-    tp, with attention groups to one of attn_dp, and the serving engine decodes every slot), or "pallas-f16": the kernel weight-only, with 2-64
-    rows rounded to float16 so that its tile widens the weight to float16 (one conversion a pair
-    of values on Hopper, where bfloat16 takes three) ("auto": pallas-mixed on GPU, xla
-    elsewhere).
+    tp, with attention groups to one of attn_dp, and the serving engine decodes every slot),
+    or "pallas-f16": the kernel weight-only, with 2-64 rows rounded to float16 so that its tile
+    widens the weight to float16 (one conversion a pair of values on Hopper, where bfloat16
+    takes three) ("auto": pallas-mixed on GPU, xla elsewhere).
     kv_cache_dtype: "auto" (the model's dtype) or "fp8": keys and values stored as
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads

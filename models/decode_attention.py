@@ -109,6 +109,9 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                positions_b.astype(jnp.int32), kv_len_b.astype(jnp.int32))
     wide = jnp.dtype(dot_dtype or (jnp.float16 if k_cache.dtype.itemsize == 1
                                    and qkv_bkch.dtype == jnp.bfloat16 else qkv_bkch.dtype))
+    if wide not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), qkv_bkch.dtype):
+        raise ValueError(f"decode_attention: dot_dtype {wide.name} is not float16, bfloat16 or "
+                         f"q's dtype ({qkv_bkch.dtype.name})")
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
                                per_split=per_split, scale=h ** -0.5, wide=wide)
     f32 = jnp.float32

@@ -61,6 +61,11 @@ def w8a8_rows(gemv: str, rows: int) -> bool:
     return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > 1)
 
 
+def to_float16(x):
+    """x rounded to float16, clipped to its range (in float32: bfloat16 has no 65504)."""
+    return jnp.clip(x.astype(jnp.float32), -F16_MAX, F16_MAX).astype(jnp.float16)
+
+
 def f16_rows(gemv: str, rows: int) -> bool:
     """Whether a few-row product (`weight_only`) of `rows` rows takes its activations in float16
     (the kernel's tensor-core tile; one row runs on CUDA cores in float32 either way)."""
@@ -240,8 +245,8 @@ def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = Fals
     q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
     scale_n = w.scale.reshape(*lead, -1)
     x, sx = quantize_tokens(x_tx, reduce) if w8a8 else (x_tx, None)
-    if f16 and not w8a8:
-        x = jnp.clip(x, -F16_MAX, F16_MAX).astype(jnp.float16)
+    if f16 and not w8a8:  # clipped in float32: bfloat16 rounds 65504 up to 65536, an inf
+        x = to_float16(x)
     if kernel:
         from models.fp8_gemv import fp8_gemv, plan
 

@@ -116,6 +116,29 @@ def test_the_kernel_lowers_for_cuda_on_a_stack_it_reads_in_place(rows, w8a8, spl
                                       line) for line in dots), dots
 
 
+def test_bfloat16_rows_past_float16_s_range_are_clipped_not_made_infinite():
+    """fp8_gemv="pallas-f16" rounds 2-64 bfloat16 rows to float16 before the kernel: values
+    past float16's 65504 are clipped to it (in float32: bfloat16 rounds 65504 itself up to
+    65536, which float16 makes an inf), so the product is the weight-only product of the
+    clipped rows, finite; one row goes in as it is."""
+    from models.quant import dot
+
+    kx, kw = jax.random.split(jax.random.key(3))
+    x = jax.random.normal(kx, (4, 64), jnp.float32).at[0, 3].set(7e4).at[1, 5].set(-1e6)
+    w = quantize_weight(jax.random.normal(kw, (64, 48), jnp.float32), (0,))
+    xb = x.astype(jnp.bfloat16)
+    y = dot("TK,KN->TN", xb, w, gemv="pallas-f16")
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+    clipped = jnp.clip(xb.astype(jnp.float32), -65504.0, 65504.0)
+    want = reference(clipped, w.q, w.scale)
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
+                               atol=1e-2 * np.abs(want).max())
+    one = dot("TK,KN->TN", xb[:1], w, gemv="pallas-f16")  # one row: unclipped, as "pallas"
+    np.testing.assert_allclose(np.asarray(one, np.float32), reference(xb[:1], w.q, w.scale),
+                               rtol=1e-2, atol=1e-2 * float(np.abs(reference(
+                                   xb[:1], w.q, w.scale)).max()))
+
+
 def test_float16_rows_widen_the_weight_to_float16_in_the_tile():
     """fp8_gemv="pallas-f16"'s rows, lowered for CUDA: 32 rows in float16 go in as they are,
     and the tile's dot takes them and the weight block widened from e4m3 to float16 (one
