@@ -261,32 +261,39 @@ def fp8_w8a8() -> str:
     machines = "; ".join(dict.fromkeys(r["machine"] for r in rows))
     out += ["", f"`benchmarks/results/` ({machines}): Llama-3-8B shape, random weights, decode "
             f"after a 128-token prompt, 256 greedy new tokens; medians, compile excluded; the "
-            f"copy bandwidth measured in each run. \"pallas-mixed\" runs one row as "
-            f"\"pallas\" and 2-64 rows as \"pallas-w8a8\"."]
+            f"copy bandwidth measured in each run. \"pallas-mixed\" ran one row as "
+            f"\"pallas\" and 2-64 rows as \"pallas-w8a8\" in these runs."]
     return "\n".join(out)
 
 
 def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
     """The FP8 KV cache against the 16-bit one: decode in the model (benchmarks/kv_cache_speed.py)
     and the decode-attention kernel alone (benchmarks/decode_attention_speed.py --kv-dtypes), at
-    the kernel's default tiling and, from a sweep's file, at the fastest tiling for each."""
+    the kernel's default tiling and, from a sweep's file, at the fastest tiling for each; where
+    a run also widened the FP8 cache to bfloat16 (--fp8-dots bfloat16), a column for that."""
     steps, kern = _rows(f"{model}.jsonl"), _rows(f"{kernel}.jsonl")
     if not steps or not kern:
         return f"(no {model} / {kernel} results)"
+    bf = {(r["batch"], r.get("context")): r for r in steps + kern
+          if r["bench"] in ("decode", "decode_attention") and r.get("dot_dtype") == "bfloat16"}
+    wide = " | FP8 cache widened to bfloat16: ms / of copy" if bf else ""
     # the kernel's own dots (kv_cache_speed.py --fp8-dots adds rows with others)
     own = [r for r in steps if r.get("dot_dtype", "auto") == "auto"]
     dec = {(r["batch"], r["kv_cache_dtype"]): r for r in own if r["bench"] == "decode"}
     agree = {r["batch"]: r for r in own if r["bench"] == "agreement"}
     first = steps[0]
     out = [f"| {first['model']} decode, batch | 16-bit cache: ms / of copy | FP8 cache: ms / of "
-           "copy | FP8's speed-up | cache bytes read a step: 16-bit / FP8 |",
-           "| --- | --- | --- | --- | --- |"]
+           f"copy | FP8's speed-up{wide} | cache bytes read a step: 16-bit / FP8 |",
+           "| --- | --- | --- | ---" + " | ---" * bool(bf) + " | --- |"]
     for b in sorted(agree):
         a, f = dec[(b, "auto")], dec[(b, "fp8")]
+        w = bf.get((b, None))
         out.append(f"| {b} | {a['ms_per_token']:.2f} / {a['of_copy'] * 100:.0f}% | "
                    f"{f['ms_per_token']:.2f} / {f['of_copy'] * 100:.0f}% | "
                    f"{a['ms_per_token'] / f['ms_per_token']:.2f}× | "
-                   f"{a['cache_bytes'] / 1e9:.2f} / {f['cache_bytes'] / 1e9:.2f} GB |")
+                   + (f"{w['ms_per_token']:.2f} / {w['of_copy'] * 100:.0f}% | " if w else
+                      "not run | " if bf else "")
+                   + f"{a['cache_bytes'] / 1e9:.2f} / {f['cache_bytes'] / 1e9:.2f} GB |")
     out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}): "
             f"{first['prompt']}-token prompts, {first['new_tokens']} greedy new tokens, random "
             f"weights; medians; \"of copy\": weights and cache read a step over the time, "
@@ -302,9 +309,9 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
     swept = [r for r in (_rows(f"{sweep}.jsonl") if sweep else [])
              if r["bench"] == "decode_attention" and r.get("dot_dtype", "auto") == "auto"]
     out += ["", "| kernel alone, batch × context | 16-bit: µs a layer / of copy | FP8: µs a layer "
-            "/ of copy | FP8's speed-up" + (" | fastest tiling of the sweep: 16-bit / FP8, µs"
-                                            if swept else "") + " |",
-            "| --- | --- | --- | ---" + (" | ---" if swept else "") + " |"]
+            "/ of copy | FP8's speed-up" + wide.replace("ms /", "µs a layer /") + (" | fastest tiling of the sweep: 16-bit / "
+                                                   "FP8, µs" if swept else "") + " |",
+            "| --- | --- | --- | ---" + " | ---" * bool(bf) + (" | ---" if swept else "") + " |"]
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in att))
     for b, c in points:
         by = {r["kv_dtype"]: r for r in att if (r["batch"], r["context"]) == (b, c)
@@ -318,12 +325,43 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
                     for d in ("bfloat16", "float8_e4m3fn")]
             best = " | " + (" / ".join(f"{m['us_per_layer']:.1f}" for m in mins)
                             if all(mins) else "not swept")
+        w = bf.get((b, c))
         out.append(f"| {b} × {c} | {cell(a)} | {cell(f)} | "
-                   f"{a['us_per_layer'] / f['us_per_layer']:.2f}×{best} |")
+                   f"{a['us_per_layer'] / f['us_per_layer']:.2f}×"
+                   + (f" | {cell(w)}" if w else " | not run" if bf else "") + f"{best} |")
     out += ["", _source(att[0]) + f"Llama-3-8B's attention (8 KV heads of 128, 4 query heads "
             f"each), {att[0]['layers']} layers a program; \"of copy\": the cache bytes read over "
             f"the time, against the copy bandwidth measured in the same run"
             + (f"; the sweep: `{sweep}.jsonl`." if swept else ".")]
+    return "\n".join(out)
+
+
+def fp8_modes(name: str, auto: str) -> str:
+    """Decode with FP8 weights, one column per fp8_gemv mode of one run (benchmarks/generation.py
+    --fp8-gemv auto,MODE...), against 16-bit; auto: what "auto" ran as then."""
+    rows = [r for r in _rows(f"{name}.jsonl") if r["bench"] == "decode" and "error" not in r]
+    if not rows:
+        return f"(no {name} results)"
+    limits = next(r for r in _rows(f"{name}.jsonl") if r["bench"] == "limits")
+    bandwidth = limits["copy_gb_s"] * 1e9
+    impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "jax-sp"]
+
+    def label(impl):
+        mode = impl.split("fp8_gemv=")[1] if "fp8_gemv=" in impl else f"auto, then {auto}"
+        return f"FP8 + LM head, `{mode}`: ms (speed-up) / of copy"
+    out = ["| decode | 16-bit, ms | " + " | ".join(label(i) for i in impls) + " |",
+           "| --- | --- |" + " --- |" * len(impls)]
+    for batch in sorted({r["batch"] for r in rows}):
+        by = {r["impl"]: r for r in rows if r["batch"] == batch}
+        base = by["jax-sp"]["ms_per_token"]
+        out.append(f"| batch {batch} | {base:.2f} | " + " | ".join(
+            f"{by[i]['ms_per_token']:.2f} ({base / by[i]['ms_per_token']:.2f}×) / "
+            f"{_copy_share(by[i], bandwidth)}" for i in impls) + " |")
+    out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): "
+            f"{rows[0]['model']} shape, random weights, decode after a 128-token prompt, 256 "
+            f"greedy new tokens, per token; medians, compile excluded; \"of copy\": the bytes a "
+            f"step reads over the time, against the copy bandwidth measured in the same run, "
+            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s."]
     return "\n".join(out)
 
 
@@ -859,7 +897,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "load": load, "fp8_accuracy": fp8_accuracy,
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
-          "fp8_speed": fp8_speed, "kv_fp8_speed": kv_fp8_speed, "fp8_w8a8": fp8_w8a8,
+          "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed, "fp8_w8a8": fp8_w8a8,
           "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

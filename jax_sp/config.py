@@ -211,12 +211,13 @@ class CompileOptions:
     jax-sp's Pallas kernel ("pallas", models/fp8_gemv.py; interpreted off GPU) or an XLA dot
     ("xla"), or "off": W8A8 as longer inputs run, or "pallas-w8a8": W8A8 too, but through the
     kernel, whose tensor-core dot then takes FP8 operands (on Hopper Triton widens both to
-    float16 for it), or "pallas-mixed": the kernel weight-only at one row and W8A8 at 2-64
-    rows (the rows a program runs: with sp="on" or pp > 1 a batch is padded to a multiple of
-    tp, with attention groups to one of attn_dp, and the serving engine decodes every slot),
-    or "pallas-f16": the kernel weight-only, with 2-64 rows rounded to float16 so that its tile
-    widens the weight to float16 (one conversion a pair of values on Hopper, where bfloat16
-    takes three) ("auto": pallas-mixed on GPU, xla elsewhere).
+    float16 for it), or "pallas-f16": the kernel weight-only, with 2-64 rows rounded to float16
+    so that its tile widens the weight to float16 (one conversion a pair of values on Hopper,
+    where bfloat16 takes three), or "pallas-mixed": the kernel weight-only at 1-16 rows (in
+    float16 from 2, as fast there as W8A8) and W8A8 at 17-64 rows (the rows a program runs:
+    with sp="on" or pp > 1 a batch is padded to a multiple of tp, with attention groups to one
+    of attn_dp, and the serving engine decodes every slot) ("auto": pallas-mixed on GPU, xla
+    elsewhere).
     kv_cache_dtype: "auto" (the model's dtype) or "fp8": keys and values stored as
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads

@@ -118,8 +118,8 @@ class Runtime:
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
         if dict(self.mesh.shape).get("cfg", 1) > 1 or parallel.attn_dp > 1:
             self.row_multiple = 1  # padding rows would land on one half (group) only
-        # FP8 projections of few rows on GPU: the Pallas kernel, weight-only at one row and on
-        # FP8 operands at more (models/quant.py; the faster of the two at each size, docs/fp8.md)
+        # FP8 projections of few rows on GPU: the Pallas kernel, weight-only at 1-16 rows and on
+        # FP8 operands at more (models/quant.py; the faster at each size, docs/fp8.md)
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas-mixed" if platform == "gpu" else "xla") if gemv == "auto"
                          else gemv) if quantization else "off"

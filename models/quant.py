@@ -18,11 +18,12 @@ on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8 decode ran slower than bf16:
 by XLA. Such a product is the weight rounding's alone, so it is closer to the 16-bit model than
 the W8A8 one. "pallas-w8a8" runs them W8A8 through the same kernel instead (FP8 operands in its
 tensor-core dot; Triton runs it on Hopper as float16 after widening both), so that every size is
-W8A8, as with "off"; "pallas-mixed" runs one row weight-only and 2-64 rows W8A8 (the rows a
-program runs, after any padding: tp pads a batch to a multiple of tp); "pallas-f16" runs every
-few-row product weight-only, 2-64 rows rounded to float16 (clipped to its range) so that the
-kernel's tile widens the weight to float16, which Hopper does in one instruction a pair of values
-(to bfloat16 in three): the widening W8A8's tile runs, without quantizing the activations.
+W8A8, as with "off"; "pallas-f16" runs every few-row product weight-only, 2-64 rows rounded to
+float16 (clipped to its range) so that the kernel's tile widens the weight to float16, which
+Hopper does in one instruction a pair of values (to bfloat16 in three): the widening W8A8's tile
+runs, without quantizing the activations; "pallas-mixed" runs 1-16 rows weight-only (2-16 in
+float16, where that is as fast as W8A8) and 17-64 rows W8A8 (the rows a program runs, after any
+padding: tp pads a batch to a multiple of tp).
 
 Under SP the tokens are quantized on their own device, right after the norm: the all-gather
 before a column-parallel projection then moves one byte per value and a float32 scale per token.
@@ -47,18 +48,22 @@ QUANTIZATIONS = (None, "fp8", "fp8-head")
 WEIGHT_ONLY_ROWS = 64  # FP8 projections of at most this many rows run as few rows (`weight_only`)
 # how they run (CompileOptions.fp8_gemv): "pallas" the kernel (interpreted off GPU), "xla" an
 # XLA dot on the widened weight, "off" W8A8 as longer inputs, "pallas-w8a8" W8A8 through the
-# kernel (its tensor-core dot on FP8 operands), "pallas-mixed" the kernel weight-only at one
-# row and W8A8 at 2-64, "pallas-f16" the kernel weight-only with 2-64 rows in float16;
-# "auto": pallas-mixed on GPU, else xla
+# kernel (its tensor-core dot on FP8 operands), "pallas-f16" the kernel weight-only with 2-64
+# rows in float16, "pallas-mixed" the kernel weight-only at 1-F16_ROWS rows (float16 from 2)
+# and W8A8 above; "auto": pallas-mixed on GPU, else xla
 FP8_GEMV_MODES = ("auto", "pallas", "xla", "off", "pallas-w8a8", "pallas-mixed", "pallas-f16")
 # the modes that run few rows through the kernel
 KERNEL_GEMV = ("pallas", "pallas-w8a8", "pallas-mixed", "pallas-f16")
 F16_MAX = float(jnp.finfo(jnp.float16).max)  # 65504
+# "pallas-mixed" runs up to this many rows weight-only (float16 from 2 rows): on an H200 the
+# kernel's 16-row tile took as long with float16 rows as with W8A8's FP8 ones, its 32- and
+# 64-row tiles 1.18x and 1.40x longer (benchmarks/results/fp8_gemv_f16_rows_h200.jsonl)
+F16_ROWS = 16
 
 
 def w8a8_rows(gemv: str, rows: int) -> bool:
     """Whether a few-row product (`weight_only`) of `rows` rows quantizes its activations."""
-    return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > 1)
+    return gemv == "pallas-w8a8" or (gemv == "pallas-mixed" and rows > F16_ROWS)
 
 
 def to_float16(x):
@@ -69,7 +74,7 @@ def to_float16(x):
 def f16_rows(gemv: str, rows: int) -> bool:
     """Whether a few-row product (`weight_only`) of `rows` rows takes its activations in float16
     (the kernel's tensor-core tile; one row runs on CUDA cores in float32 either way)."""
-    return gemv == "pallas-f16" and rows > 1
+    return rows > 1 and (gemv == "pallas-f16" or (gemv == "pallas-mixed" and rows <= F16_ROWS))
 
 
 # The weights stored in FP8, by parameter name (within a layer), with the axes their scales
@@ -184,7 +189,7 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     """einsum(spec, x, w) for a plain weight; for an Fp8 weight the FP8 matmul above, in x's
     dtype: weight-only for few rows (`gemv`: "pallas" or "xla"; "pallas-f16": 2-64 rows in
     float16), W8A8 always ("off"), W8A8 with few rows through the kernel ("pallas-w8a8"), or
-    the kernel weight-only at one row and W8A8 at more ("pallas-mixed")."""
+    the kernel weight-only at 1-16 rows (float16 from 2) and W8A8 at more ("pallas-mixed")."""
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):

@@ -120,17 +120,14 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
-@pytest.mark.parametrize("tp,sp,gemv", [(2, "off", "pallas-w8a8"), (3, "on", "pallas-w8a8"),
-                                         (2, "on", "pallas-mixed")])
+@pytest.mark.parametrize("tp,sp,gemv", [(2, "off", "pallas-w8a8"), (3, "on", "pallas-w8a8")])
 def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp,
                                                                           gemv, monkeypatch):
     """fp8_gemv="pallas-w8a8": few rows quantized per token (each token's scale the maximum
     over every device's features, padded heads at tp 3 included) and multiplied in FP8 by the
     kernel (interpreted on CPU) per device on its weight shards, against "off" (W8A8 in XLA at
     every size) on one device: each prompt alone (at most 64 rows: the kernel's) gives the same
-    logits up to float32 rounding, and decoding the same tokens. "pallas-mixed" does the same
-    at 2-64 rows, and one row (a single prompt's decode steps) runs weight-only through the
-    kernel ("pallas"; its numbers are tested beside the weight-only tests above)."""
+    logits up to float32 rounding, and decoding the same tokens."""
     import models.fp8_gemv
 
     kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
@@ -152,12 +149,47 @@ def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_mod
             == [c.token_ids for c in off.generate(prompts, GREEDY)])
     assert calls and all(quantized for _, quantized in calls)  # every few-row product went
     # through the kernel, quantized
-    if gemv == "pallas-mixed":  # one prompt on one device (tp pads the batch to a multiple
-        calls.clear()  # of tp): its decode steps' products run weight-only
-        LLM.from_torch(model, quantization="fp8", options=CompileOptions(
-            fp8_gemv=gemv)).generate(prompts[:1], GREEDY)
-        assert {rows for rows, quantized in calls if not quantized} == {1}
-        assert all(quantized for rows, quantized in calls if rows > 1)
+
+
+def test_the_mixed_kernel_runs_up_to_16_rows_weight_only_and_more_w8a8(hf_models, monkeypatch):
+    """fp8_gemv="pallas-mixed" (the GPU default) at tp 2 with sp, the kernel interpreted: a
+    prompt of 5 or 11 tokens (16 rows after the layout's padding) runs weight-only in float16,
+    within float16's rounding of the XLA weight-only dot on one device (the bound of the
+    "pallas-f16" test above); one of 30 (32 rows) runs W8A8, the logits of "off" on one device
+    up to float32 rounding; decoding (3 sequences, 4 rows) gives one device's tokens in the
+    same mode;
+    one row (a prompt alone on one device) goes in as it is, weight-only."""
+    import models.fp8_gemv
+
+    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
+
+    def recorded(x, *args, **kwargs):
+        calls.append((x.shape[0], str(x.dtype), kwargs.get("x_scale") is not None))
+        return kernel(x, *args, **kwargs)
+    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
+    model = hf_models("llama")
+    prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=7)
+    options = CompileOptions(fp8_gemv="pallas-mixed")
+    llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), quantization="fp8",
+                         options=options)
+    xla = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="xla"))
+    off = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="off"))
+    for p in prompts:
+        got = llm.logits([p])[0]
+        want = (xla if len(p) <= 16 else off).logits([p])[0]
+        err = float(np.abs(got - want).max() / np.abs(want).max())
+        assert err < (2 ** -9 if len(p) <= 16 else 1e-4), (len(p), err)
+    one = LLM.from_torch(model, quantization="fp8", options=options)
+    assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
+            == [c.token_ids for c in one.generate(prompts, GREEDY)])
+    w8a8 = {rows for rows, dtype, quantized in calls if quantized}
+    assert w8a8 and min(w8a8) > 16  # the 30-token prompt's rows (padded), and only those
+    assert {rows for rows, dtype, quantized in calls if dtype == "float16"} == {4, 16}
+    assert all(dtype == "float16" for rows, dtype, quantized in calls if 1 < rows <= 16)
+    calls.clear()  # one prompt on one device: its decode steps' rows go in as they are
+    one.generate(prompts[:1], GREEDY)
+    assert {(rows, dtype) for rows, dtype, quantized in calls if rows == 1} == {(1, "float32")}
+    assert not any(quantized for *_, quantized in calls)
 
 
 def test_the_float16_rows_kernel_computes_weight_only_on_a_split_mesh(hf_models, monkeypatch):
