@@ -120,22 +120,29 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The FP8 kernel (models/fp8_gemv.py) as it runs, each call recorded as (rows, the rows'
+    dtype, quantized: W8A8)."""
+    import models.fp8_gemv
+
+    kernel, calls = models.fp8_gemv.fp8_gemv, []
+
+    def recorded(x, *args, **kwargs):
+        calls.append((x.shape[0], str(x.dtype), kwargs.get("x_scale") is not None))
+        return kernel(x, *args, **kwargs)
+    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
+    return calls
+
+
 @pytest.mark.parametrize("tp,sp,gemv", [(2, "off", "pallas-w8a8"), (3, "on", "pallas-w8a8")])
 def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_models, tp, sp,
-                                                                          gemv, monkeypatch):
+                                                                          gemv, kernel_calls):
     """fp8_gemv="pallas-w8a8": few rows quantized per token (each token's scale the maximum
     over every device's features, padded heads at tp 3 included) and multiplied in FP8 by the
     kernel (interpreted on CPU) per device on its weight shards, against "off" (W8A8 in XLA at
     every size) on one device: each prompt alone (at most 64 rows: the kernel's) gives the same
     logits up to float32 rounding, and decoding the same tokens."""
-    import models.fp8_gemv
-
-    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
-
-    def recorded(x, *args, **kwargs):
-        calls.append((x.shape[0], kwargs.get("x_scale") is not None))
-        return kernel(x, *args, **kwargs)
-    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
     model = hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=5)
     off = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="off"))
@@ -147,11 +154,12 @@ def test_the_w8a8_kernel_computes_what_w8a8_in_xla_computes_on_one_device(hf_mod
                                    atol=1e-4 * np.abs(want).max())
     assert ([c.token_ids for c in llm.generate(prompts, GREEDY)]
             == [c.token_ids for c in off.generate(prompts, GREEDY)])
-    assert calls and all(quantized for _, quantized in calls)  # every few-row product went
+    calls = kernel_calls
+    assert calls and all(quantized for *_, quantized in calls)  # every few-row product went
     # through the kernel, quantized
 
 
-def test_the_mixed_kernel_runs_up_to_16_rows_weight_only_and_more_w8a8(hf_models, monkeypatch):
+def test_the_mixed_kernel_runs_up_to_16_rows_weight_only_and_more_w8a8(hf_models, kernel_calls):
     """fp8_gemv="pallas-mixed" (the GPU default) at tp 2 with sp, the kernel interpreted: a
     prompt of 5 or 11 tokens (16 rows after the layout's padding) runs weight-only in float16,
     within float16's rounding of the XLA weight-only dot on one device (the bound of the
@@ -159,15 +167,7 @@ def test_the_mixed_kernel_runs_up_to_16_rows_weight_only_and_more_w8a8(hf_models
     up to float32 rounding; decoding (3 sequences, 4 rows) gives one device's tokens in the
     same mode;
     one row (a prompt alone on one device) goes in as it is, weight-only."""
-    import models.fp8_gemv
-
-    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
-
-    def recorded(x, *args, **kwargs):
-        calls.append((x.shape[0], str(x.dtype), kwargs.get("x_scale") is not None))
-        return kernel(x, *args, **kwargs)
-    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
-    model = hf_models("llama")
+    calls, model = kernel_calls, hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=7)
     options = CompileOptions(fp8_gemv="pallas-mixed")
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), quantization="fp8",
@@ -192,7 +192,7 @@ def test_the_mixed_kernel_runs_up_to_16_rows_weight_only_and_more_w8a8(hf_models
     assert not any(quantized for *_, quantized in calls)
 
 
-def test_the_float16_rows_kernel_computes_weight_only_on_a_split_mesh(hf_models, monkeypatch):
+def test_the_float16_rows_kernel_computes_weight_only_on_a_split_mesh(hf_models, kernel_calls):
     """fp8_gemv="pallas-f16": few-row products weight-only through the kernel (interpreted on
     CPU) per device at tp 2 with sp, 2-64 rows rounded to float16 and one row as it is (float32
     here), against the XLA weight-only dot on one device. Rounding an activation to float16
@@ -200,15 +200,7 @@ def test_the_float16_rows_kernel_computes_weight_only_on_a_split_mesh(hf_models,
     and the logits (every layer's projections, the residual stream carrying their unrounded
     inputs) by a few times it: within 2^-9 of their largest value, against e4m3's 2^-4 that
     W8A8's rounding of the same rows allows; and the same tokens."""
-    import models.fp8_gemv
-
-    kernel, calls = models.fp8_gemv.fp8_gemv, []  # the kernel as it runs, each call recorded
-
-    def recorded(x, *args, **kwargs):
-        calls.append((x.shape[0], str(x.dtype), kwargs.get("x_scale") is not None))
-        return kernel(x, *args, **kwargs)
-    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
-    model = hf_models("llama")
+    calls, model = kernel_calls, hf_models("llama")
     prompts = random_prompts(model.config.vocab_size, (5, 11, 30), seed=6)
     xla = LLM.from_torch(model, quantization="fp8", options=CompileOptions(fp8_gemv="xla"))
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2, sp="on"), quantization="fp8",
