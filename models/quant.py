@@ -12,7 +12,7 @@ one FP8 matmul (accumulated in float32, written in the activations' dtype) and t
 after it: XLA:GPU runs FP8 dots as cuBLASLt FP8 GEMMs on Hopper; XLA:CPU upcasts them.
 
 Few rows (decode steps, short prompts: at most WEIGHT_ONLY_ROWS) can run weight-only instead
-(W8A16, `weight_only`; on GPU by default one row, CompileOptions.fp8_gemv): the activations stay
+(W8A16, `weight_only`; on GPU by default 1-16 rows, CompileOptions.fp8_gemv): the activations stay
 in 16 bits and the FP8 weight is widened as it is read, by the Pallas kernel of models/fp8_gemv.py
 on GPU (with cuBLASLt's FP8 GEMMs at such sizes FP8 decode ran slower than bf16: docs/fp8.md) or
 by XLA. Such a product is the weight rounding's alone, so it is closer to the 16-bit model than
