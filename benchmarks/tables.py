@@ -276,23 +276,24 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
         return f"(no {model} / {kernel} results)"
     bf = {(r["batch"], r.get("context")): r for r in steps + kern
           if r["bench"] in ("decode", "decode_attention") and r.get("dot_dtype") == "bfloat16"}
-    wide = " | FP8 cache widened to bfloat16: ms / of copy" if bf else ""
+    wide = " | FP8 cache widened to bfloat16: {} / of copy" if bf else ""
+
+    def step(r):
+        return f"{r['ms_per_token']:.2f} / {r['of_copy'] * 100:.0f}%"
     # the kernel's own dots (kv_cache_speed.py --fp8-dots adds rows with others)
     own = [r for r in steps if r.get("dot_dtype", "auto") == "auto"]
     dec = {(r["batch"], r["kv_cache_dtype"]): r for r in own if r["bench"] == "decode"}
     agree = {r["batch"]: r for r in own if r["bench"] == "agreement"}
     first = steps[0]
     out = [f"| {first['model']} decode, batch | 16-bit cache: ms / of copy | FP8 cache: ms / of "
-           f"copy | FP8's speed-up{wide} | cache bytes read a step: 16-bit / FP8 |",
+           f"copy | FP8's speed-up{wide.format('ms')} | cache bytes read a step: 16-bit / FP8 |",
            "| --- | --- | --- | ---" + " | ---" * bool(bf) + " | --- |"]
     for b in sorted(agree):
         a, f = dec[(b, "auto")], dec[(b, "fp8")]
         w = bf.get((b, None))
-        out.append(f"| {b} | {a['ms_per_token']:.2f} / {a['of_copy'] * 100:.0f}% | "
-                   f"{f['ms_per_token']:.2f} / {f['of_copy'] * 100:.0f}% | "
+        out.append(f"| {b} | {step(a)} | {step(f)} | "
                    f"{a['ms_per_token'] / f['ms_per_token']:.2f}× | "
-                   + (f"{w['ms_per_token']:.2f} / {w['of_copy'] * 100:.0f}% | " if w else
-                      "not run | " if bf else "")
+                   + (f"{step(w)} | " if w else "not run | " if bf else "")
                    + f"{a['cache_bytes'] / 1e9:.2f} / {f['cache_bytes'] / 1e9:.2f} GB |")
     out += ["", f"`benchmarks/results/{first['_file']}` ({first['machine']}): "
             f"{first['prompt']}-token prompts, {first['new_tokens']} greedy new tokens, random "
@@ -309,8 +310,8 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
     swept = [r for r in (_rows(f"{sweep}.jsonl") if sweep else [])
              if r["bench"] == "decode_attention" and r.get("dot_dtype", "auto") == "auto"]
     out += ["", "| kernel alone, batch × context | 16-bit: µs a layer / of copy | FP8: µs a layer "
-            "/ of copy | FP8's speed-up" + wide.replace("ms /", "µs a layer /") + (" | fastest tiling of the sweep: 16-bit / "
-                                                   "FP8, µs" if swept else "") + " |",
+            "/ of copy | FP8's speed-up" + wide.format("µs a layer")
+            + (" | fastest tiling of the sweep: 16-bit / FP8, µs" if swept else "") + " |",
             "| --- | --- | --- | ---" + " | ---" * bool(bf) + (" | ---" if swept else "") + " |"]
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in att))
     for b, c in points:
@@ -339,10 +340,11 @@ def kv_fp8_speed(model: str, kernel: str, sweep: str = "") -> str:
 def fp8_modes(name: str, auto: str) -> str:
     """Decode with FP8 weights, one column per fp8_gemv mode of one run (benchmarks/generation.py
     --fp8-gemv auto,MODE...), against 16-bit; auto: what "auto" ran as then."""
-    rows = [r for r in _rows(f"{name}.jsonl") if r["bench"] == "decode" and "error" not in r]
+    every = _rows(f"{name}.jsonl")
+    rows = [r for r in every if r["bench"] == "decode" and "error" not in r]
     if not rows:
         return f"(no {name} results)"
-    limits = next(r for r in _rows(f"{name}.jsonl") if r["bench"] == "limits")
+    limits = next(r for r in every if r["bench"] == "limits")
     bandwidth = limits["copy_gb_s"] * 1e9
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "jax-sp"]
 
@@ -897,8 +899,8 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "load": load, "fp8_accuracy": fp8_accuracy,
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
-          "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed, "fp8_w8a8": fp8_w8a8,
-          "fp8_gemv": fp8_gemv, "refactor": refactor,
+          "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
+          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

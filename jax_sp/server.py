@@ -27,7 +27,7 @@ import uuid
 import weakref
 
 from jax_sp.config import MAX_LOGPROBS, SamplingParams
-from jax_sp.detok import PARTIAL, TextStream
+from jax_sp.detok import TextStream
 from jax_sp.serving import Engine, EngineStopped
 
 _METRICS = ("requests", "request_errors", "prompt_tokens", "generation_tokens")
@@ -333,7 +333,7 @@ class Server:
                 yield "", "stop", len(ids)
                 return
             ready = len(text) - (longest - 1) if stop else len(text)
-            if ready > shown and not text[:ready].endswith(PARTIAL):
+            if ready > shown:  # (the stream holds back a character split over tokens)
                 yield text[shown:ready], None, len(ids)
                 shown = ready
         before = len(decoded.text)
