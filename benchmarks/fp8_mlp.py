@@ -27,6 +27,9 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--tiny", action="store_true", help="small shapes (a CPU smoke run)")
     ap.add_argument("--sweep", action="store_true", help="also sweep the fused kernel's settings")
+    ap.add_argument("--joint", action="store_true",
+                    help="sweep tiles and pipeline stages together (stages matter only where "
+                         "a tile's contracted block leaves several steps)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--tag", default=None, help="suffix of the result file")
     args = ap.parse_args()
@@ -104,13 +107,20 @@ def main():
     base = {"programs": default_programs() if gpu else 2}
     run("fused", lambda *a: fused(*a, **base), gu, dn, x, ws, ref=ref, **base)
 
+    def fused_at(**settings):
+        size = workspace_size(d, i, **{k: v for k, v in settings.items()
+                                       if k in ("block_i", "block_d", "block_n", "chunk")})
+        w = jnp.zeros((size,), jnp.int32)
+        return run("fused-sweep", lambda *a: fused(*a, **settings), gu, dn, x, w, ref=ref,
+                   **settings)[0]
+
+    if args.joint:
+        for programs, bi, bd, stages in itertools.product((4 * sms, 8 * sms), (8, 16),
+                                                          (512, 1024, 2048), (2, 3, 4)):
+            fused_at(programs=programs, block_i=bi, block_d=bd, block_n=16, chunk=2048,
+                     num_stages=stages)
+
     if args.sweep:
-        def fused_at(**settings):
-            size = workspace_size(d, i, **{k: v for k, v in settings.items()
-                                           if k in ("block_i", "block_d", "block_n", "chunk")})
-            w = jnp.zeros((size,), jnp.int32)
-            return run("fused-sweep", lambda *a: fused(*a, **settings), gu, dn, x, w, ref=ref,
-                       **settings)[0]
 
         # programs per SM first, then tiles, then warps and stages, each around the best
         best = dict(programs=base["programs"])

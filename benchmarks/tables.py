@@ -348,9 +348,12 @@ def fp8_modes(name: str, auto: str) -> str:
     bandwidth = limits["copy_gb_s"] * 1e9
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "jax-sp"]
 
-    def label(impl):
+    def label(impl):  # "MODE:unfused": fp8_fused_mlp=False then; auto "X+fused": fused then
         mode = impl.split("fp8_gemv=")[1] if "fp8_gemv=" in impl else f"auto, then {auto}"
-        return f"FP8 + LM head, `{mode}`: ms (speed-up) / of copy"
+        mode, fused = (mode[:-len("+fused")], True) if mode.endswith("+fused") else (mode, None)
+        mode, _, unfused = mode.partition(":")
+        mlp = ", MLP as three kernels" if unfused else ", MLP as one kernel" if fused else ""
+        return f"FP8 + LM head, `{mode}`{mlp}: ms (speed-up) / of copy"
     out = ["| decode | 16-bit, ms | " + " | ".join(label(i) for i in impls) + " |",
            "| --- | --- |" + " --- |" * len(impls)]
     for batch in sorted({r["batch"] for r in rows}):
@@ -396,6 +399,46 @@ def fp8_gemv(name: str = "fp8_gemv_h200") -> str:
             f"stacked and "
             f"unrolled as decode runs them; \"of copy\" is the weight bytes over the time against "
             f"the copy bandwidth measured in the same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s."]
+    return "\n".join(out)
+
+
+def fp8_mlp(name: str) -> str:
+    """One row's MLP over a stack of layers: three kernels, the fused kernel and bf16
+    (benchmarks/fp8_mlp.py), one run; with its sweep, the fused kernel's fastest settings."""
+    every = _rows(f"{name}.jsonl")
+    rows = {r["bench"]: r for r in every if r["bench"] in ("separate", "fused", "bf16")
+            and "error" not in r}
+    if "separate" not in rows:
+        return f"(no {name} results)"
+    limits = next(r for r in every if r["bench"] == "limits")
+    sep = rows["separate"]["ms"]
+    names = {"bf16": "bf16 weights, XLA's GEMVs",
+             "separate": "FP8: gate/up kernel, XLA's SiLU·up, down kernel (three kernels)",
+             "fused": "FP8: the fused kernel (one)"}
+    out = ["| path | µs a layer | of copy | vs three kernels | error vs three kernels |",
+           "| --- | --- | --- | --- | --- |"]
+    for bench in ("bf16", "separate", "fused"):
+        if bench in rows:
+            r = rows[bench]
+            err = r["rel_err_vs_separate"]
+            out.append(f"| {names[bench]} | {r['us_per_layer']:.1f} | {r['of_copy']:.0%} | "
+                       f"{sep / r['ms']:.2f}× | {'' if err is None else f'{err:.1e}'} |")
+    sweep = sorted((r for r in every if r["bench"] == "fused-sweep" and "error" not in r),
+                   key=lambda r: r["ms"])
+    settings = ("programs", "block_i", "block_d", "block_n", "chunk", "num_warps", "num_stages")
+    if sweep:
+        out += ["", "| " + " | ".join(settings) + " | µs a layer | of copy |",
+                "|" + " --- |" * (len(settings) + 2)]
+        for r in sweep[:6]:
+            out.append("| " + " | ".join(str(r.get(k, "default")) for k in settings)
+                       + f" | {r['us_per_layer']:.1f} | {r['of_copy']:.0%} |")
+    first = rows["separate"]
+    out += ["", f"`benchmarks/results/{first['_file']}` ({limits['machine']}, jax "
+            f"{first['jax']}): {first['layers']} Llama-3-8B layers' MLPs (gate/up 2×14336×4096, "
+            f"down 4096×14336), one row, layers unrolled; medians; \"of copy\": FP8 weight "
+            f"bytes (bf16's for bf16) over the time against the copy bandwidth measured in the "
+            f"same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s"
+            + (f"; {len(sweep)} settings swept." if sweep else ".")]
     return "\n".join(out)
 
 
@@ -900,7 +943,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
-          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "refactor": refactor,
+          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

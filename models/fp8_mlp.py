@@ -39,9 +39,9 @@ import jax.numpy as jnp
 # tiles: gate/up items of BLOCK_I intermediate channels walked in BLOCK_D columns; down items of
 # BLOCK_N output channels over a chunk of CHUNK intermediate channels (benchmarks/fp8_gemv.py
 # --mlp sweeps them)
-BLOCK_I, BLOCK_D, BLOCK_N, CHUNK = 8, 2048, 8, 2048
-PROGRAMS_PER_SM = 4
-NUM_WARPS, STAGES = 4, 1
+BLOCK_I, BLOCK_D, BLOCK_N, CHUNK = 8, 4096, 16, 2048
+PROGRAMS_PER_SM = 8
+NUM_WARPS, STAGES = 4, 2
 QUEUE, EXITED, COUNTERS = 0, 1, 2  # workspace slots: the queue, exited programs, then counters
 
 
