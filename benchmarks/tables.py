@@ -946,7 +946,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
-_BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+_BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.+\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
 
 
 def render(text: str) -> str:
