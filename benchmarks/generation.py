@@ -214,11 +214,9 @@ def run_model(b: Bench, name: str):
     def engine(mode, unroll, quantization, gemv):
         key = (mode, unroll, quantization, gemv)
         if key not in engines:
-            gemv, _, fused = gemv.partition(":")  # "MODE:unfused": fp8_fused_mlp=False
             engines[key] = LLM.from_torch(
                 module, parallel=ParallelConfig(tp=1), dtype=args.dtype, max_seq_len=max_len,
-                options=CompileOptions(attention=mode, decode_unroll=unroll, fp8_gemv=gemv,
-                                       fp8_fused_mlp=fused != "unfused"),
+                options=CompileOptions(attention=mode, decode_unroll=unroll, fp8_gemv=gemv),
                 quantization=quantization)
         return engines[key]
 
@@ -385,8 +383,7 @@ def main():
                     help="also run jax-sp with these quantizations side by side (e.g. fp8)")
     ap.add_argument("--fp8-gemv", default="auto",
                     help="CompileOptions.fp8_gemv values whose FP8 decode runs side by side "
-                         "(auto: impl 'jax-sp/fp8'; others 'jax-sp/fp8/fp8_gemv=MODE'; "
-                         "MODE:unfused with fp8_fused_mlp=False)")
+                         "(auto: impl 'jax-sp/fp8'; others 'jax-sp/fp8/fp8_gemv=MODE')")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=None, help="file name: generation_<tag>.jsonl")

@@ -90,8 +90,6 @@ def main():
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (LLM(quantization=...))")
-    ap.add_argument("--unfused-mlp", action="store_true",
-                    help="CompileOptions(fp8_fused_mlp=False): an FP8 MLP as three kernels")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -118,8 +116,7 @@ def main():
     parallel = ParallelConfig(tp=1)
     compile_options = CompileOptions(
         attention=args.attention, decode_unroll=args.unroll, xla_options=options or None,
-        pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache,
-        fp8_fused_mlp=not args.unfused_mlp)
+        pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
         from generation import hf_module
@@ -137,8 +134,7 @@ def main():
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
                                            (args.torch_first, "_torch_first"),
-                                           (args.quantization, f"_{args.quantization}"),
-                                           (args.unfused_mlp, "_unfused_mlp")) if on)
+                                           (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:

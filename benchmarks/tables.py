@@ -348,7 +348,9 @@ def fp8_modes(name: str, auto: str) -> str:
     bandwidth = limits["copy_gb_s"] * 1e9
     impls = [i for i in dict.fromkeys(r["impl"] for r in rows) if i != "jax-sp"]
 
-    def label(impl):  # "MODE:unfused": fp8_fused_mlp=False then; auto "X+fused": fused then
+    # "MODE:unfused": CompileOptions(fp8_fused_mlp=False) in a run of the fused MLP kernel
+    # (docs/fp8.md, git history), whose "auto" (the default then) fused it: auto "X+fused"
+    def label(impl):
         mode = impl.split("fp8_gemv=")[1] if "fp8_gemv=" in impl else f"auto, then {auto}"
         mode, fused = (mode[:-len("+fused")], True) if mode.endswith("+fused") else (mode, None)
         mode, _, unfused = mode.partition(":")
@@ -404,7 +406,8 @@ def fp8_gemv(name: str = "fp8_gemv_h200") -> str:
 
 def fp8_mlp(name: str) -> str:
     """One row's MLP over a stack of layers: three kernels, the fused kernel and bf16
-    (benchmarks/fp8_mlp.py), one run; with its sweep, the fused kernel's fastest settings."""
+    (benchmarks/fp8_mlp.py, in git history up to commit 0e5943d with the kernel), one run;
+    with its sweep, the fused kernel's fastest settings."""
     every = _rows(f"{name}.jsonl")
     rows = {r["bench"]: r for r in every if r["bench"] in ("separate", "fused", "bf16")
             and "error" not in r}

@@ -218,10 +218,6 @@ class CompileOptions:
     with sp="on" or pp > 1 a batch is padded to a multiple of tp, with attention groups to one
     of attn_dp, and the serving engine decodes every slot) ("auto": pallas-mixed on GPU, xla
     elsewhere).
-    fp8_fused_mlp: where fp8_gemv runs the kernel, a one-row forward (a batch-1 decode step)
-    runs each MLP, gate/up, SiLU·up and down_proj, as one kernel whose down_proj blocks start
-    on the multiprocessors gate/up's last blocks leave idle (models/fp8_mlp.py, docs/fp8.md);
-    False: three kernels.
     kv_cache_dtype: "auto" (the model's dtype) or "fp8": keys and values stored as
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads
@@ -236,7 +232,6 @@ class CompileOptions:
     row_multiple: int | None = None
     pad_rows_min_weight: int = 1 << 20
     fp8_gemv: str = "auto"
-    fp8_fused_mlp: bool = True
     kv_cache_dtype: str = "auto"
     xla_options: tuple | None = None
 
@@ -250,9 +245,6 @@ class CompileOptions:
         if self.fp8_gemv not in FP8_GEMV_MODES:
             raise ValueError(f"CompileOptions.fp8_gemv must be one of {FP8_GEMV_MODES}, got "
                              f"{self.fp8_gemv!r}")
-        if not isinstance(self.fp8_fused_mlp, bool):
-            raise ValueError(f"CompileOptions.fp8_fused_mlp must be True or False, got "
-                             f"{self.fp8_fused_mlp!r}")
         for name in ("decode_unroll", "row_multiple"):
             if getattr(self, name) is not None:
                 _positive_int("CompileOptions", name, getattr(self, name))

@@ -129,8 +129,7 @@ class Runtime:
 
     def layout(self, sp: bool) -> ShardedLayout:
         return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple,
-                             self.options.pad_rows_min_weight, self.fp8_gemv,
-                             self.options.fp8_fused_mlp)
+                             self.options.pad_rows_min_weight, self.fp8_gemv)
 
     def sharding_of(self, names, sp: bool = False):
         return named(self.mesh, names, rules_for(sp, self.mesh))

@@ -38,9 +38,6 @@ class Forward(NamedTuple):
     # the layers' FP8 weights stay stacked [L, ...] and each projection reads its layer's
     # (models/quant.py Fp8.layer): what a kernel needs to read them in place
     stacked_fp8: bool = False
-    # int32 zeros that each layer's fused FP8 MLP kernel counts in and leaves zero
-    # (models/fp8_mlp.py; Layout.mlp_workspace), or None: the MLP runs as three products
-    mlp_workspace: jax.Array | None = None
 
 
 def apply_rope(x_btnh, cos_bth, sin_bth):

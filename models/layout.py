@@ -14,10 +14,6 @@ instead of inserting collectives itself:
 `stacked_fp8(rows)` says whether a forward of that many rows keeps its FP8 weights stacked over
 the layers for a kernel that reads each layer's in place (models/fp8_gemv.py).
 
-`mlp_workspace(d, i, rows)` gives what a forward of that many rows needs to run each MLP as
-one kernel (`mlp(x_td, w_gate_up, w_down, workspace)`, models/fp8_mlp.py), or None where its
-MLPs run as column, SiLU·up and row.
-
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
 carry its activations on those rows instead of padding before each projection.
@@ -53,10 +49,6 @@ class Layout(Protocol):
 
     def stacked_fp8(self, rows: int) -> bool: ...
 
-    def mlp_workspace(self, d: int, i: int, rows: int) -> jax.Array | None: ...
-
-    def mlp(self, x_td: jax.Array, w_gate_up, w_down, workspace: jax.Array) -> jax.Array: ...
-
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -78,12 +70,6 @@ class Dense:
 
     def stacked_fp8(self, rows):
         return False
-
-    def mlp_workspace(self, d, i, rows):
-        return None
-
-    def mlp(self, x_td, w_gate_up, w_down, workspace):
-        raise NotImplementedError("Dense runs no fused MLP (mlp_workspace is None)")
 
 
 DENSE = Dense()

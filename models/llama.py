@@ -157,13 +157,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_td, fwd: Forward, layer):
         layout = fwd.layout
-        w_gate_up, w_down = (_get(self, name, fwd, layer) for name in ("w_gate_up_dcf",
-                                                                         "w_down_fd"))
-        if fwd.mlp_workspace is not None:  # one kernel (models/fp8_mlp.py)
-            return layout.mlp(x_td, w_gate_up, w_down, fwd.mlp_workspace)
-        (gate_up_tcf,) = layout.column(x_td, ("TD,DCF->TCF", w_gate_up))
+        (gate_up_tcf,) = layout.column(
+            x_td, ("TD,DCF->TCF", _get(self, "w_gate_up_dcf", fwd, layer)))
         h_tf = jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
-        return layout.row("TF,FD->TD", h_tf, w_down)
+        return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd", fwd, layer))
 
 
 class Block(nnx.Module):
@@ -259,7 +256,8 @@ class Llama(nnx.Module):
         # FP8 weights that a kernel reads in place stay stacked outside the layer loop (a
         # slice of the stack passed to a kernel is a copy: models/fp8_gemv.py)
         stacked = self.quantized and layout.stacked_fp8(b * t)
-        rows = b * t
+        fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
+                      layout, attention, stacked)
         if t == 1:
             # A one-token step carries the whole stream on the rows its projections run on (8
             # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before
@@ -269,12 +267,6 @@ class Llama(nnx.Module):
             gate_up = self.layers.mlp.w_gate_up_dcf
             rows = layout.rows(b, gate_up.size // gate_up.shape[0])  # one layer's size
             hidden_td, residual_td = (_pad_rows(x, rows) for x in (hidden_td, residual_td))
-        # made once for every layer's fused MLP (a zero buffer in the layer loop would be
-        # rewritten each layer)
-        workspace = (layout.mlp_workspace(self.cfg.hidden_size, self.cfg.intermediate_size, rows)
-                     if stacked else None)
-        fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
-                      layout, attention, stacked, workspace)
 
         if stacked:
             graphdef, fp8_state, layer_state = nnx.split(self.layers, _is_fp8, ...)

@@ -96,7 +96,6 @@ class ShardedLayout:
     row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
     pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
     fp8_gemv: str = "xla"  # FP8 projections of few rows: models/quant.py FP8_GEMV_MODES, resolved
-    fused_mlp: bool = False  # a one-row FP8 MLP as one kernel (CompileOptions.fp8_fused_mlp)
 
     @property
     def rules(self):
@@ -156,48 +155,6 @@ class ShardedLayout:
     def stacked_fp8(self, rows: int) -> bool:
         """Whether a forward of `rows` rows keeps its FP8 weights stacked for the kernel."""
         return self.fp8_gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS
-
-    def mlp_workspace(self, d: int, i: int, rows: int):
-        """int32 zeros for models/fp8_mlp.py's counters when a forward of `rows` rows runs
-        each MLP as one kernel: one row, FP8 weights stacked for the kernels, `fused_mlp`, and
-        tiles that fit each device's share of the intermediate features; else None."""
-        if not (self.fused_mlp and rows == 1 and self.stacked_fp8(rows)):
-            return None
-        from models.fp8_mlp import workspace_size
-
-        split = partition_spec(("mlp",), self.rules)[0]
-        names = () if split is None else (split,) if isinstance(split, str) else split
-        shards = 1
-        for name in names:
-            shards *= self.mesh.shape[name]
-        interpret = self.mesh.devices.flat[0].platform != "gpu"
-        size = workspace_size(d, i // shards, interpret) if i % shards == 0 else 0
-        return jnp.zeros((size,), jnp.int32) if size else None
-
-    def mlp(self, x_td, w_gate_up: Fp8, w_down: Fp8, workspace):
-        """down(silu(gate) * up) of one row as one kernel per device on its shards of the
-        intermediate features (models/fp8_mlp.py): the partial sums of down_proj are added
-        over those devices, as `row` adds them, in x's dtype."""
-        from models.fp8_mlp import fp8_mlp
-
-        pspec = lambda letters: partition_spec(  # noqa: E731
-            (None,) + tuple(_WEIGHT[c] for c in letters), self.rules)
-        split = partition_spec(("mlp",), self.rules)[0]
-        summed = () if split is None else (split,) if isinstance(split, str) else tuple(split)
-
-        def body(x, gate_up, down, workspace):
-            y = fp8_mlp(x, gate_up.q, gate_up.scale, down.q, down.scale, gate_up.layer,
-                        workspace)
-            return jax.lax.psum(y, summed) if summed else y
-
-        # stored [L, C, F, D] and [L, D, F], scales [L, C, F] and [L, D]
-        rows = partition_spec((None, "embed"), self.rules)  # x and y whole on every device
-        specs = (rows,
-                 Fp8(pspec("CFD"), pspec("CF"), P()), Fp8(pspec("DF"), pspec("D"), P()), P())
-        out = jax.shard_map(body, mesh=self.mesh, in_specs=specs,
-                            out_specs=rows,
-                            check_vma=False)(x_td, w_gate_up, w_down, workspace)
-        return self.residual(out)
 
     def _einsum(self, spec, x_td, w):
         if self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):

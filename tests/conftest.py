@@ -156,7 +156,6 @@ def triton_kernels(text: str) -> list[str]:
     for call in calls:
         config = ir.DictAttr(call.attributes["mhlo.backend_config"])
         context = ir.Context()
-        context.allow_unregistered_dialects = True  # a CTA barrier is gpu.barrier
         triton.dialect.register_dialect(context)
         payload = ir.StringAttr(config["ir"]).value_bytes
         kernels.append(str(ir.Module.parse(payload, context=context)))
