@@ -193,9 +193,7 @@ def dot(spec: str, x_tx, w, gemv: str = "xla"):
     if not isinstance(w, Fp8):
         return jnp.einsum(spec, x_tx, w)
     if weight_only_rows(w, x_tx.shape[0], gemv):
-        rows = x_tx.shape[0]
-        return weight_only(spec, x_tx, w, kernel=gemv in KERNEL_GEMV,
-                           w8a8=w8a8_rows(gemv, rows), f16=f16_rows(gemv, rows))
+        return weight_only(spec, x_tx, w, gemv)
     w = w.unstacked()
     xq, sx = quantize_tokens(x_tx)
     ins, out = spec.split("->")
@@ -227,16 +225,16 @@ def stored_letters(lhs: str, rhs: str) -> str:
     return "".join(c for c in rhs if c not in lhs) + "".join(c for c in rhs if c in lhs)
 
 
-def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = False,
-                reduce=None, f16: bool = False):
+def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None):
     """einsum(spec, x, w) with x in its own dtype and w's FP8 values widened to it (exact:
     e4m3 fits in bf16 and f16), accumulated in float32, scaled per output channel and written in
-    x's dtype. kernel: through models/fp8_gemv.py's Pallas kernel where it takes the shapes;
-    else (and off it) an XLA dot on the widened weight. w8a8: x quantized per token first
-    (`quantize_tokens`, `reduce` over the devices that split its features) and the FP8
-    values multiplied (the kernel's dot takes them as they are), then both scales. f16: x
-    rounded to float16 first (clipped to its range), so that the weight is widened to float16
-    (still exact); the result is in x's own dtype."""
+    x's dtype, as the fp8_gemv mode `gemv` runs x's rows: through models/fp8_gemv.py's Pallas
+    kernel (KERNEL_GEMV) where it takes the shapes, else (and off it) an XLA dot on the widened
+    weight; W8A8 (`w8a8_rows`): x quantized per token first (`quantize_tokens`, `reduce` over
+    the devices that split its features) and the FP8 values multiplied (the kernel's dot takes
+    them as they are), then both scales; float16 rows (`f16_rows`): x rounded to float16 first
+    (clipped to its range), so that the weight is widened to float16 (still exact); the result
+    is in x's own dtype."""
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     outputs = "".join(c for c in rhs if c not in lhs)
@@ -249,10 +247,11 @@ def weight_only(spec: str, x_tx, w: Fp8, kernel: bool = False, w8a8: bool = Fals
     out_dims = w.q.shape[len(lead):len(lead) + len(outputs)]
     q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
     scale_n = w.scale.reshape(*lead, -1)
+    w8a8 = w8a8_rows(gemv, rows)
     x, sx = quantize_tokens(x_tx, reduce) if w8a8 else (x_tx, None)
-    if f16 and not w8a8:  # clipped in float32: bfloat16 rounds 65504 up to 65536, an inf
+    if f16_rows(gemv, rows):  # clipped in float32: bfloat16 rounds 65504 up to an inf
         x = to_float16(x)
-    if kernel:
+    if gemv in KERNEL_GEMV:
         from models.fp8_gemv import fp8_gemv, plan
 
         if plan(rows, *q_nk.shape[-2:], interpret=jax.default_backend() != "gpu") is not None:

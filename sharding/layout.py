@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
-                          w8a8_rows, weight_only, weight_only_rows)
+from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
+                          weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
 from sharding.mesh import tp_size
 from sharding.mosaic import mosaic_column, projection_fits
@@ -180,9 +180,7 @@ class ShardedLayout:
 
         def body(x, w):  # W8A8: each token's scale the maximum over every device's features
             pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
-            rows = x.shape[0]
-            y = weight_only(spec, x, w, kernel=True, w8a8=w8a8_rows(self.fp8_gemv, rows),
-                            reduce=pmax, f16=f16_rows(self.fp8_gemv, rows))
+            y = weight_only(spec, x, w, self.fp8_gemv, reduce=pmax)
             return jax.lax.psum(y, summed) if summed else y
 
         w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
