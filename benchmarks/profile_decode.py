@@ -90,6 +90,9 @@ def main():
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (LLM(quantization=...))")
+    ap.add_argument("--launch-dependents", action="store_true",
+                    help="CompileOptions.launch_dependents: jax-sp's Pallas kernels let the next "
+                         "kernel launch as they start (models/pdl.py)")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -116,7 +119,8 @@ def main():
     parallel = ParallelConfig(tp=1)
     compile_options = CompileOptions(
         attention=args.attention, decode_unroll=args.unroll, xla_options=options or None,
-        pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache)
+        pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache,
+        launch_dependents=args.launch_dependents)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
         from generation import hf_module
@@ -134,6 +138,7 @@ def main():
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
                                            (args.torch_first, "_torch_first"),
+                                           (args.launch_dependents, "_launch_dependents"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
@@ -160,6 +165,7 @@ def main():
                "unroll": args.unroll, "attention": llm.runtime.attention.name,
                "wall_ms": wall * 1e3, "decode_attention": llm.runtime.decode_attention.name,
                "paged_cache": not args.sliced_cache,
+               "launch_dependents": args.launch_dependents,
                "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",

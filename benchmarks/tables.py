@@ -445,6 +445,36 @@ def fp8_mlp(name: str) -> str:
     return "\n".join(out)
 
 
+def pdl(*names: str) -> str:
+    """Decode with jax-sp's Pallas kernels signalling launch_dependents and without, per result
+    file of benchmarks/pdl.py (one batch size each, both variants in one process)."""
+    out = ["| batch | weights | without: ms (runs) / of copy | with: ms (runs) / of copy | "
+           "speed-up | same tokens |", "| --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for name in names:
+        every = _rows(f"{name}.jsonl")
+        cells = {(r["quantization"], r["launch_dependents"]): r for r in every
+                 if r["bench"] == "decode"}
+        limits = next(r for r in every if r["bench"] == "limits")
+        labels = {"bf16": "bf16", "fp8-head": "FP8 + LM head"}
+        for q in [q for q in labels if (q, False) in cells]:
+            off, on = cells[q, False], cells[q, True]
+            cell = [f"{r['ms_per_token']:.3f} ({min(r['runs_ms']):.3f}-{max(r['runs_ms']):.3f})"
+                    f" / {r['of_copy']:.0%}" for r in (off, on)]
+            out.append(f"| {off['batch']} | {labels[q]} | {cell[0]} | {cell[1]} | "
+                       f"{off['ms_per_token'] / on['ms_per_token']:.3f}× | "
+                       f"{'yes' if on['same_tokens'] else 'no'} |")
+        notes.append(f"`benchmarks/results/{name}.jsonl` (copy bandwidth "
+                     f"{limits['copy_gb_s'] / 1e3:.2f} TB/s)")
+    first = _rows(f"{names[0]}.jsonl")[0]
+    out += ["", f"{'; '.join(notes)}: {first['machine']}, jax {first['jax']}; {first['model']} "
+            f"shape, random weights, decode after a 128-token prompt, 256 greedy new tokens, per "
+            f"token; each variant timed 5-7 times in alternation with the other in one process, "
+            f"medians; \"of copy\": the bytes a step reads (the state less the embedding table) "
+            f"over the time against the copy bandwidth measured in the same run."]
+    return "\n".join(out)
+
+
 def refactor() -> str:
     rows = [r for r in _rows("refactor_generation_*.jsonl") if r.get("impl") == "jax-sp"
             and r["bench"] in ("decode", "prefill") and "error" not in r]
@@ -946,7 +976,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
-          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "refactor": refactor,
+          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "pdl": pdl, "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.+\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)

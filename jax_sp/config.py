@@ -222,6 +222,10 @@ class CompileOptions:
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads
     (docs/fp8.md#the-kv-cache). Any weights, any attention mode.
+    launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention) signal
+    `griddepcontrol.launch_dependents` as each block starts, so on Hopper the kernel after one
+    launches while its last wave runs (models/pdl.py; off by default: the kernels XLA compiles
+    after them may read with non-coherent loads, which assume the data no longer changes).
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 
@@ -233,6 +237,7 @@ class CompileOptions:
     pad_rows_min_weight: int = 1 << 20
     fp8_gemv: str = "auto"
     kv_cache_dtype: str = "auto"
+    launch_dependents: bool = False
     xla_options: tuple | None = None
 
     def __post_init__(self):
@@ -245,6 +250,9 @@ class CompileOptions:
         if self.fp8_gemv not in FP8_GEMV_MODES:
             raise ValueError(f"CompileOptions.fp8_gemv must be one of {FP8_GEMV_MODES}, got "
                              f"{self.fp8_gemv!r}")
+        if not isinstance(self.launch_dependents, bool):
+            raise ValueError(f"CompileOptions.launch_dependents must be True or False, got "
+                             f"{self.launch_dependents!r}")
         for name in ("decode_unroll", "row_multiple"):
             if getattr(self, name) is not None:
                 _positive_int("CompileOptions", name, getattr(self, name))

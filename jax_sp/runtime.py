@@ -20,7 +20,7 @@ from flax import nnx
 from jax_sp.attention import choose
 from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_devices_for,
                            check_parallel, check_quantization)
-from models import CACHE_AXES, IntermediateTensors, KVCache, Llama
+from models import CACHE_AXES, IntermediateTensors, KVCache, Llama, pdl
 from models.cache import cache_dtype
 from models.quant import Fp8, fp8_axes, is_scale, quantize_weight, scale_of, stored_order
 from sharding.layout import ShardedLayout
@@ -211,7 +211,8 @@ class Runtime:
     def compile(self, fn, args, sp: bool, donate=()):
         """AOT-compile fn for args with this program's XLA options; if XLA fails with them,
         warn and compile without them."""
-        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+        with pdl.signalling(self.options.launch_dependents):  # read as kernels are traced
+            lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
         options = self.xla_options(sp)
         if not options:
             return lowered.compile()

@@ -35,6 +35,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from models import pdl
+
 BLOCK_S = 64  # keys per loop step
 NUM_WARPS = 4
 MAX_SPLITS = 16  # at most this many programs per sequence and KV head
@@ -113,7 +115,8 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
         raise ValueError(f"decode_attention: dot_dtype {wide.name} is not float16, bfloat16 or "
                          f"q's dtype ({qkv_bkch.dtype.name})")
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
-                               per_split=per_split, scale=h ** -0.5, wide=wide)
+                               per_split=per_split, scale=h ** -0.5, wide=wide,
+                               signal=pdl.enabled(interpret))
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
@@ -140,7 +143,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
 
 
 def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
-            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale, wide):
+            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale, wide, signal):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
     the cache (the last split's end past the cache's: its loop stops at kv_len <= S) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
@@ -156,7 +159,9 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     h = qkv_ref.shape[-1]
     half = h // 2
     lo, hi, whole = pl.ds(0, half), pl.ds(half, half), pl.ds(0, h)
-    layer, pos, n_keys = layer_ref[0], pos_ref[bi], len_ref[bi]
+    # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
+    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
+    pos, n_keys = pos_ref[bi], len_ref[bi]
     cos1, cos2 = cos_ref[bi, lo], cos_ref[bi, hi]
     sin1, sin2 = sin_ref[bi, lo], sin_ref[bi, hi]
 

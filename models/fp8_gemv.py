@@ -32,6 +32,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from models import pdl
+
 MAX_ROWS = 64  # the kernel serves at most this many rows
 FMA_ROWS = 1  # up to this many rows: CUDA-core multiply-adds; more: tensor cores (16-64-row tiles)
 TARGET_PROGRAMS = 264  # split the contracted axis while there are fewer programs (2 per SM)
@@ -129,7 +131,8 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     out = (jax.ShapeDtypeStruct((rows, n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
-                               splits=splits, fma=fma if m <= FMA_ROWS else False)
+                               splits=splits, fma=fma if m <= FMA_ROWS else False,
+                               signal=pdl.enabled(interpret))
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
                        compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
@@ -139,7 +142,8 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     return y if rows == m else y[:m]
 
 
-def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma):
+def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma,
+            signal):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
@@ -150,7 +154,8 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
 
     *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
-    layer = layer_ref[0]
+    # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
+    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
     rows = x_ref.shape[0]
     channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
     f32 = jnp.float32

@@ -160,3 +160,12 @@ def triton_kernels(text: str) -> list[str]:
         payload = ir.StringAttr(config["ir"]).value_bytes
         kernels.append(str(ir.Module.parse(payload, context=context)))
     return kernels
+
+
+def signal_position(kernel: str):
+    """(how many griddepcontrol.launch_dependents a kernel's Triton IR holds, how many loads
+    come before the first)."""
+    lines = kernel.splitlines()
+    at = [i for i, line in enumerate(lines) if "griddepcontrol.launch_dependents" in line]
+    loads = [i for i, line in enumerate(lines) if "tt.load" in line]
+    return len(at), sum(i < at[0] for i in loads) if at else None

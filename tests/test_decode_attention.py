@@ -204,3 +204,46 @@ def test_the_serving_engine_s_rows_are_whole_blocks_of_the_kernel_s_keys(llama16
             s = engine.cache_len
             assert engine.caches[0].k.shape[2] == s
         assert max_seq_len <= s < max_seq_len + multiple and s % multiple == 0
+
+
+def test_with_launch_dependents_the_kernel_signals_before_its_cache_loads():
+    """CompileOptions(launch_dependents=True) (models/pdl.py), lowered for CUDA: each block
+    executes griddepcontrol.launch_dependents once, after loading the layer index and before
+    any load of q, the RoPE tables or the cache; without the option there is none."""
+    from conftest import lowered_for_cuda, signal_position, triton_kernels
+    from models import pdl
+
+    spec = jax.ShapeDtypeStruct
+    b, k, g, h, layers, s = 2, 8, 4, 128, 3, 512
+    args = (spec((b, k, g + 2, h), jnp.bfloat16), spec((b, h), jnp.float32),
+            spec((b, h), jnp.float32), spec((layers, b, s, k, h), jnp.bfloat16),
+            spec((layers, b, s, k, h), jnp.bfloat16), spec((), jnp.int32),
+            spec((b,), jnp.int32), spec((b,), jnp.int32))
+
+    def kernel_ir():
+        text = lowered_for_cuda(lambda *a: da.decode_attention(*a, interpret=False), *args)
+        (kernel,) = triton_kernels(text)
+        return kernel
+
+    with pdl.signalling(True):
+        assert signal_position(kernel_ir()) == (1, 1)
+    assert signal_position(kernel_ir()) == (0, None)
+
+
+def test_programs_are_traced_with_the_launch_dependents_option_given():
+    """Runtime.compile traces every program inside models/pdl.py's `signalling` with
+    CompileOptions.launch_dependents, so the kernels of that program (and only of it) see it."""
+    from jax_sp.presets import preset
+    from jax_sp.runtime import Runtime
+    from models import pdl
+
+    seen = []
+    for on in (True, False):
+        def program(x):  # a function of its own each time, as each runtime's programs are
+            seen.append(pdl.enabled(interpret=False))
+            return x + 1
+
+        rt = Runtime(preset("smollm2"), ParallelConfig(tp=1),
+                     options=CompileOptions(launch_dependents=on))
+        rt.compile(program, (jnp.zeros(3),), sp=False)
+    assert seen == [True, False] and not pdl.enabled(interpret=False)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import lowered_for_cuda, triton_kernels
+from conftest import lowered_for_cuda, signal_position, triton_kernels
 from models.fp8_gemv import fp8_gemv, plan
 from models.quant import quantize_tokens, quantize_weight
 
@@ -175,3 +175,25 @@ def test_shapes_the_kernel_does_not_take_are_refused():
                       ({"splits": 0}, "splits must be at least 1, got 0")]:
         with pytest.raises(ValueError, match=match):
             fp8_gemv(x[:2], w.q, w.scale, interpret=True, **kw)
+
+
+@pytest.mark.parametrize("rows", [1, 32])
+def test_with_launch_dependents_the_kernel_signals_before_its_weight_loads(rows):
+    """CompileOptions(launch_dependents=True) (models/pdl.py), lowered for CUDA: each block
+    executes griddepcontrol.launch_dependents once, after loading the layer index (whose value
+    passes through the instruction) and before any load of the row or the weight; without the
+    option the kernel has no such instruction."""
+    from models import pdl
+
+    spec = jax.ShapeDtypeStruct
+    args = (spec((rows, 4096), jnp.bfloat16), spec((4, 1024, 4096), jnp.float8_e4m3fn),
+            spec((4, 1024), jnp.float32), spec((), jnp.int32))
+
+    def kernel_ir():
+        text = lowered_for_cuda(lambda x, q, s, l: fp8_gemv(x, q, s, l, interpret=False), *args)
+        (kernel,) = triton_kernels(text)
+        return kernel
+
+    with pdl.signalling(True):
+        assert signal_position(kernel_ir()) == (1, 1)
+    assert signal_position(kernel_ir()) == (0, None)

@@ -1,0 +1,91 @@
+"""Programmatic dependent launch from jax-sp's Pallas kernels (models/pdl.py), on and off, side
+by side: decode ms/token of a model on random weights, in 16 bits and in FP8 with the LM head,
+built with CompileOptions(launch_dependents=False) and (=True) in one process and timed in
+alternation (round after round, each variant once a round), with the copy bandwidth measured in
+the same run. "of_copy": the bytes a step reads (the state less the embedding table) over the
+time, against that bandwidth. Both variants must give the same tokens (`same_tokens`).
+Result: benchmarks/results/pdl_<card>_<model>[_<tag>].jsonl.
+
+    python benchmarks/pdl.py [--model llama3-8b] [--batches 1] [--rounds 7] [--tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import common
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--quantizations", default="bf16,fp8-head")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, 16 new tokens (CPU plumbing)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default=None, help="suffix of the result file")
+    args = ap.parse_args()
+
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+    from jax_sp.presets import preset
+    from jax_sp.runtime import random_params
+
+    cfg = preset(args.model)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, num_layers=2)
+        args.new_tokens = 16
+    gpu = jax.default_backend() == "gpu"
+    card = jax.devices()[0].device_kind
+    tag = next((c.lower() for c in ("H200", "H100") if gpu and c in card), jax.default_backend())
+    suffix = "".join(f"_{t}" for t in (args.tag, "tiny" if args.tiny else None) if t)
+    out = args.out or os.path.join(common.RESULTS, f"pdl_{tag}_{args.model}{suffix}.jsonl")
+    res = common.Results(out, machine=common.machine(), jax=jax.__version__, model=args.model)
+    bandwidth, kinds = common.copy_bandwidth((1 << 22) if args.tiny else (1 << 30))
+    res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9,
+              **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
+
+    params = random_params(cfg)
+    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(max_new_tokens=args.new_tokens)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
+        variants = {}  # (quantization, signal) -> (llm, tokens)
+        for q in args.quantizations.split(","):
+            for signal in (False, True):
+                llm = LLM(cfg, params, parallel=ParallelConfig(tp=1), dtype="bfloat16",
+                          max_seq_len=args.prompt + args.new_tokens + 64,
+                          options=CompileOptions(launch_dependents=signal),
+                          quantization=None if q == "bf16" else q)
+                tokens = [c.token_ids for c in llm.generate(ids, sp)]
+                variants[q, signal] = (llm, tokens)
+        times = {key: [] for key in variants}
+        for _ in range(args.rounds):
+            for key, (llm, _) in variants.items():
+                llm.generate(ids, sp)
+                times[key].append(llm.last_stats.decode_s / (args.new_tokens - 1))
+        for (q, signal), (llm, tokens) in variants.items():
+            per = statistics.median(times[q, signal])
+            read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
+            off = statistics.median(times[q, False])
+            res.emit({"bench": "decode", "quantization": q, "launch_dependents": signal,
+                      "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
+                      "ms_per_token": per * 1e3, "runs_ms": [t * 1e3 for t in times[q, signal]],
+                      "speedup_vs_off": off / per, "read_bytes": read,
+                      "of_copy": read / per / bandwidth,
+                      "same_tokens": tokens == variants[q, False][1]})
+        variants = None  # the next batch's programs in their place
+
+
+if __name__ == "__main__":
+    main()
