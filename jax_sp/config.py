@@ -224,8 +224,8 @@ class CompileOptions:
     (docs/fp8.md#the-kv-cache). Any weights, any attention mode.
     launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention) signal
     `griddepcontrol.launch_dependents` as each block starts, so on Hopper the kernel after one
-    launches while its last wave runs (models/pdl.py; off by default: the kernels XLA compiles
-    after them may read with non-coherent loads, which assume the data no longer changes).
+    launches while its last wave runs (models/pdl.py; off by default: XLA compiles the kernels
+    after them with non-coherent loads, which assume the data no longer changes).
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 

@@ -4,20 +4,21 @@ On Hopper and later GPUs XLA launches a program's kernels with CUDA's programmat
 serialization (`xla_gpu_enable_pdl`, on by default in the XLA that jax 0.11 ships), and each of
 its kernels waits at its start (`griddepcontrol.wait`) until the kernel before it has finished
 and its writes are visible. The next kernel may launch once every block of the running one has
-either exited or executed `griddepcontrol.launch_dependents`; XLA's fusions only exit, so the
-kernel after one of them launches when its last block ends. With
+either exited or executed `griddepcontrol.launch_dependents`; XLA executes it only in its Triton
+GEMMs, so the kernel after any other launches when its last block ends. With
 `CompileOptions(launch_dependents=True)` jax-sp's Pallas kernels (the FP8 GEMV, decode
 attention) execute `launch_dependents` as each block starts, so the kernel after them launches
 while their last wave still runs: its blocks take the multiprocessors that wave leaves idle,
 wait there, and start the moment it completes. Where the next kernel is not launched that way
 (PDL off, a cuBLAS or NCCL kernel) the instruction changes nothing.
 
-Off by default: XLA signals early only from its own Triton GEMMs, and compiles the kernels after
-those without non-coherent (`ld.global.nc`) loads of what the GEMM writes, since such loads are
-only defined on data no running kernel writes. The kernels after a Pallas kernel keep them, and
-with an early signal that kernel is still writing when they launch. The results came out
-identical in every run measured (benchmarks/pdl.py checks the tokens), which shows these loads
-waited in practice, not that they must. Measured: docs/performance.md#programmatic-dependent-launch.
+Off by default: XLA signals early only from its own Triton GEMMs, and reads what such a kernel
+writes with coherent loads in the kernel after it, what any other kernel writes with
+non-coherent ones (`ld.global.nc`, defined only on data that does not change while the reader
+runs). The kernels after a Pallas kernel get the latter, and with an early signal that kernel is
+still writing when they launch. The results came out identical in every run measured
+(benchmarks/pdl.py checks the tokens), which shows the loads saw the data in practice, not that
+they must. Measured: docs/performance.md#programmatic-dependent-launch.
 """
 
 from __future__ import annotations
