@@ -450,7 +450,7 @@ def pdl(*names: str) -> str:
     file of benchmarks/pdl.py (one batch size each, both variants in one process)."""
     out = ["| batch | weights | without: ms (runs) / of copy | with: ms (runs) / of copy | "
            "speed-up | same tokens |", "| --- | --- | --- | --- | --- | --- |"]
-    notes = []
+    notes, rounds = [], set()
     for name in names:
         every = _rows(f"{name}.jsonl")
         cells = {(r["quantization"], r["launch_dependents"]): r for r in every
@@ -459,6 +459,7 @@ def pdl(*names: str) -> str:
         labels = {"bf16": "bf16", "fp8-head": "FP8 + LM head"}
         for q in [q for q in labels if (q, False) in cells]:
             off, on = cells[q, False], cells[q, True]
+            rounds |= {len(off["runs_ms"]), len(on["runs_ms"])}
             cell = [f"{r['ms_per_token']:.3f} ({min(r['runs_ms']):.3f}-{max(r['runs_ms']):.3f})"
                     f" / {r['of_copy']:.0%}" for r in (off, on)]
             out.append(f"| {off['batch']} | {labels[q]} | {cell[0]} | {cell[1]} | "
@@ -469,7 +470,8 @@ def pdl(*names: str) -> str:
     first = _rows(f"{names[0]}.jsonl")[0]
     out += ["", f"{'; '.join(notes)}: {first['machine']}, jax {first['jax']}; {first['model']} "
             f"shape, random weights, decode after a 128-token prompt, 256 greedy new tokens, per "
-            f"token; each variant timed 5-7 times in alternation with the other in one process, "
+            f"token; each variant timed {'-'.join(str(n) for n in sorted(rounds))} times in "
+            f"alternation with the other in one process, "
             f"medians; \"of copy\": the bytes a step reads (the state less the embedding table) "
             f"over the time against the copy bandwidth measured in the same run."]
     return "\n".join(out)
@@ -976,7 +978,8 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "attn_dp_kv": attn_dp_kv, "attn_dp_census": attn_dp_census,
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
-          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "pdl": pdl, "refactor": refactor,
+          "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "pdl": pdl,
+          "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}
 _BLOCK = re.compile(r"(<!-- table:(\w+)((?: [\w.+\-]+)*) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
