@@ -88,6 +88,12 @@ def timed_bursts(call, repeats: int, burst: int) -> tuple[float, float]:
     return first, statistics.median(rounds)
 
 
+def unread_embedding_bytes(cfg, itemsize: int = 2) -> int:
+    """The bytes of a model's state that a decode step does not read: its embedding table (a
+    step reads one row of it), or none when the table is tied to the LM head (read whole)."""
+    return 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * itemsize
+
+
 def copy_bandwidth(size: int = 1 << 30) -> tuple[float, dict]:
     """(bytes read + written per second, by kind) of copying `size` bytes on the default
     device: XLA's elementwise kernel and, on a GPU with torch, the copy engine's device-to-device

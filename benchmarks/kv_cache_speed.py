@@ -72,8 +72,7 @@ def main():
             for label, (kv, _) in kinds.items()}
     del module
     weights = sum(x.nbytes for x in jax.tree.leaves(llms["auto"].state))
-    table = cfg.vocab_size * cfg.hidden_size * np.dtype(llms["auto"].runtime.dtype).itemsize
-    weights -= 0 if cfg.tie_word_embeddings else table  # a step reads one row of the embedding
+    weights -= common.unread_embedding_bytes(cfg, np.dtype(llms["auto"].runtime.dtype).itemsize)
     rng = np.random.default_rng(0)
     sampling = SamplingParams(max_new_tokens=args.new_tokens, stop_token_ids=())
     for batch in (int(b) for b in args.batches.split(",")):

@@ -55,7 +55,7 @@ def main():
               **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
 
     params = random_params(cfg)
-    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2
+    table = common.unread_embedding_bytes(cfg)  # bf16 either way
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     for batch in [int(b) for b in args.batches.split(",")]:

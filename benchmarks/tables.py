@@ -174,11 +174,10 @@ def fp8_accuracy() -> str:
 def _read_bytes(row) -> float:
     """The bytes a decode step of the row's model reads: its weights less the embedding table
     (one row of it is read; a tied model reads it whole as the LM head)."""
+    from common import unread_embedding_bytes
     from jax_sp.presets import preset
 
-    cfg = preset(row["model"])
-    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * 2
-    return row["weight_bytes"] - table
+    return row["weight_bytes"] - unread_embedding_bytes(preset(row["model"]))
 
 
 def _copy_share(row, bandwidth: float) -> str:
