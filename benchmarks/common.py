@@ -88,6 +88,18 @@ def timed_bursts(call, repeats: int, burst: int) -> tuple[float, float]:
     return first, statistics.median(rounds)
 
 
+def decode_rounds(llms: dict, ids, sp, rounds: int) -> dict:
+    """{key: decode seconds per token of each round} for LLMs timed in alternation: `rounds`
+    rounds, each LLM generating once a round (greedy, `sp`), so that drift in the machine's
+    speed falls on every variant alike."""
+    times = {key: [] for key in llms}
+    for _ in range(rounds):
+        for key, llm in llms.items():
+            llm.generate(ids, sp)
+            times[key].append(llm.last_stats.decode_s / (sp.max_new_tokens - 1))
+    return times
+
+
 def unread_embedding_bytes(cfg, itemsize: int = 2) -> int:
     """The bytes of a model's state that a decode step does not read: its embedding table (a
     step reads one row of it), or none when the table is tied to the LM head (read whole)."""

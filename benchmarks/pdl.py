@@ -69,11 +69,8 @@ def main():
                           quantization=None if q == "bf16" else q)
                 tokens = [c.token_ids for c in llm.generate(ids, sp)]
                 variants[q, signal] = (llm, tokens)
-        times = {key: [] for key in variants}
-        for _ in range(args.rounds):
-            for key, (llm, _) in variants.items():
-                llm.generate(ids, sp)
-                times[key].append(llm.last_stats.decode_s / (args.new_tokens - 1))
+        times = common.decode_rounds({key: llm for key, (llm, _) in variants.items()}, ids, sp,
+                                     args.rounds)
         for (q, signal), (llm, tokens) in variants.items():
             per = statistics.median(times[q, signal])
             read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table

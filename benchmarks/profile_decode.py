@@ -93,6 +93,9 @@ def main():
     ap.add_argument("--launch-dependents", action="store_true",
                     help="CompileOptions.launch_dependents: jax-sp's Pallas kernels let the next "
                          "kernel launch as they start (models/pdl.py)")
+    ap.add_argument("--add-norm", default="xla",
+                    help="CompileOptions.add_norm: a decode step's residual adds and norms in one "
+                         "Pallas kernel (pallas) or as XLA fuses them (xla)")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -120,7 +123,7 @@ def main():
     compile_options = CompileOptions(
         attention=args.attention, decode_unroll=args.unroll, xla_options=options or None,
         pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache,
-        launch_dependents=args.launch_dependents)
+        launch_dependents=args.launch_dependents, add_norm=args.add_norm)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
         from generation import hf_module
@@ -139,6 +142,7 @@ def main():
                                            (args.from_torch, "_from_torch"),
                                            (args.torch_first, "_torch_first"),
                                            (args.launch_dependents, "_launch_dependents"),
+                                           (args.add_norm != "xla", f"_add_norm_{args.add_norm}"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
@@ -165,7 +169,7 @@ def main():
                "unroll": args.unroll, "attention": llm.runtime.attention.name,
                "wall_ms": wall * 1e3, "decode_attention": llm.runtime.decode_attention.name,
                "paged_cache": not args.sliced_cache,
-               "launch_dependents": args.launch_dependents,
+               "launch_dependents": args.launch_dependents, "add_norm": args.add_norm,
                "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",

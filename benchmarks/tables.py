@@ -476,6 +476,63 @@ def pdl(*names: str) -> str:
     return "\n".join(out)
 
 
+def fp8_warm(*names: str) -> str:
+    """The FP8 GEMV chain with the next weight warmed into L2 and without (benchmarks/fp8_warm.py),
+    one table per result file."""
+    tables = []
+    for name in names:
+        every = _rows(f"{name}.jsonl")
+        limits = next(r for r in every if r["bench"] == "limits")
+        rows = sorted((r for r in every if r["bench"] == "warm"),
+                      key=lambda r: (r["launch_dependents"], r["warm_mb"], r["evict_first"],
+                                     r.get("control", False)))
+        out = ["| launch_dependents | MB warmed a kernel | own loads evict_first | warmed | "
+               "µs a layer (rounds) | of copy | vs none warmed | same output |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in rows:
+            runs = [t * 1e3 / r["layers"] for t in r["rounds_ms"]]
+            what = ("—" if not r["warm_mb"] else "a layer read later (control)"
+                    if r.get("control") else "the next projection's")
+            out.append(f"| {'on' if r['launch_dependents'] else 'off'} | {r['warm_mb']} | "
+                       f"{'yes' if r['evict_first'] else 'no'} | {what} | "
+                       f"{r['us_per_layer']:.1f} ({min(runs):.1f}-{max(runs):.1f}) | "
+                       f"{r['of_copy']:.0%} | {r['speedup_vs_unwarmed']:.3f}× | "
+                       f"{'yes' if r['same_output'] else 'no'} |")
+        out += ["", _source(rows[0]) + f"{rows[0]['layers']} Llama-3-8B layers as decode runs "
+                f"them, one row (q/k/v, o_proj, gate/up, down_proj through the FP8 kernel, "
+                f"XLA's norms, SiLU·up and residual adds between); each setting timed "
+                f"{len(rows[0]['rounds_ms'])} times in alternation in one process, medians; "
+                f"\"of copy\": FP8 weight bytes over the time against the copy bandwidth "
+                f"measured in the same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s."]
+        tables.append("\n".join(out))
+    return "\n\n".join(tables)
+
+
+def add_norm(name: str) -> str:
+    """Decode with the residual adds and norms in jax-sp's kernel and in XLA's, one run of
+    benchmarks/add_norm.py (every variant in one process, in alternation)."""
+    every = _rows(f"{name}.jsonl")
+    limits = next(r for r in every if r["bench"] == "limits")
+    rows = [r for r in every if r["bench"] == "decode"]
+    labels = {"bf16": "bf16", "fp8-head": "FP8 + LM head"}
+    out = ["| batch | weights | add_norm | launch_dependents | ms (runs) / of copy | "
+           "vs add_norm=\"xla\" | vs bf16 | same tokens |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        out.append(f"| {r['batch']} | {labels[r['quantization']]} | `{r['add_norm']}` | "
+                   f"{'on' if r['launch_dependents'] else 'off'} | {r['ms_per_token']:.3f} "
+                   f"({min(r['runs_ms']):.3f}-{max(r['runs_ms']):.3f}) / {r['of_copy']:.0%} | "
+                   f"{r['speedup_vs_xla']:.3f}× | {r['speedup_vs_bf16']:.2f}× | "
+                   f"{'yes' if r['same_tokens'] else 'no'} |")
+    out += ["", _source(rows[0]) + f"{rows[0]['model']} shape, random weights, decode after "
+            f"a {rows[0]['prompt']}-token prompt, {rows[0]['new_tokens']} greedy new tokens, "
+            f"per token; each variant timed {len(rows[0]['runs_ms'])} times in alternation with "
+            f"the others in one process, medians; \"of copy\": the bytes a step reads (the state "
+            f"less the embedding table) over the time against the copy bandwidth measured in the "
+            f"same run, {limits['copy_gb_s'] / 1e3:.2f} TB/s."]
+    return "\n".join(out)
+
+
 def refactor() -> str:
     rows = [r for r in _rows("refactor_generation_*.jsonl") if r.get("impl") == "jax-sp"
             and r["bench"] in ("decode", "prefill") and "error" not in r]
@@ -978,6 +1035,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
           "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "pdl": pdl,
+          "fp8_warm": fp8_warm, "add_norm": add_norm,
           "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

@@ -23,6 +23,7 @@ COMM_MODES = ("xla", "ring", "mosaic")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 KV_CACHE_DTYPES = ("auto", "fp8")
+ADD_NORM_MODES = ("xla", "pallas")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
@@ -222,7 +223,11 @@ class CompileOptions:
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads
     (docs/fp8.md#the-kv-cache). Any weights, any attention mode.
-    launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention) signal
+    add_norm: how a decode step (at most 64 rows) adds each sublayer's output to the residual
+    stream and normalizes the sum: "xla" as XLA fuses it (two kernels: the add and mean square,
+    then the scaling), "pallas" in one Pallas kernel (models/add_norm.py; interpreted off GPU;
+    docs/fp8.md: 3% slower in its first version, the current one not yet timed on a GPU).
+    launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm) signal
     `griddepcontrol.launch_dependents` as each block starts, so on Hopper the kernel after one
     launches while its last wave runs (models/pdl.py; off by default: XLA compiles the kernels
     after them with non-coherent loads, which assume the data no longer changes).
@@ -237,6 +242,7 @@ class CompileOptions:
     pad_rows_min_weight: int = 1 << 20
     fp8_gemv: str = "auto"
     kv_cache_dtype: str = "auto"
+    add_norm: str = "xla"
     launch_dependents: bool = False
     xla_options: tuple | None = None
 
@@ -250,6 +256,9 @@ class CompileOptions:
         if self.fp8_gemv not in FP8_GEMV_MODES:
             raise ValueError(f"CompileOptions.fp8_gemv must be one of {FP8_GEMV_MODES}, got "
                              f"{self.fp8_gemv!r}")
+        if self.add_norm not in ADD_NORM_MODES:
+            raise ValueError(f"CompileOptions.add_norm must be one of {ADD_NORM_MODES}, got "
+                             f"{self.add_norm!r}")
         if not isinstance(self.launch_dependents, bool):
             raise ValueError(f"CompileOptions.launch_dependents must be True or False, got "
                              f"{self.launch_dependents!r}")

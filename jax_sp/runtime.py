@@ -123,13 +123,15 @@ class Runtime:
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas-mixed" if platform == "gpu" else "xla") if gemv == "auto"
                          else gemv) if quantization else "off"
+        # a decode step's residual adds and norms in one Pallas kernel each (models/add_norm.py)
+        self.add_norm = self.options.add_norm == "pallas"
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------
 
     def layout(self, sp: bool) -> ShardedLayout:
         return ShardedLayout(self.mesh, sp, self.parallel.comm, self.row_multiple,
-                             self.options.pad_rows_min_weight, self.fp8_gemv)
+                             self.options.pad_rows_min_weight, self.fp8_gemv, self.add_norm)
 
     def sharding_of(self, names, sp: bool = False):
         return named(self.mesh, names, rules_for(sp, self.mesh))

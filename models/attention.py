@@ -38,6 +38,8 @@ class Forward(NamedTuple):
     # the layers' FP8 weights stay stacked [L, ...] and each projection reads its layer's
     # (models/quant.py Fp8.layer): what a kernel needs to read them in place
     stacked_fp8: bool = False
+    # each residual add and the norm after it in one kernel (models/add_norm.py)
+    fused_norm: bool = False
 
 
 def apply_rope(x_btnh, cos_bth, sin_bth):

@@ -14,6 +14,9 @@ instead of inserting collectives itself:
 `stacked_fp8(rows)` says whether a forward of that many rows keeps its FP8 weights stacked over
 the layers for a kernel that reads each layer's in place (models/fp8_gemv.py).
 
+`fused_norm(rows)` says whether a forward of that many rows adds each sublayer's output to the
+residual stream and normalizes the sum in one kernel (models/add_norm.py).
+
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
 carry its activations on those rows instead of padding before each projection.
@@ -49,6 +52,8 @@ class Layout(Protocol):
 
     def stacked_fp8(self, rows: int) -> bool: ...
 
+    def fused_norm(self, rows: int) -> bool: ...
+
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -69,6 +74,9 @@ class Dense:
         return fn(*args)
 
     def stacked_fp8(self, rows):
+        return False
+
+    def fused_norm(self, rows):
         return False
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models.add_norm import add_rms_norm, block as add_norm_block
 from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
@@ -178,10 +179,36 @@ class Block(nnx.Module):
         # both sums in the residual layout, as the block's output (with attention groups the
         # partitioner otherwise kept the loop's carries on each group's rows, because attention
         # reads them there, and gathered them again for the MLP)
-        x_td = fwd.layout.residual(hidden_td + residual_td)
-        attn_td, cache = self.attn(self.attn_norm(x_td), fwd, cache, layer)
-        h_td = fwd.layout.residual(x_td + attn_td)
-        return self.mlp(self.mlp_norm(h_td), fwd, layer), h_td, cache
+        normed_td, x_td = _add_norm(fwd, hidden_td, residual_td, self.attn_norm, layer)
+        attn_td, cache = self.attn(normed_td, fwd, cache, layer)
+        normed_td, h_td = _add_norm(fwd, x_td, attn_td, self.mlp_norm, layer)
+        return self.mlp(normed_td, fwd, layer), h_td, cache
+
+
+def _add_norm(fwd: Forward, a_td, b_td, norm: RMSNorm, layer):
+    """(norm(a + b), a + b), the sum in the residual layout: with fwd.fused_norm in one kernel
+    per device (models/add_norm.py; each device holds whole rows) that reads the norm's scale
+    from every layer's [L, D] (kept stacked: `fused_norm`), else as XLA fuses it."""
+    if not fwd.fused_norm:
+        s_td = fwd.layout.residual(a_td + b_td)
+        return norm(s_td), s_td
+    rows = ("act_tokens", "act_embed")
+    return fwd.layout.local(
+        lambda a, b, scale, i: add_rms_norm(a, b, scale, norm.eps, i,
+                                            interpret=jax.default_backend() != "gpu"),
+        (rows, rows, ("layers", "norm"), ()), (rows, rows), a_td, b_td.astype(a_td.dtype),
+        norm.scale[...], layer)
+
+
+def fused_norm(layout: Layout, rows: int, features: int) -> bool:
+    """Whether a forward of `rows` rows adds and normalizes in models/add_norm.py's kernel."""
+    return layout.fused_norm(rows) and add_norm_block(
+        features, jax.default_backend() != "gpu") is not None
+
+
+def _is_norm_scale(path, value) -> bool:
+    """nnx filter: a decoder layer's norm scale (kept stacked for the fused kernel)."""
+    return len(path) >= 2 and str(path[-1]) == "scale" and str(path[-2]).endswith("_norm")
 
 
 class IntermediateTensors(NamedTuple):
@@ -256,8 +283,9 @@ class Llama(nnx.Module):
         # FP8 weights that a kernel reads in place stay stacked outside the layer loop (a
         # slice of the stack passed to a kernel is a copy: models/fp8_gemv.py)
         stacked = self.quantized and layout.stacked_fp8(b * t)
+        fused = fused_norm(layout, b * t, self.cfg.hidden_size)
         fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
-                      layout, attention, stacked)
+                      layout, attention, stacked, fused)
         if t == 1:
             # A one-token step carries the whole stream on the rows its projections run on (8
             # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before
@@ -268,15 +296,17 @@ class Llama(nnx.Module):
             rows = layout.rows(b, gate_up.size // gate_up.shape[0])  # one layer's size
             hidden_td, residual_td = (_pad_rows(x, rows) for x in (hidden_td, residual_td))
 
-        if stacked:
-            graphdef, fp8_state, layer_state = nnx.split(self.layers, _is_fp8, ...)
+        # ... and so do the norms' scales that the fused add-and-norm kernel reads
+        whole = [f for on, f in ((stacked, _is_fp8), (fused, _is_norm_scale)) if on]
+        if whole:
+            graphdef, whole_state, layer_state = nnx.split(self.layers, nnx.Any(*whole), ...)
         else:
-            (graphdef, layer_state), fp8_state = nnx.split(self.layers), None
+            (graphdef, layer_state), whole_state = nnx.split(self.layers), None
 
         def body(carry, xs):
             hidden, residual, kv = carry
             state, layer = xs
-            block = (nnx.merge(graphdef, fp8_state, state) if stacked
+            block = (nnx.merge(graphdef, whole_state, state) if whole
                      else nnx.merge(graphdef, state))
             hidden, residual, kv = block(hidden, residual, fwd, kv, layer)
             stream = (hidden + residual)[:b * t] if collect_residuals else None
@@ -284,7 +314,7 @@ class Llama(nnx.Module):
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        layers = jnp.arange(jax.tree.leaves(layer_state)[0].shape[0])
+        layers = jnp.arange(self.layers.attn_norm.scale.shape[0])
         (hidden_td, residual_td, kv), residuals = jax.lax.scan(
             body, (hidden_td, residual_td, cache), (layer_state, layers), unroll=unroll)
         hidden_td, residual_td = hidden_td[:b * t], residual_td[:b * t]

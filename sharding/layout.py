@@ -96,6 +96,7 @@ class ShardedLayout:
     row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
     pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
     fp8_gemv: str = "xla"  # FP8 projections of few rows: models/quant.py FP8_GEMV_MODES, resolved
+    add_norm: bool = False  # few rows' residual adds and norms in one kernel (models/add_norm.py)
 
     @property
     def rules(self):
@@ -155,6 +156,10 @@ class ShardedLayout:
     def stacked_fp8(self, rows: int) -> bool:
         """Whether a forward of `rows` rows keeps its FP8 weights stacked for the kernel."""
         return self.fp8_gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS
+
+    def fused_norm(self, rows: int) -> bool:
+        """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py."""
+        return self.add_norm and rows <= WEIGHT_ONLY_ROWS
 
     def _einsum(self, spec, x_td, w):
         if self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):
