@@ -477,8 +477,8 @@ def pdl(*names: str) -> str:
 
 
 def fp8_warm(*names: str) -> str:
-    """The FP8 GEMV chain with the next weight warmed into L2 and without (benchmarks/fp8_warm.py),
-    one table per result file."""
+    """The FP8 GEMV chain with the next weight warmed into L2 and without (benchmarks/fp8_warm.py,
+    last in commit 0e898dc), one table per result file."""
     tables = []
     for name in names:
         every = _rows(f"{name}.jsonl")

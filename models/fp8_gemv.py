@@ -80,7 +80,7 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = NUM_WARPS,
              num_stages: int | None = None, fma: str = "reduce",
              splits: int | None = None, x_scale=None, out_dtype=None,
-             warm=None, evict_first: bool = False, interpret: bool | None = None):
+             interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype: sum_k
     x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is FP8 (W8A8) and
     row m is also scaled by x_scale[m]; the result is in out_dtype (default x's dtype; bf16 with
@@ -91,10 +91,7 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its products,
     "reduce" (each block's across its columns) or "tile" (per column over the whole loop, summed
     once at the end). splits: how many programs share the contracted axis (by default `plan`'s
-    choice). warm: (w [L', N', K'] float8_e4m3fn, layer', channels): the weight the next
-    projection reads; after its own programs the kernel runs programs that read the first
-    `channels` output channels of w[layer'] into L2 (nothing where layer' is outside [0, L')), so
-    that the next kernel finds them there: see `WARM`."""
+    choice)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -133,45 +130,20 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     # added and scaled by XLA
     out = (jax.ShapeDtypeStruct((rows, n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
-    index = [jnp.asarray(0 if layer is None else layer, jnp.int32)]
-    plan_warm, warm_in = None, ()
-    if warm is not None:
-        w_next, layer_next, channels = warm
-        plan_warm = warm_plan(w_next.shape, channels)
-        if plan_warm is not None:
-            index.append(jnp.asarray(layer_next, jnp.int32))
-            warm_in = (w_next,)
-            out = (out, jax.ShapeDtypeStruct((plan_warm[0],), jnp.float32))
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
                                splits=splits, fma=fma if m <= FMA_ROWS else False,
-                               signal=pdl.enabled(interpret), blocks=n // bn,
-                               warm=plan_warm, xs=len(xs), evict_first=evict_first)
-    grid = (n // bn + (plan_warm[0] if plan_warm else 0), splits)
-    y = pl.pallas_call(kernel, out_shape=out, grid=grid, interpret=interpret,
-                       compiler_params=params, name="fp8_gemv")(
-        jnp.stack(index), xp, wq, scale, *xs, *warm_in)
-    if plan_warm:
-        y = y[0]
+                               signal=pdl.enabled(interpret))
+    index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
+    y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
+                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
     if splits > 1:
         y = jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
         y = (y if x_scale is None else y * xs[0][:, None]).astype(dtype)
     return y if rows == m else y[:m]
 
 
-WARM_N, WARM_K = 8, 2048  # a warming program's tile: channels x contracted, read in a loop
-
-
-def warm_plan(shape, channels: int):
-    """(programs, tile channels, tile columns, column blocks) that warm the first `channels` output
-    channels of a weight of `shape` [L, N, K], or None when there is nothing to warm."""
-    n, k = shape[-2:]
-    wn, wk = min(n & -n, WARM_N), min(k & -k, WARM_K)
-    programs = min(channels, n) // wn
-    return (programs, wn, wk, k // wk) if programs > 0 else None
-
-
 def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma,
-            signal, blocks, warm, xs, evict_first):
+            signal):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
@@ -180,47 +152,10 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
-    xs_ref, refs = refs[:xs], refs[xs:]
-    if warm:
-        next_ref, out_ref, warm_ref = refs
-    else:
-        (out_ref,) = refs
+    *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
     # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
-    first = layer_ref[pl.ds(0, 1)]
-    layer = (pdl.launch_dependents(first) if signal else first)[0]
-    project = functools.partial(_project, layer, x_ref, w_ref, s_ref, xs_ref, out_ref, ni, pi,
-                                bn=bn, bk=bk, per_split=per_split, splits=splits, fma=fma,
-                                evict_first=evict_first)
-    if not warm:
-        return project()
-    pl.when(ni < blocks)(project)
-    _, wn, wk, steps = warm
-    nxt = layer_ref[pl.ds(1, 1)][0]
-
-    @pl.when((ni >= blocks) & (pi == 0) & (nxt >= 0) & (nxt < next_ref.shape[0]))
-    def _():
-        j = ni - blocks
-        channels = pl.ds(pl.multiple_of(j * wn, wn), wn)
-
-        def step(i, acc):
-            c = pl.ds(pl.multiple_of(i * wk, wk), wk)
-            block = plgpu.load(next_ref.at[nxt, channels, c], eviction_policy="evict_last")
-            return jnp.maximum(acc, jnp.max(jnp.abs(block.astype(jnp.float32))))
-
-        # the loads' values only feed this store (else the compiler would drop them)
-        warm_ref[pl.ds(j, 1)] = jnp.full((1,), jax.lax.fori_loop(0, steps, step, 0.0))
-
-
-def _project(layer, x_ref, w_ref, s_ref, xs_ref, out_ref, ni, pi, *, bn, bk, per_split,
-             splits, fma, evict_first):
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    def weight(c):  # [bn, bk]: read once, so first out of L2 with evict_first
-        return (plgpu.load(w_ref.at[layer, channels, c], eviction_policy="evict_first")
-                if evict_first else w_ref[layer, channels, c])
-
+    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
     rows = x_ref.shape[0]
     channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
     f32 = jnp.float32
@@ -231,7 +166,7 @@ def _project(layer, x_ref, w_ref, s_ref, xs_ref, out_ref, ni, pi, *, bn, bk, per
     if fma == "tile":  # products kept per (channel, column) over the loop, summed once
         def step(i, acc):
             c = cols(i)
-            wb = weight(c).astype(f32)
+            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
             return tuple(a + wb * x_ref[r, c].astype(f32)[None, :] for r, a in enumerate(acc))
 
         acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((bn, bk), f32)
@@ -240,7 +175,7 @@ def _project(layer, x_ref, w_ref, s_ref, xs_ref, out_ref, ni, pi, *, bn, bk, per
     elif fma:
         def step(i, acc):
             c = cols(i)
-            wb = weight(c).astype(f32)
+            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
             return tuple(a + jnp.sum(wb * x_ref[r, c].astype(f32)[None, :], axis=1)
                          for r, a in enumerate(acc))
 
@@ -262,7 +197,7 @@ def _project(layer, x_ref, w_ref, s_ref, xs_ref, out_ref, ni, pi, *, bn, bk, per
     def step(i, acc):
         c = cols(i)
         xb = x_ref[every, c]
-        wb = weight(c).astype(xb.dtype)  # exact: e4m3 fits in 16 bits
+        wb = w_ref[layer, channels, c].astype(xb.dtype)  # exact: e4m3 fits in 16 bits
         return acc + plgpu.dot(xb, wb, trans_b=True)
 
     acc = jax.lax.fori_loop(0, per_split, step, jnp.zeros((rows, bn), f32))
