@@ -223,10 +223,11 @@ class CompileOptions:
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads
     (docs/fp8.md#the-kv-cache). Any weights, any attention mode.
-    add_norm: how a decode step (at most 64 rows) adds each sublayer's output to the residual
-    stream and normalizes the sum: "xla" as XLA fuses it (two kernels: the add and mean square,
-    then the scaling), "pallas" in one Pallas kernel (models/add_norm.py; interpreted off GPU;
-    docs/fp8.md: 3% slower in its first version, the current one not yet timed on a GPU).
+    add_norm: how an inference forward of at most 64 rows (a decode step) adds each sublayer's
+    output to the residual stream and normalizes the sum: "xla" as XLA fuses it (two kernels:
+    the add and mean square, then the scaling), "pallas" in one Pallas kernel
+    (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's; docs/fp8.md:
+    3% slower in its first version, the current one not yet timed on a GPU).
     launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm) signal
     `griddepcontrol.launch_dependents` as each block starts, so on Hopper the kernel after one
     launches while its last wave runs (models/pdl.py; off by default: XLA compiles the kernels

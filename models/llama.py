@@ -283,7 +283,8 @@ class Llama(nnx.Module):
         # FP8 weights that a kernel reads in place stay stacked outside the layer loop (a
         # slice of the stack passed to a kernel is a copy: models/fp8_gemv.py)
         stacked = self.quantized and layout.stacked_fp8(b * t)
-        fused = fused_norm(layout, b * t, self.cfg.hidden_size)
+        # the add-and-norm kernel has no gradient: forwards with a KV cache (inference) only
+        fused = cache is not None and fused_norm(layout, b * t, self.cfg.hidden_size)
         fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
                       layout, attention, stacked, fused)
         if t == 1:

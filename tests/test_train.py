@@ -23,8 +23,8 @@ def batch(vocab, seed=0):
     return tokens, mask
 
 
-def grads(cfg, params, tp, sp, remat="none"):
-    rt = Runtime(cfg, ParallelConfig(tp=tp))
+def grads(cfg, params, tp, sp, remat="none", options=None):
+    rt = Runtime(cfg, ParallelConfig(tp=tp), options=options)
     trainer = Trainer(rt, TrainConfig(remat=remat), sp)
     loss, g = trainer.grads(rt.place(params), *batch(cfg.vocab_size))
     return float(loss), unpadded_params(rt, g)
@@ -54,6 +54,17 @@ def test_gradients_equal_one_device(model, tp, sp):
 def llama():
     cfg, params = load_module(_build("llama"))
     return cfg, params, grads(cfg, params, 1, False)
+
+
+def test_training_with_the_add_norm_kernel_asked_for_keeps_xlas_norms(llama):
+    """CompileOptions(add_norm="pallas") serves inference forwards: a training batch of 32 rows
+    (at most 64) still differentiates through XLA's norms (the kernel has no gradient), so the
+    gradients are the default's."""
+    from jax_sp import CompileOptions
+
+    cfg, params, (loss1, g1) = llama
+    loss, g = grads(cfg, params, 1, False, options=CompileOptions(add_norm="pallas"))
+    assert loss == loss1 and all(np.array_equal(g[k], g1[k]) for k in g1)
 
 
 @pytest.mark.parametrize("remat", ["full", "selective"])
