@@ -88,6 +88,53 @@ def timed_bursts(call, repeats: int, burst: int) -> tuple[float, float]:
     return first, statistics.median(rounds)
 
 
+def decode_parser(description: str):
+    """The arguments of a benchmark that times decode variants of one model side by side
+    (pdl.py, add_norm.py): model, batches, rounds, prompt and new tokens, quantizations,
+    --tiny, --out and --tag."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--quantizations", default="bf16,fp8-head")
+    ap.add_argument("--tiny", action="store_true", help="2 layers, 16 new tokens (CPU plumbing)")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--tag", default=None, help="suffix of the result file")
+    return ap
+
+
+def decode_setup(args, stem: str):
+    """(model config, Results, copy bandwidth, random host parameters, the bytes a step does not
+    read) for `decode_parser`'s arguments: the preset (2 layers and 16 new tokens with --tiny),
+    results in benchmarks/results/<stem>_<card>_<model>[_<tag>].jsonl (or --out), and the copy
+    bandwidth measured and emitted first."""
+    import dataclasses
+
+    import jax
+
+    from jax_sp.presets import preset
+    from jax_sp.runtime import random_params
+
+    cfg = preset(args.model)
+    if args.tiny:
+        cfg = dataclasses.replace(cfg, num_layers=2)
+        args.new_tokens = 16
+    gpu = jax.default_backend() == "gpu"
+    card = jax.devices()[0].device_kind
+    tag = next((c.lower() for c in ("H200", "H100") if gpu and c in card), jax.default_backend())
+    suffix = "".join(f"_{t}" for t in (args.tag, "tiny" if args.tiny else None) if t)
+    out = args.out or os.path.join(RESULTS, f"{stem}_{tag}_{args.model}{suffix}.jsonl")
+    res = Results(out, machine=machine(), jax=jax.__version__, model=args.model)
+    bandwidth, kinds = copy_bandwidth((1 << 22) if args.tiny else (1 << 30))
+    res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9,
+              **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
+    return cfg, res, bandwidth, random_params(cfg), unread_embedding_bytes(cfg)
+
+
 def decode_rounds(llms: dict, ids, sp, rounds: int) -> dict:
     """{key: decode seconds per token of each round} for LLMs timed in alternation: `rounds`
     rounds, each LLM generating once a round (greedy, `sp`), so that drift in the machine's

@@ -11,51 +11,20 @@ Result: benchmarks/results/pdl_<card>_<model>[_<tag>].jsonl.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 
 import common
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llama3-8b")
-    ap.add_argument("--batches", default="1")
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--prompt", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--quantizations", default="bf16,fp8-head")
-    ap.add_argument("--tiny", action="store_true", help="2 layers, 16 new tokens (CPU plumbing)")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--tag", default=None, help="suffix of the result file")
-    args = ap.parse_args()
-
-    import dataclasses
+    args = common.decode_parser(__doc__.split("\n")[0]).parse_args()
 
     import jax
     import numpy as np
 
     from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
-    from jax_sp.presets import preset
-    from jax_sp.runtime import random_params
 
-    cfg = preset(args.model)
-    if args.tiny:
-        cfg = dataclasses.replace(cfg, num_layers=2)
-        args.new_tokens = 16
-    gpu = jax.default_backend() == "gpu"
-    card = jax.devices()[0].device_kind
-    tag = next((c.lower() for c in ("H200", "H100") if gpu and c in card), jax.default_backend())
-    suffix = "".join(f"_{t}" for t in (args.tag, "tiny" if args.tiny else None) if t)
-    out = args.out or os.path.join(common.RESULTS, f"pdl_{tag}_{args.model}{suffix}.jsonl")
-    res = common.Results(out, machine=common.machine(), jax=jax.__version__, model=args.model)
-    bandwidth, kinds = common.copy_bandwidth((1 << 22) if args.tiny else (1 << 30))
-    res.emit({"bench": "limits", "copy_gb_s": bandwidth / 1e9,
-              **{f"copy_gb_s_{k}": v / 1e9 for k, v in kinds.items()}})
-
-    params = random_params(cfg)
-    table = common.unread_embedding_bytes(cfg)  # bf16 either way
+    cfg, res, bandwidth, params, table = common.decode_setup(args, "pdl")
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     for batch in [int(b) for b in args.batches.split(",")]:
