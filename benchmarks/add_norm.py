@@ -28,38 +28,30 @@ def main():
     import jax
     import numpy as np
 
-    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+    from jax_sp import CompileOptions, SamplingParams
 
     cfg, res, bandwidth, params, table = common.decode_setup(args, "add_norm")
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
-        variants = {}  # (quantization, add_norm, launch_dependents) -> (llm, tokens)
-        for q in args.quantizations.split(","):
-            for mode, signal in VARIANTS[q]:
-                llm = LLM(cfg, params, parallel=ParallelConfig(tp=1), dtype="bfloat16",
-                          max_seq_len=args.prompt + args.new_tokens + 64,
-                          options=CompileOptions(add_norm=mode, launch_dependents=signal),
-                          quantization=None if q == "bf16" else q)
-                tokens = [c.token_ids for c in llm.generate(ids, sp)]
-                variants[q, mode, signal] = (llm, tokens)
-        times = common.decode_rounds({key: llm for key, (llm, _) in variants.items()}, ids, sp,
-                                     args.rounds)
-        medians = {key: statistics.median(t) for key, t in times.items()}
-        for (q, mode, signal), (llm, tokens) in variants.items():
+        runs = common.decode_variants(args, cfg, params, ids, sp, {
+            (q, mode, signal): (q, CompileOptions(add_norm=mode, launch_dependents=signal))
+            for q in args.quantizations.split(",") for mode, signal in VARIANTS[q]})
+        medians = {key: statistics.median(times) for key, (_, _, times) in runs.items()}
+        for (q, mode, signal), (llm, tokens, times) in runs.items():
             per = medians[q, mode, signal]
             read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
             res.emit({"bench": "decode", "quantization": q, "add_norm": mode,
                       "launch_dependents": signal, "batch": batch, "prompt": args.prompt,
                       "new_tokens": args.new_tokens, "ms_per_token": per * 1e3,
-                      "runs_ms": [t * 1e3 for t in times[q, mode, signal]],
+                      "runs_ms": [t * 1e3 for t in times],
                       "speedup_vs_xla": medians[q, "xla", False] / per,
                       "speedup_vs_bf16": (medians["bf16", "xla", False] / per
                                           if ("bf16", "xla", False) in medians else None),
                       "read_bytes": read, "of_copy": read / per / bandwidth,
-                      "same_tokens": tokens == variants[q, "xla", False][1]})
-        variants = None  # the next batch's programs in their place
+                      "same_tokens": tokens == runs[q, "xla", False][1]})
+        runs = None  # the next batch's programs in their place
 
 
 if __name__ == "__main__":

@@ -135,16 +135,26 @@ def decode_setup(args, stem: str):
     return cfg, res, bandwidth, random_params(cfg), unread_embedding_bytes(cfg)
 
 
-def decode_rounds(llms: dict, ids, sp, rounds: int) -> dict:
-    """{key: decode seconds per token of each round} for LLMs timed in alternation: `rounds`
-    rounds, each LLM generating once a round (greedy, `sp`), so that drift in the machine's
-    speed falls on every variant alike."""
-    times = {key: [] for key in llms}
-    for _ in range(rounds):
-        for key, llm in llms.items():
+def decode_variants(args, cfg, params, ids, sp, variants: dict) -> dict:
+    """{key: (llm, greedy tokens, decode seconds per token of each round)} for `variants`
+    {key: (quantization or "bf16", CompileOptions)}: each built on one device from the same
+    host parameters and generating once, then all timed in alternation, `args.rounds` rounds of
+    each once a round (greedy, `sp`), so that drift in the machine's speed falls on every
+    variant alike."""
+    from jax_sp import LLM, ParallelConfig
+
+    built = {}
+    for key, (q, options) in variants.items():
+        llm = LLM(cfg, params, parallel=ParallelConfig(tp=1), dtype="bfloat16",
+                  max_seq_len=args.prompt + args.new_tokens + 64, options=options,
+                  quantization=None if q == "bf16" else q)
+        built[key] = (llm, [c.token_ids for c in llm.generate(ids, sp)])
+    times = {key: [] for key in built}
+    for _ in range(args.rounds):
+        for key, (llm, _) in built.items():
             llm.generate(ids, sp)
             times[key].append(llm.last_stats.decode_s / (sp.max_new_tokens - 1))
-    return times
+    return {key: (llm, tokens, times[key]) for key, (llm, tokens) in built.items()}
 
 
 def unread_embedding_bytes(cfg, itemsize: int = 2) -> int:

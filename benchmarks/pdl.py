@@ -22,35 +22,27 @@ def main():
     import jax
     import numpy as np
 
-    from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+    from jax_sp import CompileOptions, SamplingParams
 
     cfg, res, bandwidth, params, table = common.decode_setup(args, "pdl")
     rng = np.random.default_rng(0)
     sp = SamplingParams(max_new_tokens=args.new_tokens)
     for batch in [int(b) for b in args.batches.split(",")]:
         ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
-        variants = {}  # (quantization, signal) -> (llm, tokens)
-        for q in args.quantizations.split(","):
-            for signal in (False, True):
-                llm = LLM(cfg, params, parallel=ParallelConfig(tp=1), dtype="bfloat16",
-                          max_seq_len=args.prompt + args.new_tokens + 64,
-                          options=CompileOptions(launch_dependents=signal),
-                          quantization=None if q == "bf16" else q)
-                tokens = [c.token_ids for c in llm.generate(ids, sp)]
-                variants[q, signal] = (llm, tokens)
-        times = common.decode_rounds({key: llm for key, (llm, _) in variants.items()}, ids, sp,
-                                     args.rounds)
-        for (q, signal), (llm, tokens) in variants.items():
-            per = statistics.median(times[q, signal])
+        runs = common.decode_variants(args, cfg, params, ids, sp, {
+            (q, signal): (q, CompileOptions(launch_dependents=signal))
+            for q in args.quantizations.split(",") for signal in (False, True)})
+        for (q, signal), (llm, tokens, times) in runs.items():
+            per = statistics.median(times)
             read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
-            off = statistics.median(times[q, False])
+            off = statistics.median(runs[q, False][2])
             res.emit({"bench": "decode", "quantization": q, "launch_dependents": signal,
                       "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-                      "ms_per_token": per * 1e3, "runs_ms": [t * 1e3 for t in times[q, signal]],
+                      "ms_per_token": per * 1e3, "runs_ms": [t * 1e3 for t in times],
                       "speedup_vs_off": off / per, "read_bytes": read,
                       "of_copy": read / per / bandwidth,
-                      "same_tokens": tokens == variants[q, False][1]})
-        variants = None  # the next batch's programs in their place
+                      "same_tokens": tokens == runs[q, False][1]})
+        runs = None  # the next batch's programs in their place
 
 
 if __name__ == "__main__":

@@ -92,8 +92,7 @@ def _kernel(layer_ref, a_ref, b_ref, w_ref, y_ref, s_ref, *, bd, steps, eps, sig
     from jax.experimental import pallas as pl
 
     row = pl.program_id(0)
-    # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
-    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
+    layer = pdl.first_index(layer_ref, signal)
     f32 = jnp.float32
     d = bd * steps
 

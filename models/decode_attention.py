@@ -159,8 +159,7 @@ def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
     h = qkv_ref.shape[-1]
     half = h // 2
     lo, hi, whole = pl.ds(0, half), pl.ds(half, half), pl.ds(0, h)
-    # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
-    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
+    layer = pdl.first_index(layer_ref, signal)
     pos, n_keys = pos_ref[bi], len_ref[bi]
     cos1, cos2 = cos_ref[bi, lo], cos_ref[bi, hi]
     sin1, sin2 = sin_ref[bi, lo], sin_ref[bi, hi]

@@ -154,8 +154,7 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
 
     *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
-    # signal: griddepcontrol.launch_dependents after the layer index's load, before every other
-    layer = (pdl.launch_dependents(layer_ref[...]) if signal else layer_ref[...])[0]
+    layer = pdl.first_index(layer_ref, signal)
     rows = x_ref.shape[0]
     channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
     f32 = jnp.float32

@@ -194,8 +194,7 @@ def _add_norm(fwd: Forward, a_td, b_td, norm: RMSNorm, layer):
         return norm(s_td), s_td
     rows = ("act_tokens", "act_embed")
     return fwd.layout.local(
-        lambda a, b, scale, i: add_rms_norm(a, b, scale, norm.eps, i,
-                                            interpret=jax.default_backend() != "gpu"),
+        lambda a, b, scale, i: add_rms_norm(a, b, scale, norm.eps, i),
         (rows, rows, ("layers", "norm"), ()), (rows, rows), a_td, b_td.astype(a_td.dtype),
         norm.scale[...], layer)
 

@@ -7,10 +7,10 @@ and its writes are visible. The next kernel may launch once every block of the r
 either exited or executed `griddepcontrol.launch_dependents`; XLA executes it only in its Triton
 GEMMs, so the kernel after any other launches when its last block ends. With
 `CompileOptions(launch_dependents=True)` jax-sp's Pallas kernels (the FP8 GEMV, decode
-attention) execute `launch_dependents` as each block starts, so the kernel after them launches
-while their last wave still runs: its blocks take the multiprocessors that wave leaves idle,
-wait there, and start the moment it completes. Where the next kernel is not launched that way
-(PDL off, a cuBLAS or NCCL kernel) the instruction changes nothing.
+attention, the add-and-norm) execute `launch_dependents` as each block starts, so the kernel
+after them launches while their last wave still runs: its blocks take the multiprocessors that
+wave leaves idle, wait there, and start the moment it completes. Where the next kernel is not
+launched that way (PDL off, a cuBLAS or NCCL kernel) the instruction changes nothing.
 
 Off by default: XLA signals early only from its own Triton GEMMs, and reads what such a kernel
 writes with coherent loads in the kernel after it, what any other kernel writes with
@@ -54,6 +54,14 @@ def enabled(interpret: bool) -> bool:
         return int(str(capability).split(".")[0]) >= 9
     except ValueError:  # not a CUDA device (ROCm reports an architecture name)
         return False
+
+
+def first_index(ref, signal: bool):
+    """ref[0] of a kernel's int32 [1] index ref (the layer the kernel reads), loaded first; with
+    `signal` passed through `launch_dependents`, so that the signal comes after that one load
+    and before every other."""
+    index = ref[...]
+    return (launch_dependents(index) if signal else index)[0]
 
 
 def launch_dependents(index):
