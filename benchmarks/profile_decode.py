@@ -90,15 +90,16 @@ def main():
     ap.add_argument("--hlo", action="store_true",
                     help="also write the decode program's optimized HLO and every kernel to --out")
     ap.add_argument("--quantization", default=None, help="e.g. fp8 (LLM(quantization=...))")
-    ap.add_argument("--launch-dependents", action="store_true",
-                    help="CompileOptions.launch_dependents: jax-sp's Pallas kernels let the next "
-                         "kernel launch as they start (models/pdl.py)")
-    ap.add_argument("--add-norm", default="xla",
+    ap.add_argument("--launch-dependents", default="auto", choices=("auto", "true", "false"),
+                    help="CompileOptions.launch_dependents: which of jax-sp's Pallas kernels let "
+                         "the next kernel launch as they start (models/pdl.py)")
+    ap.add_argument("--add-norm", default="auto",
                     help="CompileOptions.add_norm: a decode step's residual adds and norms in one "
-                         "Pallas kernel (pallas) or as XLA fuses them (xla)")
+                         "Pallas kernel (pallas), as XLA fuses them (xla) or by default (auto)")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
+    args.launch_dependents = {"true": True, "false": False}.get(args.launch_dependents, "auto")
     if args.torch_first:
         import torch
 
@@ -141,8 +142,10 @@ def main():
     variant = "".join(tag for on, tag in ((args.sliced_cache, "_sliced"),
                                            (args.from_torch, "_from_torch"),
                                            (args.torch_first, "_torch_first"),
-                                           (args.launch_dependents, "_launch_dependents"),
-                                           (args.add_norm != "xla", f"_add_norm_{args.add_norm}"),
+                                           (args.launch_dependents is True,
+                                            "_launch_dependents"),
+                                           (args.launch_dependents is False, "_no_signal"),
+                                           (args.add_norm != "auto", f"_add_norm_{args.add_norm}"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []

@@ -63,9 +63,12 @@ class PallasDecode:
     def __init__(self, fallback: Xla = XLA):
         self.fallback = fallback
 
+    def kernel(self, fwd: Forward, cache, window) -> bool:
+        return (fwd.positions_bt.shape[1] == 1 and not fwd.fresh and cache is not None
+                and not window)
+
     def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window):
-        b, t = fwd.positions_bt.shape
-        if t != 1 or fwd.fresh or cache is None or window:
+        if not self.kernel(fwd, cache, window):
             return self.fallback(qkv_tkch, fwd, cache, layer, window)
         from models.decode_attention import decode_attention
 

@@ -23,7 +23,7 @@ COMM_MODES = ("xla", "ring", "mosaic")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 KV_CACHE_DTYPES = ("auto", "fp8")
-ADD_NORM_MODES = ("xla", "pallas")
+ADD_NORM_MODES = ("auto", "xla", "pallas")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
@@ -226,12 +226,16 @@ class CompileOptions:
     add_norm: how an inference forward of at most 64 rows (a decode step) adds each sublayer's
     output to the residual stream and normalizes the sum: "xla" as XLA fuses it (two kernels:
     the add and mean square, then the scaling), "pallas" in one Pallas kernel
-    (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's; docs/fp8.md:
-    3% slower in its first version, the current one not yet timed on a GPU).
-    launch_dependents: jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm) signal
-    `griddepcontrol.launch_dependents` as each block starts, so on Hopper the kernel after one
-    launches while its last wave runs (models/pdl.py; off by default: XLA compiles the kernels
-    after them with non-coherent loads, which assume the data no longer changes).
+    (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's), "auto":
+    pallas where the FP8 projections run through jax-sp's kernel (GPU, fp8_gemv a pallas mode),
+    which it then hands its rows to directly (docs/fp8.md#the-residual-add-and-norm-in-one-kernel),
+    xla elsewhere.
+    launch_dependents: which of jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm)
+    signal `griddepcontrol.launch_dependents` as each block starts, so that on Hopper the kernel
+    after one launches while its last wave runs (models/pdl.py): "auto" those whose next kernel
+    is one of jax-sp's own, reading their output as they write it (a decode step's FP8 GEMVs
+    and add-and-norms, one row on one device); True every one (XLA compiles the fusions after
+    them with non-coherent loads, which assume the data no longer changes); False none.
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 
@@ -243,8 +247,8 @@ class CompileOptions:
     pad_rows_min_weight: int = 1 << 20
     fp8_gemv: str = "auto"
     kv_cache_dtype: str = "auto"
-    add_norm: str = "xla"
-    launch_dependents: bool = False
+    add_norm: str = "auto"
+    launch_dependents: bool | str = "auto"
     xla_options: tuple | None = None
 
     def __post_init__(self):
@@ -260,9 +264,9 @@ class CompileOptions:
         if self.add_norm not in ADD_NORM_MODES:
             raise ValueError(f"CompileOptions.add_norm must be one of {ADD_NORM_MODES}, got "
                              f"{self.add_norm!r}")
-        if not isinstance(self.launch_dependents, bool):
-            raise ValueError(f"CompileOptions.launch_dependents must be True or False, got "
-                             f"{self.launch_dependents!r}")
+        if not (isinstance(self.launch_dependents, bool) or self.launch_dependents == "auto"):
+            raise ValueError(f"CompileOptions.launch_dependents must be 'auto', True or False, "
+                             f"got {self.launch_dependents!r}")
         for name in ("decode_unroll", "row_multiple"):
             if getattr(self, name) is not None:
                 _positive_int("CompileOptions", name, getattr(self, name))

@@ -22,7 +22,8 @@ from jax_sp.config import (CompileOptions, ModelConfig, ParallelConfig, check_de
                            check_parallel, check_quantization)
 from models import CACHE_AXES, IntermediateTensors, KVCache, Llama, pdl
 from models.cache import cache_dtype
-from models.quant import Fp8, fp8_axes, is_scale, quantize_weight, scale_of, stored_order
+from models.quant import (KERNEL_GEMV, Fp8, fp8_axes, is_scale, quantize_weight, scale_of,
+                          stored_order)
 from sharding.layout import ShardedLayout
 from sharding.mesh import make_mesh, tp_mesh
 from sharding.mosaic import check_mesh
@@ -123,8 +124,11 @@ class Runtime:
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas-mixed" if platform == "gpu" else "xla") if gemv == "auto"
                          else gemv) if quantization else "off"
-        # a decode step's residual adds and norms in one Pallas kernel each (models/add_norm.py)
-        self.add_norm = self.options.add_norm == "pallas"
+        # a decode step's residual adds and norms in one Pallas kernel each (models/add_norm.py):
+        # by default where the FP8 projections run through the kernel it hands its rows to
+        mode = self.options.add_norm
+        self.add_norm = mode == "pallas" or (mode == "auto" and platform == "gpu"
+                                             and self.fp8_gemv in KERNEL_GEMV)
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------

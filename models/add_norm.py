@@ -80,19 +80,19 @@ def add_rms_norm(a_td, b_td, scale_d, eps: float, layer=None, *, num_warps: int 
         params = plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
     out = jax.ShapeDtypeStruct((t, d), a_td.dtype)
     kernel = functools.partial(_kernel, bd=bd, steps=d // bd, eps=float(eps),
-                               signal=pdl.enabled(interpret))
+                               signal=pdl.enabled(interpret), below=pdl.below())
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     y, s = pl.pallas_call(kernel, out_shape=(out, out), grid=(t,), interpret=interpret,
                           compiler_params=params, name="add_rms_norm")(index, a_td, b_td, stack)
     return y, s
 
 
-def _kernel(layer_ref, a_ref, b_ref, w_ref, y_ref, s_ref, *, bd, steps, eps, signal):
+def _kernel(layer_ref, a_ref, b_ref, w_ref, y_ref, s_ref, *, bd, steps, eps, signal, below):
     """Program t: row t, in `steps` blocks of bd columns, the scale's row layer_ref[0]."""
     from jax.experimental import pallas as pl
 
     row = pl.program_id(0)
-    layer = pdl.first_index(layer_ref, signal)
+    layer = pdl.first_index(layer_ref, signal, below)
     f32 = jnp.float32
     d = bd * steps
 

@@ -40,6 +40,10 @@ class Forward(NamedTuple):
     stacked_fp8: bool = False
     # each residual add and the norm after it in one kernel (models/add_norm.py)
     fused_norm: bool = False
+    # a layer's last kernel (down_proj's) hands the stream straight to the next layer's first
+    # (the add-and-norm), except after the last of `layers` (models/pdl.py)
+    chained_layers: bool = False
+    layers: int = 0
 
 
 def apply_rope(x_btnh, cos_bth, sin_bth):
@@ -85,6 +89,11 @@ class Xla:
     a prefill (`fresh`) or a step over the cache (`cached`) attends."""
 
     name = "xla"
+
+    def kernel(self, fwd: Forward, cache, window) -> bool:
+        """Whether this forward attends in one kernel that reads q/k/v as the projection wrote
+        them (so that the projection may signal it early: models/pdl.py)."""
+        return False
 
     def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window):
         b, t = fwd.positions_bt.shape

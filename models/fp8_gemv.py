@@ -130,9 +130,11 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     # added and scaled by XLA
     out = (jax.ShapeDtypeStruct((rows, n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
+    # signalled where the next kernel reads the output as written (one split, no row padding)
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
                                splits=splits, fma=fma if m <= FMA_ROWS else False,
-                               signal=pdl.enabled(interpret))
+                               signal=pdl.enabled(interpret, splits == 1 and rows == m),
+                               below=pdl.below())
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
                        compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
@@ -143,7 +145,7 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
 
 
 def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma,
-            signal):
+            signal, below):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
@@ -154,7 +156,7 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
 
     *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
-    layer = pdl.first_index(layer_ref, signal)
+    layer = pdl.first_index(layer_ref, signal, below)
     rows = x_ref.shape[0]
     channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
     f32 = jnp.float32

@@ -17,6 +17,10 @@ the layers for a kernel that reads each layer's in place (models/fp8_gemv.py).
 `fused_norm(rows)` says whether a forward of that many rows adds each sublayer's output to the
 residual stream and normalizes the sum in one kernel (models/add_norm.py).
 
+`direct_kernel(spec, rows, w)` says whether a projection of that many rows runs as the FP8
+kernel on the rows exactly as the layout holds them (no padding, rounding or quantizing before
+it, no sum after it): the kernel before it may then signal it early (models/pdl.py).
+
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
 carry its activations on those rows instead of padding before each projection.
@@ -54,6 +58,8 @@ class Layout(Protocol):
 
     def fused_norm(self, rows: int) -> bool: ...
 
+    def direct_kernel(self, spec: str, rows: int, w) -> bool: ...
+
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -77,6 +83,9 @@ class Dense:
         return False
 
     def fused_norm(self, rows):
+        return False
+
+    def direct_kernel(self, spec, rows, w):
         return False
 
 

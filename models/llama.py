@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from models import pdl
 from models.add_norm import add_rms_norm, block as add_norm_block
 from models.attention import XLA, Forward
 from models.cache import KVCache
@@ -110,6 +111,9 @@ def _pad_rows(x_td, rows):
     return jnp.pad(x_td, ((0, rows - x_td.shape[0]), (0, 0)))
 
 
+QKV, GATE_UP = "TD,DKCH->TKCH", "TD,DCF->TCF"  # the column projections a norm feeds
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, quantization=None):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -130,8 +134,10 @@ class Attention(nnx.Module):
         """x_td may hold padding rows past the B*T tokens' (a one-token step's, see Llama); the
         output then has as many, zeros."""
         b, t = fwd.positions_bt.shape
-        (qkv_tkch,) = fwd.layout.column(
-            x_td, ("TD,DKCH->TKCH", _get(self, "w_qkv_dkch", fwd, layer)))
+        # the projection hands q/k/v straight to a fused decode attention (no bias to add)
+        with pdl.followed_by_kernel(not self.qkv_bias
+                                    and fwd.attention.kernel(fwd, cache, self.window)):
+            (qkv_tkch,) = fwd.layout.column(x_td, (QKV, _get(self, "w_qkv_dkch", fwd, layer)))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
@@ -143,8 +149,9 @@ class Attention(nnx.Module):
                if isinstance(w_o, Fp8) else w_o.reshape(n * h, -1))
         # N here is the flattened N*H: the letter says the contraction is over heads (split
         # as attention's heads are, which attention groups split differently from the MLP)
-        out_td = fwd.layout.row("TN,ND->TD", _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]),
-                                w_o)
+        with pdl.followed_by_kernel(fwd.fused_norm):  # o_proj's sum goes to the add-and-norm
+            out_td = fwd.layout.row("TN,ND->TD",
+                                    _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]), w_o)
         return out_td, cache
 
 
@@ -158,10 +165,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x_td, fwd: Forward, layer):
         layout = fwd.layout
-        (gate_up_tcf,) = layout.column(
-            x_td, ("TD,DCF->TCF", _get(self, "w_gate_up_dcf", fwd, layer)))
+        (gate_up_tcf,) = layout.column(x_td, (GATE_UP, _get(self, "w_gate_up_dcf", fwd, layer)))
         h_tf = jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
-        return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd", fwd, layer))
+        # down_proj's sum goes to the next layer's add-and-norm (none after the last layer)
+        with pdl.followed_by_kernel(fwd.chained_layers, below=fwd.layers - 1):
+            return layout.row("TF,FD->TD", h_tf, _get(self, "w_down_fd", fwd, layer))
 
 
 class Block(nnx.Module):
@@ -179,9 +187,14 @@ class Block(nnx.Module):
         # both sums in the residual layout, as the block's output (with attention groups the
         # partitioner otherwise kept the loop's carries on each group's rows, because attention
         # reads them there, and gathered them again for the MLP)
-        normed_td, x_td = _add_norm(fwd, hidden_td, residual_td, self.attn_norm, layer)
+        # each norm hands its rows straight to the FP8 kernel of the projection after it?
+        direct = lambda spec, module, name: fwd.layout.direct_kernel(  # noqa: E731
+            spec, hidden_td.shape[0], _get(module, name, fwd, layer))
+        with pdl.followed_by_kernel(direct(QKV, self.attn, "w_qkv_dkch")):
+            normed_td, x_td = _add_norm(fwd, hidden_td, residual_td, self.attn_norm, layer)
         attn_td, cache = self.attn(normed_td, fwd, cache, layer)
-        normed_td, h_td = _add_norm(fwd, x_td, attn_td, self.mlp_norm, layer)
+        with pdl.followed_by_kernel(direct(GATE_UP, self.mlp, "w_gate_up_dcf")):
+            normed_td, h_td = _add_norm(fwd, x_td, attn_td, self.mlp_norm, layer)
         return self.mlp(normed_td, fwd, layer), h_td, cache
 
 
@@ -284,8 +297,11 @@ class Llama(nnx.Module):
         stacked = self.quantized and layout.stacked_fp8(b * t)
         # the add-and-norm kernel has no gradient: forwards with a KV cache (inference) only
         fused = cache is not None and fused_norm(layout, b * t, self.cfg.hidden_size)
+        layers = self.layers.attn_norm.scale.shape[0]
+        # with nothing between one layer's down_proj and the next layer's add-and-norm
+        chained = fused and not collect_residuals
         fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
-                      layout, attention, stacked, fused)
+                      layout, attention, stacked, fused, chained, layers)
         if t == 1:
             # A one-token step carries the whole stream on the rows its projections run on (8
             # on GPU: sharding/layout.py `_einsum`), so the padding is made once, not before
@@ -314,9 +330,9 @@ class Llama(nnx.Module):
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        layers = jnp.arange(self.layers.attn_norm.scale.shape[0])
         (hidden_td, residual_td, kv), residuals = jax.lax.scan(
-            body, (hidden_td, residual_td, cache), (layer_state, layers), unroll=unroll)
+            body, (hidden_td, residual_td, cache), (layer_state, jnp.arange(layers)),
+            unroll=unroll)
         hidden_td, residual_td = hidden_td[:b * t], residual_td[:b * t]
         if not self.last:
             return Output(None, kv, IntermediateTensors(hidden_td, residual_td), residuals)

@@ -20,13 +20,16 @@ projection that fits its tiles run by JAX's Mosaic GPU all-gather matmul (`shard
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, stored_letters, weight_only,
-                          weight_only_rows)
+from models import pdl
+from models.fp8_gemv import plan
+from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
+                          w8a8_rows, weight_only, weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
 from sharding.mesh import tp_size
 from sharding.mosaic import mosaic_column, projection_fits
@@ -161,6 +164,34 @@ class ShardedLayout:
         """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py."""
         return self.add_norm and rows <= WEIGHT_ONLY_ROWS
 
+    def direct_kernel(self, spec: str, rows: int, w) -> bool:
+        """Whether a projection (spec onto w) of `rows` rows runs as models/fp8_gemv.py's kernel
+        on the rows as they are: weight-only in their own dtype, no padding, one split of the
+        contracted axis (the kernel then writes the result itself) and no sum over devices."""
+        gemv = self.fp8_gemv
+        if (gemv not in KERNEL_GEMV or not weight_only_rows(w, rows, gemv) or self.sp
+                or w8a8_rows(gemv, rows) or f16_rows(gemv, rows)):
+            return False
+        lhs, rhs = spec.split("->")[0].split(",")
+        stored = stored_letters(lhs, rhs)
+        lead = (None,) if w.layer is not None else ()
+        shard = jax.sharding.NamedSharding(self.mesh, partition_spec(
+            lead + tuple(_WEIGHT[c] for c in stored), self.rules)).shard_shape(w.q.shape)
+        contracted = len(lhs) - 1
+        n, k = math.prod(shard[len(lead):len(shard) - contracted]), math.prod(
+            shard[len(shard) - contracted:])
+        shape = plan(rows, n, k, interpret=jax.default_backend() != "gpu")
+        return shape is not None and shape[0] == rows and shape[3] == 1 and not self._summed(lhs)
+
+    def _summed(self, lhs: str) -> tuple:
+        """The mesh axes (of more than one device) that split the contracted letters of x, `lhs`
+        (an entry of a partition spec may name several): a product's partial sums are added
+        over them."""
+        names = partition_spec(tuple(_WEIGHT[c] for c in lhs[1:]), self.rules)
+        return tuple(sorted({name for a in names if a is not None
+                             for name in ((a,) if isinstance(a, str) else a)
+                             if self.mesh.shape[name] > 1}))
+
     def _einsum(self, spec, x_td, w):
         if self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, x_td.shape[0], self.fp8_gemv):
             return self._weight_only_kernel(spec, x_td, w)
@@ -179,14 +210,14 @@ class ShardedLayout:
         lead = (None,) if w.layer is not None else ()  # a stack's layer axis
         pspec = lambda letters, lead=(): partition_spec(  # noqa: E731
             lead + tuple(_WEIGHT[c] for c in letters), self.rules)
-        # the mesh axes x's contracted letters are split over (an entry may name several)
-        summed = tuple(sorted({name for a in pspec(lhs[1:]) if a is not None
-                               for name in ((a,) if isinstance(a, str) else a)}))
+        summed = self._summed(lhs)
 
         def body(x, w):  # W8A8: each token's scale the maximum over every device's features
             pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
-            y = weight_only(spec, x, w, self.fp8_gemv, reduce=pmax)
-            return jax.lax.psum(y, summed) if summed else y
+            if not summed:
+                return weight_only(spec, x, w, self.fp8_gemv)
+            with pdl.followed_by_kernel(False):  # an all-reduce comes next
+                return jax.lax.psum(weight_only(spec, x, w, self.fp8_gemv, reduce=pmax), summed)
 
         w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
                      None if w.layer is None else P())
