@@ -8,8 +8,10 @@ result: an add-and-mean-square (writing s) and a multiply (writing y). In a one-
 step of the Llama-3-8B shape in FP8 each of the two takes 1.3-2.5 us on an H100, for rows of 8 KB
 (docs/fp8.md): four small kernels a layer. Here program t owns row t: it adds, writes s and sums
 the squares block by block, then computes the inverse RMS and writes y, re-reading a and b (from
-L1 or L2). With CompileOptions(add_norm="pallas") the model uses this for every norm of a decode
-step (models/llama.py `Block`); not by default: docs/fp8.md has what was measured.
+L1 or L2). The model uses it for every norm of a decode step (models/llama.py `Block`) with
+CompileOptions(add_norm="pallas"), and by default ("auto") where the FP8 projections run through
+models/fp8_gemv.py: each norm then feeds a GEMV kernel directly, which lets it signal the GEMV
+early (models/pdl.py; docs/fp8.md has what was measured).
 
 Numerics: the same operations in the same dtypes as `RMSNorm` (the add in the model's dtype, the
 mean square and the inverse RMS in float32, the cast, then the scale). Interpreted on CPU with

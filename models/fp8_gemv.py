@@ -21,8 +21,10 @@ does not run that dot on FP8 tensor cores: below wgmma's 64 rows, and with no
 `max_num_imprecise_acc` from Pallas, its `mma.sync` path widens both operands to float16 (native
 FP8 `mma.sync` is sm_89's and sm_120's). What W8A8 saves there is the widening: e4m3 to float16
 is one instruction a pair of values, to bfloat16 three. Rows in float16 (fp8_gemv="pallas-f16")
-get the same widening of the weight without quantizing the rows. `interpret=True` runs the same
-kernel through Pallas' interpreter (the tests use it on CPU).
+get the same widening of the weight without quantizing the rows. With `glu` a program reads a
+fused gate/up weight's gate rows and the matching up rows and writes silu(gate) * up, so a
+decode step's MLP runs as two kernels (`swiglu`; models/llama.py `MLP`). `interpret=True` runs
+the same kernel through Pallas' interpreter (the tests use it on CPU).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
 def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = NUM_WARPS,
              num_stages: int | None = None, fma: str = "reduce",
-             splits: int | None = None, x_scale=None, out_dtype=None,
+             splits: int | None = None, x_scale=None, out_dtype=None, glu: bool = False,
              interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype: sum_k
     x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is FP8 (W8A8) and
@@ -91,7 +93,10 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     refuses the shapes (callers check `plan` first). fma: how a CUDA-core row sums its products,
     "reduce" (each block's across its columns) or "tile" (per column over the whole loop, summed
     once at the end). splits: how many programs share the contracted axis (by default `plan`'s
-    choice)."""
+    choice). glu: the weight's N rows are a gate's then an up projection's (vLLM's fused
+    gate_up_proj), and the result is [M, N / 2], silu(gate) * up (`swiglu`): in the kernel, so
+    the product's two halves are never written, where the contracted axis is not split; after
+    the split sums (in XLA) where it is."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -103,7 +108,10 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     if kw != k or scale.shape != wq.shape[:2]:
         raise ValueError(f"fp8_gemv: x {x.shape}, weight {wq.shape} and scale {scale.shape} "
                          f"do not fit (want [M, K], [(L,) N, K], [(L,) N])")
-    shape = plan(m, n, k, block_n, block_k, interpret, splits)
+    if glu and n % 2:
+        raise ValueError(f"fp8_gemv: glu needs an even number of output channels (gate, then "
+                         f"up), not {n}")
+    shape = plan(m, n // 2 if glu else n, k, block_n, block_k, interpret, splits)
     if shape is None:
         raise ValueError(f"fp8_gemv: takes at most {MAX_ROWS} rows, N and K with a "
                          f"power-of-two divisor >= 16 and splits dividing K's blocks, not "
@@ -128,29 +136,42 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
             num_stages=num_stages or (FMA_STAGES if m <= FMA_ROWS else STAGES))
     # one split: scaled and written in x's dtype by the kernel; several: float32 partial sums,
     # added and scaled by XLA
-    out = (jax.ShapeDtypeStruct((rows, n), dtype) if splits == 1
+    out = (jax.ShapeDtypeStruct((rows, n // 2 if glu else n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
     # signalled where the next kernel reads the output as written (one split, no row padding)
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
                                splits=splits, fma=fma if m <= FMA_ROWS else False,
+                               half=n // 2 if glu else 0,
                                signal=pdl.enabled(interpret, splits == 1 and rows == m),
                                below=pdl.below())
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
-    y = pl.pallas_call(kernel, out_shape=out, grid=(n // bn, splits), interpret=interpret,
+    grid = ((n // 2 if glu else n) // bn, splits)
+    y = pl.pallas_call(kernel, out_shape=out, grid=grid, interpret=interpret,
                        compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
     if splits > 1:
         y = jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
-        y = (y if x_scale is None else y * xs[0][:, None]).astype(dtype)
+        y = y if x_scale is None else y * xs[0][:, None]
+        y = swiglu(y[:, :n // 2], y[:, n // 2:], dtype) if glu else y.astype(dtype)
     return y if rows == m else y[:m]
 
 
-def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma,
+def swiglu(gate, up, dtype):
+    """silu(gate) * up in `dtype` from float32 products: each rounded to `dtype` first, as the
+    unfused projection writes them, then the activation and the product in float32 and one
+    rounding, as XLA fuses `jax.nn.silu(gate) * up`."""
+    g, u = (a.astype(dtype).astype(jnp.float32) for a in (gate, up))
+    return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
+
+
+def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma, half,
             signal, below):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
     False: one tensor-core dot of the row tile, in FP8 when x is (W8A8: refs then begin with
-    the rows' scales, xs_ref). refs: ([xs_ref,] out_ref)."""
+    the rows' scales, xs_ref). half (glu): also the channels `half` further on (the up
+    projection's), and the output is `swiglu` of the two (one split) or both, side by side as
+    the weight holds them (several). refs: ([xs_ref,] out_ref)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -158,39 +179,44 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     ni, pi = pl.program_id(0), pl.program_id(1)
     layer = pdl.first_index(layer_ref, signal, below)
     rows = x_ref.shape[0]
-    channels = pl.ds(pl.multiple_of(ni * bn, bn), bn)
+    # the program's channels, and with glu the up projection's `half` further on
+    groups = [pl.ds(pl.multiple_of(ni * bn + g * half, bn), bn) for g in range(1 + bool(half))]
     f32 = jnp.float32
+    dtype = out_ref.dtype
 
     def cols(i):
         return pl.ds(pl.multiple_of((pi * per_split + i) * bk, bk), bk)
 
-    if fma == "tile":  # products kept per (channel, column) over the loop, summed once
+    def finish(vals, scale_rows):
+        """The group's float32 sums [.., bn] scaled and written: swiglu'd with glu."""
+        vals = [scale_rows(v * s_ref[layer, ch]) for v, ch in zip(vals, groups)]
+        return swiglu(*vals, dtype) if half else vals[0].astype(dtype)
+
+    if fma:  # acc: per group, per row
         def step(i, acc):
             c = cols(i)
-            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
-            return tuple(a + wb * x_ref[r, c].astype(f32)[None, :] for r, a in enumerate(acc))
+            out = []
+            for g, ch in enumerate(groups):
+                wb = w_ref[layer, ch, c].astype(f32)  # [bn, bk]
+                for r in range(rows):
+                    p = wb * x_ref[r, c].astype(f32)[None, :]
+                    # "tile": products kept per (channel, column) over the loop, summed once
+                    out.append(acc[g * rows + r] + (p if fma == "tile" else jnp.sum(p, axis=1)))
+            return tuple(out)
 
-        acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((bn, bk), f32)
-                                                          for _ in range(rows)))
-        acc = tuple(jnp.sum(a, axis=1) for a in acc)
-    elif fma:
-        def step(i, acc):
-            c = cols(i)
-            wb = w_ref[layer, channels, c].astype(f32)  # [bn, bk]
-            return tuple(a + jnp.sum(wb * x_ref[r, c].astype(f32)[None, :], axis=1)
-                         for r, a in enumerate(acc))
-
-        acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((bn,), f32)
-                                                          for _ in range(rows)))
-    if fma:
-        for r, a in enumerate(acc):
-            if splits == 1:
-                a = a * s_ref[layer, channels]
-                if xs_ref:  # W8A8: the row's own scale too
-                    a = a * xs_ref[0][r]
-                out_ref[r, channels] = a.astype(out_ref.dtype)
+        shape = (bn, bk) if fma == "tile" else (bn,)
+        acc = jax.lax.fori_loop(0, per_split, step, tuple(
+            jnp.zeros(shape, f32) for _ in range(len(groups) * rows)))
+        if fma == "tile":
+            acc = tuple(jnp.sum(a, axis=1) for a in acc)
+        for r in range(rows):
+            vals = [acc[g * rows + r] for g in range(len(groups))]
+            if splits == 1:  # W8A8: the row's own scale too
+                out_ref[r, groups[0]] = finish(
+                    vals, lambda v, r=r: v * xs_ref[0][r] if xs_ref else v)
             else:
-                out_ref[pi, r, channels] = a
+                for v, ch in zip(vals, groups):
+                    out_ref[pi, r, ch] = v
         return
 
     every = pl.ds(0, rows)
@@ -198,14 +224,15 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     def step(i, acc):
         c = cols(i)
         xb = x_ref[every, c]
-        wb = w_ref[layer, channels, c].astype(xb.dtype)  # exact: e4m3 fits in 16 bits
-        return acc + plgpu.dot(xb, wb, trans_b=True)
+        # exact: e4m3 fits in 16 bits
+        return tuple(a + plgpu.dot(xb, w_ref[layer, ch, c].astype(xb.dtype), trans_b=True)
+                     for a, ch in zip(acc, groups))
 
-    acc = jax.lax.fori_loop(0, per_split, step, jnp.zeros((rows, bn), f32))
-    if splits == 1:
-        scaled = acc * s_ref[layer, channels][None, :]
-        if xs_ref:  # W8A8: each row's own scale too
-            scaled = scaled * xs_ref[0][every][:, None]
-        out_ref[every, channels] = scaled.astype(out_ref.dtype)
+    acc = jax.lax.fori_loop(0, per_split, step, tuple(jnp.zeros((rows, bn), f32)
+                                                      for _ in groups))
+    if splits == 1:  # W8A8: each row's own scale too
+        out_ref[every, groups[0]] = finish(
+            [a for a in acc], lambda v: v * xs_ref[0][every][:, None] if xs_ref else v)
     else:
-        out_ref[pi, every, channels] = acc
+        for a, ch in zip(acc, groups):
+            out_ref[pi, every, ch] = a

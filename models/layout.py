@@ -17,6 +17,9 @@ the layers for a kernel that reads each layer's in place (models/fp8_gemv.py).
 `fused_norm(rows)` says whether a forward of that many rows adds each sublayer's output to the
 residual stream and normalizes the sum in one kernel (models/add_norm.py).
 
+`gated(x_td, spec, w)` is a column-parallel gate/up projection ("TD,DCF->TCF") followed by
+silu(gate) * up, [T, F]: where the FP8 kernel runs it, in the kernel's epilogue.
+
 `direct_kernel(spec, rows, w)` says whether a projection of that many rows runs as the FP8
 kernel on the rows exactly as the layout holds them (no padding, rounding or quantizing before
 it, no sum after it): the kernel before it may then signal it early (models/pdl.py).
@@ -58,6 +61,8 @@ class Layout(Protocol):
 
     def fused_norm(self, rows: int) -> bool: ...
 
+    def gated(self, x_td: jax.Array, spec: str, w: jax.Array) -> jax.Array: ...
+
     def direct_kernel(self, spec: str, rows: int, w) -> bool: ...
 
 
@@ -85,8 +90,16 @@ class Dense:
     def fused_norm(self, rows):
         return False
 
+    def gated(self, x_td, spec, w):
+        return swiglu_of(self.column(x_td, (spec, w))[0])
+
     def direct_kernel(self, spec, rows, w):
         return False
+
+
+def swiglu_of(gate_up_tcf):
+    """silu(gate) * up of a gate/up product [T, 2, F], as XLA fuses it."""
+    return jax.nn.silu(gate_up_tcf[:, 0]) * gate_up_tcf[:, 1]
 
 
 DENSE = Dense()

@@ -225,7 +225,7 @@ def stored_letters(lhs: str, rhs: str) -> str:
     return "".join(c for c in rhs if c not in lhs) + "".join(c for c in rhs if c in lhs)
 
 
-def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None):
+def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None, glu: bool = False):
     """einsum(spec, x, w) with x in its own dtype and w's FP8 values widened to it (exact:
     e4m3 fits in bf16 and f16), accumulated in float32, scaled per output channel and written in
     x's dtype, as the fp8_gemv mode `gemv` runs x's rows: through models/fp8_gemv.py's Pallas
@@ -234,7 +234,9 @@ def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None):
     the devices that split its features) and the FP8 values multiplied (the kernel's dot takes
     them as they are), then both scales; float16 rows (`f16_rows`): x rounded to float16 first
     (clipped to its range), so that the weight is widened to float16 (still exact); the result
-    is in x's own dtype."""
+    is in x's own dtype. glu: the weight's first output dimension is (gate, up), and the result
+    drops it: silu(gate) * up (models/fp8_gemv.py `swiglu`; in the kernel's epilogue where the
+    kernel runs)."""
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     outputs = "".join(c for c in rhs if c not in lhs)
@@ -245,19 +247,25 @@ def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None):
     # [(L,) N, K] and [(L,) N]: the output dimensions flattened (a stack's L kept)
     lead = w.q.shape[:1] if w.layer is not None else ()
     out_dims = w.q.shape[len(lead):len(lead) + len(outputs)]
+    if glu and out_dims[0] != 2:
+        raise ValueError(f"weight_only: glu needs the weight's first output dimension to be "
+                         f"(gate, up), of size 2, not {out_dims}")
     q_nk = w.q.reshape(*lead, math.prod(out_dims), -1)
     scale_n = w.scale.reshape(*lead, -1)
     w8a8 = w8a8_rows(gemv, rows)
     x, sx = quantize_tokens(x_tx, reduce) if w8a8 else (x_tx, None)
     if f16_rows(gemv, rows):  # clipped in float32: bfloat16 rounds 65504 up to an inf
         x = to_float16(x)
-    if gemv in KERNEL_GEMV:
-        from models.fp8_gemv import fp8_gemv, plan
+    from models.fp8_gemv import fp8_gemv, plan, swiglu
 
-        if plan(rows, *q_nk.shape[-2:], interpret=jax.default_backend() != "gpu") is not None:
-            return fp8_gemv(x, q_nk, scale_n, w.layer, x_scale=sx,
-                            out_dtype=x_tx.dtype).reshape(rows, *out_dims)
+    n, k = q_nk.shape[-2:]
+    if gemv in KERNEL_GEMV and plan(rows, n // 2 if glu else n, k,
+                                    interpret=jax.default_backend() != "gpu") is not None:
+        return fp8_gemv(x, q_nk, scale_n, w.layer, x_scale=sx, out_dtype=x_tx.dtype,
+                        glu=glu).reshape(rows, *out_dims[glu:])
     q_nk, scale_n = Fp8(q_nk, scale_n, w.layer).unstacked()[:2]
     y = jnp.einsum("tk,nk->tn", x, q_nk.astype(x.dtype), preferred_element_type=jnp.float32)
     y = y * scale_n if sx is None else y * scale_n * sx[:, None]
+    if glu:
+        return swiglu(y[:, :n // 2], y[:, n // 2:], x_tx.dtype).reshape(rows, *out_dims[1:])
     return y.astype(x_tx.dtype).reshape(rows, *out_dims)

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from models import pdl
+from models.layout import swiglu_of
 from models.fp8_gemv import plan
 from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
                           w8a8_rows, weight_only, weight_only_rows)
@@ -164,6 +165,18 @@ class ShardedLayout:
         """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py."""
         return self.add_norm and rows <= WEIGHT_ONLY_ROWS
 
+    def gated(self, x_td, spec, w):
+        rows = x_td.shape[0]
+        lhs = spec.split("->")[0].split(",")[0]
+        if not (self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, rows, self.fp8_gemv)
+                and not self._summed(lhs)):
+            return swiglu_of(self.column(x_td, (spec, w))[0])
+        if self.sp:  # as `column`: gather exactly what the caller computed
+            x_td = jax.lax.optimization_barrier(x_td)
+        ins, out = spec.split("->")
+        return self._constrain(self._weight_only_kernel(spec, x_td, w, glu=True),
+                               _column_out(f"{ins}->{out[0]}{out[2:]}"))
+
     def direct_kernel(self, spec: str, rows: int, w) -> bool:
         """Whether a projection (spec onto w) of `rows` rows runs as models/fp8_gemv.py's kernel
         on the rows as they are: weight-only in their own dtype, no padding, one split of the
@@ -199,10 +212,11 @@ class ShardedLayout:
             w = w.unstacked()
         return _einsum(spec, x_td, w, self._rows(), self.pad_rows_min_weight, self.fp8_gemv)
 
-    def _weight_only_kernel(self, spec, x_td, w: Fp8):
+    def _weight_only_kernel(self, spec, x_td, w: Fp8, glu: bool = False):
         """The Pallas weight-only FP8 product per device on its weight shard (GSPMD cannot
         partition a kernel): x whole on every device; a row-parallel product's partial sums
-        are added over tp, in x's dtype as the XLA path adds them."""
+        are added over tp, in x's dtype as the XLA path adds them. glu: silu(gate) * up of a
+        gate/up product (`weight_only`), whose output letters then drop the (gate, up) one."""
         ins, out = spec.split("->")
         lhs, rhs = ins.split(",")
         stored = stored_letters(lhs, rhs)
@@ -215,14 +229,14 @@ class ShardedLayout:
         def body(x, w):  # W8A8: each token's scale the maximum over every device's features
             pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
             if not summed:
-                return weight_only(spec, x, w, self.fp8_gemv)
+                return weight_only(spec, x, w, self.fp8_gemv, glu=glu)
             with pdl.followed_by_kernel(False):  # an all-reduce comes next
                 return jax.lax.psum(weight_only(spec, x, w, self.fp8_gemv, reduce=pmax), summed)
 
         w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
                      None if w.layer is None else P())
         return jax.shard_map(body, mesh=self.mesh, in_specs=(pspec(lhs), w_spec),
-                             out_specs=pspec(out), check_vma=False)(x_td, w)
+                             out_specs=pspec(out[0] + out[1 + glu:]), check_vma=False)(x_td, w)
 
     def row(self, spec, h, w):
         if self._ring(h.shape[0], w):

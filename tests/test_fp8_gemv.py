@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import lowered_for_cuda, signal_position, triton_kernels
-from models.fp8_gemv import fp8_gemv, plan
+from models.fp8_gemv import fp8_gemv, plan, swiglu
 from models.quant import quantize_tokens, quantize_weight
 
 
@@ -35,6 +35,39 @@ def test_the_kernel_computes_the_widened_product_on_odd_shapes(rows, n, k, block
     # bf16 output: one rounding of 2^-9 relative on top of float32 accumulation
     np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=1e-2,
                                atol=1e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rows,f,k,block_k,splits,w8a8", [
+    (1, 2048, 96, 128, 1, False), (1, 48, 1536, 128, 12, False), (5, 40, 384, 128, 3, False),
+    (32, 128, 256, 512, 1, False), (3, 24, 80, 512, 5, True)])
+def test_glu_gives_silu_of_the_gate_times_the_up_projection(rows, f, k, block_k, splits, w8a8):
+    """glu: a fused gate/up weight [2F, K] gives [M, F] = silu(gate) * up, each projection
+    rounded to the output dtype as the unfused kernel writes it (so: exactly `swiglu` of the
+    unfused kernel's two halves): on CUDA cores and tensor-core tiles, with the contracted
+    axis split (swiglu after XLA's sum) or not (in the kernel), weight-only and W8A8."""
+    kx, kw = jax.random.split(jax.random.key(rows + f))
+    x = jax.random.normal(kx, (rows, k), jnp.float32)
+    w = quantize_weight(jax.random.normal(kw, (k, 2 * f), jnp.float32), (0,))
+    kw = {}
+    if w8a8:
+        x, sx = quantize_tokens(x)
+        kw = {"x_scale": sx}
+    else:
+        x = x.astype(jnp.bfloat16)
+    assert plan(rows, f, k, block_k=block_k, interpret=True)[3] == splits
+    y = fp8_gemv(x, w.q, w.scale, block_k=block_k, glu=True, interpret=True, **kw)
+    both = fp8_gemv(x, w.q, w.scale, block_k=block_k, splits=splits, interpret=True,
+                    out_dtype=jnp.float32, **kw)
+    assert y.shape == (rows, f) and y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(
+        swiglu(both[:, :f], both[:, f:], jnp.bfloat16), np.float32))
+    gate, up = (np.asarray(a.astype(jnp.float32)) for a in (both[:, :f], both[:, f:]))
+    with np.errstate(over="ignore"):  # exp(-gate) of a large negative gate: inf, silu 0
+        want = gate / (1 + np.exp(-gate)) * up
+    np.testing.assert_allclose(np.asarray(y, np.float32), want, rtol=2e-2,
+                               atol=1e-2 * np.abs(want).max())
+    with pytest.raises(ValueError, match="even number of output channels"):
+        fp8_gemv(x, w.q[:-1], w.scale[:-1], glu=True, interpret=True, **kw)
 
 
 @pytest.mark.parametrize("rows,n,k,block_k,splits", [

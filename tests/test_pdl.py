@@ -80,8 +80,9 @@ def _decisions(monkeypatch, tp, batch):
 def test_a_decode_step_signals_from_the_kernels_that_feed_its_own(monkeypatch):
     """One row on one device: each add-and-norm feeds an FP8 GEMV and signals, q/k/v feeds the
     decode attention kernel, o_proj the add-and-norm, down_proj the next layer's add-and-norm
-    (below the last layer); the decode attention (combined by XLA), gate/up (SiLU in XLA) and
-    the LM head (sampling in XLA) do not."""
+    (below the last layer); gate/up (SiLU·up in its epilogue, down_proj next: measured slower
+    with the signal), the decode attention (combined by XLA) and the LM head (sampling in XLA)
+    do not."""
     d, f, v = 2048, 48, 101
     qkv, o, gate_up, down, head = (4 + 4) * 16, d, 2 * f, d, v
     steps = _decisions(monkeypatch, 1, 1)
