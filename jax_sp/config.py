@@ -228,8 +228,8 @@ class CompileOptions:
     the add and mean square, then the scaling), "pallas" in one Pallas kernel
     (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's), "auto":
     pallas where the FP8 projections run through jax-sp's kernel (GPU, fp8_gemv a pallas mode),
-    which it then hands its rows to directly (docs/fp8.md#the-residual-add-and-norm-in-one-kernel),
-    xla elsewhere.
+    which it then hands its rows to directly (docs/fp8.md#the-weight-only-kernel), xla
+    elsewhere.
     launch_dependents: which of jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm)
     signal `griddepcontrol.launch_dependents` as each block starts, so that on Hopper the kernel
     after one launches while its last wave runs (models/pdl.py): "auto" those whose next kernel

@@ -232,7 +232,7 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
                                                       for _ in groups))
     if splits == 1:  # W8A8: each row's own scale too
         out_ref[every, groups[0]] = finish(
-            [a for a in acc], lambda v: v * xs_ref[0][every][:, None] if xs_ref else v)
+            list(acc), lambda v: v * xs_ref[0][every][:, None] if xs_ref else v)
     else:
         for a, ch in zip(acc, groups):
             out_ref[pi, every, ch] = a

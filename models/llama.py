@@ -168,7 +168,7 @@ class MLP(nnx.Module):
         w_down = _get(self, "w_down_fd", fwd, layer)
         # silu(gate) * up: in the FP8 kernel's epilogue where it runs, which then hands h
         # straight to down_proj's; it does not signal: down_proj launched early into gate/up's
-        # last wave made the step 2% slower on an H100 (docs/performance.md)
+        # last wave made the step slower than no signal at all on an H100 (docs/performance.md)
         h_tf = layout.gated(x_td, GATE_UP, _get(self, "w_gate_up_dcf", fwd, layer))
         # down_proj's sum goes to the next layer's add-and-norm (none after the last layer)
         with pdl.followed_by_kernel(fwd.chained_layers, below=fwd.layers - 1):

@@ -19,8 +19,9 @@ what any other kernel writes with non-coherent ones (`ld.global.nc`, defined onl
 does not change while the reader runs). An XLA fusion after a Pallas kernel gets the latter, and
 with an early signal that kernel is still writing when the fusion launches. So the default,
 `launch_dependents="auto"`, signals only where the model knows that the next kernel is one of
-jax-sp's own, which reads with coherent loads (`followed_by_kernel`): the FP8 GEMVs and the
-add-and-norm of a decode step that hand their rows straight to one another (models/llama.py).
+jax-sp's own, whose loads are Triton's (`ld.global`, no `.nc`; `followed_by_kernel`): the FP8
+GEMVs and add-and-norms of a decode step that hand their rows straight to one another
+(models/llama.py; benchmarks/pdl_schedule.py checks XLA's schedule).
 `True` signals from every kernel; the results came out identical in every run measured
 (benchmarks/pdl.py checks the tokens), which shows the loads saw the data in practice, not that
 they must. Measured: docs/performance.md#programmatic-dependent-launch.
