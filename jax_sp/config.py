@@ -227,9 +227,9 @@ class CompileOptions:
     output to the residual stream and normalizes the sum: "xla" as XLA fuses it (two kernels:
     the add and mean square, then the scaling), "pallas" in one Pallas kernel
     (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's), "auto":
-    pallas where the FP8 projections run through jax-sp's kernel (GPU, fp8_gemv a pallas mode),
-    which it then hands its rows to directly (docs/fp8.md#the-weight-only-kernel), xla
-    elsewhere.
+    pallas on GPU where jax-sp's FP8 GEMV kernel then takes the rows as they are (unpadded, in
+    their own dtype: one row with the default fp8_gemv), which lets it signal that kernel
+    (docs/fp8.md#the-weight-only-kernel), xla elsewhere.
     launch_dependents: which of jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm)
     signal `griddepcontrol.launch_dependents` as each block starts, so that on Hopper the kernel
     after one launches while its last wave runs (models/pdl.py): "auto" those whose next kernel

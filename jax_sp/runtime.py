@@ -125,10 +125,11 @@ class Runtime:
         self.fp8_gemv = (("pallas-mixed" if platform == "gpu" else "xla") if gemv == "auto"
                          else gemv) if quantization else "off"
         # a decode step's residual adds and norms in one Pallas kernel each (models/add_norm.py):
-        # by default where the FP8 projections run through the kernel it hands its rows to
+        # by default on GPU where an FP8 GEMV kernel then takes its rows as they are
         mode = self.options.add_norm
-        self.add_norm = mode == "pallas" or (mode == "auto" and platform == "gpu"
-                                             and self.fp8_gemv in KERNEL_GEMV)
+        self.add_norm = ("direct" if mode == "auto" and platform == "gpu"
+                         and self.fp8_gemv in KERNEL_GEMV else "pallas" if mode == "pallas"
+                         else "off")
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------

@@ -69,13 +69,19 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
     bn, bk = min(n & -n, block_n), min(k & -k, block_k)
     if not interpret and (bn < (min(16, block_n) if fma else 16) or bk < 16):
         return None
-    tile = rows if fma else max(16, 1 << (rows - 1).bit_length())
+    tile = tile_rows(rows)
     blocks_n, blocks_k = n // bn, k // bk
     if splits is not None:
         return (tile, bn, bk, splits) if blocks_k % splits == 0 else None
     want = max(1, TARGET_PROGRAMS // blocks_n)
     splits = next(s for s in range(min(want, blocks_k), 0, -1) if blocks_k % s == 0)
     return tile, bn, bk, splits
+
+
+def tile_rows(rows: int) -> int:
+    """The rows the kernel runs `rows` rows on: themselves up to FMA_ROWS (CUDA cores), else a
+    power-of-two tensor-core tile of at least 16 (the rows padded to it)."""
+    return rows if rows <= FMA_ROWS else max(16, 1 << (rows - 1).bit_length())
 
 
 def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,

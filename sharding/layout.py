@@ -28,7 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from models import pdl
 from models.layout import swiglu_of
-from models.fp8_gemv import plan
+from models.fp8_gemv import plan, tile_rows
 from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
                           w8a8_rows, weight_only, weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
@@ -100,7 +100,9 @@ class ShardedLayout:
     row_multiple: int = 1  # projections run on a multiple of this many rows (8 on GPU: _einsum)
     pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
     fp8_gemv: str = "xla"  # FP8 projections of few rows: models/quant.py FP8_GEMV_MODES, resolved
-    add_norm: bool = False  # few rows' residual adds and norms in one kernel (models/add_norm.py)
+    # residual adds and norms in one kernel (models/add_norm.py): "pallas" in forwards of at most
+    # 64 rows, "direct" in those whose rows the FP8 GEMV kernel then takes as they are, "off"
+    add_norm: str = "off"
 
     @property
     def rules(self):
@@ -163,7 +165,11 @@ class ShardedLayout:
 
     def fused_norm(self, rows: int) -> bool:
         """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py."""
-        return self.add_norm and rows <= WEIGHT_ONLY_ROWS
+        gemv = self.fp8_gemv
+        if self.add_norm == "direct":  # rows the GEMV kernel takes as they are, in their dtype
+            return (gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS and tile_rows(rows) == rows
+                    and not (w8a8_rows(gemv, rows) or f16_rows(gemv, rows)))
+        return self.add_norm == "pallas" and rows <= WEIGHT_ONLY_ROWS
 
     def gated(self, x_td, spec, w):
         rows = x_td.shape[0]

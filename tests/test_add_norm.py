@@ -121,3 +121,22 @@ def test_the_model_gives_one_devices_tokens_with_the_kernel(hf_models, one_devic
                                                 fp8_gemv="pallas" if quantization else "auto"))
     assert [c.token_ids for c in llm.generate(prompts, params)] == want[quantization]
     assert "add_rms_norm" in llm.programs.hlo("decode")
+
+
+@pytest.mark.parametrize("gemv,rows", [
+    ("pallas-mixed", [1]), ("pallas", [1, 16, 32, 64]), ("pallas-f16", [1]),
+    ("pallas-w8a8", []), ("xla", [])])
+def test_auto_uses_the_kernel_where_an_fp8_gemv_kernel_takes_its_rows_as_they_are(gemv, rows):
+    """add_norm="auto" on GPU (the layout's "direct"): the kernel for the forwards whose rows the
+    FP8 GEMV kernel then takes as they are, in their own dtype and unpadded: one row on CUDA
+    cores, a whole 16/32/64-row tile with fp8_gemv="pallas"; not where the rows are padded to a
+    tile, rounded to float16 or quantized first (pallas-w8a8 at any row count, pallas-f16 and
+    pallas-mixed from 2), nor without the kernel. "pallas": every forward of at most 64 rows."""
+    from sharding.layout import ShardedLayout
+    from sharding.mesh import make_mesh
+
+    mesh = make_mesh(1)
+    direct = ShardedLayout(mesh, sp=False, fp8_gemv=gemv, add_norm="direct")
+    every = ShardedLayout(mesh, sp=False, fp8_gemv=gemv, add_norm="pallas")
+    assert [r for r in range(1, 80) if direct.fused_norm(r)] == rows
+    assert [r for r in range(1, 80) if every.fused_norm(r)] == list(range(1, 65))
