@@ -218,7 +218,7 @@ class CompileOptions:
     float16 from 2, as fast there as W8A8) and W8A8 at 17-64 rows (the rows a program runs:
     with sp="on" or pp > 1 a batch is padded to a multiple of tp, with attention groups to one
     of attn_dp, and the serving engine decodes every slot) ("auto": pallas-mixed on GPU, xla
-    elsewhere). Where the kernel runs gate/up it also computes silu(gate) * up in its epilogue.
+    elsewhere). Where the kernel runs gate/up on one row it also computes silu(gate) * up.
     kv_cache_dtype: "auto" (the model's dtype) or "fp8": keys and values stored as
     float8_e4m3fn, saturated at +-448 with no scale (vLLM's kv_cache_dtype="fp8" without
     calibrated scales), half a 16-bit cache's bytes; attention widens them as it reads

@@ -28,7 +28,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from models import pdl
 from models.layout import swiglu_of
-from models.fp8_gemv import plan, tile_rows
+from models.fp8_gemv import FMA_ROWS, plan, tile_rows
 from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
                           w8a8_rows, weight_only, weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
@@ -174,8 +174,10 @@ class ShardedLayout:
     def gated(self, x_td, spec, w):
         rows = x_td.shape[0]
         lhs = spec.split("->")[0].split(",")[0]
+        # one row (CUDA cores), where the epilogue was measured; a tensor-core tile's grid
+        # would halve with it, not yet timed: those keep XLA's SiLU·up
         if not (self.fp8_gemv in KERNEL_GEMV and weight_only_rows(w, rows, self.fp8_gemv)
-                and not self._summed(lhs)):
+                and rows <= FMA_ROWS and not self._summed(lhs)):
             return swiglu_of(self.column(x_td, (spec, w))[0])
         if self.sp:  # as `column`: gather exactly what the caller computed
             x_td = jax.lax.optimization_barrier(x_td)

@@ -1,12 +1,15 @@
 """FP8 projections (models/quant.py): close to the 16-bit model, the same tokens on every
 layout, half the weight bytes, bad settings named."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from conftest import hf_logits, random_prompts
 from jax_sp import LLM, CompileOptions, ParallelConfig, SamplingParams
+from models.quant import quantize_weight
 
 GREEDY = SamplingParams(max_new_tokens=8)
 
@@ -118,6 +121,36 @@ def test_the_pallas_weight_only_kernel_gives_the_tokens_of_xla_on_a_split_mesh(h
     llm = LLM.from_torch(model, parallel=ParallelConfig(tp=2), quantization="fp8",
                          options=CompileOptions(fp8_gemv="pallas"))
     assert [c.token_ids for c in llm.generate(prompts, GREEDY)] == want
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_one_row_takes_silu_of_gate_times_up_from_the_kernel(monkeypatch, tp):
+    """Layout.gated with fp8_gemv="pallas" on one row (a decode step's): gate/up's kernel writes
+    silu(gate) * up itself (glu, per device on its shard of F: 25 of the 50 at tp 2), equal to
+    XLA's weight-only dot and jax.nn.silu(gate) * up on one device to float32's rounding (the
+    same products summed in another order); 3 rows take XLA's SiLU·up after the kernel."""
+    import models.fp8_gemv
+    from sharding.layout import ShardedLayout
+    from sharding.mesh import make_mesh
+
+    d, f = 48, 50
+    kx, kw = jax.random.split(jax.random.key(tp))
+    w = quantize_weight(jax.random.normal(kw, (d, 2, f), jnp.float32), (0,))
+    x = jax.random.normal(kx, (3, d), jnp.float32)
+    want = ShardedLayout(make_mesh(1), sp=False, fp8_gemv="xla").gated(x, "TD,DCF->TCF", w)
+    kernel, glu = models.fp8_gemv.fp8_gemv, []
+
+    def recorded(x, wq, *args, **kwargs):
+        glu.append((x.shape[0], wq.shape[-2], kwargs.get("glu", False)))
+        return kernel(x, wq, *args, **kwargs)
+    monkeypatch.setattr(models.fp8_gemv, "fp8_gemv", recorded)
+    layout = ShardedLayout(make_mesh(tp), sp=False, fp8_gemv="pallas")
+    for rows in (1, 3):
+        glu.clear()
+        got = layout.gated(x[:rows], "TD,DCF->TCF", w)
+        assert glu == [(rows, 2 * f // tp, rows == 1)]
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want[:rows]), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want).max()))
 
 
 @pytest.fixture
@@ -246,8 +279,6 @@ def test_an_fp8_head_gives_the_tokens_of_one_device_on_a_split_mesh(hf_models, k
 def test_fp8_weights_take_at_most_0_6_of_the_bf16_bytes_for_llama3_8b():
     """The projections in one byte per value plus a float32 per output channel; the embedding
     and LM head stay in bfloat16. Abstract parameters: nothing is allocated."""
-    import jax
-
     from jax_sp.presets import preset
     from jax_sp.runtime import Runtime
 
