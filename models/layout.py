@@ -21,8 +21,8 @@ residual stream and normalizes the sum in one kernel (models/add_norm.py).
 silu(gate) * up, [T, F]: where the FP8 kernel runs it, in the kernel's epilogue.
 
 `direct_kernel(spec, rows, w)` says whether a projection of that many rows runs as the FP8
-kernel on the rows exactly as the layout holds them (no padding, rounding or quantizing before
-it, no sum after it): the kernel before it may then signal it early (models/pdl.py).
+kernel reading the rows exactly as the layout holds them (no padding, rounding or quantizing
+before it): the kernel that wrote them may then signal it early (models/pdl.py).
 
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can

@@ -187,8 +187,7 @@ class ShardedLayout:
 
     def direct_kernel(self, spec: str, rows: int, w) -> bool:
         """Whether a projection (spec onto w) of `rows` rows runs as models/fp8_gemv.py's kernel
-        on the rows as they are: weight-only in their own dtype, no padding, one split of the
-        contracted axis (the kernel then writes the result itself) and no sum over devices."""
+        reading the rows as they are: weight-only in their own dtype, not padded to a tile."""
         gemv = self.fp8_gemv
         if (gemv not in KERNEL_GEMV or not weight_only_rows(w, rows, gemv) or self.sp
                 or w8a8_rows(gemv, rows) or f16_rows(gemv, rows)):
@@ -202,7 +201,7 @@ class ShardedLayout:
         n, k = math.prod(shard[len(lead):len(shard) - contracted]), math.prod(
             shard[len(shard) - contracted:])
         shape = plan(rows, n, k, interpret=jax.default_backend() != "gpu")
-        return shape is not None and shape[0] == rows and shape[3] == 1 and not self._summed(lhs)
+        return shape is not None and shape[0] == rows
 
     def _summed(self, lhs: str) -> tuple:
         """The mesh axes (of more than one device) that split the contracted letters of x, `lhs`
