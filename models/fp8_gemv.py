@@ -23,8 +23,8 @@ FP8 `mma.sync` is sm_89's and sm_120's). What W8A8 saves there is the widening: 
 is one instruction a pair of values, to bfloat16 three. Rows in float16 (fp8_gemv="pallas-f16")
 get the same widening of the weight without quantizing the rows. With `glu` a program reads a
 fused gate/up weight's gate rows and the matching up rows and writes silu(gate) * up, so a
-batch-1 decode step's MLP runs as two kernels (`swiglu`; sharding/layout.py `gated`). `interpret=True` runs
-the same kernel through Pallas' interpreter (the tests use it on CPU).
+batch-1 decode step's MLP runs as two kernels (`swiglu`; sharding/layout.py `gated`).
+`interpret=True` runs the same kernel through Pallas' interpreter (the tests use it on CPU).
 """
 
 from __future__ import annotations
