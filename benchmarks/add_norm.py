@@ -30,35 +30,21 @@ BASE = {"bf16": ("auto", "auto"), "fp8-head": ("xla", False)}
 def main():
     args = common.decode_parser(__doc__.split("\n")[0]).parse_args()
 
-    import jax
-    import numpy as np
-
-    from jax_sp import CompileOptions, SamplingParams
+    from jax_sp import CompileOptions
 
     cfg, res, bandwidth, params, table = common.decode_setup(args, "add_norm")
-    rng = np.random.default_rng(0)
-    sp = SamplingParams(max_new_tokens=args.new_tokens)
-    for batch in [int(b) for b in args.batches.split(",")]:
-        ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
-        runs = common.decode_variants(args, cfg, params, ids, sp, {
-            (q, mode, signal): (q, CompileOptions(add_norm=mode, launch_dependents=signal))
-            for q in args.quantizations.split(",") for mode, signal in VARIANTS[q]})
+    variants = {(q, mode, signal): (q, CompileOptions(add_norm=mode, launch_dependents=signal))
+                for q in args.quantizations.split(",") for mode, signal in VARIANTS[q]}
+    bf16 = ("bf16", *BASE["bf16"])
+    for batch, runs in common.decode_batches(args, cfg, params, variants):
         medians = {key: statistics.median(times) for key, (_, _, times) in runs.items()}
         for (q, mode, signal), (llm, tokens, times) in runs.items():
-            per = medians[q, mode, signal]
-            base = (q, *BASE[q])
-            read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
-            res.emit({"bench": "decode", "quantization": q, "add_norm": mode,
-                      "launch_dependents": signal, "batch": batch, "prompt": args.prompt,
-                      "new_tokens": args.new_tokens, "ms_per_token": per * 1e3,
-                      "runs_ms": [t * 1e3 for t in times],
+            per, base = medians[q, mode, signal], (q, *BASE[q])
+            res.emit({**common.decode_row(args, batch, llm, times, table, bandwidth),
+                      "quantization": q, "add_norm": mode, "launch_dependents": signal,
                       "speedup_vs_base": medians[base] / per, "base": list(BASE[q]),
-                      "speedup_vs_bf16": (medians["bf16", "auto", "auto"] / per
-                                          if ("bf16", "auto", "auto") in medians else None),
-                      "read_bytes": read, "of_copy": read / per / bandwidth,
+                      "speedup_vs_bf16": medians[bf16] / per if bf16 in medians else None,
                       "same_tokens": tokens == runs[base][1]})
-        runs = None  # the next batch's programs in their place
-
 
 if __name__ == "__main__":
     main()

@@ -157,6 +157,34 @@ def decode_variants(args, cfg, params, ids, sp, variants: dict) -> dict:
     return {key: (llm, tokens, times[key]) for key, (llm, tokens) in built.items()}
 
 
+def decode_batches(args, cfg, params, variants: dict):
+    """(batch, `decode_variants` of `variants`) for each batch size of args.batches, on random
+    prompts of args.prompt tokens (one seed for the whole run); the runs of one batch are
+    dropped before the next is built, so that only one batch's programs are held at a time."""
+    import numpy as np
+
+    from jax_sp import SamplingParams
+
+    rng = np.random.default_rng(0)
+    sp = SamplingParams(max_new_tokens=args.new_tokens)
+    for batch in [int(b) for b in args.batches.split(",")]:
+        ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
+        yield batch, decode_variants(args, cfg, params, ids, sp, variants)
+
+
+def decode_row(args, batch: int, llm, times, table: int, bandwidth: float) -> dict:
+    """A decode variant's record fields: its median ms a token and every round's, and the bytes a
+    step reads (the state less `table`, the unread embedding) against the copy `bandwidth`."""
+    import jax
+
+    per = statistics.median(times)
+    read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
+    return {"bench": "decode", "batch": batch, "prompt": args.prompt,
+            "new_tokens": args.new_tokens, "ms_per_token": per * 1e3,
+            "runs_ms": [t * 1e3 for t in times], "read_bytes": read,
+            "of_copy": read / per / bandwidth}
+
+
 def unread_embedding_bytes(cfg, itemsize: int = 2) -> int:
     """The bytes of a model's state that a decode step does not read: its embedding table (a
     step reads one row of it), or none when the table is tied to the LM head (read whole)."""

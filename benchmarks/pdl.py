@@ -19,31 +19,18 @@ import common
 def main():
     args = common.decode_parser(__doc__.split("\n")[0]).parse_args()
 
-    import jax
-    import numpy as np
-
-    from jax_sp import CompileOptions, SamplingParams
+    from jax_sp import CompileOptions
 
     cfg, res, bandwidth, params, table = common.decode_setup(args, "pdl")
-    rng = np.random.default_rng(0)
-    sp = SamplingParams(max_new_tokens=args.new_tokens)
-    for batch in [int(b) for b in args.batches.split(",")]:
-        ids = rng.integers(0, cfg.vocab_size, (batch, args.prompt)).tolist()
-        runs = common.decode_variants(args, cfg, params, ids, sp, {
-            (q, signal): (q, CompileOptions(launch_dependents=signal))
-            for q in args.quantizations.split(",") for signal in (False, True)})
+    variants = {(q, signal): (q, CompileOptions(launch_dependents=signal))
+                for q in args.quantizations.split(",") for signal in (False, True)}
+    for batch, runs in common.decode_batches(args, cfg, params, variants):
         for (q, signal), (llm, tokens, times) in runs.items():
-            per = statistics.median(times)
-            read = sum(x.nbytes for x in jax.tree.leaves(llm.state)) - table
             off = statistics.median(runs[q, False][2])
-            res.emit({"bench": "decode", "quantization": q, "launch_dependents": signal,
-                      "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens,
-                      "ms_per_token": per * 1e3, "runs_ms": [t * 1e3 for t in times],
-                      "speedup_vs_off": off / per, "read_bytes": read,
-                      "of_copy": read / per / bandwidth,
+            res.emit({**common.decode_row(args, batch, llm, times, table, bandwidth),
+                      "quantization": q, "launch_dependents": signal,
+                      "speedup_vs_off": off / statistics.median(times),
                       "same_tokens": tokens == runs[q, False][1]})
-        runs = None  # the next batch's programs in their place
-
 
 if __name__ == "__main__":
     main()
