@@ -4,9 +4,10 @@ random weights, each variant built in one process and timed in alternation (roun
 each variant once a round), with the copy bandwidth measured in the same run.
 
 Variants (add_norm, CompileOptions.launch_dependents: models/pdl.py): 16 bits with the
-defaults; FP8 with the LM head with XLA's norms and no signal (the defaults before "auto"), with
-the defaults ("auto", "auto": the kernel, signalling where jax-sp's own kernel comes next) and
-with the kernel and every kernel signalling (True). "of_copy": the bytes a step reads (the state
+defaults; FP8 with the LM head with XLA's norms and no signal, with the add-and-norm kernel
+("pallas", "auto": signalling where jax-sp's own kernel comes next; at one row the defaults
+before "gemv") and with the defaults ("auto", "auto": each add and norm inside the FP8 GEMV
+kernel after it, models/fp8_gemv.py `add_norm`). "of_copy": the bytes a step reads (the state
 less the embedding table) over the time, against that bandwidth; every variant must give the
 tokens of its quantization's first variant (`same_tokens`).
 Result: benchmarks/results/add_norm_<card>_<model>[_<tag>].jsonl.
@@ -21,9 +22,10 @@ import statistics
 import common
 
 # (add_norm, launch_dependents): the defaults ("auto", "auto"), and for FP8 XLA's norms with no
-# signal (the defaults before) and every kernel signalling
+# signal and the add-and-norm kernel before each FP8 GEMV ("pallas": at one row what "auto"
+# gave before "gemv")
 VARIANTS = {"bf16": [("auto", "auto")],
-            "fp8-head": [("xla", False), ("auto", "auto"), ("pallas", True)]}
+            "fp8-head": [("xla", False), ("pallas", "auto"), ("auto", "auto")]}
 BASE = {"bf16": ("auto", "auto"), "fp8-head": ("xla", False)}
 
 

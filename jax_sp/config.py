@@ -23,7 +23,7 @@ COMM_MODES = ("xla", "ring", "mosaic")
 BOUNDARIES = ("scattered", "gather")
 ATTENTION_MODES = ("auto", "xla", "cudnn", "pallas")
 KV_CACHE_DTYPES = ("auto", "fp8")
-ADD_NORM_MODES = ("auto", "xla", "pallas")
+ADD_NORM_MODES = ("auto", "xla", "pallas", "gemv")
 
 # sp="auto" uses SP for forwards of at least this many (padded) tokens: the threshold measured
 # for a tp where GPU timings exist (None: SP was slower at every size, so auto never uses it),
@@ -226,10 +226,13 @@ class CompileOptions:
     add_norm: how an inference forward of at most 64 rows (a decode step) adds each sublayer's
     output to the residual stream and normalizes the sum: "xla" as XLA fuses it (two kernels:
     the add and mean square, then the scaling), "pallas" in one Pallas kernel
-    (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's), "auto":
-    pallas on GPU where jax-sp's FP8 GEMV kernel then takes the rows as they are (unpadded, in
-    their own dtype: one row with the default fp8_gemv), which lets it signal that kernel
-    (docs/fp8.md#the-weight-only-kernel), xla elsewhere.
+    (models/add_norm.py; interpreted off GPU; no gradient, so training keeps XLA's), "gemv":
+    inside jax-sp's FP8 GEMV kernel of the projection after it (q/k/v, gate/up) where that
+    kernel takes one row on each device's whole rows (models/fp8_gemv.py `add_norm`; the norm
+    folded into the product), else in the Pallas kernel where the FP8 GEMV kernel then takes
+    the rows as they are (unpadded, in their own dtype), which lets it signal that kernel
+    (docs/fp8.md#the-weight-only-kernel), else xla; interpreted off GPU; "auto": gemv on GPU
+    with the FP8 kernel (the default fp8_gemv), xla elsewhere.
     launch_dependents: which of jax-sp's Pallas kernels (FP8 GEMV, decode attention, add_norm)
     signal `griddepcontrol.launch_dependents` as each block starts, so that on Hopper the kernel
     after one launches while its last wave runs (models/pdl.py): "auto" those whose next kernel

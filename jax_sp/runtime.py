@@ -124,12 +124,15 @@ class Runtime:
         gemv = self.options.fp8_gemv
         self.fp8_gemv = (("pallas-mixed" if platform == "gpu" else "xla") if gemv == "auto"
                          else gemv) if quantization else "off"
-        # a decode step's residual adds and norms in one Pallas kernel each (models/add_norm.py):
-        # by default on GPU where an FP8 GEMV kernel then takes its rows as they are
+        # a decode step's residual adds and norms inside the FP8 GEMV kernel after each
+        # (models/fp8_gemv.py `add_norm`) where it takes them, else in one Pallas kernel each
+        # (models/add_norm.py) where an FP8 GEMV kernel then takes its rows as they are: by
+        # default on GPU; asked for, interpreted off GPU too
         mode = self.options.add_norm
-        self.add_norm = ("direct" if mode == "auto" and platform == "gpu"
-                         and self.fp8_gemv in KERNEL_GEMV else "pallas" if mode == "pallas"
-                         else "off")
+        kernel = self.fp8_gemv in KERNEL_GEMV
+        self.add_norm = ("gemv" if kernel and (mode == "gemv" or (mode == "auto"
+                                                                   and platform == "gpu"))
+                         else "pallas" if mode == "pallas" else "off")
         self.programs = Programs(self)
 
     # -- layouts and parameters ---------------------------------------------------------------

@@ -25,6 +25,7 @@ each program starts when models/pdl.py's signalling is on.
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +44,23 @@ def block(d: int, interpret: bool = False) -> int | None:
         return d
     bd = min(d & -d, MAX_BLOCK)
     return bd if bd >= 16 else None
+
+
+class AddNorm(NamedTuple):
+    """The residual add and the RMSNorm before a projection, handed to it (models/fp8_gemv.py
+    `add_norm`): the product is then of scale * RMSNorm(a + b) for rows a, and the projection
+    also returns a + b. scale: the norm's [D], or every layer's [L, D] and `layer` the index."""
+
+    b_td: jax.Array
+    scale: jax.Array
+    eps: float
+    layer: Any = None
+
+    def apply(self, a_td):
+        """(scale * RMSNorm(a + b), a + b) in XLA (`reference`)."""
+        scale = self.scale if self.layer is None else jax.lax.dynamic_index_in_dim(
+            self.scale, jnp.asarray(self.layer, jnp.int32).reshape(()), 0, False)
+        return reference(a_td, self.b_td.astype(a_td.dtype), scale, self.eps)
 
 
 def reference(a_td, b_td, scale_d, eps):

@@ -24,6 +24,15 @@ is one instruction a pair of values, to bfloat16 three. Rows in float16 (fp8_gem
 get the same widening of the weight without quantizing the rows. With `glu` a program reads a
 fused gate/up weight's gate rows and the matching up rows and writes silu(gate) * up, so a
 batch-1 decode step's MLP runs as two kernels (`swiglu`; sharding/layout.py `gated`).
+With `add_norm` the kernel also runs the residual add and the RMSNorm before the projection
+(one row, one split): each program adds the stream's two parts block by block as it walks the
+contracted axis (program 0 writes the sum, the new stream), accumulates their squares beside
+the products of the weight with the sum times the norm's scale, and multiplies its outputs by
+the inverse RMS at the end. Every program reads the whole row anyway, so this costs no pass
+of its own; normalizing the row first and then multiplying (exactly RMSNorm's roundings) made
+a decode step 7% slower on an H100, because each program then waited for the sum of squares
+before its first weight load (docs/fp8.md). A decode step then runs no kernel between a
+layer's projections but attention (models/llama.py `Block`).
 `interpret=True` runs the same kernel through Pallas' interpreter (the tests use it on CPU).
 """
 
@@ -78,6 +87,15 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
     return tile, bn, bk, splits
 
 
+def takes_add_norm(rows: int, n: int, k: int, interpret: bool = False) -> bool:
+    """Whether `fp8_gemv(..., add_norm=...)` takes an [rows, k] x [n, k] product (n: the
+    output channels, halved with glu): rows on CUDA cores (the prologue is one row's), and a
+    contracted axis that the kernel would not split anyway (every program normalizes the whole
+    row: forcing one split would shrink the grid, which is not what was measured)."""
+    shape = plan(rows, n, k, interpret=interpret) if rows <= FMA_ROWS else None
+    return shape is not None and shape[3] == 1
+
+
 def tile_rows(rows: int) -> int:
     """The rows the kernel runs `rows` rows on: themselves up to FMA_ROWS (CUDA cores), else a
     power-of-two tensor-core tile of at least 16 (the rows padded to it)."""
@@ -88,7 +106,7 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
              block_k: int | None = None, num_warps: int = NUM_WARPS,
              num_stages: int | None = None, fma: str = "reduce",
              splits: int | None = None, x_scale=None, out_dtype=None, glu: bool = False,
-             interpret: bool | None = None):
+             add_norm=None, interpret: bool | None = None):
     """x [M, K] (16-bit), wq [N, K] float8_e4m3fn, scale [N] float32 -> [M, N] in x's dtype: sum_k
     x[m, k] * wq[n, k] * scale[n], accumulated in float32. x_scale [M] float32: x is FP8 (W8A8) and
     row m is also scaled by x_scale[m]; the result is in out_dtype (default x's dtype; bf16 with
@@ -102,7 +120,15 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     choice). glu: the weight's N rows are a gate's then an up projection's (vLLM's fused
     gate_up_proj), and the result is [M, N / 2], silu(gate) * up (`swiglu`): in the kernel, so
     the product's two halves are never written, where the contracted axis is not split; after
-    the split sums (in XLA) where it is."""
+    the split sums (in XLA) where it is. add_norm (b [M, K], norm_scale [K] ([L, K] with
+    `layer`: that layer's row is read), eps): x and b are the two parts of the residual
+    stream, the product is taken of norm_scale * RMSNorm(x + b), and the result is
+    (y, x + b) (x + b in x's dtype, as the model adds). The norm is folded into the product:
+    sum_k w[n, k] * scale[k] * s[k], times rsqrt(mean(s^2) + eps), all in float32, so the two
+    roundings of models/add_norm.py `reference` to x's dtype (of the normalized row, and of it
+    times the scale) are skipped: more precise, and within those roundings of the product of
+    `reference`'s row. One row, one split of K, weight-only (`takes_add_norm`; else a
+    ValueError)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -117,12 +143,26 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     if glu and n % 2:
         raise ValueError(f"fp8_gemv: glu needs an even number of output channels (gate, then "
                          f"up), not {n}")
+    if add_norm is not None and splits is None:  # every program normalizes the whole row
+        splits = 1
     shape = plan(m, n // 2 if glu else n, k, block_n, block_k, interpret, splits)
     if shape is None:
         raise ValueError(f"fp8_gemv: takes at most {MAX_ROWS} rows, N and K with a "
                          f"power-of-two divisor >= 16 and splits dividing K's blocks, not "
                          f"x {x.shape}, weight {wq.shape}, splits {splits}")
     rows, bn, bk, splits = shape
+    extra, eps = (), None
+    if add_norm is not None:
+        b, norm_scale, eps = add_norm
+        norm_stack = norm_scale if layer is not None else norm_scale[None]
+        if (x_scale is not None or b.shape != x.shape or b.dtype != x.dtype
+                or norm_stack.shape != (wq.shape[0], k) or m > FMA_ROWS or splits != 1):
+            raise ValueError(
+                f"fp8_gemv: add_norm takes weight-only rows x and b of one shape and dtype "
+                f"(have {x.shape} {x.dtype}, {b.shape} {b.dtype}; at most {FMA_ROWS}), a norm "
+                f"scale [K] ([L, K] with a layer; have {norm_scale.shape}) and one split of K "
+                f"(have {splits}): see takes_add_norm")
+        extra, eps = (b, norm_stack.astype(x.dtype)), float(eps)
     if x_scale is not None and x_scale.shape != (m,):
         raise ValueError(f"fp8_gemv: x_scale {x_scale.shape} must hold one scale per row of "
                          f"x {x.shape}")
@@ -144,16 +184,21 @@ def fp8_gemv(x, wq, scale, layer=None, *, block_n: int | None = None,
     # added and scaled by XLA
     out = (jax.ShapeDtypeStruct((rows, n // 2 if glu else n), dtype) if splits == 1
            else jax.ShapeDtypeStruct((splits, rows, n), jnp.float32))
+    if eps is not None:  # and the new stream
+        out = (out, jax.ShapeDtypeStruct((m, k), x.dtype))
     # signalled where the next kernel reads the output as written (one split, no row padding)
     kernel = functools.partial(_kernel, bn=bn, bk=bk, per_split=k // bk // splits,
                                splits=splits, fma=fma if m <= FMA_ROWS else False,
-                               half=n // 2 if glu else 0,
+                               half=n // 2 if glu else 0, eps=eps,
                                signal=pdl.enabled(interpret, splits == 1 and rows == m),
                                below=pdl.below())
     index = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
     grid = ((n // 2 if glu else n) // bn, splits)
     y = pl.pallas_call(kernel, out_shape=out, grid=grid, interpret=interpret,
-                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs)
+                       compiler_params=params, name="fp8_gemv")(index, xp, wq, scale, *xs,
+                                                                *extra)
+    if eps is not None:
+        return y
     if splits > 1:
         y = jnp.sum(y, axis=0) * jax.lax.dynamic_index_in_dim(scale, index[0], 0, False)
         y = y if x_scale is None else y * xs[0][:, None]
@@ -170,17 +215,22 @@ def swiglu(gate, up, dtype):
 
 
 def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma, half,
-            signal, below):
+            eps, signal, below):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
     [p * per_split, (p + 1) * per_split) of bk each. fma ("reduce" or "tile"): each row's
     products summed on CUDA cores (a few rows: a tensor-core tile would be mostly padding);
     False: one tensor-core dot of the row tile, in FP8 when x is (W8A8: refs then begin with
     the rows' scales, xs_ref). half (glu): also the channels `half` further on (the up
     projection's), and the output is `swiglu` of the two (one split) or both, side by side as
-    the weight holds them (several). refs: ([xs_ref,] out_ref)."""
+    the weight holds them (several). eps (add_norm): x is one part of the stream and refs begin
+    with the other and the norm's scales, and end with the new stream's output (`_normed`).
+    refs: ([xs_ref,] out_ref) or (b_ref, g_ref, out_ref, stream_ref)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
+    if eps is not None:
+        return _normed(layer_ref, x_ref, w_ref, s_ref, *refs, bn=bn, bk=bk, blocks=per_split,
+                       half=half, eps=eps, signal=signal, below=below)
     *xs_ref, out_ref = refs
     ni, pi = pl.program_id(0), pl.program_id(1)
     layer = pdl.first_index(layer_ref, signal, below)
@@ -242,3 +292,38 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     else:
         for a, ch in zip(acc, groups):
             out_ref[pi, every, ch] = a
+
+
+def _normed(layer_ref, x_ref, w_ref, s_ref, b_ref, g_ref, out_ref, stream_ref, *, bn, bk, blocks,
+            half, eps, signal, below):
+    """Program n of `fp8_gemv(..., add_norm=...)` on CUDA cores: one loop over the contracted
+    blocks that adds the stream's two parts (program 0 writes the sum), sums their squares and
+    multiplies the weight block by the sum times the norm's scale; the inverse RMS scales the
+    products at the end (see `fp8_gemv` on the roundings this skips)."""
+    from jax.experimental import pallas as pl
+
+    ni = pl.program_id(0)
+    layer = pdl.first_index(layer_ref, signal, below)
+    f32 = jnp.float32
+    groups = [pl.ds(pl.multiple_of(ni * bn + g * half, bn), bn) for g in range(1 + bool(half))]
+    for r in range(x_ref.shape[0]):
+        def step(i, carry, r=r):
+            c = pl.ds(pl.multiple_of(i * bk, bk), bk)
+            s = x_ref[r, c] + b_ref[r, c]  # in the stream's dtype, as the model adds
+
+            @pl.when(ni == 0)
+            def _():
+                stream_ref[r, c] = s
+
+            s = s.astype(f32)
+            x = g_ref[layer, c].astype(f32) * s
+            return (carry[0] + jnp.sum(s * s),) + tuple(
+                a + jnp.sum(w_ref[layer, ch, c].astype(f32) * x[None, :], axis=1)
+                for a, ch in zip(carry[1:], groups))
+
+        squares, *acc = jax.lax.fori_loop(0, blocks, step, (jnp.zeros((), f32),) + tuple(
+            jnp.zeros((bn,), f32) for _ in groups))
+        inv = jax.lax.rsqrt(squares / (bk * blocks) + eps)
+        vals = [s_ref[layer, ch] * (a * inv) for a, ch in zip(acc, groups)]
+        out_ref[r, groups[0]] = (swiglu(*vals, out_ref.dtype) if half
+                                 else vals[0].astype(out_ref.dtype))

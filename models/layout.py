@@ -24,6 +24,10 @@ silu(gate) * up, [T, F]: where the FP8 kernel runs it, in the kernel's epilogue.
 kernel reading the rows exactly as the layout holds them (no padding, rounding or quantizing
 before it): the kernel that wrote them may then signal it early (models/pdl.py).
 
+`add_norm_column(a_td, spec, w, add_norm, glu)` is the residual add and the RMSNorm
+(`models.add_norm.AddNorm`) followed by a column-parallel projection (with glu: `gated`'s):
+(the projection, a + b), in one FP8 kernel where `norm_in_kernel(spec, rows, w, glu)` says so.
+
 `rows(rows, weight_size)` says how many rows a projection of `rows` rows onto a weight of that
 many elements runs on (more than `rows` where a layout pads them), so that a one-token step can
 carry its activations on those rows instead of padding before each projection.
@@ -65,6 +69,11 @@ class Layout(Protocol):
 
     def direct_kernel(self, spec: str, rows: int, w) -> bool: ...
 
+    def norm_in_kernel(self, spec: str, rows: int, w, glu: bool = False) -> bool: ...
+
+    def add_norm_column(self, a_td: jax.Array, spec: str, w, add_norm,
+                        glu: bool = False) -> tuple[jax.Array, jax.Array]: ...
+
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -95,6 +104,14 @@ class Dense:
 
     def direct_kernel(self, spec, rows, w):
         return False
+
+    def norm_in_kernel(self, spec, rows, w, glu=False):
+        return False
+
+    def add_norm_column(self, a_td, spec, w, add_norm, glu=False):
+        normed, stream = add_norm.apply(a_td)
+        return (self.gated(normed, spec, w) if glu
+                else self.column(normed, (spec, w))[0]), stream
 
 
 def swiglu_of(gate_up_tcf):

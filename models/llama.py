@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models import pdl
-from models.add_norm import add_rms_norm, block as add_norm_block
+from models.add_norm import AddNorm, add_rms_norm, block as add_norm_block
 from models.attention import XLA, Forward
 from models.cache import KVCache
 from models.config import ModelConfig
@@ -130,14 +130,15 @@ class Attention(nnx.Module):
             self.b_qkv_kch = _const(jnp.zeros((k, n // k + 2, h), dtype),
                                     ("qkv_heads", None, "head_dim"))
 
-    def __call__(self, x_td, fwd: Forward, cache, layer):
-        """x_td may hold padding rows past the B*T tokens' (a one-token step's, see Llama); the
-        output then has as many, zeros."""
+    def __call__(self, x: Sum, fwd: Forward, cache, layer):
+        """(output, the stream x.a + x.b, cache). x's rows may hold padding rows past the B*T
+        tokens' (a one-token step's, see Llama); the output then has as many, zeros."""
         b, t = fwd.positions_bt.shape
         # the projection hands q/k/v straight to a fused decode attention (no bias to add)
         with pdl.followed_by_kernel(not self.qkv_bias
                                     and fwd.attention.kernel(fwd, cache, self.window)):
-            (qkv_tkch,) = fwd.layout.column(x_td, (QKV, _get(self, "w_qkv_dkch", fwd, layer)))
+            qkv_tkch, x_td = _project(fwd, x, layer, QKV,
+                                      _get(self, "w_qkv_dkch", fwd, layer))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
         out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
@@ -152,7 +153,7 @@ class Attention(nnx.Module):
         with pdl.followed_by_kernel(fwd.fused_norm):  # o_proj's sum goes to the add-and-norm
             out_td = fwd.layout.row("TN,ND->TD",
                                     _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]), w_o)
-        return out_td, cache
+        return out_td, x_td, cache
 
 
 class MLP(nnx.Module):
@@ -163,16 +164,17 @@ class MLP(nnx.Module):
                 quantization)
         _weight(self, "w_down_fd", rngs, (f, d), ("mlp", "embed"), dtype, quantization)
 
-    def __call__(self, x_td, fwd: Forward, layer):
-        layout = fwd.layout
+    def __call__(self, x: Sum, fwd: Forward, layer):
+        """(output, the stream x.a + x.b)."""
         w_down = _get(self, "w_down_fd", fwd, layer)
         # silu(gate) * up: in the FP8 kernel's epilogue where it runs, which then hands h
         # straight to down_proj's; it does not signal: down_proj launched early into gate/up's
         # last wave made the step slower than no signal at all on an H100 (docs/performance.md)
-        h_tf = layout.gated(x_td, GATE_UP, _get(self, "w_gate_up_dcf", fwd, layer))
+        h_tf, x_td = _project(fwd, x, layer, GATE_UP, _get(self, "w_gate_up_dcf", fwd, layer),
+                              glu=True)
         # down_proj's sum goes to the next layer's add-and-norm (none after the last layer)
         with pdl.followed_by_kernel(fwd.chained_layers, below=fwd.layers - 1):
-            return layout.row(DOWN, h_tf, w_down)
+            return fwd.layout.row(DOWN, h_tf, w_down), x_td
 
 
 class Block(nnx.Module):
@@ -187,18 +189,40 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, dtype, rngs, quantization)
 
     def __call__(self, hidden_td, residual_td, fwd: Forward, cache, layer):
-        # both sums in the residual layout, as the block's output (with attention groups the
-        # partitioner otherwise kept the loop's carries on each group's rows, because attention
-        # reads them there, and gathered them again for the MLP)
-        # each norm hands its rows straight to the FP8 kernel of the projection after it?
-        direct = lambda spec, module, name: fwd.layout.direct_kernel(  # noqa: E731
-            spec, hidden_td.shape[0], _get(module, name, fwd, layer))
-        with pdl.followed_by_kernel(direct(QKV, self.attn, "w_qkv_dkch")):
-            normed_td, x_td = _add_norm(fwd, hidden_td, residual_td, self.attn_norm, layer)
-        attn_td, cache = self.attn(normed_td, fwd, cache, layer)
-        with pdl.followed_by_kernel(direct(GATE_UP, self.mlp, "w_gate_up_dcf")):
-            normed_td, h_td = _add_norm(fwd, x_td, attn_td, self.mlp_norm, layer)
-        return self.mlp(normed_td, fwd, layer), h_td, cache
+        # each sublayer takes the stream as its two parts and adds and normalizes them itself
+        # (`_project`), so that its first projection's kernel can; both sums in the residual
+        # layout, as the block's output (with attention groups the partitioner otherwise kept
+        # the loop's carries on each group's rows, because attention reads them there, and
+        # gathered them again for the MLP)
+        attn_td, x_td, cache = self.attn(Sum(hidden_td, residual_td, self.attn_norm), fwd,
+                                         cache, layer)
+        out_td, h_td = self.mlp(Sum(x_td, attn_td, self.mlp_norm), fwd, layer)
+        return out_td, h_td, cache
+
+
+class Sum(NamedTuple):
+    """A sublayer's input: the residual stream's two parts, whose sum the sublayer normalizes
+    with `norm` before its first projection (`_project`)."""
+
+    a_td: jax.Array
+    b_td: jax.Array
+    norm: RMSNorm
+
+
+def _project(fwd: Forward, x: Sum, layer, spec: str, w, glu: bool = False):
+    """(the column-parallel projection of norm(a + b) onto w, with glu silu(gate) * up of it
+    (`Layout.gated`); a + b): the add and the norm in the projection's FP8 kernel where the
+    layout takes them there (add_norm="gemv": `Layout.norm_in_kernel`), else before it
+    (`_add_norm`)."""
+    layout, rows = fwd.layout, x.a_td.shape[0]
+    if fwd.fused_norm and layout.norm_in_kernel(spec, rows, w, glu):
+        return layout.add_norm_column(x.a_td, spec, w, AddNorm(
+            x.b_td.astype(x.a_td.dtype), x.norm.scale[...], x.norm.eps, layer), glu)
+    # the norm hands its rows straight to the FP8 kernel of the projection after it?
+    with pdl.followed_by_kernel(layout.direct_kernel(spec, rows, w)):
+        normed_td, s_td = _add_norm(fwd, x.a_td, x.b_td, x.norm, layer)
+    return (layout.gated(normed_td, spec, w) if glu
+            else layout.column(normed_td, (spec, w))[0]), s_td
 
 
 def _add_norm(fwd: Forward, a_td, b_td, norm: RMSNorm, layer):

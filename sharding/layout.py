@@ -28,7 +28,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from models import pdl
 from models.layout import swiglu_of
-from models.fp8_gemv import FMA_ROWS, plan, tile_rows
+from models.add_norm import AddNorm
+from models.fp8_gemv import FMA_ROWS, plan, takes_add_norm, tile_rows
 from models.quant import (KERNEL_GEMV, WEIGHT_ONLY_ROWS, Fp8, dot, f16_rows, stored_letters,
                           w8a8_rows, weight_only, weight_only_rows)
 from sharding.collective_matmul import column_feature, ring_column, ring_row
@@ -101,7 +102,8 @@ class ShardedLayout:
     pad_rows_min_weight: int = 1 << 20  # ... onto weights of at least this many elements
     fp8_gemv: str = "xla"  # FP8 projections of few rows: models/quant.py FP8_GEMV_MODES, resolved
     # residual adds and norms in one kernel (models/add_norm.py): "pallas" in forwards of at most
-    # 64 rows, "direct" in those whose rows the FP8 GEMV kernel then takes as they are, "off"
+    # 64 rows, "direct" in those whose rows the FP8 GEMV kernel then takes as they are, "gemv"
+    # as direct but inside that GEMV kernel where it takes them (`norm_in_kernel`), "off"
     add_norm: str = "off"
 
     @property
@@ -164,9 +166,10 @@ class ShardedLayout:
         return self.fp8_gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS
 
     def fused_norm(self, rows: int) -> bool:
-        """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py."""
+        """Whether a forward of `rows` rows adds and normalizes through models/add_norm.py's
+        kernel, or ("gemv") in the FP8 kernel after it where `norm_in_kernel`."""
         gemv = self.fp8_gemv
-        if self.add_norm == "direct":  # rows the GEMV kernel takes as they are, in their dtype
+        if self.add_norm in ("direct", "gemv"):  # rows the GEMV kernel takes as they are
             return (gemv in KERNEL_GEMV and rows <= WEIGHT_ONLY_ROWS and tile_rows(rows) == rows
                     and not (w8a8_rows(gemv, rows) or f16_rows(gemv, rows)))
         return self.add_norm == "pallas" and rows <= WEIGHT_ONLY_ROWS
@@ -192,16 +195,44 @@ class ShardedLayout:
         if (gemv not in KERNEL_GEMV or not weight_only_rows(w, rows, gemv) or self.sp
                 or w8a8_rows(gemv, rows) or f16_rows(gemv, rows)):
             return False
+        shape = plan(rows, *self._shard_nk(spec, w), interpret=jax.default_backend() != "gpu")
+        return shape is not None and shape[0] == rows
+
+    def norm_in_kernel(self, spec: str, rows: int, w, glu: bool = False) -> bool:
+        """Whether a column-parallel projection (spec onto w; glu: gate/up's SiLU·up too) of
+        `rows` rows takes the residual add and the norm before it into its FP8 kernel
+        (add_norm="gemv": `add_norm_column`): it reads the rows as they are (`direct_kernel`),
+        each device holds whole rows, and models/fp8_gemv.py `takes_add_norm` the shard."""
+        if self.add_norm != "gemv" or not self.direct_kernel(spec, rows, w):
+            return False
+        n, k = self._shard_nk(spec, w)
+        lhs = spec.split("->")[0].split(",")[0]
+        return not self._summed(lhs) and takes_add_norm(
+            rows, n // (2 if glu else 1), k, jax.default_backend() != "gpu")
+
+    def add_norm_column(self, a_td, spec: str, w, add_norm: AddNorm, glu: bool = False):
+        """(the projection of add_norm's scale * RMSNorm(a + b) onto w, a + b) in one FP8
+        kernel per device (where `norm_in_kernel`; elsewhere the norm, then the projection)."""
+        if not self.norm_in_kernel(spec, a_td.shape[0], w, glu):
+            normed, stream = add_norm.apply(a_td)
+            stream = self.residual(stream)
+            return (self.gated(normed, spec, w) if glu
+                    else self.column(normed, (spec, w))[0]), stream
+        y, stream = self._weight_only_kernel(spec, a_td, w, glu=glu, add_norm=add_norm)
+        ins, out = spec.split("->")
+        return (self._constrain(y, _column_out(f"{ins}->{out[0]}{out[2:]}" if glu else spec)),
+                self.residual(stream))
+
+    def _shard_nk(self, spec: str, w) -> tuple[int, int]:
+        """(output channels, contracted size) of each device's shard of FP8 weight w."""
         lhs, rhs = spec.split("->")[0].split(",")
         stored = stored_letters(lhs, rhs)
         lead = (None,) if w.layer is not None else ()
         shard = jax.sharding.NamedSharding(self.mesh, partition_spec(
             lead + tuple(_WEIGHT[c] for c in stored), self.rules)).shard_shape(w.q.shape)
         contracted = len(lhs) - 1
-        n, k = math.prod(shard[len(lead):len(shard) - contracted]), math.prod(
-            shard[len(shard) - contracted:])
-        shape = plan(rows, n, k, interpret=jax.default_backend() != "gpu")
-        return shape is not None and shape[0] == rows
+        return (math.prod(shard[len(lead):len(shard) - contracted]),
+                math.prod(shard[len(shard) - contracted:]))
 
     def _summed(self, lhs: str) -> tuple:
         """The mesh axes (of more than one device) that split the contracted letters of x, `lhs`
@@ -219,11 +250,13 @@ class ShardedLayout:
             w = w.unstacked()
         return _einsum(spec, x_td, w, self._rows(), self.pad_rows_min_weight, self.fp8_gemv)
 
-    def _weight_only_kernel(self, spec, x_td, w: Fp8, glu: bool = False):
+    def _weight_only_kernel(self, spec, x_td, w: Fp8, glu: bool = False, add_norm=None):
         """The Pallas weight-only FP8 product per device on its weight shard (GSPMD cannot
         partition a kernel): x whole on every device; a row-parallel product's partial sums
         are added over tp, in x's dtype as the XLA path adds them. glu: silu(gate) * up of a
-        gate/up product (`weight_only`), whose output letters then drop the (gate, up) one."""
+        gate/up product (`weight_only`), whose output letters then drop the (gate, up) one.
+        add_norm: x and add_norm.b_td are the stream's parts, normalized in the kernel
+        (`add_norm_column`), and the stream comes out too, as x's shards."""
         ins, out = spec.split("->")
         lhs, rhs = ins.split(",")
         stored = stored_letters(lhs, rhs)
@@ -233,6 +266,22 @@ class ShardedLayout:
             lead + tuple(_WEIGHT[c] for c in letters), self.rules)
         summed = self._summed(lhs)
 
+        w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
+                     None if w.layer is None else P())
+        if add_norm is not None:  # no partial sums: each device holds whole rows
+            def normed(x, w, b, scale, *layer):
+                return weight_only(spec, x, w, self.fp8_gemv, glu=glu,
+                                   add_norm=add_norm._replace(b_td=b, scale=scale,
+                                                              layer=layer[0] if layer else None))
+
+            layer = () if add_norm.layer is None else (jnp.asarray(add_norm.layer, jnp.int32),)
+            scale_spec = pspec(lhs[1:], (None,) * (add_norm.scale.ndim - 1))
+            return jax.shard_map(
+                normed, mesh=self.mesh,
+                in_specs=(pspec(lhs), w_spec, pspec(lhs), scale_spec) + (P(),) * len(layer),
+                out_specs=(pspec(out[0] + out[1 + glu:]), pspec(lhs)), check_vma=False)(
+                    x_td, w, add_norm.b_td.astype(x_td.dtype), add_norm.scale, *layer)
+
         def body(x, w):  # W8A8: each token's scale the maximum over every device's features
             pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
             if not summed:
@@ -240,8 +289,6 @@ class ShardedLayout:
             with pdl.followed_by_kernel(False):  # an all-reduce comes next
                 return jax.lax.psum(weight_only(spec, x, w, self.fp8_gemv, reduce=pmax), summed)
 
-        w_spec = Fp8(pspec(stored, lead), pspec(outputs, lead),
-                     None if w.layer is None else P())
         return jax.shard_map(body, mesh=self.mesh, in_specs=(pspec(lhs), w_spec),
                              out_specs=pspec(out[0] + out[1 + glu:]), check_vma=False)(x_td, w)
 
