@@ -123,6 +123,46 @@ def test_the_model_gives_one_devices_tokens_with_the_kernel(hf_models, one_devic
     assert "add_rms_norm" in llm.programs.hlo("decode")
 
 
+def test_gemv_normalizes_in_each_devices_fp8_kernel_under_tp(monkeypatch):
+    """add_norm="gemv" at tp 2 (plain TP: every device holds whole rows): q/k/v and gate/up
+    normalize in their FP8 kernels on each device's weight shard, so a decode step runs no
+    add-and-norm kernel (the prompt, 16 rows, still does: the GEMV kernel takes that tile as
+    it is, but folds the norm into one row only), and the tokens are one device's with XLA's
+    norms."""
+    import models.llama
+    from models import fp8_gemv
+    from jax_sp import ModelConfig
+    from jax_sp.runtime import random_params
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=2048, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16)
+    params, prompts = random_params(cfg), [[3, 1, 4, 1, 5]]
+
+    def tokens(tp, mode):
+        llm = LLM(cfg, params, parallel=ParallelConfig(tp=tp), dtype="float32", max_seq_len=32,
+                  quantization="fp8", options=CompileOptions(fp8_gemv="pallas", add_norm=mode))
+        return [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=4))]
+
+    want = tokens(1, "xla")
+    rows = []
+
+    def counted(a, *args, **kwargs):
+        rows.append(a.shape[0])
+        return add_rms_norm(a, *args, **kwargs)
+
+    normed, original = [], fp8_gemv._normed
+
+    def kernel(*args, **kwargs):  # what the FP8 kernel runs with add_norm
+        normed.append(kwargs["half"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(models.llama, "add_rms_norm", counted)
+    monkeypatch.setattr(fp8_gemv, "_normed", kernel)
+    assert tokens(2, "gemv") == want
+    assert rows == [16, 16]  # the prefill's two norms, traced once
+    assert normed == [0, 24]  # the decode step's q/k/v, then gate/up (glu: F / tp channels)
+
+
 @pytest.mark.parametrize("gemv,rows", [
     ("pallas-mixed", [1]), ("pallas", [1, 16, 32, 64]), ("pallas-f16", [1]),
     ("pallas-w8a8", []), ("xla", [])])

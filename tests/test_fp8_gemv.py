@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import lowered_for_cuda, signal_position, triton_kernels
-from models.fp8_gemv import fp8_gemv, plan, swiglu
+from models.fp8_gemv import fp8_gemv, plan, swiglu, takes_add_norm
 from models.quant import quantize_tokens, quantize_weight
 
 
@@ -68,6 +68,68 @@ def test_glu_gives_silu_of_the_gate_times_the_up_projection(rows, f, k, block_k,
                                atol=1e-2 * np.abs(want).max())
     with pytest.raises(ValueError, match="even number of output channels"):
         fp8_gemv(x, w.q[:-1], w.scale[:-1], glu=True, interpret=True, **kw)
+
+
+def _stream(k, layers, seed):
+    """The residual stream's two parts [1, k] and a stack of norm scales [layers, k], bf16."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    a = (4 * jax.random.normal(ks[0], (1, k))).astype(jnp.bfloat16)
+    b = jax.random.normal(ks[1], (1, k)).astype(jnp.bfloat16)
+    return a, b, (1 + 0.3 * jax.random.normal(ks[2], (layers, k))).astype(jnp.bfloat16)
+
+
+EPS = 0.5
+
+
+@pytest.mark.parametrize("n,k,block_k,glu", [(96, 384, 128, False), (80, 256, 64, True),
+                                             (40, 45, 2048, False)])
+def test_add_norm_gives_the_product_of_the_models_norm_of_the_sum(n, k, block_k, glu):
+    """add_norm: one row's stream a + b (written exactly, in bf16), normalized as RMSNorm does
+    with the traced layer's scale and multiplied (glu: silu(gate) * up): within the output's
+    rounding of the exact product of the normalized row (the norm is folded into the product
+    in float32, so it skips RMSNorm's two bf16 roundings of the row), over several contracted
+    blocks or one odd-sized one; a stack read at the layer given, and a single scale. eps is
+    large enough to matter (the stream's mean square is about 17)."""
+    a, b, scales = _stream(k, 3, n + k)
+    ws = [quantize_weight(w, (0,)) for w in jax.random.normal(jax.random.key(k), (3, k, n))]
+    q, wscale = jnp.stack([w.q for w in ws]), jnp.stack([w.scale for w in ws])
+    run = jax.jit(lambda a, b, q, ws, g, layer: fp8_gemv(
+        a, q, ws, layer, block_k=block_k, glu=glu, add_norm=(b, g, EPS), interpret=True))
+    s64 = np.asarray(a, np.float64) + np.asarray(b, np.float64)
+    for layer in (0, 2):
+        y, s = run(a, b, q, wscale, scales, jnp.int32(layer))
+        np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(a + b, np.float32))
+        normed = (s64 / np.sqrt(np.mean(s64 ** 2) + EPS) * np.asarray(scales[layer], np.float64))
+        exact = normed @ (np.asarray(ws[layer].q, np.float64)
+                          * np.asarray(ws[layer].scale, np.float64)[:, None]).T
+        if glu:
+            gate, up = exact[:, :n // 2], exact[:, n // 2:]
+            exact = gate / (1 + np.exp(-gate)) * up
+        assert y.shape == (1, n // 2 if glu else n) and y.dtype == jnp.bfloat16
+        # bf16 output: 2^-9 relative (glu: gate and up rounded first, then the product)
+        np.testing.assert_allclose(np.asarray(y, np.float64), exact, rtol=2 ** -7 if glu else
+                                   2 ** -8, atol=1e-4 * np.abs(exact).max())
+    y1, _ = fp8_gemv(a, ws[1].q, ws[1].scale, block_k=block_k, glu=glu,
+                     add_norm=(b, scales[1], EPS), interpret=True)
+    np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(
+        run(a, b, q, wscale, scales, jnp.int32(1))[0], np.float32))
+
+
+def test_add_norm_refuses_what_it_does_not_take():
+    """Several rows, a split contracted axis, rows of two shapes, FP8 rows: a ValueError that
+    names what it takes; takes_add_norm says where the model may ask."""
+    a, b, scales = _stream(256, 1, 0)
+    w = quantize_weight(jax.random.normal(jax.random.key(1), (256, 64)), (0,))
+    norm = (b, scales[0], 1e-5)
+    for kw in ({"x": jnp.concatenate([a, a])}, {"splits": 2}, {"add_norm": (b[:, :128],) +
+                                                              norm[1:]},
+               {"x_scale": jnp.ones((1,), jnp.float32)}):
+        with pytest.raises(ValueError, match="add_norm takes weight-only rows"):
+            fp8_gemv(kw.pop("x", a), w.q, w.scale, block_k=64, **{"add_norm": norm, **kw},
+                     interpret=True)
+    assert takes_add_norm(1, 6144, 4096) and takes_add_norm(1, 14336, 4096)
+    assert not takes_add_norm(2, 6144, 4096)  # a tensor-core tile
+    assert not takes_add_norm(1, 512, 4096)  # few channel blocks: plan splits the row
 
 
 @pytest.mark.parametrize("rows,n,k,block_k,splits", [

@@ -52,9 +52,9 @@ CFG = ModelConfig(vocab_size=101, hidden_size=2048, intermediate_size=48, num_la
                   num_heads=4, num_kv_heads=2, head_dim=16)
 
 
-def _decisions(monkeypatch, tp, batch):
+def _decisions(monkeypatch, tp, batch, add_norm="pallas"):
     """(kernel, its [N, K] for an FP8 GEMV, asked to signal, below) for each kernel the decode
-    program traces, in order, with launch_dependents="auto"."""
+    program traces, in order, with launch_dependents="auto"; and the tokens."""
     seen = []
     wanted = pdl.wanted
 
@@ -68,13 +68,14 @@ def _decisions(monkeypatch, tp, batch):
     monkeypatch.setattr(pdl, "wanted", spy)
     llm = LLM(CFG, random_params(CFG), parallel=ParallelConfig(tp=tp), dtype="float32",
               max_seq_len=32, quantization="fp8-head",
-              options=CompileOptions(fp8_gemv="pallas", add_norm="pallas", attention="pallas",
+              options=CompileOptions(fp8_gemv="pallas", add_norm=add_norm, attention="pallas",
                                      launch_dependents="auto"))
     prompts = [[3, 1, 4, 1, 5]] * batch
     llm.generate(prompts, SamplingParams(max_new_tokens=1))  # the prefill program alone
     prefill = len(seen)
-    llm.generate(prompts, SamplingParams(max_new_tokens=2))  # and the decode program
-    return seen[prefill:]
+    # and the decode program
+    tokens = [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=3))]
+    return seen[prefill:], tokens
 
 
 def test_a_decode_step_signals_from_the_kernels_that_feed_its_own(monkeypatch):
@@ -85,13 +86,31 @@ def test_a_decode_step_signals_from_the_kernels_that_feed_its_own(monkeypatch):
     do not."""
     d, f, v = 2048, 48, 101
     qkv, o, gate_up, down, head = (4 + 4) * 16, d, 2 * f, d, v
-    steps = _decisions(monkeypatch, 1, 1)
+    steps, _ = _decisions(monkeypatch, 1, 1)
     assert steps[:-1] == [("add_norm", None, True, None), ("fp8_gemv", (qkv, d), True, None),
                       ("decode_attention", None, False, None),
                       ("fp8_gemv", (o, 4 * 16), True, None), ("add_norm", None, True, None),
                       ("fp8_gemv", (gate_up, d), False, None),
                       ("fp8_gemv", (down, f), True, 2)]
     assert steps[-1] == ("fp8_gemv", (head, d), False, None)
+
+
+def test_with_the_norms_in_the_gemvs_the_step_runs_no_kernel_between_them(monkeypatch):
+    """add_norm="gemv": q/k/v and gate/up add and normalize in their own FP8 kernels, so a
+    one-row decode step traces no add-and-norm kernel; q/k/v still signals the decode
+    attention, o_proj and down_proj (below the last layer) the kernel that now reads their sum
+    (gate/up's, the next layer's q/k/v); the tokens are XLA's norms'."""
+    d, f, v = 2048, 48, 101
+    qkv, o, gate_up, down, head = (4 + 4) * 16, d, 2 * f, d, v
+    steps, tokens = _decisions(monkeypatch, 1, 1, add_norm="gemv")
+    assert steps == [("fp8_gemv", (qkv, d), True, None), ("decode_attention", None, False, None),
+                     ("fp8_gemv", (o, 4 * 16), True, None), ("fp8_gemv", (gate_up, d), False, None),
+                     ("fp8_gemv", (down, f), True, 2), ("fp8_gemv", (head, d), False, None)]
+    xla = LLM(CFG, random_params(CFG), parallel=ParallelConfig(tp=1), dtype="float32",
+              max_seq_len=32, quantization="fp8-head",
+              options=CompileOptions(fp8_gemv="pallas", add_norm="xla", attention="pallas"))
+    assert tokens == [c.token_ids for c in xla.generate([[3, 1, 4, 1, 5]],
+                                                        SamplingParams(max_new_tokens=3))]
 
 
 @pytest.mark.parametrize("tp,batch,signals", [
@@ -101,7 +120,7 @@ def test_no_signal_where_a_collective_or_a_padding_comes_next(monkeypatch, tp, b
     """tp 2: o_proj's and down_proj's partial sums are all-reduced next, so neither signals (the
     norms and q/k/v, column-parallel, still do); 3 rows: each GEMV pads them to a 16-row tile
     and slices its result, so no GEMV signals, and no norm (the next kernel is that padding)."""
-    steps = _decisions(monkeypatch, tp, batch)
+    steps, _ = _decisions(monkeypatch, tp, batch)
     assert [k for k, _, _, _ in steps] == ["add_norm", "fp8_gemv", "decode_attention",
                                            "fp8_gemv", "add_norm", "fp8_gemv", "fp8_gemv",
                                            "fp8_gemv"]
