@@ -1029,6 +1029,41 @@ def attn_dp_gpu() -> str:
                             f"layers, tp {first['tp']}, bfloat16, prefill of {first['tokens']} "
                             f"tokens (one sequence per group); decode: batch 8, cache 1024."])
 
+# the kernel design each run of benchmarks/add_norm.py timed as add_norm="gemv" (models/fp8_gemv.py
+# `add_norm`), by result file
+_NORM_IN_GEMV = {
+    "add_norm_norm_in_registers_h100_llama3-8b": "every weight block loaded into registers "
+    "first, the row normalized, then the products",
+    "add_norm_norm_first_h100_llama3-8b": "a pass over the row for its sum of squares, then "
+    "the pipelined loop on the normalized row (RMSNorm's roundings)",
+    "add_norm_norm_folded_h100_llama3-8b": "one pipelined loop, the norm folded into the "
+    "product (kept)"}
+
+
+def add_norm_in_gemv(*names: str) -> str:
+    """The add and the norm inside the FP8 GEMV kernel ("gemv"), one design per run of
+    benchmarks/add_norm.py, against the add-and-norm kernel before the GEMV ("auto" then) and
+    XLA's norms with no signal in the same run."""
+    out = ["| the norm in the GEMV kernel | XLA's norms, no signal, ms | add-and-norm kernel, ms "
+           "| in the GEMV, ms | vs the add-and-norm kernel | same tokens |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    first = None
+    for name in names:
+        rows = {r["add_norm"]: r for r in _rows(f"{name}.jsonl")
+                if r["bench"] == "decode" and r["quantization"] == "fp8-head"}
+        first = first or rows["gemv"]
+        out.append(f"| {_NORM_IN_GEMV[name]} | {rows['xla']['ms_per_token']:.3f} | "
+                   f"{rows['auto']['ms_per_token']:.3f} | {rows['gemv']['ms_per_token']:.3f} | "
+                   f"{rows['auto']['ms_per_token'] / rows['gemv']['ms_per_token']:.3f}× | "
+                   f"{'yes' if rows['gemv']['same_tokens'] else 'no'} |")
+    out += ["", f"`benchmarks/results/`: {', '.join(f'`{n}.jsonl`' for n in names)} "
+            f"({first['machine']}, jax {first['jax']}): {first['model']} shape with the LM head "
+            f"in FP8, random weights, batch 1, decode after a {first['prompt']}-token prompt, "
+            f"{first['new_tokens']} greedy new tokens, per token; one process a row, each "
+            f"variant timed {len(first['runs_ms'])} times in alternation with the others, "
+            f"medians; \"same tokens\": as with XLA's norms."]
+    return "\n".join(out)
+
 
 TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, "fp8_fma": fp8_fma, "fp8_shape": fp8_shape,
           "serving": serving, "serving_trace": serving_trace, "schedule": schedule,
@@ -1037,7 +1072,7 @@ TABLES = {"ceiling": ceiling, "attn_dp_gpu": attn_dp_gpu, "guidance": guidance, 
           "attn_dp_decode": attn_dp_decode,
           "fp8_speed": fp8_speed, "fp8_modes": fp8_modes, "kv_fp8_speed": kv_fp8_speed,
           "fp8_w8a8": fp8_w8a8, "fp8_gemv": fp8_gemv, "fp8_mlp": fp8_mlp, "pdl": pdl,
-          "fp8_warm": fp8_warm, "add_norm": add_norm,
+          "fp8_warm": fp8_warm, "add_norm": add_norm, "add_norm_in_gemv": add_norm_in_gemv,
           "refactor": refactor,
           "generation": generation,
           "generation_summary": generation_summary, "numerics": numerics, "sp_vs_tp": sp_vs_tp}

@@ -9,9 +9,11 @@ step of the Llama-3-8B shape in FP8 each of the two takes 1.3-2.5 us on an H100,
 (docs/fp8.md): four small kernels a layer. Here program t owns row t: it adds, writes s and sums
 the squares block by block, then computes the inverse RMS and writes y, re-reading a and b (from
 L1 or L2). The model uses it for every norm of a decode step (models/llama.py `Block`) with
-CompileOptions(add_norm="pallas"), and by default ("auto") where the FP8 projections run through
-models/fp8_gemv.py: each norm then feeds a GEMV kernel directly, which lets it signal the GEMV
-early (models/pdl.py; docs/fp8.md has what was measured).
+CompileOptions(add_norm="pallas"), and with "gemv" (the GPU default with the FP8 kernel) where
+the FP8 GEMV kernel after the norm takes the rows as they are but cannot fold the norm into its
+product itself (models/fp8_gemv.py `add_norm`: one row only): the norm then feeds that kernel
+directly, which lets it signal the GEMV early (models/pdl.py; docs/fp8.md has what was
+measured). `AddNorm` hands an add and norm to the projection after it.
 
 Numerics: the same operations in the same dtypes as `RMSNorm` (the add in the model's dtype, the
 mean square and the inverse RMS in float32, the cast, then the scale). Interpreted on CPU with
