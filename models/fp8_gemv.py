@@ -30,8 +30,8 @@ contracted axis (program 0 writes the sum, the new stream), accumulates their sq
 the products of the weight with the sum times the norm's scale, and multiplies its outputs by
 the inverse RMS at the end. Every program reads the whole row anyway, so this costs no pass
 of its own; normalizing the row first and then multiplying (exactly RMSNorm's roundings) made
-a decode step 7% slower on an H100, because each program then waited for the sum of squares
-before its first weight load (docs/fp8.md). A decode step then runs no kernel between a
+a decode step 9% slower than the separate add-and-norm kernel on an H100, because each program
+then waited for the sum of squares before its first weight load (docs/fp8.md). A decode step then runs no kernel between a
 layer's projections but attention (models/llama.py `Block`).
 `interpret=True` runs the same kernel through Pallas' interpreter (the tests use it on CPU).
 """
@@ -89,7 +89,7 @@ def plan(rows: int, n: int, k: int, block_n: int | None = None, block_k: int | N
 
 def takes_add_norm(rows: int, n: int, k: int, interpret: bool = False) -> bool:
     """Whether `fp8_gemv(..., add_norm=...)` takes an [rows, k] x [n, k] product (n: the
-    output channels, halved with glu): rows on CUDA cores (the prologue is one row's), and a
+    output channels, halved with glu): rows on CUDA cores (the fold is written for them), and a
     contracted axis that the kernel would not split anyway (every program normalizes the whole
     row: forcing one split would shrink the grid, which is not what was measured)."""
     shape = plan(rows, n, k, interpret=interpret) if rows <= FMA_ROWS else None

@@ -87,9 +87,10 @@ def test_add_norm_gives_the_product_of_the_models_norm_of_the_sum(n, k, block_k,
     """add_norm: one row's stream a + b (written exactly, in bf16), normalized as RMSNorm does
     with the traced layer's scale and multiplied (glu: silu(gate) * up): within the output's
     rounding of the exact product of the normalized row (the norm is folded into the product
-    in float32, so it skips RMSNorm's two bf16 roundings of the row), over several contracted
-    blocks or one odd-sized one; a stack read at the layer given, and a single scale. eps is
-    large enough to matter (the stream's mean square is about 17)."""
+    in float32, so it skips RMSNorm's two bf16 roundings of the row), over 3, 4 or 45
+    contracted blocks (an odd row, interpreted: blocks of one column); a stack read at the
+    layer given, and a single scale. eps is large enough to matter (the stream's mean square is
+    about 17)."""
     a, b, scales = _stream(k, 3, n + k)
     ws = [quantize_weight(w, (0,)) for w in jax.random.normal(jax.random.key(k), (3, k, n))]
     q, wscale = jnp.stack([w.q for w in ws]), jnp.stack([w.scale for w in ws])
@@ -121,9 +122,9 @@ def test_add_norm_refuses_what_it_does_not_take():
     a, b, scales = _stream(256, 1, 0)
     w = quantize_weight(jax.random.normal(jax.random.key(1), (256, 64)), (0,))
     norm = (b, scales[0], 1e-5)
-    for kw in ({"x": jnp.concatenate([a, a])}, {"splits": 2}, {"add_norm": (b[:, :128],) +
-                                                              norm[1:]},
-               {"x_scale": jnp.ones((1,), jnp.float32)}):
+    refused = [{"x": jnp.concatenate([a, a])}, {"splits": 2},
+               {"add_norm": (b[:, :128],) + norm[1:]}, {"x_scale": jnp.ones((1,), jnp.float32)}]
+    for kw in refused:
         with pytest.raises(ValueError, match="add_norm takes weight-only rows"):
             fp8_gemv(kw.pop("x", a), w.q, w.scale, block_k=64, **{"add_norm": norm, **kw},
                      interpret=True)
