@@ -96,6 +96,10 @@ def main():
     ap.add_argument("--add-norm", default="auto",
                     help="CompileOptions.add_norm: a decode step's residual adds and norms in one "
                          "Pallas kernel (pallas), as XLA fuses them (xla) or by default (auto)")
+    ap.add_argument("--attention-max-splits", type=int, default=None,
+                    help="at most this many programs per sequence and KV head in the decode "
+                         "attention kernel (models/decode_attention.py MAX_SPLITS; one: no "
+                         "split of the keys, no combine after the kernel)")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -116,6 +120,10 @@ def main():
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
 
+    if args.attention_max_splits:
+        import models.decode_attention
+
+        models.decode_attention.MAX_SPLITS = args.attention_max_splits
     cfg = preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
@@ -146,6 +154,8 @@ def main():
                                             "_launch_dependents"),
                                            (args.launch_dependents is False, "_no_signal"),
                                            (args.add_norm != "auto", f"_add_norm_{args.add_norm}"),
+                                           (args.attention_max_splits,
+                                            f"_attention_splits{args.attention_max_splits}"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
@@ -173,6 +183,7 @@ def main():
                "wall_ms": wall * 1e3, "decode_attention": llm.runtime.decode_attention.name,
                "paged_cache": not args.sliced_cache,
                "launch_dependents": args.launch_dependents, "add_norm": args.add_norm,
+               "attention_max_splits": args.attention_max_splits,
                "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",
