@@ -94,8 +94,9 @@ def main():
                     help="CompileOptions.launch_dependents: which of jax-sp's Pallas kernels let "
                          "the next kernel launch as they start (models/pdl.py)")
     ap.add_argument("--add-norm", default="auto",
-                    help="CompileOptions.add_norm: a decode step's residual adds and norms in one "
-                         "Pallas kernel (pallas), as XLA fuses them (xla) or by default (auto)")
+                    help="CompileOptions.add_norm: a decode step's residual adds and norms in the "
+                         "FP8 GEMV after each (gemv), in one Pallas kernel (pallas), as XLA fuses "
+                         "them (xla) or by default (auto)")
     ap.add_argument("--attention-max-splits", type=int, default=None,
                     help="at most this many programs per sequence and KV head in the decode "
                          "attention kernel (models/decode_attention.py MAX_SPLITS; one: no "
