@@ -101,9 +101,6 @@ def main():
                     help="at most this many programs per sequence and KV head in the decode "
                          "attention kernel (models/decode_attention.py MAX_SPLITS; one: no "
                          "split of the keys, no combine after the kernel)")
-    ap.add_argument("--attention-combine", default=None, choices=("pallas", "xla"),
-                    help="how the decode attention's splits are combined "
-                         "(models/decode_attention.py COMBINE; default: the module's)")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -124,12 +121,10 @@ def main():
     from jax_sp.presets import preset
     from jax_sp.runtime import random_params
 
-    import models.decode_attention
-
     if args.attention_max_splits:
+        import models.decode_attention
+
         models.decode_attention.MAX_SPLITS = args.attention_max_splits
-    if args.attention_combine:
-        models.decode_attention.COMBINE = args.attention_combine
     cfg = preset(args.model)
     if args.layers:
         cfg = dataclasses.replace(cfg, num_layers=args.layers)
@@ -162,8 +157,6 @@ def main():
                                            (args.add_norm != "auto", f"_add_norm_{args.add_norm}"),
                                            (args.attention_max_splits,
                                             f"_attention_splits{args.attention_max_splits}"),
-                                           (args.attention_combine,
-                                            f"_combine_{args.attention_combine}"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
@@ -192,7 +185,6 @@ def main():
                "paged_cache": not args.sliced_cache,
                "launch_dependents": args.launch_dependents, "add_norm": args.add_norm,
                "attention_max_splits": args.attention_max_splits,
-               "attention_combine": models.decode_attention.COMBINE,
                "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",

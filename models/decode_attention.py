@@ -11,8 +11,7 @@ split p of the keys `[0, kv_len_b)` in blocks of BLOCK_S keys with an online sof
 program whose split holds the new position writes k and v into the stacked cache at
 `[layer, b, position_b, k]` (the cache is aliased, so the write is in place). Keys are split over
 programs until there are about TARGET_PROGRAMS of them (flash-decoding); the splits' outputs are
-then combined by their log-sum-exp in a second small kernel (`combine`), and a single split
-needs no combine.
+then combined by their log-sum-exp in XLA, and a single split needs no combine.
 
 A cache in FP8 (`CompileOptions(kv_cache_dtype="fp8")`) is read as it lies and widened in
 registers, block by block, for the dots: to float16 where q is bfloat16 (`dot_dtype`), since
@@ -41,10 +40,6 @@ from models import pdl
 BLOCK_S = 64  # keys per loop step
 NUM_WARPS = 4
 MAX_SPLITS = 16  # at most this many programs per sequence and KV head
-# how the splits' outputs are combined: "pallas" (`combine`, one kernel of jax-sp's own, which
-# the attention kernel signals and which signals the kernel after it where that is jax-sp's) or
-# "xla" (XLA's fusions of the same arithmetic)
-COMBINE = "pallas"
 TARGET_PROGRAMS = 256  # split keys while batch * KV heads * splits is below this
 
 
@@ -119,11 +114,9 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     if wide not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), qkv_bkch.dtype):
         raise ValueError(f"decode_attention: dot_dtype {wide.name} is not float16, bfloat16 or "
                          f"q's dtype ({qkv_bkch.dtype.name})")
-    combined = splits > 1 and COMBINE == "pallas"
-    with pdl.followed_by_kernel(combined):  # else XLA's slice or combine reads the output
-        signal = pdl.enabled(interpret)
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
-                               per_split=per_split, scale=h ** -0.5, wide=wide, signal=signal)
+                               per_split=per_split, scale=h ** -0.5, wide=wide,
+                               signal=pdl.enabled(interpret))
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
@@ -139,9 +132,6 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
         input_output_aliases={6: 2, 7: 3}, compiler_params=params,
         name="decode_attention")(*scalars, qkv_bkch, cos_bh.astype(f32), sin_bh.astype(f32),
                                  k_cache, v_cache)
-    if combined:
-        return combine(out, lse, g, qkv_bkch.dtype, interpret).reshape(b, k * g, h), k_cache, \
-            v_cache
     out, lse = out[:, :, :, :g], lse[:, :, :, :g]  # the group's rows of each tile
     if splits > 1:  # flash-decoding's combine: weight each split by its share of the softmax
         weight = jax.nn.softmax(lse, axis=2)[..., None]  # [B, K, P, G, 1]
@@ -150,42 +140,6 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                            weight, 0.0)
         out = jnp.sum(weight * out, axis=2, keepdims=True)
     return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache
-
-
-def combine(out, lse, g: int, dtype, interpret: bool = False):
-    """Flash-decoding's combine as one Pallas kernel: [B, K, G, H] in `dtype` from each split's
-    softmax-normalised output out [B, K, P, R, H] (float32) and log-sum-exp lse [B, K, P, R]
-    (the first G of each tile's R rows are the group's query heads), each split weighted by its
-    share of the softmax, as `decode_attention`'s XLA combine; no visible key at all: zeros.
-    Program (b, k) writes its G rows directly, so the o_proj GEMV reads them as they lie."""
-    from jax.experimental import pallas as pl
-
-    b, k, p, r, h = out.shape
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as plgpu
-        params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
-    kernel = functools.partial(_combine, g=g, splits=p, signal=pdl.enabled(interpret))
-    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((b, k, g, h), dtype),
-                          grid=(b, k), interpret=interpret, compiler_params=params,
-                          name="decode_attention_combine")(jnp.zeros((1,), jnp.int32), out, lse)
-
-
-def _combine(zero_ref, out_ref, lse_ref, o_ref, *, g, splits, signal):
-    """Program (b, k): each of the group's G query heads, over the P splits."""
-    from jax.experimental import pallas as pl
-
-    bi = pl.program_id(0) + pdl.first_index(zero_ref, signal)  # the signal before any load
-    ki = pl.program_id(1)
-    for j in range(g):
-        lses = [lse_ref[bi, ki, p, j] for p in range(splits)]
-        top = functools.reduce(jnp.maximum, lses)
-        # a split with no visible key has -inf: weight 0 (and every split: zeros, not NaN)
-        weights = [jnp.where(lse > -jnp.inf, jnp.exp(lse - top), 0.0) for lse in lses]
-        acc = sum(w * out_ref[bi, ki, p, j, :] for p, w in enumerate(weights))
-        total = sum(weights)
-        o_ref[bi, ki, j, :] = jnp.where(total > 0, acc / jnp.maximum(total, 1e-30),
-                                        0.0).astype(o_ref.dtype)
 
 
 def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,

@@ -141,16 +141,13 @@ class Attention(nnx.Module):
                                       _get(self, "w_qkv_dkch", fwd, layer))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
+        out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
+        n, h = out.shape[-2:]
         w_o = _get(self, "w_o_nhd", fwd, layer)
-        n, h = w_o.q.shape[-2:] if isinstance(w_o, Fp8) else w_o.shape[:2]
         w_o = (w_o._replace(q=w_o.q.reshape(*w_o.q.shape[:-2], n * h))  # [(L,) D, N*H]
                if isinstance(w_o, Fp8) else w_o.reshape(n * h, -1))
-        # the attention's last kernel hands its rows straight to o_proj's FP8 kernel?
-        with pdl.followed_by_kernel(b * t == x.a_td.shape[0] and fwd.layout.direct_kernel(
-                "TN,ND->TD", b * t, w_o)):
-            out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
         # N here is the flattened N*H: the letter says the contraction is over heads (split
         # as attention's heads are, which attention groups split differently from the MLP)
         # o_proj's sum goes to the add-and-norm, or to gate/up's kernel that adds and normalizes

@@ -51,8 +51,7 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits
     one per program (12 splits); one program per sequence and head walking all 12 blocks; 2 splits
     of 3 blocks of 16, where two sequences see no key of the second; 2 splits of 3 blocks of 32
     (two blocks, then one). New keys at the first slot, inside a block and in the second half; 5
-    rows of q/k/v of which the last two are a projection's padding. The splits' outputs are
-    combined by jax-sp's combine kernel (the default) and, below, by XLA's fusions alike."""
+    rows of q/k/v of which the last two are a projection's padding."""
     qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 96, rows=5, dtype=dtype)
     positions, kv_len = jnp.asarray([0, 21, 70]), jnp.asarray([1, 22, 71])
     grids, pallas_call = [], pl.pallas_call
@@ -66,8 +65,7 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits
         mp.setattr(pl, "pallas_call", spy)
         out, k2, v2 = run(qkv, cos, sin, kc, vc, 1, positions, kv_len, block_s=block_s,
                           max_splits=max_splits, interpret=True)
-    # and with splits, the combine: one program per sequence and head
-    assert grids == [(3, 2, splits)] + [(3, 2)] * (splits > 1)
+    assert grids == [(3, 2, splits)]
     want = _xla_step(qkv[:3], cos, sin, kc, vc, 1, positions, kv_len)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want[0], np.float32),
                                atol=tol, rtol=tol)
@@ -76,19 +74,6 @@ def test_kernel_equals_rope_write_and_attention_in_plain_jax(block_s, max_splits
                                    atol=tol, rtol=tol)
         changed = np.argwhere(np.any(np.asarray(got != old), axis=(3, 4)))
         assert changed.tolist() == [[1, 0, 0], [1, 1, 21], [1, 2, 70]]  # one slot per sequence
-
-
-def test_the_combine_kernel_gives_xlas_combine():
-    """The combine kernel (COMBINE="pallas") against XLA's fusions of the same arithmetic, with
-    12 splits, 3 query heads a group and a sequence that sees keys in one split only."""
-    qkv, cos, sin, kc, vc = _inputs(3, 2, 3, 16, 3, 96, rows=5)
-    args = (qkv, cos, sin, kc, vc, 1, jnp.asarray([0, 21, 70]), jnp.asarray([1, 22, 71]))
-    outs = {}
-    for mode in ("pallas", "xla"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(da, "COMBINE", mode)
-            outs[mode] = da.decode_attention(*args, block_s=8, interpret=True)[0]
-    np.testing.assert_allclose(outs["pallas"], outs["xla"], atol=1e-6, rtol=1e-5)
 
 
 def test_pallas_backend_equals_the_xla_backend_on_its_own():
@@ -224,9 +209,7 @@ def test_the_serving_engine_s_rows_are_whole_blocks_of_the_kernel_s_keys(llama16
 def test_with_launch_dependents_the_kernel_signals_before_its_cache_loads():
     """CompileOptions(launch_dependents=True) (models/pdl.py), lowered for CUDA: each block
     executes griddepcontrol.launch_dependents once, after loading the layer index and before
-    any load of q, the RoPE tables or the cache, and so does the combine's before its loads;
-    with "auto" the attention kernel signals the combine (jax-sp's), which signals only where
-    the caller says a kernel of jax-sp's own comes next; without the option neither does."""
+    any load of q, the RoPE tables or the cache; without the option there is none."""
     from conftest import lowered_for_cuda, signal_position, triton_kernels
     from models import pdl
 
@@ -239,13 +222,12 @@ def test_with_launch_dependents_the_kernel_signals_before_its_cache_loads():
 
     def kernel_ir():
         text = lowered_for_cuda(lambda *a: da.decode_attention(*a, interpret=False), *args)
-        return triton_kernels(text)  # the attention, then the combine of its 8 splits
+        (kernel,) = triton_kernels(text)
+        return kernel
 
     with pdl.signalling(True):
-        assert [signal_position(k) for k in kernel_ir()] == [(1, 1), (1, 1)]
-    with pdl.signalling("auto"):  # the attention signals the combine, its own kernel
-        assert [signal_position(k) for k in kernel_ir()] == [(1, 1), (0, None)]
-    assert [signal_position(k) for k in kernel_ir()] == [(0, None), (0, None)]
+        assert signal_position(kernel_ir()) == (1, 1)
+    assert signal_position(kernel_ir()) == (0, None)
 
 
 def test_programs_are_traced_with_the_launch_dependents_option_given():
