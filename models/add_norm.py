@@ -50,8 +50,9 @@ def block(d: int, interpret: bool = False) -> int | None:
 
 class AddNorm(NamedTuple):
     """The residual add and the RMSNorm before a projection, handed to it (models/fp8_gemv.py
-    `add_norm`): the product is then of scale * RMSNorm(a + b) for rows a, and the projection
-    also returns a + b. scale: the norm's [D], or every layer's [L, D] and `layer` the index."""
+    `add_norm`): the product is then of scale * RMSNorm(a + b) for rows a (b in a's dtype), and
+    the projection also returns a + b. scale: the norm's [D], or every layer's [L, D] and
+    `layer` the index."""
 
     b_td: jax.Array
     scale: jax.Array
@@ -62,7 +63,7 @@ class AddNorm(NamedTuple):
         """(scale * RMSNorm(a + b), a + b) in XLA (`reference`)."""
         scale = self.scale if self.layer is None else jax.lax.dynamic_index_in_dim(
             self.scale, jnp.asarray(self.layer, jnp.int32).reshape(()), 0, False)
-        return reference(a_td, self.b_td.astype(a_td.dtype), scale, self.eps)
+        return reference(a_td, self.b_td, scale, self.eps)
 
 
 def reference(a_td, b_td, scale_d, eps):

@@ -41,7 +41,8 @@ class Forward(NamedTuple):
     # each residual add and the norm after it in one kernel (models/add_norm.py)
     fused_norm: bool = False
     # a layer's last kernel (down_proj's) hands the stream straight to the next layer's first
-    # (the add-and-norm), except after the last of `layers` (models/pdl.py)
+    # (the add-and-norm, or q/k/v's kernel that adds and normalizes), except after the last of
+    # `layers` (models/pdl.py)
     chained_layers: bool = False
     layers: int = 0
 

@@ -31,8 +31,8 @@ the products of the weight with the sum times the norm's scale, and multiplies i
 the inverse RMS at the end. Every program reads the whole row anyway, so this costs no pass
 of its own; normalizing the row first and then multiplying (exactly RMSNorm's roundings) made
 a decode step 9% slower than the separate add-and-norm kernel on an H100, because each program
-then waited for the sum of squares before its first weight load (docs/fp8.md). A decode step then runs no kernel between a
-layer's projections but attention (models/llama.py `Block`).
+then waited for the sum of squares before its first weight load (docs/fp8.md). A decode step
+then runs no kernel between a layer's projections but attention (models/llama.py `Block`).
 `interpret=True` runs the same kernel through Pallas' interpreter (the tests use it on CPU).
 """
 
@@ -214,6 +214,14 @@ def swiglu(gate, up, dtype):
     return (g / (1.0 + jnp.exp(-g)) * u).astype(dtype)
 
 
+def _groups(ni, bn: int, half: int):
+    """Program ni's output channels, and with glu (`half`) the up projection's `half` further
+    on."""
+    from jax.experimental import pallas as pl
+
+    return [pl.ds(pl.multiple_of(ni * bn + g * half, bn), bn) for g in range(1 + bool(half))]
+
+
 def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fma, half,
             eps, signal, below):
     """Program (n, p): output channels [n * bn, (n + 1) * bn), contracted blocks
@@ -235,8 +243,7 @@ def _kernel(layer_ref, x_ref, w_ref, s_ref, *refs, bn, bk, per_split, splits, fm
     ni, pi = pl.program_id(0), pl.program_id(1)
     layer = pdl.first_index(layer_ref, signal, below)
     rows = x_ref.shape[0]
-    # the program's channels, and with glu the up projection's `half` further on
-    groups = [pl.ds(pl.multiple_of(ni * bn + g * half, bn), bn) for g in range(1 + bool(half))]
+    groups = _groups(ni, bn, half)
     f32 = jnp.float32
     dtype = out_ref.dtype
 
@@ -305,7 +312,7 @@ def _normed(layer_ref, x_ref, w_ref, s_ref, b_ref, g_ref, out_ref, stream_ref, *
     ni = pl.program_id(0)
     layer = pdl.first_index(layer_ref, signal, below)
     f32 = jnp.float32
-    groups = [pl.ds(pl.multiple_of(ni * bn + g * half, bn), bn) for g in range(1 + bool(half))]
+    groups = _groups(ni, bn, half)
     for r in range(x_ref.shape[0]):
         def step(i, carry, r=r):
             c = pl.ds(pl.multiple_of(i * bk, bk), bk)

@@ -173,7 +173,8 @@ class MLP(nnx.Module):
         # last wave made the step slower than no signal at all on an H100 (docs/performance.md)
         h_tf, x_td = _project(fwd, x, layer, GATE_UP, _get(self, "w_gate_up_dcf", fwd, layer),
                               glu=True)
-        # down_proj's sum goes to the next layer's add-and-norm (none after the last layer)
+        # down_proj's sum goes to the next layer's add-and-norm or q/k/v kernel (none after the
+        # last layer)
         with pdl.followed_by_kernel(fwd.chained_layers, below=fwd.layers - 1):
             return fwd.layout.row(DOWN, h_tf, w_down), x_td
 
@@ -326,7 +327,7 @@ class Llama(nnx.Module):
         # the add-and-norm kernel has no gradient: forwards with a KV cache (inference) only
         fused = cache is not None and fused_norm(layout, b * t, self.cfg.hidden_size)
         layers = self.layers.attn_norm.scale.shape[0]
-        # with nothing between one layer's down_proj and the next layer's add-and-norm
+        # with nothing between one layer's down_proj and the next layer's first kernel
         chained = fused and not collect_residuals
         fwd = Forward(positions_bt, kv_len_b, rope_tables(self.cfg, positions_bt, dtype), fresh,
                       layout, attention, stacked, fused, chained, layers)

@@ -237,21 +237,10 @@ def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None, glu: bo
     (clipped to its range), so that the weight is widened to float16 (still exact); the result
     is in x's own dtype. glu: the weight's first output dimension is (gate, up), and the result
     drops it: silu(gate) * up (models/fp8_gemv.py `swiglu`; in the kernel's epilogue where the
-    kernel runs). add_norm (models/add_norm.py `AddNorm`): x is one part of the residual stream,
-    the product is of the normalized stream, and the result is (product, stream): the kernel
-    normalizes in its loop where it takes that (`takes_add_norm`), else XLA first."""
-    if add_norm is not None:
-        from models.fp8_gemv import takes_add_norm
-
-        rows, k = x_tx.shape
-        lead = 1 if w.layer is not None else 0
-        n = math.prod(w.q.shape[lead:w.q.ndim - 1]) // (2 if glu else 1)
-        if not (gemv in KERNEL_GEMV and not w8a8_rows(gemv, rows)
-                and not f16_rows(gemv, rows) and w.q.shape[-1] == k
-                and takes_add_norm(rows, n, k, jax.default_backend() != "gpu")
-                and (w.layer is None) == (add_norm.layer is None)):
-            x_tx, stream = add_norm.apply(x_tx)
-            return weight_only(spec, x_tx, w, gemv, reduce, glu), stream
+    kernel runs). add_norm (models/add_norm.py `AddNorm`, b in x's dtype): x is one part of the
+    residual stream, the product is of the normalized stream, and the result is (product,
+    stream), all in the kernel, which must take that (models/fp8_gemv.py `takes_add_norm`;
+    the layout checks: sharding/layout.py `norm_in_kernel`)."""
     ins, out = spec.split("->")
     lhs, rhs = ins.split(",")
     outputs = "".join(c for c in rhs if c not in lhs)
@@ -274,9 +263,9 @@ def weight_only(spec: str, x_tx, w: Fp8, gemv: str = "xla", reduce=None, glu: bo
     from models.fp8_gemv import fp8_gemv, plan, swiglu
 
     n, k = q_nk.shape[-2:]
-    if add_norm is not None:  # the kernel takes it (checked above)
-        y, stream = fp8_gemv(x, q_nk, scale_n, w.layer, glu=glu, add_norm=(
-            add_norm.b_td.astype(x.dtype), add_norm.scale, add_norm.eps))
+    if add_norm is not None:
+        y, stream = fp8_gemv(x, q_nk, scale_n, w.layer, glu=glu,
+                             add_norm=(add_norm.b_td, add_norm.scale, add_norm.eps))
         return y.reshape(rows, *out_dims[glu:]), stream
     if gemv in KERNEL_GEMV and plan(rows, n // 2 if glu else n, k,
                                     interpret=jax.default_backend() != "gpu") is not None:

@@ -93,6 +93,12 @@ def _column_out(spec: str) -> tuple:
                  for c in out)
 
 
+def _gated_out(spec: str) -> tuple:
+    """Logical names of a gate/up product's SiLU·up ("TD,DCF->TCF" without its C)."""
+    ins, out = spec.split("->")
+    return _column_out(f"{ins}->{out[0]}{out[2:]}")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class ShardedLayout:
     mesh: Mesh
@@ -184,9 +190,8 @@ class ShardedLayout:
             return swiglu_of(self.column(x_td, (spec, w))[0])
         if self.sp:  # as `column`: gather exactly what the caller computed
             x_td = jax.lax.optimization_barrier(x_td)
-        ins, out = spec.split("->")
         return self._constrain(self._weight_only_kernel(spec, x_td, w, glu=True),
-                               _column_out(f"{ins}->{out[0]}{out[2:]}"))
+                               _gated_out(spec))
 
     def direct_kernel(self, spec: str, rows: int, w) -> bool:
         """Whether a projection (spec onto w) of `rows` rows runs as models/fp8_gemv.py's kernel
@@ -212,15 +217,9 @@ class ShardedLayout:
 
     def add_norm_column(self, a_td, spec: str, w, add_norm: AddNorm, glu: bool = False):
         """(the projection of add_norm's scale * RMSNorm(a + b) onto w, a + b) in one FP8
-        kernel per device (where `norm_in_kernel`; elsewhere the norm, then the projection)."""
-        if not self.norm_in_kernel(spec, a_td.shape[0], w, glu):
-            normed, stream = add_norm.apply(a_td)
-            stream = self.residual(stream)
-            return (self.gated(normed, spec, w) if glu
-                    else self.column(normed, (spec, w))[0]), stream
+        kernel per device, where `norm_in_kernel` says so (the caller asks it first)."""
         y, stream = self._weight_only_kernel(spec, a_td, w, glu=glu, add_norm=add_norm)
-        ins, out = spec.split("->")
-        return (self._constrain(y, _column_out(f"{ins}->{out[0]}{out[2:]}" if glu else spec)),
+        return (self._constrain(y, _gated_out(spec) if glu else _column_out(spec)),
                 self.residual(stream))
 
     def _shard_nk(self, spec: str, w) -> tuple[int, int]:
@@ -280,7 +279,7 @@ class ShardedLayout:
                 normed, mesh=self.mesh,
                 in_specs=(pspec(lhs), w_spec, pspec(lhs), scale_spec) + (P(),) * len(layer),
                 out_specs=(pspec(out[0] + out[1 + glu:]), pspec(lhs)), check_vma=False)(
-                    x_td, w, add_norm.b_td.astype(x_td.dtype), add_norm.scale, *layer)
+                    x_td, w, add_norm.b_td, add_norm.scale, *layer)
 
         def body(x, w):  # W8A8: each token's scale the maximum over every device's features
             pmax = (lambda a: jax.lax.pmax(a, summed)) if summed else None
