@@ -247,3 +247,67 @@ def test_programs_are_traced_with_the_launch_dependents_option_given():
                      options=CompileOptions(launch_dependents=on))
         rt.compile(program, (jnp.zeros(3),), sp=False)
     assert seen == [True, False] and not pdl.enabled(interpret=False)
+
+
+
+def test_prefetching_programs_leave_the_attention_as_it_was():
+    """With `prefetch` the kernel runs its programs on one axis, the attention's first (each
+    decoding its sequence, KV head and split from the program id) and then the prefetching ones
+    (a layer of a weight stack [L, A, B] in blocks of rows, one value of each 32-byte sector).
+    2 sequences, 3 KV heads, 3 splits of the keys: the outputs and caches are those of the
+    kernel without it, and each prefetching program read its rows of the layer given (the
+    maximum it writes is that of the first value of each sector of its rows)."""
+    qkv, cos, sin, kc, vc = _inputs(2, 3, 2, 16, 3, 48, rows=3)
+    positions, kv_len = jnp.asarray([5, 40]), jnp.asarray([6, 41])
+    weight = jnp.asarray(np.random.default_rng(1).normal(size=(3, 24, 128)), jnp.float8_e4m3fn)
+    assert da.prefetch_plan(weight.shape, weight.dtype, 3) == (3, 8, 4)
+    assert da.prefetch_plan((32, 4096, 4096), jnp.float8_e4m3fn, 128) == (128, 32, 128)
+    assert da.prefetch_plan((32, 4096, 4096), jnp.bfloat16, 100) == (128, 32, 256)
+    assert da.prefetch_plan((32, 4096, 96), jnp.float8_e4m3fn, 128) is None  # 3 sectors a row
+    calls, pallas_call = [], pl.pallas_call
+
+    def spy(*args, grid, **kwargs):  # the programs, and every output of the kernel
+        run = pallas_call(*args, grid=grid, **kwargs)
+        return lambda *a: calls.append((grid, run(*a))) or calls[-1][1]
+
+    kwargs = dict(block_s=16, max_splits=3, interpret=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pl, "pallas_call", spy)
+        want = da.decode_attention(qkv, cos, sin, kc, vc, 2, positions, kv_len, **kwargs)
+        got = da.decode_attention(qkv, cos, sin, kc, vc, 2, positions, kv_len,
+                                  prefetch=weight, prefetch_programs=3, **kwargs)
+    assert [grid for grid, _ in calls] == [(2, 3, 3), (2 * 3 * 3 + 3,)]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    sectors = np.asarray(weight[2, :, ::32], np.float32).reshape(3, 8 * 4)
+    np.testing.assert_array_equal(np.asarray(calls[1][1][-1]), sectors.max(axis=1))
+
+
+def test_attention_prefetch_reads_each_devices_o_proj_shard_and_keeps_the_tokens():
+    """CompileOptions(attention_prefetch=16) with FP8 weights read stacked (fp8_gemv="pallas"):
+    at tp 2 each device's decode attention kernel prefetches its own shard of o_proj's weight
+    ([L, D, N*H / 2]: 256 channels of 64 bytes, 2 sectors), and the tokens are one device's
+    without it."""
+    from jax_sp import ModelConfig
+    from jax_sp.runtime import random_params
+
+    cfg = ModelConfig(vocab_size=101, hidden_size=256, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=32)
+    params, prompts = random_params(cfg), [[3, 1, 4, 1, 5]]
+
+    def tokens(tp, programs):
+        llm = LLM(cfg, params, parallel=ParallelConfig(tp=tp), dtype="float32", max_seq_len=64,
+                  quantization="fp8", options=CompileOptions(
+                      fp8_gemv="pallas", attention="pallas", attention_prefetch=programs))
+        return [c.token_ids for c in llm.generate(prompts, SamplingParams(max_new_tokens=4))]
+
+    want, reads, prefetch = tokens(1, 0), [], da._prefetch
+
+    def spy(j, layer, w_ref, touch_ref, fetch):
+        reads.append((w_ref.shape, fetch))
+        return prefetch(j, layer, w_ref, touch_ref, fetch)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(da, "_prefetch", spy)
+        assert tokens(2, 16) == want
+    assert reads == [((2, 256, 2, 32), (16, 16, 2))]
