@@ -101,9 +101,6 @@ def main():
                     help="at most this many programs per sequence and KV head in the decode "
                          "attention kernel (models/decode_attention.py MAX_SPLITS; one: no "
                          "split of the keys, no combine after the kernel)")
-    ap.add_argument("--attention-prefetch", type=int, default=None,
-                    help="CompileOptions.attention_prefetch: programs of the decode attention "
-                         "kernel that bring o_proj's FP8 weight into L2 as it runs")
     ap.add_argument("--xla-option", action="append", default=[],
                     help="KEY=VALUE compiler option for every program (repeatable)")
     args = ap.parse_args()
@@ -136,8 +133,7 @@ def main():
     compile_options = CompileOptions(
         attention=args.attention, decode_unroll=args.unroll, xla_options=options or None,
         pad_rows_min_weight=args.pad_rows_min_weight, paged_decode=not args.sliced_cache,
-        launch_dependents=args.launch_dependents, add_norm=args.add_norm,
-        attention_prefetch=args.attention_prefetch or 0)
+        launch_dependents=args.launch_dependents, add_norm=args.add_norm)
     max_len = args.prompt + args.new_tokens + 64
     if args.from_torch:
         from generation import hf_module
@@ -161,8 +157,6 @@ def main():
                                            (args.add_norm != "auto", f"_add_norm_{args.add_norm}"),
                                            (args.attention_max_splits,
                                             f"_attention_splits{args.attention_max_splits}"),
-                                           (args.attention_prefetch is not None,
-                                            f"_prefetch{args.attention_prefetch}"),
                                            (args.quantization, f"_{args.quantization}")) if on)
     rng = np.random.default_rng(0)
     rows = []
@@ -191,7 +185,6 @@ def main():
                "paged_cache": not args.sliced_cache,
                "launch_dependents": args.launch_dependents, "add_norm": args.add_norm,
                "attention_max_splits": args.attention_max_splits,
-               "attention_prefetch": args.attention_prefetch,
                "pad_rows_min_weight": args.pad_rows_min_weight,
                "weights": "from_torch" if args.from_torch else "random_params",
                "context_created_by": "torch" if args.torch_first else "xla",

@@ -58,32 +58,19 @@ def _paged(q_btnh, cache: KVCache, layer, kv_len_b):
 
 
 class PallasDecode:
-    """prefetch_programs: that many extra programs of the kernel bring the next projection's
-    stacked FP8 weight (o_proj's) into L2 as the attention runs (0: none;
-    CompileOptions.attention_prefetch)."""
-
     name = "pallas"
 
-    def __init__(self, fallback: Xla = XLA, prefetch_programs: int = 0):
+    def __init__(self, fallback: Xla = XLA):
         self.fallback = fallback
-        self.prefetch_programs = prefetch_programs
 
     def kernel(self, fwd: Forward, cache, window) -> bool:
         return (fwd.positions_bt.shape[1] == 1 and not fwd.fresh and cache is not None
                 and not window)
 
-    def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window, prefetch=None):
+    def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window):
         if not self.kernel(fwd, cache, window):
             return self.fallback(qkv_tkch, fwd, cache, layer, window)
-        from models.decode_attention import decode_attention as kernel
-
-        # extra programs bring the next projection's weight into L2 as the attention runs
-        programs = self.prefetch_programs if prefetch is not None else 0
-        weight, names = prefetch if programs else ((), ())
-
-        def decode_attention(*args):
-            return kernel(*args[:8], prefetch=args[8] if programs else None,
-                          prefetch_programs=programs)
+        from models.decode_attention import decode_attention
 
         # the kernel reads its B rows where the projection left them (padding rows included)
         qkv_names = ("attn_tokens", "qkv_heads", None, "head_dim")
@@ -92,19 +79,16 @@ class PallasDecode:
         out_bnh, k, v = fwd.layout.local(
             decode_attention, (qkv_names, ("cache_batch", None), ("cache_batch", None),
                                CACHE_AXES, CACHE_AXES, (None,), ("cache_batch",),
-                               ("cache_batch",)) + ((names,) if programs else ()),
+                               ("cache_batch",)),
             (("attn_tokens", "heads", "head_dim"), CACHE_AXES, CACHE_AXES),
             qkv_tkch, fwd.rope[0][:, 0], fwd.rope[1][:, 0], cache.k, cache.v,
-            jnp.reshape(layer, (1,)).astype(jnp.int32), fwd.positions_bt[:, 0], kv_len_b,
-            *((weight,) if programs else ()))
+            jnp.reshape(layer, (1,)).astype(jnp.int32), fwd.positions_bt[:, 0], kv_len_b)
         return out_bnh, KVCache(k, v)
 
 
-def choose(mode: str, platform: str, dtype, head_dim: int, paged: bool = True,
-           prefetch_programs: int = 0):
+def choose(mode: str, platform: str, dtype, head_dim: int, paged: bool = True):
     """The backends of (prefill, one-token decode steps) for `mode` (CompileOptions.attention)
-    on this platform and dtype; a mode that cannot run here is a ValueError naming why.
-    prefetch_programs: `PallasDecode`'s."""
+    on this platform and dtype; a mode that cannot run here is a ValueError naming why."""
     from models.decode_attention import supported
 
     sixteen = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -126,5 +110,5 @@ def choose(mode: str, platform: str, dtype, head_dim: int, paged: bool = True,
                          f"or 'xla'")
     prefill = Cudnn(paged) if mode == "cudnn" or (mode in ("auto", "pallas") and fits) else XLA
     if mode == "pallas" or (mode == "auto" and fits and kernel):
-        return prefill, PallasDecode(prefetch_programs=prefetch_programs)
+        return prefill, PallasDecode()
     return prefill, prefill

@@ -239,10 +239,6 @@ class CompileOptions:
     is one of jax-sp's own, reading their output as they write it (a decode step's FP8 GEMVs
     and add-and-norms, one row on one device); True every one (XLA compiles the fusions after
     them with non-coherent loads, which assume the data no longer changes); False none.
-    attention_prefetch: with the Pallas decode attention kernel and FP8 weights read stacked (a
-    decode step's one-row projections), that many extra programs of the kernel bring the layer's
-    o_proj weight into L2 while the attention runs, so that o_proj's kernel reads it from there
-    (models/decode_attention.py `prefetch`; 0: none).
     xla_options: per-compilation XLA options (None: jax-sp's defaults, sharding/xla_options.py;
     {}: none)."""
 
@@ -256,7 +252,6 @@ class CompileOptions:
     kv_cache_dtype: str = "auto"
     add_norm: str = "auto"
     launch_dependents: bool | str = "auto"
-    attention_prefetch: int = 0
     xla_options: tuple | None = None
 
     def __post_init__(self):
@@ -280,9 +275,6 @@ class CompileOptions:
                 _positive_int("CompileOptions", name, getattr(self, name))
         _positive_int("CompileOptions", "prefill_unroll", self.prefill_unroll)
         _positive_int("CompileOptions", "pad_rows_min_weight", self.pad_rows_min_weight)
-        if self.attention_prefetch:
-            _positive_int("CompileOptions", "attention_prefetch (0: none)",
-                          self.attention_prefetch)
         if self.xla_options is not None:
             object.__setattr__(self, "xla_options", tuple(sorted(dict(self.xla_options).items())))
 

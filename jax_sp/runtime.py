@@ -114,8 +114,7 @@ class Runtime:
         # batch split of attention groups into the layer axis: those read the layer's slice)
         self.attention, self.decode_attention = choose(
             self.options.attention, platform, self.dtype, cfg.head_dim,
-            self.options.paged_decode and parallel.attn_dp == 1,
-            self.options.attention_prefetch)
+            self.options.paged_decode and parallel.attn_dp == 1)
         # projections run on a multiple of 8 rows on GPU (sharding/layout.py `_einsum`)
         self.row_multiple = self.options.row_multiple or (8 if platform == "gpu" else 1)
         if dict(self.mesh.shape).get("cfg", 1) > 1 or parallel.attn_dp > 1:

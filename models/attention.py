@@ -96,9 +96,7 @@ class Xla:
         them (so that the projection may signal it early: models/pdl.py)."""
         return False
 
-    def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window, prefetch=None):
-        """prefetch: (the next projection's stacked weight values, their logical names), which
-        a kernel may bring into L2 as it attends (models/decode_attention.py); unread here."""
+    def __call__(self, qkv_tkch, fwd: Forward, cache, layer, window):
         b, t = fwd.positions_bt.shape
         if qkv_tkch.shape[0] > b * t:  # the barrier keeps the slice out of the projection
             qkv_tkch = jax.lax.optimization_barrier(qkv_tkch)[:b * t]

@@ -41,7 +41,6 @@ BLOCK_S = 64  # keys per loop step
 NUM_WARPS = 4
 MAX_SPLITS = 16  # at most this many programs per sequence and KV head
 TARGET_PROGRAMS = 256  # split keys while batch * KV heads * splits is below this
-SECTOR = 32  # bytes: the unit a load brings from memory into L2
 
 
 def stages(batch: int, kv_heads: int) -> int:
@@ -63,7 +62,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
                      *, block_s: int | None = None, max_splits: int | None = None,
                      target_programs: int | None = None, num_stages: int | None = None,
                      num_warps: int | None = None, interpret: bool | None = None,
-                     dot_dtype: str | None = None, prefetch=None, prefetch_programs: int = 0):
+                     dot_dtype: str | None = None):
     """Returns (out [B, N, H] in q's dtype, k_cache, v_cache).
 
     qkv_bkch: [R, K, G + 2, H], per KV head its G query heads, then k, then v (un-rotated); the
@@ -78,10 +77,7 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     benchmarks/decode_attention_speed.py sweeps them). interpret: run through Pallas'
     interpreter (default: unless the default backend is a GPU). dot_dtype: the 16-bit dtype the
     dots take an FP8 cache's keys and values (and q) in (None: float16 where q is bfloat16,
-    else q's dtype; the module docstring says why). prefetch [L, A, B] (any dtype) with
-    prefetch_programs P > 0: the next kernel's weight stack (o_proj's), whose layer `layer`
-    extra programs bring into L2 while the attention runs, one byte of every 32-byte sector
-    (`prefetch_plan`; nothing where it returns None)."""
+    else q's dtype; the module docstring says why)."""
     from jax.experimental import pallas as pl
 
     if interpret is None:
@@ -118,33 +114,24 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     if wide not in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16), qkv_bkch.dtype):
         raise ValueError(f"decode_attention: dot_dtype {wide.name} is not float16, bfloat16 or "
                          f"q's dtype ({qkv_bkch.dtype.name})")
-    fetch = None if prefetch is None else prefetch_plan(prefetch.shape, prefetch.dtype,
-                                                         prefetch_programs)
     kernel = functools.partial(_kernel, g=g, rows=rows, block_s=block_s,
                                per_split=per_split, scale=h ** -0.5, wide=wide,
-                               signal=pdl.enabled(interpret), splits=splits, fetch=fetch)
+                               signal=pdl.enabled(interpret))
     f32 = jnp.float32
     part_dtype = qkv_bkch.dtype if splits == 1 else f32
     out_shapes = (jax.ShapeDtypeStruct((b, k, splits, rows, h), part_dtype),
                   jax.ShapeDtypeStruct((b, k, splits, rows), f32),
                   jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
                   jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype))
-    extra = ()
-    grid = (b, k, splits)
-    if fetch is not None:  # one axis: the attention's programs, then the prefetching ones
-        out_shapes += (jax.ShapeDtypeStruct((fetch[0],), f32),)
-        # [L, A, sectors, bytes a sector]: a program reads one byte of each sector
-        extra = (prefetch.reshape(*prefetch.shape[:2], fetch[2], -1),)
-        grid = (b * k * splits + fetch[0],)
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
         params = plgpu.CompilerParams(num_warps=num_warps or NUM_WARPS, num_stages=num_stages)
-    out, lse, k_cache, v_cache, *_ = pl.pallas_call(
-        kernel, out_shape=out_shapes, grid=grid, interpret=interpret,
+    out, lse, k_cache, v_cache = pl.pallas_call(
+        kernel, out_shape=out_shapes, grid=(b, k, splits), interpret=interpret,
         input_output_aliases={6: 2, 7: 3}, compiler_params=params,
         name="decode_attention")(*scalars, qkv_bkch, cos_bh.astype(f32), sin_bh.astype(f32),
-                                 k_cache, v_cache, *extra)
+                                 k_cache, v_cache)
     out, lse = out[:, :, :, :g], lse[:, :, :, :g]  # the group's rows of each tile
     if splits > 1:  # flash-decoding's combine: weight each split by its share of the softmax
         weight = jax.nn.softmax(lse, axis=2)[..., None]  # [B, K, P, G, 1]
@@ -155,68 +142,8 @@ def decode_attention(qkv_bkch, cos_bh, sin_bh, k_cache, v_cache, layer, position
     return out.reshape(b, k * g, h).astype(qkv_bkch.dtype), k_cache, v_cache
 
 
-def prefetch_plan(shape, dtype, programs: int):
-    """(programs, rows per program, sectors per row) that prefetch a layer [A, B] of a stack
-    `shape` [L, A, B]: about `programs` programs, each a power-of-two block of rows, and of each
-    row one byte per 32-byte sector (Triton's blocks are powers of two); None where that does
-    not fit (programs < 1, or a row's sectors not a power of two)."""
-    if programs < 1 or len(shape) != 3:
-        return None
-    _, a, b = shape
-    row_bytes = b * jnp.dtype(dtype).itemsize
-    sectors = row_bytes // SECTOR
-    if row_bytes % SECTOR or sectors & (sectors - 1):
-        return None
-    per = a & -a  # the largest power of two that divides A, halved down to `programs` blocks
-    while a // per < programs and per > 1:
-        per //= 2
-    return None if a // per > 4 * programs else (a // per, per, sectors)
-
-
-def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in, *refs, g, rows,
-            block_s, per_split, scale, wide, signal, splits, fetch):
-    """The attention's programs (`_attend`), then with `fetch` (`prefetch_plan`) the programs
-    that bring a layer of the next kernel's weight into L2 (`_prefetch`)."""
-    from jax.experimental import pallas as pl
-
-    layer = pdl.first_index(layer_ref, signal)
-    common = (layer, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in)
-    if fetch is None:
-        ids = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-        return _attend(*ids, *common, *refs, g=g, rows=rows, block_s=block_s,
-                       per_split=per_split, scale=scale, wide=wide)
-    w_ref, *outs, touch_ref = refs
-    pid, heads = pl.program_id(0), k_in.shape[3]
-    attention = pos_ref.shape[0] * heads * splits
-
-    @pl.when(pid < attention)
-    def _():
-        ids = pid // (heads * splits), pid // splits % heads, pid % splits
-        _attend(*ids, *common, *outs, g=g, rows=rows, block_s=block_s, per_split=per_split,
-                scale=scale, wide=wide)
-
-    @pl.when(pid >= attention)
-    def _():
-        _prefetch(pid - attention, layer, w_ref, touch_ref, fetch)
-
-
-def _prefetch(j, layer, w_ref, touch_ref, fetch):
-    """Program j of the prefetch: rows [j * per, (j + 1) * per) of w_ref[layer] ([L, A,
-    sectors, values a sector]), the first value of each sector, loaded with the hint to keep
-    the line in cache (evict_last); their maximum goes to touch_ref[j], so that the loads are
-    not removed."""
-    from jax.experimental import pallas as pl
-    from jax.experimental.pallas import triton as plgpu
-
-    _, per, sectors = fetch
-    block = plgpu.load(w_ref.at[layer, pl.ds(pl.multiple_of(j * per, per), per),
-                                pl.ds(0, sectors), jnp.int32(0)],
-                       eviction_policy="evict_last")
-    touch_ref[j] = jnp.max(block.astype(jnp.float32))
-
-
-def _attend(bi, ki, pi, layer, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
-            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale, wide):
+def _kernel(layer_ref, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in, v_in,
+            out_ref, lse_ref, k_out, v_out, *, g, rows, block_s, per_split, scale, wide, signal):
     """Program (b, k, p): keys [p * per_split * block_s, (p + 1) * per_split * block_s) of
     the cache (the last split's end past the cache's: its loop stops at kv_len <= S) of
     sequence b, KV head k; the program whose keys hold the new position writes it. Writes the
@@ -228,9 +155,11 @@ def _attend(bi, ki, pi, layer, pos_ref, len_ref, qkv_ref, cos_ref, sin_ref, k_in
     from models.cache import to_cache
 
     f32 = jnp.float32
+    bi, ki, pi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     h = qkv_ref.shape[-1]
     half = h // 2
     lo, hi, whole = pl.ds(0, half), pl.ds(half, half), pl.ds(0, h)
+    layer = pdl.first_index(layer_ref, signal)
     pos, n_keys = pos_ref[bi], len_ref[bi]
     cos1, cos2 = cos_ref[bi, lo], cos_ref[bi, hi]
     sin1, sin2 = sin_ref[bi, lo], sin_ref[bi, hi]

@@ -74,8 +74,6 @@ class Layout(Protocol):
     def add_norm_column(self, a_td: jax.Array, spec: str, w, add_norm,
                         glu: bool = False) -> tuple[jax.Array, jax.Array]: ...
 
-    def weight_names(self, spec: str, w) -> tuple: ...
-
 
 class Dense:
     """No parallelism: plain einsums, no constraints."""
@@ -114,9 +112,6 @@ class Dense:
         normed, stream = add_norm.apply(a_td)
         return (self.gated(normed, spec, w) if glu
                 else self.column(normed, (spec, w))[0]), stream
-
-    def weight_names(self, spec, w):
-        return (None,) * w.q.ndim
 
 
 def swiglu_of(gate_up_tcf):

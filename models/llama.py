@@ -112,9 +112,6 @@ def _pad_rows(x_td, rows):
 
 
 QKV, GATE_UP, DOWN = "TD,DKCH->TKCH", "TD,DCF->TCF", "TF,FD->TD"
-# N here is the flattened N*H: the letter says the contraction is over heads (split as
-# attention's heads are, which attention groups split differently from the MLP)
-O_PROJ = "TN,ND->TD"
 
 
 class Attention(nnx.Module):
@@ -144,19 +141,18 @@ class Attention(nnx.Module):
                                       _get(self, "w_qkv_dkch", fwd, layer))
         if self.qkv_bias:
             qkv_tkch = qkv_tkch + self.b_qkv_kch[...]
+        out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window)
         # one contraction over N*H (a [T, N*H] x [N*H, D] matmul): with two contracting dims
         # XLA:GPU lowered one-token decode to a broadcast-multiply-reduce through [N, H, D]
-        w_o = _get(self, "w_o_nhd", fwd, layer)
-        w_o = (w_o._replace(q=w_o.q.reshape(*w_o.q.shape[:-2], -1))  # [(L,) D, N*H]
-               if isinstance(w_o, Fp8) else w_o.reshape(-1, w_o.shape[-1]))
-        # a decode attention kernel may bring o_proj's stacked weight into L2 as it runs
-        prefetch = ((w_o.q, fwd.layout.weight_names(O_PROJ, w_o))
-                    if isinstance(w_o, Fp8) and w_o.layer is not None else None)
-        out, cache = fwd.attention(qkv_tkch, fwd, cache, layer, self.window, prefetch=prefetch)
         n, h = out.shape[-2:]
+        w_o = _get(self, "w_o_nhd", fwd, layer)
+        w_o = (w_o._replace(q=w_o.q.reshape(*w_o.q.shape[:-2], n * h))  # [(L,) D, N*H]
+               if isinstance(w_o, Fp8) else w_o.reshape(n * h, -1))
+        # N here is the flattened N*H: the letter says the contraction is over heads (split
+        # as attention's heads are, which attention groups split differently from the MLP)
         # o_proj's sum goes to the add-and-norm, or to gate/up's kernel that adds and normalizes
         with pdl.followed_by_kernel(fwd.fused_norm):
-            out_td = fwd.layout.row(O_PROJ,
+            out_td = fwd.layout.row("TN,ND->TD",
                                     _pad_rows(out.reshape(b * t, n * h), x_td.shape[0]), w_o)
         return out_td, x_td, cache
 

@@ -222,13 +222,6 @@ class ShardedLayout:
         return (self._constrain(y, _gated_out(spec) if glu else _column_out(spec)),
                 self.residual(stream))
 
-    def weight_names(self, spec: str, w) -> tuple:
-        """The logical names of FP8 weight w's values (w.q, a stack's layer axis first) in a
-        product `spec`: what a kernel that reads them per device (`local`) takes them with."""
-        lhs, rhs = spec.split("->")[0].split(",")
-        lead = (None,) if w.layer is not None else ()
-        return lead + tuple(_WEIGHT[c] for c in stored_letters(lhs, rhs))
-
     def _shard_nk(self, spec: str, w) -> tuple[int, int]:
         """(output channels, contracted size) of each device's shard of FP8 weight w."""
         lhs, rhs = spec.split("->")[0].split(",")
