@@ -59,12 +59,6 @@ class AddNorm(NamedTuple):
     eps: float
     layer: Any = None
 
-    def apply(self, a_td):
-        """(scale * RMSNorm(a + b), a + b) in XLA (`reference`)."""
-        scale = self.scale if self.layer is None else jax.lax.dynamic_index_in_dim(
-            self.scale, jnp.asarray(self.layer, jnp.int32).reshape(()), 0, False)
-        return reference(a_td, self.b_td, scale, self.eps)
-
 
 def reference(a_td, b_td, scale_d, eps):
     """What the kernel computes, in XLA: (y, s) as models/llama.py `RMSNorm` gives them."""

@@ -109,9 +109,8 @@ class Dense:
         return False
 
     def add_norm_column(self, a_td, spec, w, add_norm, glu=False):
-        normed, stream = add_norm.apply(a_td)
-        return (self.gated(normed, spec, w) if glu
-                else self.column(normed, (spec, w))[0]), stream
+        raise ValueError("Dense takes no norm into a projection's kernel (norm_in_kernel is "
+                         "False): normalize first, then `column` or `gated`")
 
 
 def swiglu_of(gate_up_tcf):
