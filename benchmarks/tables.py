@@ -199,11 +199,12 @@ def fp8_speed(name: str = "generation_fp8_h200_llama3-8b", gemv: str = "pallas")
     quants = [q for q in ("fp8", "fp8-head") if any(r.get("impl") == f"jax-sp/{q}" for r in rows)]
     names = {"fp8": "FP8", "fp8-head": "FP8 + LM head"}
     w8a8_run = any(r.get("impl") == "jax-sp/fp8/fp8_gemv=off" for r in rows)
+    decode = any(bench == "decode" for bench, _, _ in cell)  # a prefill-only run has no share
     out = ["| | 16-bit, ms | " + " | ".join(f"{names[q]}, ms (speed-up)" for q in quants)
-           + (" | FP8 W8A8 at every size, ms" if w8a8_run else "") + " | "
-           + " / ".join(names[q] for q in quants)
-           + ": of the copy bandwidth for the bytes a step reads |",
-           "| --- | --- | " + "--- | " * (len(quants) + w8a8_run) + "--- |"]
+           + (" | FP8 W8A8 at every size, ms" if w8a8_run else "")
+           + (" | " + " / ".join(names[q] for q in quants)
+              + ": of the copy bandwidth for the bytes a step reads" if decode else "") + " |",
+           "| --- | --- | " + "--- | " * (len(quants) + w8a8_run - 1 + decode) + "--- |"]
     for (bench, impl, batch), r in sorted(cell.items()):
         qs = [cell.get((bench, f"jax-sp/{q}", batch)) for q in quants]
         if impl != "jax-sp" or not any(qs):
@@ -219,14 +220,18 @@ def fp8_speed(name: str = "generation_fp8_h200_llama3-8b", gemv: str = "pallas")
         out.append(f"| {what} | {r[key]:.2f} | "
                    + " | ".join(f"{q[key]:.2f} ({r[key] / q[key]:.2f}×)" if q else "not run"
                                 for q in qs)
-                   + (f" | {off}" if w8a8_run else "") + f" | {share} |")
+                   + (f" | {off}" if w8a8_run else "") + (f" | {share}" if decode else "")
+                   + " |")
     model = next(r["model"] for r in rows if "model" in r)
+    what = (f"decode after a 128-token prompt, 256 greedy new tokens; medians, compile excluded; "
+            f"copy bandwidth measured in the same run {limits['copy_gb_s'] / 1e3:.2f} TB/s. FP8 "
+            f"decode runs `fp8_gemv=\"auto\"`, which was \"{gemv}\" on this GPU then; prefill "
+            f"of more than 64 rows W8A8 either way." if decode else
+            f"time to the first token, medians, compile excluded; the projections W8A8 (more "
+            f"than 64 rows); bf16 matmul peak measured in the same run "
+            f"{limits['matmul_tflops']:.0f} TFLOP/s.")
     out += ["", f"`benchmarks/results/{rows[0]['_file']}` ({limits['machine']}): {model} shape, "
-            f"random weights, bfloat16 activations; decode after a 128-token prompt, 256 greedy "
-            f"new tokens; medians, compile excluded; copy bandwidth measured in the same run "
-            f"{limits['copy_gb_s'] / 1e3:.2f} TB/s. FP8 decode runs `fp8_gemv=\"auto\"`, "
-            f"which was \"{gemv}\" on this GPU then; prefill of more than 64 rows W8A8 either "
-            f"way."]
+            f"random weights, bfloat16 activations; {what}"]
     return "\n".join(out)
 
 
