@@ -329,8 +329,6 @@ def plot(path):
             best[(impl, r["batch"])] = r["tokens_per_s"]
         impls = sorted({i for i, _ in best}, key=lambda i: (not i.startswith("jax"), i))
         batches = sorted({bb for _, bb in best})
-        if not best:  # a prefill-only run (--decode-batches "")
-            ax[0].set_visible(False)
         width = 0.8 / max(len(impls), 1)
         for k, impl in enumerate(impls):
             xs = [i + k * width for i in range(len(batches))]
@@ -342,6 +340,8 @@ def plot(path):
             ax[0].set_ylabel("decode tokens/s (log)")
             ax[0].set_title(f"{m}: greedy decode, prompt 128, 256 new")
             ax[0].legend(fontsize=7)
+        else:  # a prefill-only run (--decode-batches "")
+            ax[0].set_visible(False)
         pre = [r for r in rows if r["bench"] == "prefill" and r.get("model") == m]
         pre = [r for r in pre if "error" not in r]
         impls = sorted({r["impl"] for r in pre}, key=lambda i: (not i.startswith("jax"), i))
